@@ -1,0 +1,180 @@
+"""`dpjax-export`: the kept blocks of a model -> an HF checkpoint any HF tool loads.
+
+Reads a converted checkpoint (or an HF directory / hub id), keeps the chosen
+blocks in their original order, renumbers them `0..K-1`, and writes
+safetensors (sharded past `max_shard_bytes`) through the same architecture table
+the converter reads, plus `config.json` with the new `num_hidden_layers` and
+every per-layer list (such as `layer_types`) cut to the kept blocks, plus the
+tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+from safetensors.numpy import save_file
+
+from checkpoints_convert import architectures
+from checkpoints_convert.convert import load_checkpoint
+from checkpoints_convert.hf_checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from dpjax import fileio
+from dpjax.model import keep_mask
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def pruned_hf_config(raw_config: dict[str, Any], kept: Sequence[int],
+                     num_layers: int) -> dict[str, Any]:
+  """The HF config.json of the model that keeps only blocks `kept`."""
+  config = dict(raw_config)
+  config["num_hidden_layers"] = len(kept)
+  for key, value in raw_config.items():
+    if isinstance(value, list) and len(value) == num_layers:
+      config[key] = [value[i] for i in kept]
+  # Qwen2/Qwen3 derive layer_types from this threshold when the list is absent;
+  # the list written above (if any) is what counts, so keep the two consistent.
+  if "max_window_layers" in config and "layer_types" not in raw_config:
+    threshold = raw_config["max_window_layers"]
+    config["max_window_layers"] = sum(1 for i in kept if i < threshold)
+  return config
+
+
+def hf_tensors(config, params: dict[str, Any], kept: Sequence[int]) -> dict[str, np.ndarray]:
+  """HF-named tensors for the kept blocks, renumbered, via the architecture table."""
+  tensors = {}
+  for rule in architectures.tensor_rules(config):
+    value = params
+    for key in rule.path:
+      value = value[key]
+    layers = list(enumerate(kept)) if rule.per_layer else [(None, None)]
+    for new, old in layers:
+      tensor = value if old is None else value[old]
+      tensor = tensor.T if rule.transpose else tensor
+      tensors[rule.hf_name(new)] = np.ascontiguousarray(tensor)
+  return tensors
+
+
+def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+  shards, current, size = [], {}, 0
+  for name, tensor in tensors.items():
+    if current and size + tensor.nbytes > max_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = tensor
+    size += tensor.nbytes
+  shards.append(current)
+  return shards
+
+
+def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = None,
+           kept_blocks: Sequence[int] | None = None, overwrite: bool = False,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Writes the HF checkpoint of `checkpoint` with only the kept blocks.
+
+  Give either `keep` (a boolean vector over blocks) or `kept_blocks` (0-based
+  indices); neither keeps every block.
+  """
+  if keep is not None and kept_blocks is not None:
+    raise ValueError("give keep (a mask) or kept_blocks (indices), not both.")
+  if os.path.exists(output_dir) and not overwrite:
+    raise FileExistsError(
+        f"output directory {os.path.abspath(output_dir)} already exists; choose another "
+        "path or pass --overwrite to replace it.")
+  loaded = load_checkpoint(checkpoint)
+  num_layers = loaded.config.num_layers
+  if kept_blocks is not None:
+    mask = keep_mask(kept_blocks, num_layers)
+  elif keep is not None:
+    mask = np.asarray(keep)
+    if mask.dtype != bool or mask.shape != (num_layers,):
+      raise ValueError(f"keep must be {num_layers} booleans, one per block; got dtype "
+                       f"{mask.dtype} and shape {mask.shape}.")
+  else:
+    mask = np.ones(num_layers, dtype=bool)
+  kept = [int(i) for i in np.flatnonzero(mask)]
+  if not kept:
+    raise ValueError("the keep mask removes every block; keep at least one block.")
+
+  tensors = hf_tensors(loaded.config, loaded.params, kept)
+  config = pruned_hf_config(loaded.raw_config, kept, num_layers)
+  config["dtype"] = loaded.config.param_dtype
+  config.pop("torch_dtype", None)
+  with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+      save_file(shards[0], os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for n, shard in enumerate(shards, start=1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        weight_map.update({tensor: name for tensor in shard})
+      index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+               "weight_map": weight_map}
+      with open(os.path.join(tmp, WEIGHTS_INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    for path in loaded.tokenizer_files:
+      shutil.copy2(path, tmp)
+  return os.path.abspath(output_dir)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Model to export: a dpjax checkpoint, an HF directory or a hub id.")
+_KEEP = flags.DEFINE_list(
+    "keep", None, "0-based indices of the blocks to keep, e.g. 0,1,5 (default: all).")
+_MASK = flags.DEFINE_string(
+    "mask", None, "Alternative to --keep: one 0/1 character per block, e.g. 110101.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the HF checkpoint.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output_dir if it exists.")
+_MAX_SHARD_MB = flags.DEFINE_integer(
+    "max_shard_mb", DEFAULT_MAX_SHARD_BYTES // 1024**2, "Largest safetensors shard, in MiB.")
+
+
+def _parse_indices(values: list[str]) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError as e:
+    raise ValueError(f"--keep takes comma-separated block indices, got {values}.") from e
+
+
+def _parse_mask(text: str) -> np.ndarray:
+  text = text.replace(",", "").strip()
+  if not text or set(text) - {"0", "1"}:
+    raise ValueError(f"--mask takes one 0 or 1 per block (e.g. 1101), got {text!r}.")
+  return np.array([c == "1" for c in text])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a flag.")
+  try:
+    if _KEEP.value is not None and _MASK.value is not None:
+      raise ValueError("give --keep or --mask, not both.")
+    out = export(
+        _CHECKPOINT.value, _OUTPUT_DIR.value,
+        kept_blocks=_parse_indices(_KEEP.value) if _KEEP.value is not None else None,
+        keep=_parse_mask(_MASK.value) if _MASK.value is not None else None,
+        overwrite=_OVERWRITE.value, max_shard_bytes=_MAX_SHARD_MB.value * 1024**2)
+  except (ValueError, FileExistsError) as e:
+    raise SystemExit(f"dpjax-export: error: {e}") from e
+  print(f"wrote HF checkpoint to {out}")
+
+
+def run() -> None:
+  flags.mark_flags_as_required(["checkpoint", "output_dir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,11 @@
+"""dpjax: decision readouts and layer pruning of LLMs, in JAX.
+
+Public API: `load_model(path_or_id)` returns a `DecoderModel` with
+`logits(input_ids, keep=None)` and `hidden_states(input_ids, keep=None)`.
+"""
+
+from dpjax.config import ModelConfig
+from dpjax.load import load_model
+from dpjax.model import DecoderModel, keep_mask
+
+__all__ = ["DecoderModel", "ModelConfig", "keep_mask", "load_model"]

@@ -1,0 +1,58 @@
+"""Writing outputs so that a reader never sees half of them.
+
+Every file or directory dpjax produces is written under a temporary name beside
+its destination and renamed into place only once complete, so a crash or a bad
+input leaves either the old output or none, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary directory that becomes `output_dir` on success.
+
+  Refuses an existing `output_dir` unless `overwrite`; on any exception the
+  temporary directory is removed and an existing `output_dir` is untouched.
+  """
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not overwrite:
+    raise FileExistsError(
+        f"output directory {output_dir} already exists; choose another path or pass "
+        "--overwrite (overwrite=True) to replace it.")
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(output_dir):
+    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+    os.replace(output_dir, os.path.join(trash, "old"))
+    os.replace(tmp, output_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+  else:
+    os.replace(tmp, output_dir)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise

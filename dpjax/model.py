@@ -1,0 +1,399 @@
+"""The Llama-family decoder as a Flax NNX module whose block stack is one scan.
+
+Every block's weights are stacked on a leading layer axis (`[layers, ...]`), and
+the stack runs as a single `jax.lax.scan`. Which blocks run is an *input*:
+
+* mask form: scan over all blocks, a removed block is the identity on the
+  residual stream (`where(keep[l], block(h), h)`). One compilation serves every
+  mask, but every block is computed.
+* gather form: the kept blocks' weights are gathered by index and only they are
+  scanned, so a variant that keeps 10 of 32 blocks costs 10 blocks. The number
+  of scanned blocks is rounded up to one of a few shape buckets, so changing the
+  mask recompiles at most once per bucket.
+
+Both give the same numbers; `DecoderModel` wraps them behind `logits` and
+`hidden_states`. The arithmetic mirrors Hugging Face's Llama, Mistral, Qwen2 and
+Qwen3 modelling code (norms and softmax in float32, rotary tables in float32),
+so float32 logits agree with HF to float32 precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.config import ModelConfig
+
+Array = jax.Array
+
+# How many shape buckets the gather form rounds the kept-block count into.
+NUM_KEEP_BUCKETS = 8
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embedding.
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """`[head_dim // 2]` float32 inverse frequencies, as HF's rope init computes them."""
+  dim = cfg.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+  if cfg.rope_type == "default":
+    return inv_freq
+  if cfg.rope_type == "linear":
+    return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+  if cfg.rope_type == "llama3":
+    factor = cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position_embeddings
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"rope_type={cfg.rope_type!r} is not implemented")
+
+
+def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+  """cos, sin `[B, T, head_dim]` in float32 for integer `positions` `[B, T]`."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates `x` `[B, T, heads, head_dim]` (HF's rotate-half convention)."""
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """HF's RMSNorm: statistics in float32, scaled by the weight in `x`'s dtype."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, init: str) -> nnx.Param:
+  if init == "ones":
+    return nnx.Param(jnp.ones(shape, dtype))
+  if init == "zeros":
+    return nnx.Param(jnp.zeros(shape, dtype))
+  return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block: GQA self-attention, then a SwiGLU MLP.
+
+  Parameter names are dpjax's names in the architecture tables
+  (`checkpoints_convert.architectures`). Linear weights are stored `[in, out]`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, compute_dtype, precision, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.compute_dtype = compute_dtype
+    self.precision = precision
+    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = _param(rngs, (d,), pd, "ones")
+    self.q = _param(rngs, (d, q_out), pd, "normal")
+    self.k = _param(rngs, (d, kv_out), pd, "normal")
+    self.v = _param(rngs, (d, kv_out), pd, "normal")
+    self.o = _param(rngs, (q_out, d), pd, "normal")
+    self.q_bias = _param(rngs, (q_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.k_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.v_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.o_bias = _param(rngs, (d,), pd, "zeros") if cfg.o_bias else None
+    self.q_norm = _param(rngs, (hd,), pd, "ones") if cfg.qk_norm else None
+    self.k_norm = _param(rngs, (hd,), pd, "ones") if cfg.qk_norm else None
+    self.mlp_norm = _param(rngs, (d,), pd, "ones")
+    self.gate = _param(rngs, (d, f), pd, "normal")
+    self.up = _param(rngs, (d, f), pd, "normal")
+    self.down = _param(rngs, (f, d), pd, "normal")
+    self.gate_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
+    self.up_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
+    self.down_bias = _param(rngs, (d,), pd, "zeros") if cfg.mlp_bias else None
+
+  def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
+    y = jnp.einsum("...i,io->...o", x, w[...].astype(x.dtype), precision=self.precision)
+    return y if b is None else y + b[...].astype(x.dtype)
+
+  def __call__(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    """`h` `[B, T, d]` -> `[B, T, d]`; `mask` `[B, T, S]` is True where a query may attend."""
+    cfg = self.cfg
+    b, t, _ = h.shape
+    hd, kv, groups = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+
+    x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
+    q = self._dense(x, self.q, self.q_bias).reshape(b, t, cfg.num_heads, hd)
+    k = self._dense(x, self.k, self.k_bias).reshape(b, t, kv, hd)
+    v = self._dense(x, self.v, self.v_bias).reshape(b, t, kv, hd)
+    if cfg.qk_norm:
+      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin).reshape(b, t, kv, groups, hd)
+    k = apply_rope(k, cos, sin)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=self.precision) * (hd**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=self.precision)
+    h = h + self._dense(attn.reshape(b, t, cfg.num_heads * hd), self.o, self.o_bias)
+
+    x = rms_norm(h, self.mlp_norm[...], cfg.rms_norm_eps)
+    gate = jax.nn.silu(self._dense(x, self.gate, self.gate_bias))
+    mlp = self._dense(gate * self._dense(x, self.up, self.up_bias), self.down, self.down_bias)
+    return h + mlp
+
+
+class Transformer(nnx.Module):
+  """Embedding, the stacked blocks (leading axis = layer), final norm, unembedding."""
+
+  def __init__(self, cfg: ModelConfig, *, compute_dtype=None, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.compute_dtype = jnp.dtype(compute_dtype or cfg.param_dtype)
+    self.precision = (jax.lax.Precision.HIGHEST if self.compute_dtype == jnp.float32
+                      else jax.lax.Precision.DEFAULT)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), pd, "normal")
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, compute_dtype=self.compute_dtype, precision=self.precision, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), pd, "ones")
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    _param(rngs, (cfg.hidden_size, cfg.vocab_size), pd, "normal"))
+
+  def embed_tokens(self, input_ids: Array) -> Array:
+    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
+
+  def unembed(self, h: Array) -> Array:
+    """Final norm then unembedding: `[..., d]` -> `[..., V]` logits."""
+    x = rms_norm(h.astype(self.compute_dtype), self.final_norm[...], self.cfg.rms_norm_eps)
+    if self.lm_head is None:
+      w = self.embed[...].astype(x.dtype)
+      return jnp.einsum("...d,vd->...v", x, w, precision=self.precision)
+    w = self.lm_head[...].astype(x.dtype)
+    return jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
+
+  def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
+                 block_valid: Array, collect: bool) -> tuple[Array, Array, Array | None]:
+    """Embeds and runs the block stack as one scan.
+
+    Args:
+      input_ids: `[B, T]` int token ids.
+      attention_mask: `[B, T]` 1 for real tokens, 0 for padding (either side).
+      block_index: `[n]` int indices of the blocks to scan, in order (gather
+        form), or None to scan every block in order (mask form).
+      block_valid: `[n]` bool; a False entry is skipped (identity).
+      collect: also return the residual stream after each scanned block.
+
+    Returns:
+      `h_0` `[B, T, d]`, the final residual `[B, T, d]`, and when `collect`,
+      the residuals after each scanned block `[n, B, T, d]`.
+    """
+    cfg = self.cfg
+    attention_mask = attention_mask.astype(bool)
+    # Positions count real tokens only, so a left-padded row sees the same
+    # positions as the same prompt unpadded.
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
+    t = input_ids.shape[1]
+    idx = jnp.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    full_mask = causal[None] & attention_mask[:, None, :]
+    if cfg.sliding_window is not None:
+      window = (idx[:, None] - idx[None, :]) < cfg.sliding_window
+      sliding_mask = full_mask & window[None]
+    else:
+      sliding_mask = full_mask
+
+    graphdef, block_state = nnx.split(self.blocks)
+    is_sliding = jnp.asarray(cfg.layer_is_sliding)
+    if block_index is not None:
+      block_state = jax.tree.map(lambda w: jnp.take(w, block_index, axis=0), block_state)
+      is_sliding = jnp.take(is_sliding, block_index, axis=0)
+
+    def body(h, xs):
+      state, valid, sliding = xs
+      block = nnx.merge(graphdef, state)
+      mask = jnp.where(sliding, sliding_mask, full_mask)
+      h = jnp.where(valid, block(h, cos, sin, mask), h)
+      return h, (h if collect else None)
+
+    h0 = self.embed_tokens(input_ids)
+    h, per_block = jax.lax.scan(body, h0, (block_state, block_valid, is_sliding))
+    return h0, h, per_block
+
+
+# ----------------------------------------------------------------------------
+# Pure forward functions (jit-compiled by DecoderModel).
+
+
+def _forward(graphdef, state, input_ids, attention_mask, block_index, block_valid,
+             hidden_source, *, want: str):
+  model = nnx.merge(graphdef, state)
+  h0, h, per_block = model.run_blocks(input_ids, attention_mask, block_index, block_valid,
+                                      collect=(want == "hidden_states"))
+  if want == "logits":
+    return model.unembed(h)
+  # Residual stream after every original block: [h_0, outputs of scanned
+  # blocks...] re-indexed so that a removed block repeats its input.
+  stream = jnp.concatenate([h0[None], per_block], axis=0)
+  return jnp.take(stream, hidden_source, axis=0)
+
+
+def keep_buckets(num_layers: int) -> tuple[int, ...]:
+  """The scanned-block counts the gather form compiles for."""
+  return tuple(sorted({math.ceil(num_layers * i / NUM_KEEP_BUCKETS)
+                       for i in range(1, NUM_KEEP_BUCKETS + 1)} - {0}))
+
+
+def keep_mask(kept_blocks: Sequence[int], num_layers: int) -> np.ndarray:
+  """`[layers]` bool keep vector from 0-based kept block indices (checked)."""
+  kept = [int(i) for i in kept_blocks]
+  bad = [i for i in kept if not 0 <= i < num_layers]
+  if bad:
+    raise ValueError(f"kept block indices {bad} are out of range for a model with "
+                     f"{num_layers} blocks (valid: 0..{num_layers - 1}).")
+  repeated = sorted({i for i in kept if kept.count(i) > 1})
+  if repeated:
+    raise ValueError(f"kept block indices {repeated} are repeated; list each block once.")
+  mask = np.zeros(num_layers, dtype=bool)
+  mask[kept] = True
+  return mask
+
+
+class DecoderModel:
+  """A converted checkpoint ready to run: the public Python API of dpjax.
+
+  `logits(input_ids, keep=None)` -> `[B, T, V]` and
+  `hidden_states(input_ids, keep=None)` -> `[L+1, B, T, d]` (the residual stream
+  before the final norm; HF's last `hidden_states` entry is after it). `keep`
+  is a boolean vector over blocks; None keeps all.
+  """
+
+  def __init__(self, config: ModelConfig, params: dict[str, Any], *, compute_dtype=None,
+               source_dir: str | None = None):
+    self.config = config
+    self.source_dir = source_dir
+    abstract = nnx.eval_shape(
+        lambda: Transformer(config, compute_dtype=compute_dtype, rngs=nnx.Rngs(0)))
+    self.graphdef, state = nnx.split(abstract)
+    _check_params(state.to_pure_dict(), params)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    self.state = state
+    self.compute_dtype = abstract.compute_dtype
+    self._jitted = {
+        want: jax.jit(functools.partial(_forward, self.graphdef, want=want))
+        for want in ("logits", "hidden_states")
+    }
+
+  @classmethod
+  def from_module(cls, module: Transformer) -> "DecoderModel":
+    graphdef, state = nnx.split(module)
+    params = jax.tree.map(np.asarray, state.to_pure_dict())
+    return cls(module.cfg, params, compute_dtype=module.compute_dtype)
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+  def params(self) -> dict[str, Any]:
+    """The weights as a nested dict of arrays (dpjax names, stacked blocks)."""
+    return self.state.to_pure_dict()
+
+  def module(self) -> Transformer:
+    """The NNX module, for code that wants to call its methods directly."""
+    return nnx.merge(self.graphdef, self.state)
+
+  def compile_count(self, want: str = "logits") -> int:
+    """How many programs the jitted forward has compiled so far."""
+    return self._jitted[want]._cache_size()
+
+  def logits(self, input_ids, keep=None, attention_mask=None, *, gather: bool = True) -> Array:
+    """`[B, T, V]` logits with only the blocks in `keep` (`[layers]` bool) run."""
+    return self._run("logits", input_ids, keep, attention_mask, gather)
+
+  def hidden_states(self, input_ids, keep=None, attention_mask=None, *,
+                    gather: bool = True) -> Array:
+    """`[L+1, B, T, d]`: `h_0` and the residual after every block (removed = identity)."""
+    return self._run("hidden_states", input_ids, keep, attention_mask, gather)
+
+  def _run(self, want, input_ids, keep, attention_mask, gather):
+    input_ids = jnp.asarray(input_ids)
+    chex.assert_rank(input_ids, 2)
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    keep = self._check_keep(keep)
+    index, valid, source = self._plan(keep, gather)
+    return self._jitted[want](self.state, input_ids, attention_mask, index, valid, source)
+
+  def _check_keep(self, keep) -> np.ndarray:
+    n = self.num_layers
+    if keep is None:
+      return np.ones(n, dtype=bool)
+    arr = np.asarray(keep)
+    if arr.dtype != bool or arr.shape != (n,):
+      raise ValueError(
+          f"keep must be a boolean vector of length {n} (one entry per block), got "
+          f"dtype {arr.dtype} and shape {arr.shape}. To keep blocks by index, pass "
+          "dpjax.keep_mask(indices, num_layers).")
+    if not arr.any():
+      raise ValueError("keep removes every block; keep at least one block.")
+    return arr
+
+  def _plan(self, keep: np.ndarray, gather: bool):
+    """Host-side plan: which blocks to scan and where each hidden state comes from."""
+    n = self.num_layers
+    kept = np.flatnonzero(keep)
+    # hidden state after block b comes from the last kept block <= b.
+    source = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+    if not gather:
+      return None, jnp.asarray(keep), jnp.asarray(np.arange(n + 1, dtype=np.int32))
+    size = next(b for b in keep_buckets(n) if b >= len(kept))
+    index = np.zeros(size, dtype=np.int32)
+    index[:len(kept)] = kept
+    valid = np.arange(size) < len(kept)
+    return jnp.asarray(index), jnp.asarray(valid), jnp.asarray(source)
+
+
+def _check_params(expected: dict, given: dict, prefix: str = "") -> None:
+  """Refuses a parameter tree that does not match the model's (names and shapes)."""
+  missing = sorted(set(expected) - set(given))
+  extra = sorted(set(given) - set(expected))
+  if missing or extra:
+    raise ValueError(f"parameter tree mismatch at '{prefix or '/'}': missing {missing}, "
+                     f"unexpected {extra}.")
+  for key, value in expected.items():
+    path = f"{prefix}/{key}"
+    if isinstance(value, dict):
+      _check_params(value, given[key], path)
+    elif tuple(value.shape) != tuple(np.shape(given[key])):
+      raise ValueError(f"parameter {path} has shape {tuple(np.shape(given[key]))}, "
+                       f"expected {tuple(value.shape)}.")
