@@ -18,8 +18,6 @@ import os
 import shutil
 from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -49,10 +47,23 @@ def convert(hf_model: str, output_dir: str, *, dtype: str | None = None,
         "path or pass --overwrite to replace it.")
   checkpoint = HFCheckpoint.open(hf_model, dtype)
   params = checkpoint.read_params()
+  # Orbax copies numpy leaves while it saves them; handing it device arrays,
+  # made one leaf at a time as each numpy leaf is dropped, keeps the peak near
+  # one copy of the weights.
+  _move_to_device_in_place(params)
   with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
     write_converted(tmp, checkpoint.config, checkpoint.raw_config, params,
                     checkpoint.tokenizer_files())
   return os.path.abspath(output_dir)
+
+
+def _move_to_device_in_place(tree: dict[str, Any]) -> None:
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _move_to_device_in_place(value)
+    else:
+      tree[key] = jax.device_put(value)
+      del value
 
 
 def write_converted(directory: str, config: ModelConfig, raw_config: dict[str, Any],
@@ -77,10 +88,7 @@ def read_converted(directory: str) -> tuple[ModelConfig, dict[str, Any], dict[st
     raw_config = json.load(f)
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, "item_metadata", metadata)
-    target = _abstract_numpy_tree(tree)
-    params = checkpointer.restore(path, target)
+    params = checkpointer.restore(path)
   return config, _to_numpy(params), raw_config
 
 
@@ -114,46 +122,7 @@ def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoi
                           checkpoint.directory, checkpoint.tokenizer_files())
 
 
-def _abstract_numpy_tree(tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {k: _abstract_numpy_tree(v) for k, v in tree.items()}
-  return np.empty(tuple(tree.shape), tree.dtype)
-
-
 def _to_numpy(tree: Any) -> Any:
   if isinstance(tree, dict):
     return {k: _to_numpy(v) for k, v in tree.items()}
   return np.asarray(tree)
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-
-_HF_MODEL = flags.DEFINE_string(
-    "hf_model", None, "HF checkpoint to convert: a local directory (config.json + "
-    "safetensors, sharded or not) or a hub model id.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the dpjax checkpoint.")
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, list(architectures.SUPPORTED_DTYPES),
-    "Weight dtype to store; default: the checkpoint's own.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output_dir if it exists.")
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a flag.")
-  try:
-    out = convert(_HF_MODEL.value, _OUTPUT_DIR.value, dtype=_DTYPE.value,
-                  overwrite=_OVERWRITE.value)
-  except (ValueError, FileExistsError) as e:
-    raise SystemExit(f"dpjax-convert: error: {e}") from e
-  print(f"wrote dpjax checkpoint to {out}")
-
-
-def run() -> None:
-  flags.mark_flags_as_required(["hf_model", "output_dir"])
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()

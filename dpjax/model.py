@@ -301,7 +301,7 @@ class DecoderModel:
     abstract = nnx.eval_shape(
         lambda: Transformer(config, compute_dtype=compute_dtype, rngs=nnx.Rngs(0)))
     self.graphdef, state = nnx.split(abstract)
-    _check_params(state.to_pure_dict(), params)
+    _check_params(nnx.to_pure_dict(state), params)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     self.state = state
     self.compute_dtype = abstract.compute_dtype
@@ -313,7 +313,7 @@ class DecoderModel:
   @classmethod
   def from_module(cls, module: Transformer) -> "DecoderModel":
     graphdef, state = nnx.split(module)
-    params = jax.tree.map(np.asarray, state.to_pure_dict())
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
     return cls(module.cfg, params, compute_dtype=module.compute_dtype)
 
   @property
@@ -322,7 +322,7 @@ class DecoderModel:
 
   def params(self) -> dict[str, Any]:
     """The weights as a nested dict of arrays (dpjax names, stacked blocks)."""
-    return self.state.to_pure_dict()
+    return nnx.to_pure_dict(self.state)
 
   def module(self) -> Transformer:
     """The NNX module, for code that wants to call its methods directly."""
@@ -374,7 +374,8 @@ class DecoderModel:
     kept = np.flatnonzero(keep)
     # hidden state after block b comes from the last kept block <= b.
     source = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-    if not gather:
+    if not gather or len(kept) == n:
+      # Mask form (also when every block is kept: gathering would only copy).
       return None, jnp.asarray(keep), jnp.asarray(np.arange(n + 1, dtype=np.int32))
     size = next(b for b in keep_buckets(n) if b >= len(kept))
     index = np.zeros(size, dtype=np.int32)

@@ -1,8 +1,11 @@
-"""Tiny random Hugging Face checkpoints, written to disk as a download would be.
+"""The Hugging Face PyTorch reference that every dpjax number is checked against.
 
-Every variant dpjax claims to support has an entry in `VARIANTS`. The weights
-are random but not timid: norms and biases are perturbed away from their 1/0
-initial values so that a mistake in any of them shows in the logits.
+Tiny random HF checkpoints written to disk with `save_pretrained`, exactly as a
+download looks, one per variant dpjax supports (`VARIANTS`), and HF's own
+forward pass over them. The weights are random but not timid: norms and biases
+are perturbed away from their 1/0 initial values so that a mistake in any of
+them shows in the logits. Needs torch (the `test` extra); used by the tests and
+the benchmarks, never by the pipeline itself.
 """
 
 from __future__ import annotations
@@ -78,8 +81,19 @@ def build_hf_model(family: str, config: dict[str, Any], seed: int = 0):
   return model
 
 
+def tiny_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+  """A word-level tokenizer over `vocab_size` made-up words (ids 0-2 special)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+  vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                              bos_token="<s>", eos_token="</s>")
+
+
 def save_variant(name: str, directory: str, seed: int = 0) -> str:
-  """Writes variant `name` with `save_pretrained` into `directory`; returns it."""
+  """Writes variant `name` and a tokenizer with `save_pretrained`; returns the directory."""
   variant = VARIANTS[name]
   model = build_hf_model(variant.family, variant.config, seed)
   if variant.dtype == "bfloat16":
@@ -88,6 +102,7 @@ def save_variant(name: str, directory: str, seed: int = 0) -> str:
   if variant.max_shard_size:
     kwargs["max_shard_size"] = variant.max_shard_size
   model.save_pretrained(directory, **kwargs)
+  tiny_tokenizer(variant.config["vocab_size"]).save_pretrained(directory)
   return directory
 
 
