@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 from flax import nnx
@@ -198,20 +198,24 @@ class Transformer(nnx.Module):
     return jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
 
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
-                 block_valid: Array, collect: bool) -> tuple[Array, Array, Array | None]:
+                 block_valid: Array, readout: Callable[[Array], Any] | None = None):
     """Embeds and runs the block stack as one scan.
 
     Args:
       input_ids: `[B, T]` int token ids.
       attention_mask: `[B, T]` 1 for real tokens, 0 for padding (either side).
-      block_index: `[n]` int indices of the blocks to scan, in order (gather
-        form), or None to scan every block in order (mask form).
-      block_valid: `[n]` bool; a False entry is skipped (identity).
-      collect: also return the residual stream after each scanned block.
+      block_index: `[n]` int indices of the blocks to run, in order (gather
+        form: step `s` slices block `block_index[s]` out of the stacked
+        weights, so no copy of the kept weights is made and a batch of masks
+        can be vmapped over it), or None to scan every block in order (mask
+        form).
+      block_valid: `[n]` bool; a False step is skipped (identity).
+      readout: optional function of the residual stream `[B, T, d]`, applied to
+        `h_0` and after every step; its results come back stacked.
 
     Returns:
-      `h_0` `[B, T, d]`, the final residual `[B, T, d]`, and when `collect`,
-      the residuals after each scanned block `[n, B, T, d]`.
+      The final residual `[B, T, d]`, and `readout(h_0)` and the stacked
+      `readout` after each step `[n, ...]` (None without a readout).
     """
     cfg = self.cfg
     attention_mask = attention_mask.astype(bool)
@@ -231,20 +235,24 @@ class Transformer(nnx.Module):
 
     graphdef, block_state = nnx.split(self.blocks)
     is_sliding = jnp.asarray(cfg.layer_is_sliding)
-    if block_index is not None:
-      block_state = jax.tree.map(lambda w: jnp.take(w, block_index, axis=0), block_state)
-      is_sliding = jnp.take(is_sliding, block_index, axis=0)
 
-    def body(h, xs):
-      state, valid, sliding = xs
+    def step(h, state, valid, sliding):
       block = nnx.merge(graphdef, state)
       mask = jnp.where(sliding, sliding_mask, full_mask)
       h = jnp.where(valid, block(h, cos, sin, mask), h)
-      return h, (h if collect else None)
+      return h, (None if readout is None else readout(h))
+
+    if block_index is None:
+      xs = (block_state, block_valid, is_sliding)
+      body = lambda h, x: step(h, *x)
+    else:
+      xs = (block_index, block_valid)
+      body = lambda h, x: step(h, jax.tree.map(lambda w: w[x[0]], block_state), x[1],
+                               is_sliding[x[0]])
 
     h0 = self.embed_tokens(input_ids)
-    h, per_block = jax.lax.scan(body, h0, (block_state, block_valid, is_sliding))
-    return h0, h, per_block
+    h, per_step = jax.lax.scan(body, h0, xs)
+    return h, (None if readout is None else readout(h0)), per_step
 
 
 # ----------------------------------------------------------------------------
@@ -254,12 +262,13 @@ class Transformer(nnx.Module):
 def _forward(graphdef, state, input_ids, attention_mask, block_index, block_valid,
              hidden_source, *, want: str):
   model = nnx.merge(graphdef, state)
-  h0, h, per_block = model.run_blocks(input_ids, attention_mask, block_index, block_valid,
-                                      collect=(want == "hidden_states"))
   if want == "logits":
+    h, _, _ = model.run_blocks(input_ids, attention_mask, block_index, block_valid)
     return model.unembed(h)
-  # Residual stream after every original block: [h_0, outputs of scanned
-  # blocks...] re-indexed so that a removed block repeats its input.
+  _, h0, per_block = model.run_blocks(input_ids, attention_mask, block_index, block_valid,
+                                      readout=lambda h: h)
+  # Residual stream after every original block: [h_0, outputs of the steps...]
+  # re-indexed so that a removed block repeats its input.
   stream = jnp.concatenate([h0[None], per_block], axis=0)
   return jnp.take(stream, hidden_source, axis=0)
 

@@ -1,0 +1,167 @@
+"""Per-layer decision readouts: the logit lens at the answer position, for many masks.
+
+One forward pass gives, for every item and for `h_0` and every kept block, the
+lens logits of the answer options and the full-vocabulary log-normalizer:
+
+    z_l = W_U · norm_f(h_l)      (the model's own final norm and unembedding)
+
+The lens is applied inside the block scan to the answer-position residual only
+(`h[:, -1]`, the batches are left-padded), so neither `[B, T, V]` logits nor
+`[L, B, T, d]` residuals are ever materialized. It runs in float32 even when the
+model runs in bfloat16. Vmapped over a batch of masks, the outputs are
+`[masks, layers+1, items, ...]`; a removed block's layer is NaN (missing).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.model import DecoderModel, Transformer, keep_buckets, rms_norm
+from dpjax.tasks import Batch, EncodedTask, batches
+
+
+class Readout(NamedTuple):
+  """Lens readouts. Leading axes `[..., layers+1, items]`.
+
+  option_logits: `[..., L+1, N, K]` float32 `z_l[c_k]`; NaN at removed layers,
+    -inf past an item's own options.
+  log_normalizer: `[..., L+1, N]` float32 `logsumexp_v z_l[v]`; NaN at removed
+    layers.
+  """
+  option_logits: jax.Array | np.ndarray
+  log_normalizer: jax.Array | np.ndarray
+
+
+def unembedding_f32(module: Transformer) -> jax.Array:
+  """`[V, d]` float32 unembedding (tied: the embedding)."""
+  if module.lm_head is None:
+    return module.embed[...].astype(jnp.float32)
+  return module.lm_head[...].astype(jnp.float32).T
+
+
+def lens(module: Transformer, unembed: jax.Array, h: jax.Array,
+         letter_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Logit lens of residuals `h` `[B, d]`: option logits `[B, K]`, log-normalizer `[B]`."""
+  x = rms_norm(h.astype(jnp.float32), module.final_norm[...].astype(jnp.float32),
+               module.cfg.rms_norm_eps)
+  logits = jnp.einsum("bd,vd->bv", x, unembed, precision=jax.lax.Precision.HIGHEST)
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+  options = jnp.take_along_axis(logits, jnp.maximum(letter_ids, 0), axis=-1)
+  options = jnp.where(letter_ids >= 0, options, -jnp.inf)
+  return options, log_normalizer
+
+
+def decision_readout(module: Transformer, input_ids, attention_mask, letter_ids, block_index,
+                     block_valid) -> Readout:
+  """Readouts `[L+1, B, K]` / `[L+1, B]` of one mask given as steps.
+
+  `block_index` `[n]` and `block_valid` `[n]`: the blocks to run in order (see
+  `Transformer.run_blocks`); layer `1 + block_index[s]` is filled for valid
+  steps, every other block layer is NaN.
+  """
+  num_layers = module.cfg.num_layers
+  unembed = unembedding_f32(module)
+  readout = lambda h: lens(module, unembed, h[:, -1], letter_ids)
+  _, (z0, lse0), (z, lse) = module.run_blocks(input_ids, attention_mask, block_index,
+                                              block_valid, readout=readout)
+  # Invalid steps write past the end, where mode="drop" discards them.
+  target = jnp.where(block_valid, 1 + block_index, num_layers + 1)
+  b, k = letter_ids.shape
+  options = jnp.full((num_layers + 1, b, k), jnp.nan, jnp.float32).at[0].set(z0)
+  options = options.at[target].set(z, mode="drop")
+  normalizer = jnp.full((num_layers + 1, b), jnp.nan, jnp.float32).at[0].set(lse0)
+  normalizer = normalizer.at[target].set(lse, mode="drop")
+  return Readout(options, normalizer)
+
+
+def _readout_masks(graphdef, state, input_ids, attention_mask, letter_ids, block_index,
+                   block_valid) -> Readout:
+  module = nnx.merge(graphdef, state)
+  one = functools.partial(decision_readout, module, input_ids, attention_mask, letter_ids)
+  return jax.vmap(one)(block_index, block_valid)
+
+
+def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`[M, L]` bool masks -> step indices and validity `[M, n]`, `n` a shape bucket."""
+  masks = np.asarray(masks, dtype=bool)
+  num_layers = masks.shape[1]
+  counts = masks.sum(1)
+  if (counts == 0).any():
+    bad = int(np.flatnonzero(counts == 0)[0])
+    raise ValueError(f"mask {bad} removes every block; keep at least one block.")
+  size = next(b for b in keep_buckets(num_layers) if b >= counts.max())
+  index = np.zeros((len(masks), size), dtype=np.int32)
+  valid = np.zeros((len(masks), size), dtype=bool)
+  for m, mask in enumerate(masks):
+    kept = np.flatnonzero(mask)
+    index[m, :len(kept)] = kept
+    valid[m, :len(kept)] = True
+  return index, valid
+
+
+class DecisionReader:
+  """Runs the readout of a task's items under a batch of masks, batch by batch."""
+
+  def __init__(self, model: DecoderModel):
+    self.model = model
+    self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef))
+
+  def compile_count(self) -> int:
+    return self._fn._cache_size()
+
+  def readout_batch(self, batch: Batch, masks: np.ndarray) -> Readout:
+    """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]`."""
+    masks = np.asarray(masks)
+    chex.assert_shape(masks, (None, self.model.num_layers))
+    index, valid = mask_steps(masks)
+    return self._fn(self.model.state, batch.input_ids, batch.attention_mask, batch.letter_ids,
+                    index, valid)
+
+  def run(self, encoded: EncodedTask, masks: np.ndarray | None = None, *, batch_size: int = 16,
+          pad_id: int = 0, progress: bool = True, description: str = "readout") -> Readout:
+    """Readouts `[M, L+1, N, K]` in item order (masks None: the unpruned model)."""
+    if masks is None:
+      masks = np.ones((1, self.model.num_layers), dtype=bool)
+    masks = np.asarray(masks, dtype=bool)
+    n, k = len(encoded.items), encoded.letter_ids.shape[1]
+    m, layers = len(masks), self.model.num_layers + 1
+    options = np.full((m, layers, n, k), np.nan, np.float32)
+    normalizer = np.full((m, layers, n), np.nan, np.float32)
+    todo = batches(encoded, batch_size, pad_id)
+    bar = Progress(len(todo), description, enabled=progress)
+    for batch in todo:
+      out = self.readout_batch(batch, masks)
+      rows = batch.index >= 0
+      options[:, :, batch.index[rows]] = np.asarray(out.option_logits)[:, :, rows]
+      normalizer[:, :, batch.index[rows]] = np.asarray(out.log_normalizer)[:, :, rows]
+      bar.update()
+    bar.close()
+    return Readout(options, normalizer)
+
+
+class Progress:
+  """A progress bar with an ETA (tqdm), quiet when disabled."""
+
+  def __init__(self, total: int, description: str, enabled: bool = True):
+    self._bar = None
+    self.start = time.perf_counter()
+    if enabled:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, desc=description, unit="batch", dynamic_ncols=True)
+
+  def update(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
