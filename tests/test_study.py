@@ -1,0 +1,115 @@
+"""The `dpjax` program end to end: its report, checked against independent numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from dpjax import hf_reference, metrics, study, tasks
+
+
+@pytest.fixture(scope="module")
+def report_dir(synthetic_model_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("report")
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}", "--num_items=40",
+       "--k_shot=1", "--batch_size=8", f"--output_dir={out}"],
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  # The progress bar shows elapsed<remaining time.
+  assert re.search(r"full-model readout: .*\[\d\d:\d\d<\d\d:\d\d", result.stderr)
+  return str(out)
+
+
+def test_report_files(report_dir):
+  assert sorted(os.listdir(report_dir)) == sorted([
+      "results.json", "readouts.npz", "items.jsonl", "layer_profile.csv",
+      "decision_margin.png", "option_frequency.png"])
+  for figure in ("decision_margin.png", "option_frequency.png"):
+    with open(os.path.join(report_dir, figure), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_agree_with_a_recomputation_from_the_arrays(report_dir):
+  with open(os.path.join(report_dir, "results.json")) as f:
+    results = json.load(f)
+  arrays = np.load(os.path.join(report_dir, "readouts.npz"))
+  z, lse, answer = arrays["option_logits"], arrays["log_normalizer"], arrays["answer"]
+  assert z.shape == (5, 40, 4) and results["task"]["num_items"] == 40
+  full = results["full_model"]
+  # Decision Margin (vocab) and accuracy recomputed in plain numpy.
+  p = np.exp(z.astype(np.float64) - lse[..., None])
+  is_answer = np.arange(4) == answer[:, None]
+  dm = (p * is_answer).sum(-1) - np.where(is_answer, -np.inf, p).max(-1)
+  np.testing.assert_allclose(full["decision_margin"]["vocab"]["mean"], dm.mean(-1), atol=1e-6)
+  np.testing.assert_allclose(full["decision_margin"]["vocab"]["median"], np.median(dm, -1), atol=1e-6)
+  accuracy = (z.argmax(-1) == answer).mean(-1)
+  np.testing.assert_allclose(full["accuracy"], accuracy, atol=1e-6)
+  q = np.exp(z - z.max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  dm_options = (q * is_answer).sum(-1) - np.where(is_answer, -np.inf, q).max(-1)
+  np.testing.assert_allclose(full["decision_margin"]["options"]["mean"], dm_options.mean(-1), atol=1e-5)
+  frequency = np.stack([(z.argmax(-1) == k).mean(-1) for k in range(4)], -1)
+  np.testing.assert_allclose(full["option_frequency"], frequency, atol=1e-6)
+  mean = dm.mean(-1)
+  above = [l for l in range(1, 5) if all(mean[m] > 0 for m in range(l, 5))]
+  assert full["transition_block"] == (above[0] if above else None)
+  # The CSV table holds the same numbers.
+  with open(os.path.join(report_dir, "layer_profile.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["layer"]) for r in rows] == list(range(5))
+  np.testing.assert_allclose([float(r["dm_vocab_mean"]) for r in rows], mean, atol=1e-6)
+  np.testing.assert_allclose([float(r["accuracy"]) for r in rows], accuracy, atol=1e-6)
+
+
+def test_items_jsonl_lets_another_tool_recompute_the_final_layer(report_dir, synthetic_model_dir):
+  with open(os.path.join(report_dir, "items.jsonl")) as f:
+    items = [json.loads(line) for line in f]
+  arrays = np.load(os.path.join(report_dir, "readouts.npz"))
+  assert [it["id"] for it in items] == arrays["item_ids"].tolist()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(synthetic_model_dir)
+  hf = hf_reference.load_hf(synthetic_model_dir)
+  for i in (0, 17, 39):
+    item = items[i]
+    assert item["prompt"].endswith("Answer:") and item["prompt"].count("Answer:") == 2  # 1 shot
+    ids = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
+    assert len(ids) == item["num_prompt_tokens"]
+    with torch.no_grad():
+      logits = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].double()
+    logp = torch.log_softmax(logits, -1).numpy()
+    ours = arrays["option_logits"][-1, i] - arrays["log_normalizer"][-1, i]
+    np.testing.assert_allclose(ours, logp[item["letter_token_ids"]], atol=1e-4)
+
+
+def test_bad_task_is_a_clear_error(synthetic_model_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}",
+       "--task=mystery:file", f"--output_dir={tmp_path / 'out'}"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "dpjax: error: task 'mystery:file': unknown format 'mystery'" in result.stderr
+
+
+def test_settings_are_validated():
+  with pytest.raises(ValueError, match="normalization='logits'"):
+    study.Settings(model="m", normalization="logits")
+  with pytest.raises(ValueError, match="transition_rule='median'"):
+    study.Settings(model="m", transition_rule="median")
+
+
+def test_accuracy_rule_changes_the_transition(synthetic_model_dir, tmp_path):
+  settings = study.Settings(model=synthetic_model_dir, num_items=16, transition_rule="accuracy",
+                            accuracy_delta=-1.0, output_dir=str(tmp_path), progress=False)
+  results = study.run(settings)
+  # With delta = -1 every layer is above chance + delta: the transition is block 1.
+  assert results["full_model"]["transition_block"] == 1
+  assert results["full_model"]["decisive_phase"] == [1, 2, 3, 4]
