@@ -70,6 +70,38 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
   return shards
 
 
+def write_hf_checkpoint(directory: str, config, raw_config: dict[str, Any],
+                        params: dict[str, Any], kept: Sequence[int],
+                        tokenizer_files: Sequence[str] = (),
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Writes the HF checkpoint of blocks `kept` into the existing `directory`.
+
+  `raw_config` is the HF `config.json` of the unpruned model (for a model made
+  in dpjax: a transformers config's `to_dict()`).
+  """
+  tensors = hf_tensors(config, params, kept)
+  hf_config = pruned_hf_config(raw_config, kept, config.num_layers)
+  hf_config["dtype"] = config.param_dtype
+  hf_config.pop("torch_dtype", None)
+  shards = _shards(tensors, max_shard_bytes)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for n, shard in enumerate(shards, start=1):
+      name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+      weight_map.update({tensor: name for tensor in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(directory, WEIGHTS_INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  for path in tokenizer_files:
+    shutil.copy2(path, directory)
+
+
 def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = None,
            kept_blocks: Sequence[int] | None = None, overwrite: bool = False,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
@@ -99,26 +131,7 @@ def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = No
   if not kept:
     raise ValueError("the keep mask removes every block; keep at least one block.")
 
-  tensors = hf_tensors(loaded.config, loaded.params, kept)
-  config = pruned_hf_config(loaded.raw_config, kept, num_layers)
-  config["dtype"] = loaded.config.param_dtype
-  config.pop("torch_dtype", None)
   with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
-    shards = _shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-      save_file(shards[0], os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-    else:
-      weight_map = {}
-      for n, shard in enumerate(shards, start=1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        weight_map.update({tensor: name for tensor in shard})
-      index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-               "weight_map": weight_map}
-      with open(os.path.join(tmp, WEIGHTS_INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    for path in loaded.tokenizer_files:
-      shutil.copy2(path, tmp)
+    write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, loaded.params, kept,
+                        loaded.tokenizer_files, max_shard_bytes)
   return os.path.abspath(output_dir)
