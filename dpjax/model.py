@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
 from flax import nnx
@@ -197,33 +197,15 @@ class Transformer(nnx.Module):
     w = self.lm_head[...].astype(x.dtype)
     return jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
 
-  def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
-                 block_valid: Array, readout: Callable[[Array], Any] | None = None):
-    """Embeds and runs the block stack as one scan.
-
-    Args:
-      input_ids: `[B, T]` int token ids.
-      attention_mask: `[B, T]` 1 for real tokens, 0 for padding (either side).
-      block_index: `[n]` int indices of the blocks to run, in order (gather
-        form: step `s` slices block `block_index[s]` out of the stacked
-        weights, so no copy of the kept weights is made and a batch of masks
-        can be vmapped over it), or None to scan every block in order (mask
-        form).
-      block_valid: `[n]` bool; a False step is skipped (identity).
-      readout: optional function of the residual stream `[B, T, d]`, applied to
-        `h_0` and after every step; its results come back stacked.
-
-    Returns:
-      The final residual `[B, T, d]`, and `readout(h_0)` and the stacked
-      `readout` after each step `[n, ...]` (None without a readout).
-    """
+  def attention_context(self, attention_mask: Array) -> "AttentionContext":
+    """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token)."""
     cfg = self.cfg
     attention_mask = attention_mask.astype(bool)
     # Positions count real tokens only, so a left-padded row sees the same
     # positions as the same prompt unpadded.
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
-    t = input_ids.shape[1]
+    t = attention_mask.shape[1]
     idx = jnp.arange(t)
     causal = idx[None, :] <= idx[:, None]
     full_mask = causal[None] & attention_mask[:, None, :]
@@ -232,14 +214,35 @@ class Transformer(nnx.Module):
       sliding_mask = full_mask & window[None]
     else:
       sliding_mask = full_mask
+    return AttentionContext(cos, sin, full_mask, sliding_mask)
 
+  def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
+                  block_valid: Array, readout: Callable[[Array], Any] | None = None):
+    """Runs blocks on the residual stream `h` `[B, T, d]` as one scan.
+
+    Args:
+      h: the residual stream the first step reads.
+      ctx: from `attention_context`.
+      block_index: `[n]` int indices of the blocks to run, in order (gather
+        form: step `s` slices block `block_index[s]` out of the stacked
+        weights, so no copy of the kept weights is made and a batch of masks
+        can be vmapped over it), or None to scan every block in order (mask
+        form).
+      block_valid: `[n]` bool; a False step is skipped (identity).
+      readout: optional function of the residual stream `[B, T, d]` applied
+        after every step; its results come back stacked.
+
+    Returns:
+      The final residual `[B, T, d]` and the stacked readouts `[n, ...]` (None
+      without a readout).
+    """
     graphdef, block_state = nnx.split(self.blocks)
-    is_sliding = jnp.asarray(cfg.layer_is_sliding)
+    is_sliding = jnp.asarray(self.cfg.layer_is_sliding)
 
     def step(h, state, valid, sliding):
       block = nnx.merge(graphdef, state)
-      mask = jnp.where(sliding, sliding_mask, full_mask)
-      h = jnp.where(valid, block(h, cos, sin, mask), h)
+      mask = jnp.where(sliding, ctx.sliding_mask, ctx.full_mask)
+      h = jnp.where(valid, block(h, ctx.cos, ctx.sin, mask), h)
       return h, (None if readout is None else readout(h))
 
     if block_index is None:
@@ -249,10 +252,27 @@ class Transformer(nnx.Module):
       xs = (block_index, block_valid)
       body = lambda h, x: step(h, jax.tree.map(lambda w: w[x[0]], block_state), x[1],
                                is_sliding[x[0]])
+    return jax.lax.scan(body, h, xs)
 
+  def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
+                 block_valid: Array, readout: Callable[[Array], Any] | None = None):
+    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`).
+
+    Returns the final residual `[B, T, d]`, `readout(h_0)`, and the stacked
+    readouts after each step `[n, ...]` (both None without a readout).
+    """
     h0 = self.embed_tokens(input_ids)
-    h, per_step = jax.lax.scan(body, h0, xs)
+    ctx = self.attention_context(attention_mask)
+    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout)
     return h, (None if readout is None else readout(h0)), per_step
+
+
+class AttentionContext(NamedTuple):
+  """What every block needs besides the residual stream, computed once per batch."""
+  cos: Array          # [B, T, head_dim] float32
+  sin: Array          # [B, T, head_dim] float32
+  full_mask: Array    # [B, T, T] bool, True where a query may attend
+  sliding_mask: Array  # [B, T, T] bool, the same within the sliding window
 
 
 # ----------------------------------------------------------------------------

@@ -110,8 +110,9 @@ def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DecisionReader:
   """Runs the readout of a task's items under a batch of masks, batch by batch."""
 
-  def __init__(self, model: DecoderModel):
+  def __init__(self, model: DecoderModel, placement=None):
     self.model = model
+    self.placement = placement  # dpjax.distributed.Placement, or None for the default device
     self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef))
 
   def compile_count(self) -> int:
@@ -122,12 +123,17 @@ class DecisionReader:
     masks = np.asarray(masks)
     chex.assert_shape(masks, (None, self.model.num_layers))
     index, valid = mask_steps(masks)
-    return self._fn(self.model.state, batch.input_ids, batch.attention_mask, batch.letter_ids,
-                    index, valid)
+    put = (lambda x: x) if self.placement is None else self.placement.items
+    return self._fn(self.model.state, put(batch.input_ids), put(batch.attention_mask),
+                    put(batch.letter_ids), index, valid)
 
   def run(self, encoded: EncodedTask, masks: np.ndarray | None = None, *, batch_size: int = 16,
-          pad_id: int = 0, progress: bool = True, description: str = "readout") -> Readout:
-    """Readouts `[M, L+1, N, K]` in item order (masks None: the unpruned model)."""
+          pad_id: int = 0, progress: bool = True, description: str = "readout",
+          prepared: list[Batch] | None = None) -> Readout:
+    """Readouts `[M, L+1, N, K]` in item order (masks None: the unpruned model).
+
+    `prepared`: the token batches of `encoded`, when the caller already made them.
+    """
     if masks is None:
       masks = np.ones((1, self.model.num_layers), dtype=bool)
     masks = np.asarray(masks, dtype=bool)
@@ -135,7 +141,7 @@ class DecisionReader:
     m, layers = len(masks), self.model.num_layers + 1
     options = np.full((m, layers, n, k), np.nan, np.float32)
     normalizer = np.full((m, layers, n), np.nan, np.float32)
-    todo = batches(encoded, batch_size, pad_id)
+    todo = prepared if prepared is not None else batches(encoded, batch_size, pad_id)
     bar = Progress(len(todo), description, enabled=progress)
     for batch in todo:
       out = self.readout_batch(batch, masks)

@@ -1,0 +1,255 @@
+"""The sweep engine: many pruning masks evaluated on many items, paying only for what runs.
+
+Every pruning method proposes masks and reads results; this module runs them.
+
+* `Sweep.readouts(masks)`: full per-layer readouts `[M, L+1, N, K]` of any
+  masks, streamed through the vmapped gather-form readout in chunks of masks
+  and batches of items (memory bounded by the chunk, not by M or N).
+* `Sweep.drop_one(kept, candidates)`: the final readouts of every "remove one
+  more block" candidate of a kept set, with prefix sharing: the current
+  model's residual stream is computed once per item batch, and the candidate
+  that drops block `kept[p]` starts from the stream at `kept[p]`'s input and
+  runs only `kept[p+1:]`. Candidates are grouped by how many blocks they still
+  run (rounded up to a shape bucket) and split into power-of-two vmapped
+  groups, so no dummy candidate is computed and the number of compiled
+  programs is bounded (buckets x log2 of the candidates), however many steps.
+  With `stop_early`, a candidate whose best possible accuracy (correct so far
+  plus every item left) is already below the leader's guaranteed accuracy
+  stops being evaluated; every candidate that could still tie is kept.
+
+Items are split along the `data` axis of a device mesh (see `dpjax.distributed`)
+when one is given; results are the same on any number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.model import DecoderModel, keep_buckets
+from dpjax.readout import DecisionReader, Progress, Readout, lens, unembedding_f32
+from dpjax.tasks import EncodedTask, batches
+
+
+class FinalStats(NamedTuple):
+  """Per-candidate totals over the items evaluated so far."""
+  correct: np.ndarray        # [C] int
+  margin_sum: np.ndarray     # [C] float64: sum of final Decision Margins (vocab)
+  nll_sum: np.ndarray        # [C] float64: sum of -log p_vocab(correct letter)
+  items: np.ndarray          # [C] int: items evaluated (less if stopped early)
+
+
+@dataclasses.dataclass
+class Counters:
+  """Work done, in block evaluations of one item row (filler rows included)."""
+  executed: int = 0          # blocks actually run (padding steps included)
+  minimum: int = 0           # blocks a prefix-shared evaluation without padding needs
+  naive: int = 0             # blocks a fresh forward per candidate would run
+  stopped_early: int = 0     # candidate evaluations skipped by the accuracy bound
+
+
+def final_stats(option_logits: np.ndarray, log_normalizer: np.ndarray,
+                answer: np.ndarray) -> FinalStats:
+  """Stats of final readouts `[C, B, K]`, `[C, B]` for rows with `answer` `[B]`."""
+  z = option_logits.astype(np.float64)
+  top = np.argmax(z, axis=-1)
+  p = np.exp(z - log_normalizer.astype(np.float64)[..., None])
+  p = np.where(np.isneginf(z), 0.0, p)
+  is_answer = np.arange(z.shape[-1]) == answer[:, None]
+  correct_p = np.sum(np.where(is_answer, p, 0.0), axis=-1)
+  rival = np.max(np.where(is_answer, -np.inf, p), axis=-1)
+  correct_z = np.sum(np.where(is_answer, z, 0.0), axis=-1)
+  return FinalStats(
+      correct=(top == answer).sum(-1), margin_sum=(correct_p - rival).sum(-1),
+      nll_sum=(log_normalizer - correct_z).sum(-1), items=np.full(len(z), len(answer)))
+
+
+def _stream(graphdef, state, input_ids, attention_mask, block_index, block_valid):
+  """The residual stream `[n+1, B, T, d]`: h_0 and the output of every step."""
+  module = nnx.merge(graphdef, state)
+  h0 = module.embed_tokens(input_ids)
+  ctx = module.attention_context(attention_mask)
+  _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h: h)
+  return jnp.concatenate([h0[None], per_step], axis=0)
+
+
+def _tails(graphdef, state, h_start, attention_mask, letter_ids, block_index, block_valid):
+  """Final lens readouts of candidates resuming from `h_start` `[C, B, T, d]`.
+
+  Candidate `c` runs the steps `block_index[c]` `[C, n]` from its own start.
+  Returns option logits `[C, B, K]` and log-normalizers `[C, B]`.
+  """
+  module = nnx.merge(graphdef, state)
+  ctx = module.attention_context(attention_mask)
+  unembed = unembedding_f32(module)
+
+  def one(h, index, valid):
+    h, _ = module.scan_blocks(h, ctx, index, valid)
+    return lens(module, unembed, h[:, -1], letter_ids)
+
+  return jax.vmap(one)(h_start, block_index, block_valid)
+
+
+def _power_of_two_groups(members: Sequence[Any]) -> list[list[Any]]:
+  """Splits `members` into groups whose sizes are distinct powers of two (largest first)."""
+  groups, start, n = [], 0, len(members)
+  size = 1 << max(n.bit_length() - 1, 0)
+  while start < n:
+    while size > n - start:
+      size >>= 1
+    groups.append(list(members[start:start + size]))
+    start += size
+  return groups
+
+
+class Sweep:
+  """Evaluates masks of one model on one item set (its token batches prepared once)."""
+
+  def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
+               pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
+               placement=None):
+    if not encoded.items:
+      raise ValueError("the item set is empty; give at least one item.")
+    self.model = model
+    self.encoded = encoded
+    self.batch_size = batch_size
+    self.pad_id = pad_id
+    self.mask_chunk = mask_chunk
+    self.progress = progress
+    self.placement = placement  # dpjax.distributed.Placement or None
+    self.batches = batches(encoded, batch_size, pad_id)
+    self.reader = DecisionReader(model, placement=placement)
+    self._stream = jax.jit(functools.partial(_stream, model.graphdef))
+    self._tails = jax.jit(functools.partial(_tails, model.graphdef))
+    self.counters = Counters()
+
+  @property
+  def num_layers(self) -> int:
+    return self.model.num_layers
+
+  def compile_count(self) -> int:
+    return (self._stream._cache_size() + self._tails._cache_size()
+            + self.reader.compile_count())
+
+  def _put(self, array):
+    return array if self.placement is None else self.placement.items(array)
+
+  # --------------------------------------------------------------------------
+  # Plain evaluation of masks.
+
+  def readouts(self, masks: np.ndarray, description: str = "sweep") -> Readout:
+    """Full per-layer readouts `[M, L+1, N, K]` of `masks` `[M, L]`, in chunks of masks."""
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2 or masks.shape[1] != self.num_layers:
+      raise ValueError(f"masks must be [M, {self.num_layers}] booleans, got shape {masks.shape}.")
+    counts = masks.sum(1)
+    if (counts == 0).any():
+      raise ValueError(f"mask {int(np.flatnonzero(counts == 0)[0])} removes every block; keep "
+                       "at least one block.")
+    # Masks that scan the same number of steps (shape bucket) run together, so a
+    # chunk is never padded to a longer mask's length.
+    buckets = keep_buckets(self.num_layers)
+    bucket_of = np.array([next(b for b in buckets if b >= k) for k in counts])
+    order = np.argsort(bucket_of, kind="stable")
+    n, k = len(self.encoded.items), self.encoded.letter_ids.shape[1]
+    options = np.empty((len(masks), self.num_layers + 1, n, k), np.float32)
+    normalizers = np.empty((len(masks), self.num_layers + 1, n), np.float32)
+    rows = len(self.batches) * self.batch_size
+    for bucket in np.unique(bucket_of):
+      members = order[bucket_of[order] == bucket]
+      full = len(members) - len(members) % self.mask_chunk
+      chunks = [members[i:i + self.mask_chunk] for i in range(0, full, self.mask_chunk)]
+      chunks += [np.array(g) for g in _power_of_two_groups(list(members[full:]))]
+      for chunk in chunks:
+        out = self.reader.run(self.encoded, masks[chunk], batch_size=self.batch_size,
+                              pad_id=self.pad_id, progress=self.progress,
+                              description=description, prepared=self.batches)
+        options[chunk] = out.option_logits
+        normalizers[chunk] = out.log_normalizer
+        self.counters.executed += int(bucket) * len(chunk) * rows
+        self.counters.minimum += int(counts[chunk].sum()) * rows
+        self.counters.naive += int(counts[chunk].sum()) * rows
+    return Readout(options, normalizers)
+
+  # --------------------------------------------------------------------------
+  # Drop-one candidates with prefix sharing.
+
+  def drop_one(self, kept: Sequence[int], candidates: Sequence[int] | None = None, *,
+               stop_early: bool = False) -> dict[int, FinalStats]:
+    """Final-readout stats of `kept` minus each block in `candidates` (default: all).
+
+    Returns block -> stats. With `stop_early` (for the accuracy criterion),
+    candidates that can no longer reach the leader's accuracy are dropped from
+    the result; every candidate that could still tie or win is evaluated on all
+    items.
+    """
+    kept = [int(b) for b in kept]
+    if len(kept) < 2:
+      raise ValueError(f"cannot drop a block from {kept}: at least one block must stay.")
+    candidates = kept if candidates is None else [int(c) for c in candidates]
+    unknown = sorted(set(candidates) - set(kept))
+    if unknown:
+      raise ValueError(f"candidates {unknown} are not in the kept set {kept}.")
+    position = {b: p for p, b in enumerate(kept)}
+    n_kept = len(kept)
+    buckets = (0,) + keep_buckets(self.num_layers)
+    # The current model's stream, padded to a shape bucket so that every step of
+    # a pruning run reuses a few compiled programs (padding steps are identity).
+    stream_steps = next(b for b in buckets if b >= n_kept)
+    stream_index = np.zeros(stream_steps, np.int32)
+    stream_index[:n_kept] = kept
+    stream_index = jnp.asarray(stream_index)
+    stream_valid = jnp.asarray(np.arange(stream_steps) < n_kept)
+
+    alive = list(candidates)
+    totals = {c: FinalStats(0, 0.0, 0.0, 0) for c in candidates}
+    items_left = len(self.encoded.items)
+    bar = Progress(len(self.batches), f"drop-one of {n_kept}", enabled=self.progress)
+    for batch in self.batches:
+      rows = batch.index >= 0
+      answer = batch.answer[rows]
+      mask = self._put(batch.attention_mask)
+      stream = self._stream(self.model.state, self._put(batch.input_ids), mask, stream_index,
+                            stream_valid)
+      self.counters.executed += stream_steps * self.batch_size
+      self.counters.minimum += n_kept * self.batch_size
+      # Group the live candidates by the (bucketed) number of blocks they still run.
+      by_steps: dict[int, list[int]] = {}
+      for c in alive:
+        remaining = n_kept - 1 - position[c]
+        by_steps.setdefault(next(b for b in buckets if b >= remaining), []).append(c)
+        self.counters.minimum += remaining * self.batch_size
+        self.counters.naive += (n_kept - 1) * self.batch_size
+      for steps, members in sorted(by_steps.items()):
+        for group in _power_of_two_groups(members):
+          index = np.zeros((len(group), steps), np.int32)
+          valid = np.zeros((len(group), steps), bool)
+          for g, c in enumerate(group):
+            rest = kept[position[c] + 1:]
+            index[g, :len(rest)] = rest
+            valid[g, :len(rest)] = True
+          starts = jnp.take(stream, jnp.asarray([position[c] for c in group]), axis=0)
+          z, lse = self._tails(self.model.state, starts, mask, self._put(batch.letter_ids),
+                               jnp.asarray(index), jnp.asarray(valid))
+          self.counters.executed += steps * len(group) * self.batch_size
+          stats = final_stats(np.asarray(z)[:, rows], np.asarray(lse)[:, rows], answer)
+          for g, c in enumerate(group):
+            t = totals[c]
+            totals[c] = FinalStats(t.correct + int(stats.correct[g]),
+                                   t.margin_sum + float(stats.margin_sum[g]),
+                                   t.nll_sum + float(stats.nll_sum[g]), t.items + int(rows.sum()))
+      items_left -= int(rows.sum())
+      bar.update()
+      if stop_early and items_left > 0:
+        leader = max(totals[c].correct for c in alive)
+        still = [c for c in alive if totals[c].correct + items_left >= leader]
+        self.counters.stopped_early += len(alive) - len(still)
+        alive = still
+    bar.close()
+    return {c: totals[c] for c in alive}
