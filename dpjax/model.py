@@ -349,6 +349,12 @@ class DecoderModel:
   def num_layers(self) -> int:
     return self.config.num_layers
 
+  def place(self, placement) -> "DecoderModel":
+    """Moves the weights onto `placement`'s mesh (a `dpjax.distributed.Placement`)."""
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(self.state))
+    nnx.replace_by_pure_dict(self.state, placement.params(params))
+    return self
+
   def params(self) -> dict[str, Any]:
     """The weights as a nested dict of arrays (dpjax names, stacked blocks)."""
     return nnx.to_pure_dict(self.state)

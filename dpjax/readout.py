@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax.distributed import fetch
 from dpjax.model import DecoderModel, Transformer, keep_buckets, rms_norm
 from dpjax.tasks import Batch, EncodedTask, batches
 
@@ -146,8 +147,8 @@ class DecisionReader:
     for batch in todo:
       out = self.readout_batch(batch, masks)
       rows = batch.index >= 0
-      options[:, :, batch.index[rows]] = np.asarray(out.option_logits)[:, :, rows]
-      normalizer[:, :, batch.index[rows]] = np.asarray(out.log_normalizer)[:, :, rows]
+      options[:, :, batch.index[rows]] = fetch(out.option_logits)[:, :, rows]
+      normalizer[:, :, batch.index[rows]] = fetch(out.log_normalizer)[:, :, rows]
       bar.update()
     bar.close()
     return Readout(options, normalizer)

@@ -201,3 +201,234 @@ def plot_option_frequency(path: str, prof: dict[str, Any], title: str) -> None:
   ax.set_title(title)
   ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# The study's report.
+
+CURVES_CSV = "pruning_curves.csv"
+CURVES_FIGURE = "pruning_curves.png"
+HEATMAP_FIGURE = "iterative_heatmap.png"
+PHASE_FIGURE = "phase_comparison.png"
+REMOVED_FIGURE = "removed_blocks.png"
+SUMMARY_FILE = "summary.md"
+
+
+def write_study(out: str, results: dict[str, Any], readout, prof: metrics.Profile,
+                encoded: EncodedTask, settings) -> None:
+  """Every file of the report, each written atomically; results.json last."""
+  full = results["full_model"]
+  write_items(os.path.join(out, ITEMS_FILE), encoded)
+  write_npz(
+      os.path.join(out, ARRAYS_FILE),
+      item_ids=np.array([it.id for it in encoded.items]),
+      answer=encoded.answer, num_options=encoded.num_options, letter_ids=encoded.letter_ids,
+      option_logits=readout.option_logits, log_normalizer=readout.log_normalizer,
+      decision_margin_vocab=np.asarray(prof.margin["vocab"]),
+      decision_margin_options=np.asarray(prof.margin["options"]),
+      top_option=np.asarray(prof.top))
+  write_profile_csv(os.path.join(out, PROFILE_CSV), full)
+  title = f"{os.path.basename(os.path.normpath(settings.model))} on {settings.task}"
+  plot_decision_margin(os.path.join(out, MARGIN_FIGURE), full, settings.normalization, title)
+  plot_option_frequency(os.path.join(out, FREQUENCY_FIGURE), full, title)
+  methods = {k: v for k, v in results.get("methods", {}).items() if "curve" in v}
+  if methods:
+    write_curves_csv(os.path.join(out, CURVES_CSV), methods)
+    plot_pruning_curves(os.path.join(out, CURVES_FIGURE), methods, full, title)
+    plot_removed_blocks(os.path.join(out, REMOVED_FIGURE), methods, full["transition_block"],
+                        results["model"]["num_layers"], title)
+  iterative = [k for k in methods if methods[k]["kind"] == "iterative"]
+  if iterative:
+    plot_iterative_heatmap(os.path.join(out, HEATMAP_FIGURE), methods[iterative[0]],
+                           iterative[0], settings.normalization)
+  phase = results.get("phase_experiment")
+  if phase and "selections" in phase:
+    plot_phase_comparison(os.path.join(out, PHASE_FIGURE), phase, full, title)
+  atomic_write_text(os.path.join(out, SUMMARY_FILE), summary_markdown(results))
+  write_json(os.path.join(out, RESULTS_FILE), results)
+
+
+def write_curves_csv(path: str, methods: dict[str, Any]) -> None:
+  rows = []
+  for name, result in methods.items():
+    for p in result["curve"]:
+      rows.append([name, p["removed"], p["accuracy"], p["mean_final_dm"]["vocab"],
+                   p.get("nll", float("nan")), p.get("accuracy_std", float("nan")),
+                   " ".join(str(b) for b in p.get("kept", []))])
+  write_csv(path, ["method", "blocks_removed", "accuracy", "mean_final_dm_vocab", "nll",
+                   "accuracy_std", "kept_blocks"], rows)
+
+
+def plot_pruning_curves(path: str, methods: dict[str, Any], full: dict[str, Any],
+                        title: str) -> None:
+  """Accuracy against blocks removed for every method: where each falls off the cliff."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for name, result in methods.items():
+    points = result["curve"]
+    x = [p["removed"] for p in points]
+    y = np.array([p["accuracy"] for p in points])
+    style = "-" if result["kind"] != "one_shot" else "--"
+    line, = ax.plot(x, y, style, marker="o", ms=3, label=name)
+    if "accuracy_std" in points[-1]:
+      std = np.array([p.get("accuracy_std", 0.0) for p in points])
+      ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.15)
+    collapse = result.get("collapse_point")
+    if collapse is not None:
+      ax.plot([collapse], [y[x.index(collapse)]], marker="x", ms=9, color=line.get_color())
+  ax.axhline(full["chance"], color="black", ls=":", lw=1, label="chance")
+  half = full["chance"] + 0.5 * (full["accuracy"][-1] - full["chance"])
+  ax.axhline(half, color="grey", ls="-.", lw=0.8, label="collapse threshold")
+  ax.xaxis.set_major_locator(_integer_ticks())
+  ax.set_xlabel("blocks removed")
+  ax.set_ylabel("accuracy (evaluation items)")
+  ax.set_ylim(0, 1.02)
+  ax.set_title(title + " (x: collapse point)")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  save_figure(fig, path)
+
+
+def plot_iterative_heatmap(path: str, result: dict[str, Any], name: str,
+                           normalization: str) -> None:
+  """Mean Decision Margin per layer (x) at each Iterative Pruning step (y)."""
+  plt = _pyplot()
+  grid = np.array([np.array(p["layer_mean_dm"], dtype=float) for p in result["curve"]])
+  fig, ax = plt.subplots(figsize=(8, 0.3 * len(grid) + 2))
+  masked = np.ma.masked_invalid(grid)
+  limit = max(float(np.nanmax(np.abs(grid))), 1e-6)
+  cmap = plt.get_cmap("RdBu_r").copy()
+  cmap.set_bad("lightgrey")
+  image = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=-limit, vmax=limit,
+                    interpolation="nearest")
+  fig.colorbar(image, ax=ax, label=f"mean Decision Margin ({normalization})")
+  ax.set_xlabel("layer (0 = embeddings; grey = removed block)")
+  ax.set_ylabel("step (blocks removed)")
+  ax.xaxis.set_major_locator(_integer_ticks())
+  ax.yaxis.set_major_locator(_integer_ticks())
+  ax.set_title(f"{name}: the decision profile as blocks go")
+  save_figure(fig, path)
+
+
+def plot_phase_comparison(path: str, phase: dict[str, Any], full: dict[str, Any],
+                          title: str) -> None:
+  """Silent-arm against Decisive-arm pruning, per selection rule."""
+  plt = _pyplot()
+  selections = list(phase["selections"])
+  fig, axes = plt.subplots(2, len(selections), figsize=(4 * len(selections), 6), squeeze=False)
+  colours = {"silent": "tab:red", "decisive": "tab:green"}
+  for col, selection in enumerate(selections):
+    arms = phase["selections"][selection]
+    for arm, points in arms.items():
+      k = [p["k"] for p in points]
+      acc = np.array([p["accuracy"] for p in points])
+      axes[0, col].plot(k, acc, marker="o", ms=3, color=colours[arm], label=f"{arm} arm")
+      if selection == "random":
+        std = np.array([p["accuracy_std"] for p in points])
+        axes[0, col].fill_between(k, acc - std, acc + std, color=colours[arm], alpha=0.15)
+      axes[1, col].plot(k, [p["mean_final_dm"]["vocab"] for p in points], marker="o", ms=3,
+                        color=colours[arm], label=f"{arm} arm")
+    axes[0, col].axhline(full["chance"], color="black", ls=":", lw=1)
+    axes[0, col].set_ylim(0, 1.02)
+    axes[0, col].set_title(f"selection: {selection}")
+    axes[1, col].set_xlabel("blocks removed inside the phase")
+    for row in range(2):
+      axes[row, col].xaxis.set_major_locator(_integer_ticks())
+  axes[0, 0].set_ylabel("accuracy")
+  axes[1, 0].set_ylabel("mean final DM (vocab)")
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(f"{title}: Silent vs Decisive pruning (l* = {phase['transition_block']})")
+  save_figure(fig, path)
+
+
+def plot_removed_blocks(path: str, methods: dict[str, Any], l_star: int | None,
+                        num_layers: int, title: str) -> None:
+  """Which blocks each method removes first, against the transition."""
+  plt = _pyplot()
+  names = list(methods)
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 2))
+  for row, name in enumerate(names):
+    order = _removal_order(methods[name])
+    for rank, block in enumerate(order):
+      colour = ("tab:grey" if l_star is None else "tab:red" if block < l_star else "tab:green")
+      ax.scatter(block, row, s=90 * (1 - rank / max(len(order), 1)) + 10, color=colour,
+                 alpha=0.8)
+  if l_star is not None:
+    ax.axvline(l_star - 0.5, color="black", ls="--", lw=1, label=f"transition l* = {l_star}")
+    ax.legend(fontsize=8, loc="upper right")
+  ax.set_yticks(range(len(names)), names)
+  ax.set_xlim(0.5, num_layers + 0.5)
+  ax.xaxis.set_major_locator(_integer_ticks())
+  ax.set_xlabel("block (red: Silent Phase, green: Decisive, grey: no transition; "
+                "larger dot = removed earlier)")
+  ax.set_title(f"{title}: where the removed blocks fall")
+  save_figure(fig, path)
+
+
+def _removal_order(result: dict[str, Any]) -> list[int]:
+  if "removed_order" in result:
+    return result["removed_order"]
+  if "ranking" in result:
+    return result["ranking"][:-1]
+  if "rankings" in result:
+    return result["rankings"][0][:-1]
+  if "removed_sets" in result:  # angular: the first block each size adds
+    order: list[int] = []
+    for removed in result["removed_sets"]:
+      order += [b for b in removed if b not in order]
+    return order
+  return []
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+  """What a person reads first."""
+  full = results["full_model"]
+  model, task = results["model"], results["task"]
+  lines = [f"# dpjax study: {os.path.basename(os.path.normpath(model['path']))} on {task['spec']}",
+           "",
+           f"- {model['num_layers']} blocks ({model['architecture']}); {task['num_items']} "
+           f"evaluation items ({task['num_calibration_items']} calibration), {task['k_shot']}-shot.",
+           f"- Unpruned accuracy {full['accuracy'][-1]:.3f} (chance {full['chance']:.3f}).",
+           ]
+  l_star = full["transition_block"]
+  if l_star is None:
+    lines.append("- No decision transition: the mean Decision Margin is not above tau at the "
+                 "final layer.")
+  else:
+    frac = l_star / model["num_layers"]
+    lines.append(f"- Transition block l* = {l_star} ({frac:.0%} of depth): Silent Phase blocks "
+                 f"1-{l_star - 1}, Decisive Phase blocks {l_star}-{model['num_layers']}. "
+                 f"Sharpest rise of the mean DM: {full['sharpness']['rise']:+.3f} at block "
+                 f"{full['sharpness']['block']}.")
+  methods = results.get("methods", {})
+  if methods:
+    lines += ["", "| method | collapse point (blocks removed) | accuracy after 1 / 25% / 50% removed |",
+              "|---|---|---|"]
+    n = model["num_layers"]
+    for name, result in methods.items():
+      if "curve" not in result:
+        lines.append(f"| {name} | skipped: {result.get('skipped')} | |")
+        continue
+      by_removed = {p["removed"]: p["accuracy"] for p in result["curve"]}
+      picks = [1, max(1, round(n / 4)), max(1, round(n / 2))]
+      accs = " / ".join(f"{by_removed[k]:.3f}" if k in by_removed else "-" for k in picks)
+      lines.append(f"| {name} | {result.get('collapse_point')} | {accs} |")
+  phase = results.get("phase_experiment")
+  if phase:
+    lines.append("")
+    if "selections" not in phase:
+      lines.append(f"- Phase-targeted experiment skipped: {phase['skipped']}.")
+    else:
+      lines.append(f"- Phase-targeted pruning (l* = {phase['transition_block']} on the "
+                   "calibration items), accuracy after removing k blocks:")
+      for selection, arms in phase["selections"].items():
+        k = phase["max_k"]
+        silent, decisive = arms["silent"][k - 1]["accuracy"], arms["decisive"][k - 1]["accuracy"]
+        lines.append(f"  - {selection}: k={k}: Silent arm {silent:.3f}, Decisive arm "
+                     f"{decisive:.3f}.")
+  engine = results.get("engine")
+  if engine:
+    lines += ["", f"- Engine: {engine['compiled_programs']} compiled programs; "
+              f"{engine['block_evaluations_executed']} block evaluations executed against "
+              f"{engine['block_evaluations_minimum']} needed "
+              f"({engine['block_evaluations_naive']} without prefix sharing)."]
+  return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax.distributed import fetch
 from dpjax.model import DecoderModel, keep_buckets
 from dpjax.readout import DecisionReader, Progress, Readout, lens, unembedding_f32
 from dpjax.tasks import EncodedTask, batches
@@ -79,12 +80,15 @@ def _stream(graphdef, state, input_ids, attention_mask, block_index, block_valid
   return jnp.concatenate([h0[None], per_step], axis=0)
 
 
-def _tails(graphdef, state, h_start, attention_mask, letter_ids, block_index, block_valid):
-  """Final lens readouts of candidates resuming from `h_start` `[C, B, T, d]`.
+def _tails(graphdef, state, stream, positions, attention_mask, letter_ids, block_index,
+           block_valid):
+  """Final lens readouts of candidates resuming from the current model's stream.
 
-  Candidate `c` runs the steps `block_index[c]` `[C, n]` from its own start.
-  Returns option logits `[C, B, K]` and log-normalizers `[C, B]`.
+  Candidate `c` starts from `stream[positions[c]]` (`stream` `[n+1, B, T, d]`)
+  and runs the steps `block_index[c]` `[C, n]`. Returns option logits
+  `[C, B, K]` and log-normalizers `[C, B]`.
   """
+  h_start = jnp.take(stream, positions, axis=0)
   module = nnx.merge(graphdef, state)
   ctx = module.attention_context(attention_mask)
   unembed = unembedding_f32(module)
@@ -204,8 +208,7 @@ class Sweep:
     stream_steps = next(b for b in buckets if b >= n_kept)
     stream_index = np.zeros(stream_steps, np.int32)
     stream_index[:n_kept] = kept
-    stream_index = jnp.asarray(stream_index)
-    stream_valid = jnp.asarray(np.arange(stream_steps) < n_kept)
+    stream_valid = np.arange(stream_steps) < n_kept
 
     alive = list(candidates)
     totals = {c: FinalStats(0, 0.0, 0.0, 0) for c in candidates}
@@ -234,11 +237,11 @@ class Sweep:
             rest = kept[position[c] + 1:]
             index[g, :len(rest)] = rest
             valid[g, :len(rest)] = True
-          starts = jnp.take(stream, jnp.asarray([position[c] for c in group]), axis=0)
-          z, lse = self._tails(self.model.state, starts, mask, self._put(batch.letter_ids),
-                               jnp.asarray(index), jnp.asarray(valid))
+          positions = np.array([position[c] for c in group], np.int32)
+          z, lse = self._tails(self.model.state, stream, positions, mask,
+                               self._put(batch.letter_ids), index, valid)
           self.counters.executed += steps * len(group) * self.batch_size
-          stats = final_stats(np.asarray(z)[:, rows], np.asarray(lse)[:, rows], answer)
+          stats = final_stats(fetch(z)[:, rows], fetch(lse)[:, rows], answer)
           for g, c in enumerate(group):
             t = totals[c]
             totals[c] = FinalStats(t.correct + int(stats.correct[g]),

@@ -295,21 +295,28 @@ def loss_fn(state, graphdef, batch: dict[str, jax.Array], answer_weight: float):
                      "answer_accuracy": answer_accuracy}
 
 
-def _train_step(graphdef, optimizer, answer_weight, state, opt_state, batch):
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (objective, parts), grads = grad_fn(state, graphdef, batch, answer_weight)
-  updates, opt_state = optimizer.update(grads, opt_state, state)
-  state = optax.apply_updates(state, updates)
-  return state, opt_state, dict(parts, loss=objective, grad_norm=optax.global_norm(grads))
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+  """The settings the train step compiles for (hashable: a static argument of the step)."""
+  steps: int
+  learning_rate: float
+  warmup_fraction: float
+  final_lr_fraction: float
+  weight_decay: float
+  clip_norm: float
+  answer_weight: float
+
+  @classmethod
+  def of(cls, settings: Settings) -> "Optimization":
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
-def make_optimizer(settings: Settings) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
-  warmup = int(round(settings.warmup_fraction * settings.steps))
+def make_optimizer(opt: Optimization) -> tuple[optax.GradientTransformation, Any]:
+  """AdamW with linear warmup and cosine decay, after global-norm clipping; and the schedule."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=settings.learning_rate, warmup_steps=warmup,
-      decay_steps=settings.steps,
-      end_value=settings.learning_rate * settings.final_lr_fraction)
+      init_value=0.0, peak_value=opt.learning_rate,
+      warmup_steps=int(round(opt.warmup_fraction * opt.steps)), decay_steps=opt.steps,
+      end_value=opt.learning_rate * opt.final_lr_fraction)
 
   def decay_mask(state):
     # No weight decay on the RMSNorm gains: decaying them pulls them toward 0, not 1.
@@ -317,10 +324,28 @@ def make_optimizer(settings: Settings) -> tuple[optax.GradientTransformation, An
         lambda path, _: "norm" not in jax.tree_util.keystr(path), state)
 
   optimizer = optax.chain(
-      optax.clip_by_global_norm(settings.clip_norm),
-      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=settings.weight_decay,
-                  mask=decay_mask))
+      optax.clip_by_global_norm(opt.clip_norm),
+      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=opt.weight_decay, mask=decay_mask))
   return optimizer, schedule
+
+
+# Jitted once at module level with the graph and the optimization static, so that
+# runs of the same model in one process (tests, sweeps) compile the step once.
+@functools.partial(jax.jit, static_argnames=("graphdef", "opt"),
+                   donate_argnames=("state", "opt_state"))
+def train_step(state, opt_state, batch: dict[str, jax.Array], *, graphdef, opt: Optimization):
+  """One AdamW step on `batch` (see `TrainingStream.next_batch`).
+
+  Returns the new weights and optimizer state, and the step's `loss`,
+  `token_loss`, `answer_loss`, `answer_accuracy` and (pre-clipping) `grad_norm`.
+  """
+  optimizer, _ = make_optimizer(opt)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (objective, parts), grads = grad_fn(state, graphdef, batch, opt.answer_weight)
+  updates, opt_state = optimizer.update(grads, opt_state, state)
+  state = optax.apply_updates(state, updates)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  return state, opt_state, dict(parts, loss=objective, grad_norm=grad_norm)
 
 
 # ----------------------------------------------------------------------------
@@ -456,10 +481,9 @@ def train(settings: Settings) -> dict[str, Any]:
   module = Transformer(cfg, rngs=nnx.Rngs(settings.seed))
   graphdef, state = nnx.split(module)
   num_params = int(sum(x.size for x in jax.tree.leaves(state)))
-  optimizer, schedule = make_optimizer(settings)
+  opt = Optimization.of(settings)
+  optimizer, schedule = make_optimizer(opt)
   opt_state = optimizer.init(state)
-  step_fn = jax.jit(functools.partial(_train_step, graphdef, optimizer, settings.answer_weight),
-                    donate_argnums=(0, 1))
   print(f"model: {cfg.num_layers} blocks, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
         f"{num_params:,} parameters; {len(items)} training items; "
         f"{settings.steps} steps of {settings.batch_size}", flush=True)
@@ -472,7 +496,7 @@ def train(settings: Settings) -> dict[str, Any]:
   stopped_early = False
   while step < settings.steps:
     batch = stream.next_batch()
-    state, opt_state, out = step_fn(state, opt_state, batch)
+    state, opt_state, out = train_step(state, opt_state, batch, graphdef=graphdef, opt=opt)
     step += 1
     window.append(out)
     clock.tick()
@@ -556,77 +580,85 @@ def save(settings: Settings, cfg: ModelConfig, tokenizer, params: dict[str, Any]
 def model_card(cfg: ModelConfig, summary: dict[str, Any]) -> str:
   """`MODEL_CARD.md`: what the model is, what it was trained on, how well it does."""
   s = summary["settings"]
-  per_family = "\n".join(f"| {family} | {acc:.3f} |"
-                         for family, acc in summary["final_per_family"].items())
-  ln4 = math.log(4)
   last = summary["log"][-1] if summary["log"] else {}
-  stop = (f"stopped early at step {summary['steps_run']} (held-out accuracy reached "
-          f"{s['target_accuracy']})" if summary["stopped_early"]
+  nan = float("nan")
+  families = ", ".join(f"`{f}`" for f in summary["families"])
+  stop = (f"stopped early at step {summary['steps_run']}, when held-out accuracy reached "
+          f"{s['target_accuracy']}" if summary["stopped_early"]
           else f"{summary['steps_run']} steps")
-  return f"""# dpjax synthetic-suite model
-
-A small Llama-architecture decoder trained from scratch with `dpjax.train` on the
-synthetic multiple-choice suite (`dpjax.synthetic`). It answers with the option
-letter in lm-eval's MMLU prompt layout, so the `dpjax` study can read its
-decision out layer by layer. It is a research fixture, not a general language model.
-
-## Architecture
-
-| | |
-|---|---|
-| architecture | `LlamaForCausalLM` (dpjax `llama`) |
-| blocks | {cfg.num_layers} |
-| hidden size | {cfg.hidden_size} |
-| MLP (SwiGLU) size | {cfg.intermediate_size} |
-| attention heads / key-value heads | {cfg.num_heads} / {cfg.num_kv_heads} (head dim {cfg.head_dim}) |
-| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training items' text) |
-| context | {cfg.max_position_embeddings} positions, rope theta {cfg.rope_theta:g} |
-| RMSNorm eps | {cfg.rms_norm_eps:g} |
-| tied embeddings | {cfg.tie_word_embeddings} |
-| parameters | {summary['num_params']:,} |
-| weights dtype | {cfg.param_dtype} |
-
-## Training data
-
-* {summary['num_train_items']} items of the suite's `train` split, seed {s['seed']}, spread
-  evenly over the families {', '.join(f'`{f}`' for f in summary['families'])}. The `test`
-  split (which shares no item with `train`) is only evaluated on.
-* Each example: `dpjax.tasks.prompt(item)` (lm-eval layout, subject header), or with
-  probability {s['one_shot_fraction']} a 1-shot prompt whose shot is another training item of
-  the same subject, then `" " + answer letter` and EOS, right-padded to {s['seq_len']} tokens.
-
-## Training
-
-* Objective: next-token cross-entropy over all non-pad tokens + {s['answer_weight']} x the
-  cross-entropy of the answer-letter token (chance on the letter is ln 4 = {ln4:.3f}).
-* AdamW (b1 0.9, b2 0.95, weight decay {s['weight_decay']}, none on norms), peak learning
-  rate {s['learning_rate']}, linear warmup over {s['warmup_fraction']} of the steps, cosine
-  decay to {s['final_lr_fraction']} x peak, gradient clipping at global norm {s['clip_norm']}.
-* Batch size {s['batch_size']}; {stop}.
-* Training time {_format_seconds(summary['train_seconds'])} in train steps
-  ({summary['seconds_per_step']:.3f} s/step), {_format_seconds(summary['wall_seconds'])} wall
-  in all, on JAX {summary['jax']['version']} ({summary['jax']['backend']},
-  {summary['jax']['device']}).
-* Last logged window: loss {last.get('loss', float('nan')):.4f}, token loss
-  {last.get('token_loss', float('nan')):.4f}, answer loss {last.get('answer_loss', float('nan')):.4f}.
-
-## Held-out accuracy
-
-0-shot, lm-eval layout, {s['num_eval_items']} items of the `test` split (seed {s['seed']}),
-top letter at the last layer: **{summary['final_accuracy']:.3f}** (chance 0.25).
-
-| family | accuracy |
-|---|---|
-{per_family}
-
-## Reproduce
-
-```bash
-{summary['command']}
-```
-
-`training_log.json` holds the logged losses and every evaluation.
-"""
+  device = summary["jax"]
+  lines = [
+      "# dpjax synthetic-suite model",
+      "",
+      "A small Llama-architecture decoder trained from scratch with `dpjax.train` on the "
+      "synthetic multiple-choice suite (`dpjax.synthetic`). It answers with the option letter "
+      "in lm-eval's MMLU prompt layout, so the `dpjax` study can read its decision out layer "
+      "by layer. It is a research fixture, not a general language model.",
+      "",
+      "## Architecture",
+      "",
+      "| | |",
+      "|---|---|",
+      "| architecture | `LlamaForCausalLM` (dpjax `llama`) |",
+      f"| blocks | {cfg.num_layers} |",
+      f"| hidden size | {cfg.hidden_size} |",
+      f"| MLP (SwiGLU) size | {cfg.intermediate_size} |",
+      f"| attention heads / key-value heads | {cfg.num_heads} / {cfg.num_kv_heads} "
+      f"(head dim {cfg.head_dim}) |",
+      f"| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training items' text) |",
+      f"| context | {cfg.max_position_embeddings} positions, rope theta {cfg.rope_theta:g} |",
+      f"| RMSNorm eps | {cfg.rms_norm_eps:g} |",
+      f"| tied embeddings | {cfg.tie_word_embeddings} |",
+      f"| parameters | {summary['num_params']:,} |",
+      f"| weight dtype | {cfg.param_dtype} |",
+      "",
+      "## Training data",
+      "",
+      f"* {summary['num_train_items']} items of the suite's `train` split (seed {s['seed']}), "
+      f"spread evenly over the families {families}. The `test` split, which shares no item "
+      "with `train`, is only evaluated on.",
+      "* Each example is `dpjax.tasks.prompt(item)` (lm-eval layout with the subject header) "
+      f"or, with probability {s['one_shot_fraction']}, a 1-shot prompt whose shot is another "
+      "training item of the same subject; then `\" \" + answer letter` and EOS, right-padded "
+      f"to {s['seq_len']} tokens. {summary['one_shot_too_long']} of the "
+      f"{summary['one_shot_examples']} 1-shot examples drawn were too long and stayed 0-shot.",
+      "",
+      "## Training",
+      "",
+      "* Objective: next-token cross-entropy over all non-pad tokens, plus "
+      f"{s['answer_weight']} x the cross-entropy of the answer-letter token (chance on the "
+      f"letter: ln 4 = {math.log(4):.3f}).",
+      f"* AdamW (b1 0.9, b2 0.95, weight decay {s['weight_decay']}, none on the norm gains), "
+      f"peak learning rate {s['learning_rate']}, linear warmup over {s['warmup_fraction']} of "
+      f"the steps, cosine decay to {s['final_lr_fraction']} x peak; gradients clipped to "
+      f"global norm {s['clip_norm']}.",
+      f"* Batch size {s['batch_size']}; {stop}.",
+      f"* Training time: {_format_seconds(summary['train_seconds'])} in train steps "
+      f"({summary['seconds_per_step']:.3f} s/step after the first, compiling, step); "
+      f"{_format_seconds(summary['wall_seconds'])} wall in all (data, tokenizer, evaluations), "
+      f"on JAX {device['version']} ({device['backend']}: {device['device']}).",
+      f"* Last logged window: loss {last.get('loss', nan):.4f}, token loss "
+      f"{last.get('token_loss', nan):.4f}, answer loss {last.get('answer_loss', nan):.4f}.",
+      "",
+      "## Held-out accuracy",
+      "",
+      f"0-shot, lm-eval layout, {s['num_eval_items']} items of the `test` split "
+      f"(seed {s['seed']}), top letter at the last layer (as `dpjax` reads it): "
+      f"**{summary['final_accuracy']:.3f}** (chance 0.25).",
+      "",
+      "| family | accuracy |",
+      "|---|---|",
+      *(f"| {family} | {acc:.3f} |" for family, acc in summary["final_per_family"].items()),
+      "",
+      "## Reproduce",
+      "",
+      "```bash",
+      summary["command"],
+      "```",
+      "",
+      "`training_log.json` holds the logged losses and every evaluation.",
+  ]
+  return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Devices: one mesh over every device, described once; multi-host set-up.
+
+The mesh has two axes: `data` (items are split along it) and `model` (weights
+are split along it when a model is too large for one device; size 1 by
+default). Sharding is said here once, as rules, and nowhere in the model code:
+XLA's SPMD partitioner inserts the collectives.
+
+Multi-host: `initialize(coordinator, num_processes, process_id)` wraps
+`jax.distributed.initialize`; every process builds the same host batches, each
+transfers only the shards its own devices hold, and results are gathered once
+per call with `process_allgather`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA, MODEL = "data", "model"
+
+# Which axis of each stacked weight the model axis splits (Megatron-style:
+# column-parallel in, row-parallel out). Leading axis of block weights = layer.
+_MODEL_AXIS_RULES = {
+    "q": 2, "k": 2, "v": 2, "gate": 2, "up": 2,
+    "q_bias": 1, "k_bias": 1, "v_bias": 1, "gate_bias": 1, "up_bias": 1,
+    "o": 1, "down": 1,
+    "lm_head": 1,
+}
+
+
+def initialize(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
+  """Joins a multi-process run (no-op for a single process)."""
+  if num_processes <= 1:
+    return
+  if coordinator_address is None:
+    raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT (process 0's).")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must be in 0..{num_processes - 1}.")
+  # Processes on CPUs talk through gloo (the setting is ignored by accelerators).
+  # It must be set before anything touches a backend.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where arrays live: items along `data`, weights replicated or along `model`."""
+  mesh: Mesh
+
+  @classmethod
+  def create(cls, model_axis: int = 1) -> "Placement":
+    devices = np.array(jax.devices())
+    if model_axis < 1 or len(devices) % model_axis:
+      raise ValueError(f"--model_axis={model_axis} must divide the {len(devices)} devices.")
+    return cls(Mesh(devices.reshape(-1, model_axis), (DATA, MODEL)))
+
+  @property
+  def data_size(self) -> int:
+    return self.mesh.shape[DATA]
+
+  def check_batch_size(self, batch_size: int) -> None:
+    if batch_size % self.data_size:
+      raise ValueError(f"batch_size={batch_size} is not a multiple of the {self.data_size} "
+                       f"devices on the data axis; use {self.data_size * max(1, batch_size // self.data_size)} "
+                       f"or another multiple.")
+
+  def items(self, array: np.ndarray) -> jax.Array:
+    """A host array `[B, ...]` split along the data axis by its first dimension."""
+    array = np.asarray(array)
+    sharding = NamedSharding(self.mesh, P(DATA, *([None] * (array.ndim - 1))))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+  def replicated(self, array: np.ndarray) -> jax.Array:
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, P()),
+                                        lambda index: array[index])
+
+  def params(self, tree: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The model's weights: replicated, or split along `model` by the rules above."""
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        out[key] = self.params(value, path + (key,))
+        continue
+      value = np.asarray(value)
+      axis = _MODEL_AXIS_RULES.get(key)
+      spec = [None] * value.ndim
+      model_size = self.mesh.shape[MODEL]
+      if model_size > 1 and axis is not None and axis < value.ndim and value.shape[axis] % model_size == 0:
+        spec[axis] = MODEL
+      sharding = NamedSharding(self.mesh, P(*spec))
+      out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+    return out
+
+
+def fetch(array) -> np.ndarray:
+  """A host copy of a (possibly multi-process) array."""
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
