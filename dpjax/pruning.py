@@ -95,11 +95,13 @@ def block_influence(hidden: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarr
   for states, mask in hidden:
     states = np.asarray(states, np.float64)
     a, b = states[:-1], states[1:]
-    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    real = np.asarray(mask, bool)
-    part = np.where(real[None], cos, 0.0).sum(axis=(1, 2))
+    real = np.broadcast_to(np.asarray(mask, bool)[None], a.shape[:-1])
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    # Pad positions (often a zero embedding) are excluded, not divided by.
+    cos = np.divide((a * b).sum(-1), norms, out=np.zeros_like(norms), where=real)
+    part = cos.sum(axis=(1, 2))
     total = part if total is None else total + part
-    count += int(real.sum())
+    count += int(np.asarray(mask, bool).sum())
   return 1.0 - total / count
 
 

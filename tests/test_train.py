@@ -90,12 +90,19 @@ def test_same_seed_same_run(trained, tmp_path):
     assert a.read() == b.read()
 
 
-def test_existing_output_dir_is_refused(tmp_path):
+def test_existing_output_dir_is_refused(tmp_path, monkeypatch):
   out = tmp_path / "taken"
   out.mkdir()
   (out / "keep.txt").write_text("mine")
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("refused only after starting to train")
+
+  # Refused up front, not after a whole training run.
+  monkeypatch.setattr(train.synthetic, "generate", no_training)
   with pytest.raises(FileExistsError, match="already exists"):
     train.train(tiny_settings(out))
+  monkeypatch.undo()
   assert os.listdir(out) == ["keep.txt"]
   assert sorted(os.listdir(tmp_path)) == ["taken"]  # no temporary directory left behind
   # The program says so too, before any training.
