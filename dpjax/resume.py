@@ -32,7 +32,7 @@ class RunState:
   def __init__(self, directory: str, fingerprint: dict[str, Any], *, write: bool = True):
     self.directory = os.path.abspath(directory)
     self.fingerprint = json.loads(json.dumps(fingerprint))  # as JSON would give it back
-    self.write = write  # only one process of a multi-process run writes
+    self.write = write  # only one process of a multi-process run writes settings.json
     path = os.path.join(self.directory, SETTINGS_FILE)
     if os.path.exists(path):
       with open(path) as f:
@@ -46,12 +46,13 @@ class RunState:
             f"the output directory holds a run made with other settings ({details}). Rerun "
             "with the same flags to resume it, pass --restart to discard its saved state, or "
             "choose another --output_dir.")
-    elif write:
+    else:
       os.makedirs(self.directory, exist_ok=True)
+    if write and not os.path.exists(path):
       atomic_write_text(path, json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
 
   def _manager(self, name: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=self.write)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     return ocp.CheckpointManager(os.path.join(self.directory, name), options=options)
 
   def load(self, name: str) -> Any | None:
@@ -65,9 +66,11 @@ class RunState:
       return manager.restore(step, args=ocp.args.JsonRestore())
 
   def save(self, name: str, step: int, record: Any) -> None:
-    """Saves `record` as step `step` of `name` (JSON-serializable)."""
-    if not self.write:
-      return
+    """Saves `record` as step `step` of `name` (JSON-serializable).
+
+    Every process of a multi-process run calls this: Orbax synchronizes them
+    and its primary process writes.
+    """
     with self._manager(name) as manager:
       manager.save(step, args=ocp.args.JsonSave(record), force=True)
       manager.wait_until_finished()

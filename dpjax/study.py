@@ -262,6 +262,9 @@ def run_iterative(ctx: Context, state: resume.RunState, criterion: str, name: st
       calibration.append(_stats_json(stats))
       state.save(name, len(removed), {"removed": removed, "calibration": calibration,
                                       "done": False})
+      if is_main_process():
+        print(f"{name}: step {len(removed)}: removed block {block + 1}, {len(kept)} left, "
+              f"calibration accuracy {calibration[-1]['accuracy']:.3f} (state saved)", flush=True)
 
     pruning.iterative_prune(ctx.cal_sweep, criterion=criterion,
                             min_layers=ctx.settings.min_layers, done=removed, allowed=allowed,

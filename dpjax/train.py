@@ -192,7 +192,7 @@ class TrainingStream:
     self.items = list(items)
     self.tokenizer = tokenizer
     self.settings = settings
-    self.rng = np.random.default_rng([settings.seed, 1])
+    self.rng = np.random.default_rng(settings.seed)
     self.pad_id = tokenizer.pad_token_id
     by_subject: dict[str, list[int]] = {}
     for i, item in enumerate(self.items):
@@ -363,6 +363,7 @@ class HeldOut:
     prompts = [tasks.prompt(item) for item in items]
     self.encoded = tasks.encode(tokenizer, items, prompts,
                                 max_length=cfg.max_position_embeddings)
+    self.batches = tasks.batches(self.encoded, settings.eval_batch_size, self.pad_id)
     self.subjects = np.array([item.subject for item in items])
     self.reader: DecisionReader | None = None
 
@@ -374,8 +375,7 @@ class HeldOut:
     else:
       # Same graph, new weights: the reader's compiled readout is reused.
       self.reader.model = model
-    readout = self.reader.run(self.encoded, batch_size=self.settings.eval_batch_size,
-                              pad_id=self.pad_id, progress=False)
+    readout = self.reader.run(self.encoded, prepared=self.batches, progress=False)
     top = metrics.top_option(readout.option_logits[0])[-1]  # [N], the last layer
     answer = self.encoded.answer
     accuracy = float(metrics.layer_accuracy(top[None], answer)[0])

@@ -33,3 +33,21 @@ def synthetic_model_dir(tmp_path_factory):
   hf_reference.build_hf_model("llama", config, seed=5).save_pretrained(directory)
   tokenizer.save_pretrained(directory)
   return directory
+
+
+def pytest_configure(config):
+  """A persistent compilation cache shared by this session and its subprocesses.
+
+  The end-to-end tests start `dpjax` several times on the same tiny model; with
+  the cache, only the first start pays for XLA compilation.
+  """
+  import os
+  import tempfile
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                tempfile.mkdtemp(prefix="dpjax-test-xla-cache-"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import jax
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -211,7 +211,9 @@ def test_batches_are_left_padded_with_the_answer_last(tokenizer):
   enc = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
   out = tasks.batches(enc, 4, pad_id=0, length_multiple=16)
   assert [b.input_ids.shape[0] for b in out] == [4, 4, 4]
-  assert all(b.input_ids.shape[1] % 16 == 0 for b in out)
+  longest = max(len(t) for t in enc.tokens)
+  # Similar lengths: one common length, the longest rounded up to 16.
+  assert {b.input_ids.shape[1] for b in out} == {-(-longest // 16) * 16}
   seen = []
   for b in out:
     for row, i in enumerate(b.index):
@@ -224,6 +226,14 @@ def test_batches_are_left_padded_with_the_answer_last(tokenizer):
       assert b.answer[row] == items[i].answer
   assert sorted(seen) == list(range(10))
   assert (out[-1].index == -1).sum() == 2
+
+
+def test_batches_of_very_different_lengths_get_their_own_lengths():
+  items = [Item(str(i), "q " * (5 if i < 6 else 60), ("a", "b"), 0) for i in range(8)]
+  enc = tasks.EncodedTask(items, [""] * 8, [[5] * (6 if i < 6 else 200) for i in range(8)],
+                          np.zeros((8, 2), np.int32), np.zeros(8, bool))
+  out = tasks.batches(enc, 4, length_multiple=32)
+  assert [b.input_ids.shape[1] for b in out] == [32, 224]
 
 
 def test_synthetic_suite_is_deterministic_balanced_and_disjoint():

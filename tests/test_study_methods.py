@@ -1,0 +1,182 @@
+"""The whole study: every method's report, resume after SIGKILL, sharded and multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpjax import report, study
+
+SMALL = ["--num_items=16", "--calibration_items=8", "--batch_size=8", "--random_seeds=2",
+         "--noprogress"]
+
+
+def _run(model_dir, out, *extra, env=None, check=True):
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.main", f"--model={model_dir}", f"--output_dir={out}",
+       *SMALL, *extra], capture_output=True, text=True, timeout=900, env=env)
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _results(out):
+  with open(os.path.join(out, "results.json")) as f:
+    results = json.load(f)
+  results.pop("timings")
+  results["settings"].pop("output_dir")
+  return results
+
+
+def _comparable(results):
+  """Results without the engine's bookkeeping (compile counts differ by device count)."""
+  results = dict(results)
+  results.pop("engine", None)
+  return results
+
+
+@pytest.fixture(scope="module")
+def full_run(synthetic_model_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("study"))
+  _run(synthetic_model_dir, out)
+  return out
+
+
+def test_every_method_reports_a_curve(full_run):
+  results = _results(full_run)
+  methods = results["methods"]
+  assert sorted(methods) == sorted(["iterative_accuracy", "block_influence", "angular",
+                                    "single_layer", "reverse", "random", "phase_aware"])
+  for name, result in methods.items():
+    if "skipped" in result:
+      continue
+    curve = result["curve"]
+    assert [p["removed"] for p in curve] == list(range(len(curve)))
+    assert curve[0]["accuracy"] == pytest.approx(results["full_model"]["accuracy"][-1], abs=1e-6)
+    for point in curve[1:]:
+      if "kept" in point:
+        assert len(point["kept"]) == 4 - point["removed"]
+        assert point["export_keep"] == ",".join(str(b - 1) for b in point["kept"])
+  assert methods["reverse"]["ranking"] == [4, 3, 2, 1]
+  assert [p["kept"] for p in methods["reverse"]["curve"][1:]] == [[1, 2, 3], [1, 2], [1]]
+  order = methods["iterative_accuracy"]["removed_order"]
+  assert sorted(order) == sorted(set(order)) and len(order) == 3
+  # Curves in the CSV match results.json.
+  import csv
+  with open(os.path.join(full_run, "pruning_curves.csv")) as f:
+    rows = [r for r in csv.DictReader(f) if r["method"] == "reverse"]
+  assert [float(r["accuracy"]) for r in rows] == pytest.approx(
+      [p["accuracy"] for p in methods["reverse"]["curve"]], abs=1e-9)
+  for figure in (report.CURVES_FIGURE, report.HEATMAP_FIGURE, report.REMOVED_FIGURE):
+    assert os.path.getsize(os.path.join(full_run, figure)) > 1000
+  assert "collapse point" in open(os.path.join(full_run, "summary.md")).read()
+  engine = results["engine"]
+  assert engine["block_evaluations_executed"] >= engine["block_evaluations_minimum"]
+  assert engine["block_evaluations_minimum"] < engine["block_evaluations_naive"]
+
+
+def test_a_point_equals_an_independent_masked_evaluation(full_run, synthetic_model_dir):
+  """Recompute one iterative step's evaluation accuracy with the plain masked forward."""
+  import transformers
+  import dpjax
+  results = _results(full_run)
+  point = results["methods"]["iterative_accuracy"]["curve"][2]
+  with open(os.path.join(full_run, "items.jsonl")) as f:
+    items = [json.loads(line) for line in f]
+  tokenizer = transformers.AutoTokenizer.from_pretrained(synthetic_model_dir)
+  model = dpjax.load_model(synthetic_model_dir)
+  keep = dpjax.keep_mask([b - 1 for b in point["kept"]], 4)
+  correct = 0
+  for item in items:
+    ids = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
+    logits = np.asarray(model.logits(np.array([ids]), keep=keep, gather=False))[0, -1]
+    correct += int(np.argmax(logits[item["letter_token_ids"]]) == item["answer"])
+  assert point["accuracy"] == pytest.approx(correct / len(items), abs=1e-9)
+
+
+def test_killed_run_resumes_to_identical_results(full_run, synthetic_model_dir, tmp_path):
+  out = str(tmp_path / "killed")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}",
+       f"--output_dir={out}", *SMALL, "--methods=iterative"], stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if "iterative_accuracy: step 1:" in line:
+      proc.send_signal(signal.SIGKILL)  # a real kill, in the middle of step 2
+      break
+  proc.wait(timeout=600)
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(out, "results.json"))
+  steps = sorted(os.listdir(os.path.join(out, "state", "iterative_accuracy")))
+  assert "1" in steps and "3" not in steps and "4" not in steps
+  resumed = _run(synthetic_model_dir, out, "--methods=iterative")
+  assert "iterative_accuracy: step 1:" not in resumed.stdout  # it did not start over
+  assert "iterative_accuracy: step 2:" in resumed.stdout
+  after, uninterrupted = _results(out), _results(full_run)
+  assert after["full_model"] == uninterrupted["full_model"]
+  assert after["methods"]["iterative_accuracy"] == uninterrupted["methods"]["iterative_accuracy"]
+
+
+def test_resume_with_other_flags_is_refused(full_run, synthetic_model_dir):
+  result = _run(synthetic_model_dir, full_run, "--criteria=margin", check=False)
+  assert result.returncode != 0
+  assert "--criteria was ['accuracy'], now ['margin']" in result.stderr
+  assert "--restart" in result.stderr
+
+
+def test_eight_devices_give_the_same_results(full_run, synthetic_model_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = str(tmp_path / "sharded")
+  _run(synthetic_model_dir, out, "--methods=iterative,single_layer,reverse", env=env)
+  sharded, single = _results(out), _results(full_run)
+  assert _close(sharded["full_model"], single["full_model"])
+  for name in ("iterative_accuracy", "single_layer", "reverse"):
+    assert _close(sharded["methods"][name], single["methods"][name]), name
+
+
+def _close(a, b, tol=1e-5):
+  if isinstance(a, dict):
+    return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+  if isinstance(a, list):
+    return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+  if isinstance(a, float) or isinstance(b, float):
+    return (a is None and b is None) or abs(a - b) <= tol
+  return a == b
+
+
+def test_two_processes_give_the_same_results(full_run, synthetic_model_dir, tmp_path):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / "two")
+  common = [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}",
+            f"--output_dir={out}", *SMALL, "--methods=iterative,reverse",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(common + [f"--process_id={i}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  two, single = _results(out), _results(full_run)
+  assert _close(two["full_model"], single["full_model"])
+  for name in ("iterative_accuracy", "reverse"):
+    assert _close(two["methods"][name], single["methods"][name]), name
+
+
+def test_bad_pruning_flags(synthetic_model_dir, tmp_path):
+  result = _run(synthetic_model_dir, str(tmp_path / "a"), "--min_layers=9", "--methods=iterative",
+                check=False)
+  assert result.returncode != 0 and "min_layers=9 must be between 1 and the model's 4" in result.stderr
+  result = _run(synthetic_model_dir, str(tmp_path / "b"), "--methods=magic", check=False)
+  assert result.returncode != 0 and "unknown methods ['magic']" in result.stderr
+  result = _run(synthetic_model_dir, str(tmp_path / "c"), "--batch_size=6", check=False,
+                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert result.returncode != 0 and "batch_size=6 is not a multiple of the 4 devices" in result.stderr
