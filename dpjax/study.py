@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -404,15 +405,18 @@ def run(settings: Settings, placement: Placement | None = None) -> dict[str, Any
   clock = time.perf_counter()
   ctx = prepare(s, placement)
   timings["prepare_seconds"] = time.perf_counter() - clock
+  # Checked before anything is written, so a bad flag leaves no output behind.
+  if s.methods and not 1 <= s.min_layers <= ctx.num_layers:
+    raise ValueError(f"min_layers={s.min_layers} must be between 1 and the model's "
+                     f"{ctx.num_layers} blocks.")
   out = s.output_dir
   main = is_main_process()
   if main:
     os.makedirs(out, exist_ok=True)
   state_dir = os.path.join(out, STATE_DIR)
   if s.restart and main and os.path.isdir(state_dir):
-    import shutil
     shutil.rmtree(state_dir)
-  state = resume.RunState(state_dir, s.fingerprint(), write=main)
+  state = resume.RunState(state_dir, s.fingerprint(), write=main) if s.methods else None
 
   clock = time.perf_counter()
   readout, prof = full_profile(ctx)

@@ -22,7 +22,7 @@ def report_dir(synthetic_model_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp("report")
   result = subprocess.run(
       [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}", "--num_items=40",
-       "--k_shot=1", "--batch_size=8", f"--output_dir={out}"],
+       "--k_shot=1", "--batch_size=8", "--methods=", f"--output_dir={out}"],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   # The progress bar shows elapsed<remaining time.
@@ -33,7 +33,7 @@ def report_dir(synthetic_model_dir, tmp_path_factory):
 def test_report_files(report_dir):
   assert sorted(os.listdir(report_dir)) == sorted([
       "results.json", "readouts.npz", "items.jsonl", "layer_profile.csv",
-      "decision_margin.png", "option_frequency.png"])
+      "decision_margin.png", "option_frequency.png", "summary.md"])
   for figure in ("decision_margin.png", "option_frequency.png"):
     with open(os.path.join(report_dir, figure), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

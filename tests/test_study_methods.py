@@ -135,6 +135,11 @@ def test_eight_devices_give_the_same_results(full_run, synthetic_model_dir, tmp_
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = str(tmp_path / "sharded")
   _run(synthetic_model_dir, out, "--methods=iterative,single_layer,reverse", env=env)
+  # The same with the weights split over a model axis of 2 (data axis 4).
+  split = str(tmp_path / "model_axis")
+  _run(synthetic_model_dir, split, "--methods=iterative", "--model_axis=2", env=env)
+  assert _close(_results(split)["methods"]["iterative_accuracy"],
+                _results(full_run)["methods"]["iterative_accuracy"])
   sharded, single = _results(out), _results(full_run)
   assert _close(sharded["full_model"], single["full_model"])
   for name in ("iterative_accuracy", "single_layer", "reverse"):
@@ -175,6 +180,7 @@ def test_bad_pruning_flags(synthetic_model_dir, tmp_path):
   result = _run(synthetic_model_dir, str(tmp_path / "a"), "--min_layers=9", "--methods=iterative",
                 check=False)
   assert result.returncode != 0 and "min_layers=9 must be between 1 and the model's 4" in result.stderr
+  assert not os.path.exists(tmp_path / "a")  # nothing half-written
   result = _run(synthetic_model_dir, str(tmp_path / "b"), "--methods=magic", check=False)
   assert result.returncode != 0 and "unknown methods ['magic']" in result.stderr
   result = _run(synthetic_model_dir, str(tmp_path / "c"), "--batch_size=6", check=False,
