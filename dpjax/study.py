@@ -112,6 +112,7 @@ class Context:
   placement: Placement | None
   eval_sweep: Sweep
   cal_sweep: Sweep | None
+  unpruned: dict[str, Any] | None = None  # the unpruned model's curve point, once computed
 
   @property
   def num_layers(self) -> int:
@@ -238,7 +239,10 @@ def _with_collapse(result: dict[str, Any], full: dict[str, Any], chance: float) 
 
 
 def _unpruned_point(ctx: Context) -> dict[str, Any]:
-  return curve(ctx, np.ones((1, ctx.num_layers), bool), "unpruned")[0]
+  """Every curve starts here (evaluated once per study)."""
+  if ctx.unpruned is None:
+    ctx.unpruned = curve(ctx, np.ones((1, ctx.num_layers), bool), "unpruned")[0]
+  return ctx.unpruned
 
 
 # ----------------------------------------------------------------------------
