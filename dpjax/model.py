@@ -33,8 +33,9 @@ from dpjax.config import ModelConfig
 
 Array = jax.Array
 
-# How many shape buckets the gather form rounds the kept-block count into.
-NUM_KEEP_BUCKETS = 8
+# How many shape buckets the gather form rounds the kept-block count into
+# (compiled programs per input shape, against padding waste below L/16 blocks).
+NUM_KEEP_BUCKETS = 16
 
 
 # ----------------------------------------------------------------------------
@@ -377,13 +378,15 @@ class DecoderModel:
     return self._run("hidden_states", input_ids, keep, attention_mask, gather)
 
   def _run(self, want, input_ids, keep, attention_mask, gather):
-    input_ids = jnp.asarray(input_ids)
+    # Host arrays go into the jitted function as they are: under a multi-process
+    # mesh a single-device array could not be resharded, a numpy one can.
+    input_ids = np.asarray(input_ids)
     chex.assert_rank(input_ids, 2)
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    if not np.issubdtype(input_ids.dtype, np.integer):
       raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
     if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask)
+      attention_mask = np.ones(input_ids.shape, np.int32)
+    attention_mask = np.asarray(attention_mask)
     chex.assert_equal_shape([input_ids, attention_mask])
     keep = self._check_keep(keep)
     index, valid, source = self._plan(keep, gather)
@@ -410,13 +413,13 @@ class DecoderModel:
     # hidden state after block b comes from the last kept block <= b.
     source = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
     if not gather or len(kept) == n:
-      # Mask form (also when every block is kept: gathering would only copy).
-      return None, jnp.asarray(keep), jnp.asarray(np.arange(n + 1, dtype=np.int32))
+      # Mask form (also when every block is kept: there is nothing to skip).
+      return None, keep, np.arange(n + 1, dtype=np.int32)
     size = next(b for b in keep_buckets(n) if b >= len(kept))
     index = np.zeros(size, dtype=np.int32)
     index[:len(kept)] = kept
     valid = np.arange(size) < len(kept)
-    return jnp.asarray(index), jnp.asarray(valid), jnp.asarray(source)
+    return index, valid, source
 
 
 def _check_params(expected: dict, given: dict, prefix: str = "") -> None:
