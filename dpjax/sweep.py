@@ -72,12 +72,18 @@ def final_stats(option_logits: np.ndarray, log_normalizer: np.ndarray,
 
 
 def _stream(graphdef, state, input_ids, attention_mask, block_index, block_valid):
-  """The residual stream `[n+1, B, T, d]`: h_0 and the output of every step."""
+  """The residual stream `[L+1, B, T, d]`: h_0 and the output of every step.
+
+  Zero-padded to `L+1` entries whatever the number of steps, so the candidates'
+  program that reads it has one shape for every pruning step.
+  """
   module = nnx.merge(graphdef, state)
   h0 = module.embed_tokens(input_ids)
   ctx = module.attention_context(attention_mask)
   _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h: h)
-  return jnp.concatenate([h0[None], per_step], axis=0)
+  stream = jnp.concatenate([h0[None], per_step], axis=0)
+  missing = module.cfg.num_layers + 1 - stream.shape[0]
+  return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
 def _tails(graphdef, state, stream, positions, attention_mask, letter_ids, block_index,

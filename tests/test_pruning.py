@@ -203,3 +203,26 @@ def test_bad_input(setup):
     Sweep(model, encoded.subset([]), batch_size=8)
   with pytest.raises(ValueError, match=r"masks must be \[M, 4\] booleans"):
     sweep.readouts(np.ones((2, 3), bool))
+
+
+def test_compiled_programs_do_not_grow_with_pruning_steps():
+  """An 8-block model: one stream program per kept count, one candidates program
+  per remaining-block count, and a second full run compiles nothing new."""
+  from flax import nnx
+  from dpjax.config import ModelConfig
+  from dpjax.model import DecoderModel, Transformer
+  cfg = ModelConfig(architecture="llama", vocab_size=600, hidden_size=32, intermediate_size=64,
+                    num_layers=8, num_heads=2, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                    rope_theta=1e4, max_position_embeddings=512)
+  model = DecoderModel.from_module(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 300)), 512)
+  items = synthetic.generate("test", 16)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+  sweep = Sweep(model, encoded, batch_size=16)
+  first = pruning.iterative_prune(sweep)
+  assert sweep._stream._cache_size() == 7  # kept counts 8..2
+  assert sweep._tails._cache_size() == 8   # remaining blocks 0..7
+  before = sweep.compile_count()
+  assert pruning.iterative_prune(sweep) == first
+  assert sweep.compile_count() == before
+  assert sweep.counters.executed == sweep.counters.minimum  # L=8: every bucket exact
