@@ -14,6 +14,13 @@ import tempfile
 from typing import Iterator
 
 
+def default_mode(directory: bool = False) -> int:
+  """The permissions a plain `open` or `mkdir` would give under the current umask."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary directory that becomes `output_dir` on success.
@@ -29,6 +36,8 @@ def atomic_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+  # mkdtemp makes the directory private; the output gets ordinary permissions.
+  os.chmod(tmp, default_mode(directory=True))
   try:
     yield tmp
   except BaseException:
@@ -49,6 +58,7 @@ def atomic_write_text(path: str, text: str) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
   try:
+    os.fchmod(fd, default_mode())  # mkstemp's file is private; results are not
     with os.fdopen(fd, "w") as f:
       f.write(text)
     os.replace(tmp, path)

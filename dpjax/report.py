@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpjax import metrics
-from dpjax.fileio import atomic_write_text
+from dpjax.fileio import atomic_write_text, default_mode
 from dpjax.tasks import LETTERS, EncodedTask
 
 RESULTS_FILE = "results.json"
@@ -50,6 +50,7 @@ def write_npz(path: str, **arrays: np.ndarray) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".readouts.tmp-", suffix=".npz", dir=directory)
   try:
+    os.fchmod(fd, default_mode())
     with os.fdopen(fd, "wb") as f:
       np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
@@ -143,6 +144,7 @@ def _integer_ticks():
 def save_figure(fig, path: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".figure.tmp-", suffix=".png", dir=directory)
+  os.fchmod(fd, default_mode())
   os.close(fd)
   try:
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
