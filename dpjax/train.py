@@ -1,7 +1,7 @@
 """Training the small model dpjax bundles, on the synthetic suite's training split.
 
     python -m dpjax.train --output_dir=dpjax/bundled_model
-    python -m dpjax.train --output_dir=/tmp/m --steps=100 --eval_every=100   # a smoke run
+    python -m dpjax.train --output_dir=smoke_model --steps=100 --eval_every=100   # a smoke run
 
 The model is a Llama (dpjax's own `Transformer`, trained in JAX) that reads the
 suite's questions in lm-eval's MMLU layout and answers with the letter token,
