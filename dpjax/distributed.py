@@ -76,17 +76,12 @@ class Placement:
     sharding = NamedSharding(self.mesh, P(DATA, *([None] * (array.ndim - 1))))
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-  def replicated(self, array: np.ndarray) -> jax.Array:
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, P()),
-                                        lambda index: array[index])
-
-  def params(self, tree: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+  def params(self, tree: dict[str, Any]) -> dict[str, Any]:
     """The model's weights: replicated, or split along `model` by the rules above."""
     out = {}
     for key, value in tree.items():
       if isinstance(value, dict):
-        out[key] = self.params(value, path + (key,))
+        out[key] = self.params(value)
         continue
       value = np.asarray(value)
       axis = _MODEL_AXIS_RULES.get(key)

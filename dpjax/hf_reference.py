@@ -11,7 +11,6 @@ the benchmarks, never by the pipeline itself.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
@@ -159,8 +158,3 @@ def random_batch(vocab: int, batch: int, length: int, seed: int = 0,
         mask[row, length - pad:] = 0
     ids = np.where(mask == 1, ids, 0).astype(np.int32)
   return ids, mask
-
-
-def directory_listing(parent: str) -> list[str]:
-  """Every entry under `parent`, hidden ones included (to see leftovers)."""
-  return sorted(os.listdir(parent))
