@@ -140,10 +140,14 @@ class Block(nnx.Module):
 
   def __call__(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
     """`h` `[B, T, d]` -> `[B, T, d]`; `mask` `[B, T, S]` is True where a query may attend."""
+    q, k, v = self.project(h, cos, sin)
+    return self.attend_and_mlp(h, q, k, v, mask)
+
+  def project(self, h: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+    """Rotated queries `[B, T, heads, hd]`, keys and values `[B, T, kv_heads, hd]` of `h`."""
     cfg = self.cfg
     b, t, _ = h.shape
-    hd, kv, groups = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-
+    hd, kv = cfg.head_dim, cfg.num_kv_heads
     x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
     q = self._dense(x, self.q, self.q_bias).reshape(b, t, cfg.num_heads, hd)
     k = self._dense(x, self.k, self.k_bias).reshape(b, t, kv, hd)
@@ -151,8 +155,15 @@ class Block(nnx.Module):
     if cfg.qk_norm:
       q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-    q = apply_rope(q, cos, sin).reshape(b, t, kv, groups, hd)
-    k = apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend_and_mlp(self, h: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The rest of the block: `q` `[B, T, heads, hd]` attends over `k`, `v` `[B, S, kv, hd]`
+    where `mask` `[B, T, S]` allows; then the output projection and the MLP."""
+    cfg = self.cfg
+    b, t, _ = h.shape
+    hd, kv, groups = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, kv, groups, hd)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=self.precision) * (hd**-0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)

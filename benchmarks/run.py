@@ -1,0 +1,536 @@
+"""Every benchmark in one run: dpjax against the straightforward HF-PyTorch way.
+
+    python -m benchmarks.run            # the full run (tens of minutes on two CPU cores)
+    python -m benchmarks.run --quick    # a smoke run, a few minutes
+
+Writes `RESULTS.md` (tables) and `results.json` (the same figures) to
+`--out_dir` (default `benchmarks/`), with the machine they came from.
+
+1. Iterative Pruning, dpjax against `benchmarks.reference` (HF PyTorch), on the
+   bundled model and on a random 16-block Llama (hidden 512, vocab 32k, 128
+   items). The two must pick the same sequence with the same accuracy and
+   Decision Margin at every step; this is checked before any time is reported.
+2. Work efficiency: block evaluations executed against the minimum, and the
+   sweep's achieved FLOP/s against the dense-matmul FLOP/s measured in this run.
+3. Serving a physically pruned variant (`dpjax.serve`, kept blocks gathered):
+   prefill and KV-cache decode tokens/s for 25% and 50% of the blocks removed,
+   against the full model and against the ideal `L / (L - k)`.
+4. Scaling of `Sweep.readouts` with the number of masks (1..512) and of items:
+   time against the total kept blocks, and peak memory.
+5. Compile count and compile time of the sweep against the number of masks.
+
+Ratios come from one process; warm-up (compilation) is excluded unless a
+figure says it is included; repeats are reported as median and spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_QUICK = flags.DEFINE_bool("quick", False, "Small models and few items: a smoke run of every "
+                           "measurement and check (a few minutes).")
+_OUT_DIR = flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
+                               "Where RESULTS.md and results.json go.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each short measurement.")
+_MODEL = flags.DEFINE_string("bundled_model", None, "The bundled model's directory (default: the "
+                             "one installed with dpjax); empty: skip it.")
+
+RESULTS_MD = "RESULTS.md"
+RESULTS_JSON = "results.json"
+
+
+# ----------------------------------------------------------------------------
+# Measuring.
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+  """Median and spread (max - min) of `repeats` calls of `fn`, after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {"median": float(np.median(times)), "spread": float(np.max(times) - np.min(times)),
+          "repeats": repeats}
+
+
+class PeakMemory:
+  """Peak memory over a `with` block, above its start: the device's own count on an
+  accelerator, the process's anonymous resident memory (sampled every 2 ms) on the CPU."""
+
+  def __init__(self):
+    import jax
+    self.device = jax.devices()[0]
+    self.stats = self.device.platform != "cpu" and bool(self.device.memory_stats())
+
+  @staticmethod
+  def _rss() -> int:
+    with open("/proc/self/status") as f:
+      return 1024 * int(next(line for line in f if line.startswith("RssAnon")).split()[1])
+
+  def __enter__(self):
+    if self.stats:
+      self.start = self.device.memory_stats().get("bytes_in_use", 0)
+      return self
+    self.start = self.peak = self._rss()
+    self._stop = threading.Event()
+
+    def sample():
+      while not self._stop.is_set():
+        self.peak = max(self.peak, self._rss())
+        time.sleep(0.002)
+
+    self._thread = threading.Thread(target=sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self.stats:
+      self.peak = self.device.memory_stats().get("peak_bytes_in_use", 0)
+    else:
+      self._stop.set()
+      self._thread.join()
+      self.peak = max(self.peak, self._rss())
+
+  @property
+  def added_mb(self) -> float:
+    return max(self.peak - self.start, 0) / 2**20
+
+
+def machine() -> dict[str, Any]:
+  import jax
+  import torch
+  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "jax_backend": jax.default_backend(),
+          "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def matmul_gflops(n: int, repeats: int) -> dict[str, float]:
+  """Dense float32 `n x n` matmul rate of JAX on this machine (the FLOP/s yardstick)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  t = timed(lambda: f(a, b).block_until_ready(), max(repeats, 5))
+  return {"n": n, "gflops": 2 * n**3 / t["median"] / 1e9, "seconds": t}
+
+
+def block_row_flops(cfg, tokens: int) -> float:
+  """FLOPs of one block on one item row of `tokens` tokens (matmuls; attention over all
+  `tokens` keys, as the masked implementation computes it)."""
+  d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  projections = 2 * tokens * (d * (q + 2 * kv) + q * d + 3 * d * f)
+  attention = 2 * 2 * tokens * tokens * q
+  return float(projections + attention)
+
+
+# ----------------------------------------------------------------------------
+# 1-2. Iterative Pruning against the HF-PyTorch reference.
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  directory: str           # an HF checkpoint directory (config.json + safetensors)
+  tokenizer: Any
+  num_items: int
+  batch_size: int
+  min_layers: int
+  hf_repeats: int
+  dpjax_repeats: int
+
+
+def random_llama(directory: str, layers: int, hidden: int, vocab: int, tokenizer) -> str:
+  """A random HF Llama written with `save_pretrained`, with `tokenizer` beside it."""
+  from dpjax import hf_reference
+  heads = max(1, hidden // 64)
+  config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                max_position_embeddings=512)
+  hf_reference.build_hf_model("llama", config, seed=0).save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+  return directory
+
+
+def _encoded(case: Case):
+  from dpjax import synthetic, tasks
+  items = synthetic.generate("test", case.num_items, seed=0)
+  return tasks.encode(case.tokenizer, items, [tasks.prompt(i) for i in items])
+
+
+def iterative(case: Case) -> dict[str, Any]:
+  """One case of measurement 1: both implementations, checked against each other, timed."""
+  import jax
+  import transformers
+  import dpjax
+  from dpjax import pruning
+  from dpjax.sweep import Sweep
+  from benchmarks.reference import HFIterativeReference
+
+  print(f"\n== Iterative Pruning: {case.name}", flush=True)
+  model = dpjax.load_model(case.directory, dtype="float32")
+  encoded = _encoded(case)
+  pad = case.tokenizer.pad_token_id or 0
+
+  # dpjax, cold: compilation included.
+  records: list[tuple[int, float, float]] = []
+
+  def on_step(block, kept, stats):
+    records.append((block, stats.correct / stats.items, stats.margin_sum / stats.items))
+
+  cold_sweep = Sweep(model, encoded, batch_size=case.batch_size, pad_id=pad)
+  start = time.perf_counter()
+  order = pruning.iterative_prune(cold_sweep, criterion="accuracy", min_layers=case.min_layers,
+                                  on_step=on_step)
+  cold = time.perf_counter() - start
+  print(f"dpjax (compiling as it goes): {cold:.1f} s, {cold_sweep.compile_count()} programs",
+        flush=True)
+
+  # dpjax, warm: the same run with every program compiled, timed per program kind.
+  phases = {"stream": 0.0, "candidates": 0.0}
+
+  def timing(fn, key):
+    def wrapped(*args):
+      start = time.perf_counter()
+      out = jax.block_until_ready(fn(*args))
+      phases[key] += time.perf_counter() - start
+      return out
+    return wrapped
+
+  warm_times = []
+  for _ in range(case.dpjax_repeats):
+    warm = Sweep(model, encoded, batch_size=case.batch_size, pad_id=pad)
+    warm._stream = timing(cold_sweep._stream, "stream")
+    warm._tails = timing(cold_sweep._tails, "candidates")
+    start = time.perf_counter()
+    again = pruning.iterative_prune(warm, criterion="accuracy", min_layers=case.min_layers)
+    warm_times.append(time.perf_counter() - start)
+    if again != order:
+      raise SystemExit(f"{case.name}: dpjax chose {again} on a rerun, {order} the first time.")
+  warm_s = float(np.median(warm_times))
+  for key in phases:
+    phases[key] /= case.dpjax_repeats
+  print(f"dpjax (compiled): {warm_s:.1f} s", flush=True)
+
+  # The reference, timed after one warm-up forward.
+  hf = transformers.AutoModelForCausalLM.from_pretrained(case.directory, dtype="float32").eval()
+  ref = HFIterativeReference(hf, cold_sweep.batches)  # its first call is the warm-up
+  hf_times, steps = [], None
+  for _ in range(case.hf_repeats):
+    ref.forwards = ref.block_rows = 0
+    start = time.perf_counter()
+    steps = ref.iterative_prune(model.num_layers, case.min_layers,
+                                on_step=lambda s: print(f"  reference step: removed block "
+                                                        f"{s['removed'] + 1}", flush=True))
+    hf_times.append(time.perf_counter() - start)
+  hf_s = float(np.median(hf_times))
+  print(f"HF PyTorch reference: {hf_s:.1f} s", flush=True)
+
+  # Same sequence, same numbers: checked before a time is reported.
+  ref_order = [s["removed"] for s in steps]
+  if ref_order != order:
+    raise SystemExit(f"{case.name}: dpjax removed {[b + 1 for b in order]}, the HF reference "
+                     f"{[b + 1 for b in ref_order]} (1-based).")
+  worst_margin = 0.0
+  for (block, acc, margin), s in zip(records, steps):
+    if abs(acc - s["accuracy"]) > 1e-9:
+      raise SystemExit(f"{case.name}: removing block {block + 1}: dpjax accuracy {acc}, HF "
+                       f"{s['accuracy']}.")
+    worst_margin = max(worst_margin, abs(margin - s["margin"]))
+  if worst_margin > 1e-4:
+    raise SystemExit(f"{case.name}: mean Decision Margins differ by {worst_margin:.2e} > 1e-4.")
+
+  c = cold_sweep.counters
+  cfg = model.config
+  tokens = int(cold_sweep.batches[0].input_ids.shape[1])
+  lens = 2.0 * cfg.hidden_size * cfg.vocab_size  # one final readout of one row
+  # Executed work: block-rows run, plus one final lens per candidate row (an upper
+  # bound: candidates stopped early skip some).
+  readout_rows = sum(len(kept) for kept in _kept_sets(model.num_layers, order)) \
+      * len(cold_sweep.batches) * case.batch_size
+  flops = c.executed * block_row_flops(cfg, tokens) + readout_rows * lens
+  return {
+      "case": case.name, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+      "vocab": cfg.vocab_size, "items": case.num_items, "batch_size": case.batch_size,
+      "padded_tokens": tokens, "min_layers": case.min_layers,
+      "removed_order": [b + 1 for b in order], "same_sequence": True,
+      "max_mean_margin_difference": worst_margin,
+      "dpjax_seconds_with_compilation": cold, "dpjax_seconds": warm_s,
+      "dpjax_seconds_all": warm_times, "dpjax_phase_seconds": phases,
+      "hf_seconds": hf_s, "hf_seconds_all": hf_times,
+      "speedup": hf_s / warm_s, "speedup_with_compilation": hf_s / cold,
+      "compiled_programs": cold_sweep.compile_count(),
+      "compile_seconds_estimate": max(cold - warm_s, 0.0),
+      "block_evaluations": {"executed": c.executed, "minimum": c.minimum, "naive": c.naive,
+                            "executed_over_minimum": c.executed / c.minimum,
+                            "hf_reference": ref.block_rows},
+      "candidates_stopped_early": c.stopped_early,
+      "sweep_gflops": flops / warm_s / 1e9,
+  }
+
+
+def _kept_sets(num_layers: int, order: list[int]):
+  """The kept set before each step (whose every block is one candidate)."""
+  kept = list(range(num_layers))
+  for block in order:
+    yield list(kept)
+    kept.remove(block)
+
+
+# ----------------------------------------------------------------------------
+# 3. Serving a physically pruned variant.
+
+
+def serving(directory: str, quick: bool, repeats: int) -> dict[str, Any]:
+  import jax
+  import dpjax
+  from dpjax import serve
+  model = dpjax.load_model(directory, dtype="float32")
+  cfg = model.config
+  n = cfg.num_layers
+  batch, prompt = (2, 32) if quick else (8, 128)
+  short, long = (4, 20) if quick else (8, 40)
+  repeats = max(repeats, 3)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, min(cfg.vocab_size, 500), size=(batch, prompt)).astype(np.int32)
+  rows = []
+  full = {}
+  block = block_row_flops(cfg, 1)
+  head = 2.0 * cfg.hidden_size * cfg.vocab_size
+  for removed_fraction in (0.0, 0.25, 0.5):
+    k = int(round(n * removed_fraction))
+    # Remove evenly spaced blocks (speed does not depend on which).
+    removed = set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k else set()
+    keep = dpjax.keep_mask([b for b in range(n) if b not in removed], n)
+    server = serve.Server(model, keep)
+    pre = timed(lambda: jax.block_until_ready(server.prefill(ids)), repeats)
+    gen_short = timed(lambda: jax.block_until_ready(
+        server.generate(ids, max_new_tokens=short)), repeats)
+    gen_long = timed(lambda: jax.block_until_ready(
+        server.generate(ids, max_new_tokens=long)), repeats)
+    prefill_tps = batch * prompt / pre["median"]
+    decode_tps = batch * (long - short) / (gen_long["median"] - gen_short["median"])
+    row = {"blocks_removed": k, "blocks_kept": n - k, "prefill_seconds": pre,
+           "prefill_tokens_per_second": prefill_tps,
+           "decode_seconds_short": gen_short, "decode_seconds_long": gen_long,
+           "decode_tokens_per_second": decode_tps,
+           "ideal_speedup": n / (n - k),
+           # The unembedding is not pruned: the best a per-token cost model allows.
+           "decode_bound_with_unembedding": (n * block + head) / ((n - k) * block + head)}
+    if k == 0:
+      full = row
+    row["prefill_speedup"] = prefill_tps / full["prefill_tokens_per_second"]
+    row["decode_speedup"] = decode_tps / full["decode_tokens_per_second"]
+    row["prefill_of_ideal"] = row["prefill_speedup"] / row["ideal_speedup"]
+    row["decode_of_ideal"] = row["decode_speedup"] / row["ideal_speedup"]
+    rows.append(row)
+    print(f"serving, {k} of {n} blocks removed: prefill {prefill_tps:.0f} tok/s, decode "
+          f"{decode_tps:.0f} tok/s", flush=True)
+  return {"layers": n, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "batch": batch,
+          "prompt_tokens": prompt, "decode_tokens": [short, long], "rows": rows}
+
+
+# ----------------------------------------------------------------------------
+# 4-5. Scaling with masks and items; compile counts.
+
+
+def scaling(directory: str, tokenizer, quick: bool, repeats: int) -> dict[str, Any]:
+  import dpjax
+  from dpjax import synthetic, tasks
+  from dpjax.sweep import Sweep
+  model = dpjax.load_model(directory, dtype="float32")
+  n = model.num_layers
+  items = synthetic.generate("test", 64 if quick else 256, seed=0)
+  encoded_all = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+
+  def masks_of(m):
+    rng = np.random.default_rng(m)  # the same masks for the same count
+    masks = np.zeros((m, n), bool)
+    for row in masks:
+      row[rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)] = True
+    return masks
+
+  def measure(m, num_items):
+    encoded = encoded_all.subset(range(num_items))
+    masks = masks_of(m)
+    sweep = Sweep(model, encoded, batch_size=16, pad_id=tokenizer.pad_token_id or 0)
+    start = time.perf_counter()
+    with PeakMemory() as first_memory:
+      sweep.readouts(masks)
+    first = time.perf_counter() - start
+    programs = sweep.compile_count()
+    with PeakMemory() as memory:
+      t = timed(lambda: sweep.readouts(masks), repeats)
+    kept_block_rows = int(masks.sum()) * len(sweep.batches) * 16
+    return {"masks": m, "items": num_items, "total_kept_blocks": int(masks.sum()),
+            "kept_block_rows": kept_block_rows, "seconds": t,
+            "microseconds_per_kept_block_row": 1e6 * t["median"] / kept_block_rows,
+            "first_call_seconds": first, "compile_seconds_estimate": max(first - t["median"], 0),
+            "compiled_programs": programs, "peak_memory_added_mb": memory.added_mb,
+            "peak_memory_added_mb_first_call": first_memory.added_mb}
+
+  mask_counts = (1, 4, 16) if quick else (1, 8, 64, 512)
+  item_counts = (16, 64) if quick else (16, 64, 256)
+  by_masks = []
+  for m in mask_counts:
+    by_masks.append(measure(m, 32 if quick else 64))
+    print(f"scaling: {m} masks: {by_masks[-1]['seconds']['median']:.2f} s, "
+          f"{by_masks[-1]['compiled_programs']} programs", flush=True)
+  by_items = []
+  for num in item_counts:
+    by_items.append(measure(16, num))
+    print(f"scaling: {num} items: {by_items[-1]['seconds']['median']:.2f} s", flush=True)
+  return {"layers": n, "hidden": model.config.hidden_size, "vocab": model.config.vocab_size,
+          "by_masks": by_masks, "by_items": by_items}
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+def _goal(value: float, goal: float, above: bool) -> str:
+  met = value >= goal if above else value <= goal
+  return "met" if met else "missed"
+
+
+def results_markdown(r: dict[str, Any]) -> str:
+  m = r["machine"]
+  lines = [
+      "# dpjax benchmarks",
+      "",
+      f"`python -m benchmarks.run{' --quick' if r['quick'] else ''}`, one process. Machine: "
+      f"{m['cpu_count']} CPU cores ({m['processor']}), {m['platform']}; JAX {m['jax']} on "
+      f"{', '.join(sorted(set(m['jax_devices'])))}; torch {m['torch']} with "
+      f"{m['torch_threads']} threads. Dense float32 matmul ({r['matmul']['n']}^2, JAX): "
+      f"{r['matmul']['gflops']:.1f} GFLOP/s.",
+      "",
+      "## 1-2. Iterative Pruning against HF PyTorch (same sequence and metrics checked)",
+      "",
+      "| model | items x tokens | steps | HF s | dpjax s (compiled) | speedup (goal >= 5x) | "
+      "dpjax s incl. compile | speedup incl. compile | executed / minimum (goal <= 1.05) | "
+      "sweep GFLOP/s (% of matmul, goal >= 50%) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for c in r["iterative"]:
+    pct = 100 * c["sweep_gflops"] / r["matmul"]["gflops"]
+    e = c["block_evaluations"]["executed_over_minimum"]
+    lines.append(
+        f"| {c['case']} ({c['layers']} blocks, hidden {c['hidden']}, vocab {c['vocab']}) | "
+        f"{c['items']} x {c['padded_tokens']} | {len(c['removed_order'])} | "
+        f"{c['hf_seconds']:.1f} | {c['dpjax_seconds']:.1f} | {c['speedup']:.2f}x "
+        f"({_goal(c['speedup'], 5, True)}) | {c['dpjax_seconds_with_compilation']:.1f} | "
+        f"{c['speedup_with_compilation']:.2f}x | {e:.3f} ({_goal(e, 1.05, False)}) | "
+        f"{c['sweep_gflops']:.1f} ({pct:.0f}%, {_goal(pct, 50, True)}) |")
+  lines += ["", "Where dpjax's compiled time goes (blocking timers around each program):", ""]
+  for c in r["iterative"]:
+    ph = c["dpjax_phase_seconds"]
+    rest = c["dpjax_seconds"] - sum(ph.values())
+    lines.append(f"- {c['case']}: current-model streams {ph['stream']:.1f} s, candidate tails "
+                 f"{ph['candidates']:.1f} s, host (batching, stats, choice) {rest:.1f} s; "
+                 f"{c['compiled_programs']} programs compiled; "
+                 f"{c['candidates_stopped_early']} candidate evaluations stopped early; HF ran "
+                 f"{c['block_evaluations']['hf_reference']:,} block-rows, dpjax "
+                 f"{c['block_evaluations']['executed']:,}.")
+  s = r["serving"]
+  lines += [
+      "",
+      f"## 3. Serving a physically pruned variant ({s['layers']} blocks, hidden {s['hidden']}, "
+      f"vocab {s['vocab']}; batch {s['batch']}, prompt {s['prompt_tokens']} tokens; decode "
+      f"rate from {s['decode_tokens'][0]} vs {s['decode_tokens'][1]} new tokens)",
+      "",
+      "| blocks removed | prefill tok/s | prefill speedup | of ideal (goal >= 90%) | decode "
+      "tok/s | decode speedup | of ideal (goal >= 90%) | ideal L/(L-k) | decode bound with "
+      "the unpruned unembedding |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for row in s["rows"]:
+    lines.append(
+        f"| {row['blocks_removed']} of {s['layers']} | {row['prefill_tokens_per_second']:.0f} | "
+        f"{row['prefill_speedup']:.2f}x | {100 * row['prefill_of_ideal']:.0f}% | "
+        f"{row['decode_tokens_per_second']:.0f} | {row['decode_speedup']:.2f}x | "
+        f"{100 * row['decode_of_ideal']:.0f}% | {row['ideal_speedup']:.2f}x | "
+        f"{row['decode_bound_with_unembedding']:.2f}x |")
+  sc = r["scaling"]
+  lines += [
+      "",
+      f"## 4-5. Scaling of `Sweep.readouts` ({sc['layers']} blocks, hidden {sc['hidden']}, "
+      f"vocab {sc['vocab']}; random masks)",
+      "",
+      "| masks | items | kept blocks | s (median, spread) | us per kept block-row | peak memory "
+      "added MB (warm / first call) | programs compiled | compile s (est.) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for row in sc["by_masks"] + sc["by_items"]:
+    t = row["seconds"]
+    lines.append(
+        f"| {row['masks']} | {row['items']} | {row['total_kept_blocks']} | {t['median']:.3f} "
+        f"({t['spread']:.3f}) | {row['microseconds_per_kept_block_row']:.1f} | "
+        f"{row['peak_memory_added_mb']:.1f} / {row['peak_memory_added_mb_first_call']:.1f} | "
+        f"{row['compiled_programs']} | {row['compile_seconds_estimate']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  import torch
+  from dpjax import synthetic
+  from dpjax.fileio import atomic_write_text
+  from dpjax.main import BUNDLED_MODEL
+  import transformers
+
+  quick, repeats = _QUICK.value, (1 if _QUICK.value else _REPEATS.value)
+  torch.set_num_threads(os.cpu_count() or 1)
+  bundled = BUNDLED_MODEL if _MODEL.value is None else _MODEL.value
+  started = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    suite_tokenizer = synthetic.build_tokenizer(
+        synthetic.training_text(synthetic.generate("train", 400)), 512)
+    big = (dict(layers=4, hidden=64, vocab=1000) if quick
+           else dict(layers=16, hidden=512, vocab=32000))
+    big_dir = random_llama(os.path.join(tmp, "random"), **big, tokenizer=suite_tokenizer)
+    small_dir = random_llama(os.path.join(tmp, "small"), layers=4 if quick else 16,
+                             hidden=64 if quick else 128, vocab=1000 if quick else 8000,
+                             tokenizer=suite_tokenizer)
+    cases = []
+    if bundled and os.path.isdir(bundled):
+      cases.append(Case("bundled model", bundled,
+                        transformers.AutoTokenizer.from_pretrained(bundled),
+                        num_items=32 if quick else 128, batch_size=16,
+                        min_layers=12 if quick else 1, hf_repeats=1 if quick else 3,
+                        dpjax_repeats=1 if quick else 3))
+    cases.append(Case("random Llama", big_dir, suite_tokenizer, num_items=32 if quick else 128,
+                      batch_size=16, min_layers=1, hf_repeats=1, dpjax_repeats=1))
+    results = {"quick": quick, "machine": machine(),
+               "matmul": matmul_gflops(1024 if quick else 2048, repeats)}
+    print(f"dense matmul: {results['matmul']['gflops']:.1f} GFLOP/s", flush=True)
+    results["iterative"] = [iterative(c) for c in cases]
+    results["serving"] = serving(big_dir, quick, repeats)
+    results["scaling"] = scaling(small_dir, suite_tokenizer, quick, repeats)
+  results["total_seconds"] = time.perf_counter() - started
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_JSON), json.dumps(results, indent=2))
+  markdown = results_markdown(results)
+  atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_MD), markdown)
+  print("\n" + markdown)
+  print(f"wrote {os.path.join(_OUT_DIR.value, RESULTS_MD)} and {RESULTS_JSON} "
+        f"({results['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+  app.run(main)
