@@ -205,6 +205,29 @@ def plot_option_frequency(path: str, prof: dict[str, Any], title: str) -> None:
   save_figure(fig, path)
 
 
+def plot_subject_margins(path: str, prof: dict[str, Any], headline: str, title: str) -> None:
+  """Mean Decision Margin per subject (task family), each subject's transition marked."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  layers = np.array(prof["layers"])
+  cmap = plt.get_cmap("tab10")
+  for i, (subject, sub) in enumerate(prof["by_subject"].items()):
+    colour = cmap(i % 10)
+    l_star = sub["transition_block"]
+    label = f"{subject} (l* = {l_star if l_star is not None else 'none'})"
+    ax.plot(layers, np.array(sub["mean_decision_margin"], float), marker="o", ms=3,
+            color=colour, label=label)
+    if l_star is not None:
+      ax.axvline(l_star, color=colour, ls="--", lw=1)
+  ax.axhline(0, color="black", lw=0.5)
+  ax.xaxis.set_major_locator(_integer_ticks())
+  ax.set_xlabel("layer (0 = embeddings, l = after block l)")
+  ax.set_ylabel(f"mean Decision Margin ({headline})")
+  ax.set_title(title)
+  ax.legend(fontsize=8, loc="upper left")
+  save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------
 # The study's report.
 
@@ -213,7 +236,9 @@ CURVES_FIGURE = "pruning_curves.png"
 HEATMAP_FIGURE = "iterative_heatmap.png"
 PHASE_FIGURE = "phase_comparison.png"
 REMOVED_FIGURE = "removed_blocks.png"
+SUBJECT_FIGURE = "decision_margin_by_subject.png"
 SUMMARY_FILE = "summary.md"
+SUMMARY_HTML = "summary.html"
 
 
 def write_study(out: str, results: dict[str, Any], readout, prof: metrics.Profile,
@@ -233,6 +258,8 @@ def write_study(out: str, results: dict[str, Any], readout, prof: metrics.Profil
   title = f"{os.path.basename(os.path.normpath(settings.model))} on {settings.task}"
   plot_decision_margin(os.path.join(out, MARGIN_FIGURE), full, settings.normalization, title)
   plot_option_frequency(os.path.join(out, FREQUENCY_FIGURE), full, title)
+  if len(full.get("by_subject", {})) > 1:
+    plot_subject_margins(os.path.join(out, SUBJECT_FIGURE), full, settings.normalization, title)
   methods = {k: v for k, v in results.get("methods", {}).items() if "curve" in v}
   if methods:
     write_curves_csv(os.path.join(out, CURVES_CSV), methods)
@@ -246,7 +273,10 @@ def write_study(out: str, results: dict[str, Any], readout, prof: metrics.Profil
   phase = results.get("phase_experiment")
   if phase and "selections" in phase:
     plot_phase_comparison(os.path.join(out, PHASE_FIGURE), phase, full, title)
-  atomic_write_text(os.path.join(out, SUMMARY_FILE), summary_markdown(results))
+  markdown = summary_markdown(results)
+  atomic_write_text(os.path.join(out, SUMMARY_FILE), markdown)
+  figures = [f for f in FIGURES if os.path.exists(os.path.join(out, f))]
+  atomic_write_text(os.path.join(out, SUMMARY_HTML), summary_html(markdown, out, figures))
   write_json(os.path.join(out, RESULTS_FILE), results)
 
 
@@ -381,6 +411,55 @@ def _removal_order(result: dict[str, Any]) -> list[int]:
   return []
 
 
+def findings(results: dict[str, Any]) -> list[str]:
+  """The paper's three questions, answered with this run's numbers (Markdown lines).
+
+  "Collapsed" uses the collapse threshold `chance + (full - chance) / 2`. A
+  transition counts as sharp when its largest one-block rise of the mean DM is
+  at least half of the whole rise from the lowest layer to the final one.
+  """
+  full = results["full_model"]
+  unpruned, chance = full["accuracy"][-1], full["chance"]
+  threshold = chance + 0.5 * (unpruned - chance)
+  out = ["", "## Findings", ""]
+  norm = results["settings"].get("normalization", "vocab")
+  mean = np.array(full["decision_margin"][norm]["mean"], float)
+  l_star, rise = full["transition_block"], full["sharpness"]["rise"]
+  total = float(mean[-1] - np.nanmin(mean))
+  if l_star is None:
+    out.append("- Transition: none; the mean Decision Margin is not positive at the final layer.")
+  else:
+    share = rise / total if total > 0 else float("nan")
+    verdict = "sharp" if share >= 0.5 else "gradual"
+    out.append(f"- Transition: {verdict}. The mean DM ({norm}) rises by {total:.3f} from its "
+               f"lowest layer to the last; the largest one-block rise, {rise:+.3f} at block "
+               f"{full['sharpness']['block']}, is {share:.0%} of that. l* = {l_star} of "
+               f"{results['model']['num_layers']} blocks.")
+  phase = results.get("phase_experiment")
+  if phase and "selections" in phase:
+    k = phase["max_k"]
+    for selection, arms in phase["selections"].items():
+      silent, decisive = arms["silent"][k - 1]["accuracy"], arms["decisive"][k - 1]["accuracy"]
+      said = {True: "collapses", False: "does not collapse"}
+      out.append(f"- Silent vs Decisive ({selection}, {k} blocks removed from each phase): "
+                 f"Silent-Phase pruning {said[silent < threshold]} ({silent:.3f}), "
+                 f"Decisive-Phase pruning {said[decisive < threshold]} ({decisive:.3f}); "
+                 f"unpruned {unpruned:.3f}, collapse threshold {threshold:.3f}.")
+  for name, result in results.get("methods", {}).items():
+    if result.get("kind") != "iterative" or "curve" not in result:
+      continue
+    point = result.get("collapse_point")
+    if point is None:
+      out.append(f"- {name}: no cliff; accuracy stays above {threshold:.3f} down to "
+                 f"{result['curve'][-1]['removed']} blocks removed.")
+      continue
+    before = {p["removed"]: p["accuracy"] for p in result["curve"]}
+    out.append(f"- {name}: the cliff falls at {point} blocks removed (accuracy "
+               f"{before.get(point - 1, float('nan')):.3f} with {point - 1} removed, "
+               f"{before[point]:.3f} with {point}).")
+  return out
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
   """What a person reads first."""
   full = results["full_model"]
@@ -401,6 +480,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
                  f"1-{l_star - 1}, Decisive Phase blocks {l_star}-{model['num_layers']}. "
                  f"Sharpest rise of the mean DM: {full['sharpness']['rise']:+.3f} at block "
                  f"{full['sharpness']['block']}.")
+  by_subject = full.get("by_subject", {})
+  if len(by_subject) > 1:
+    lines += ["", "| subject | items | final accuracy | transition block l* | fraction of depth |",
+              "|---|---|---|---|---|"]
+    for subject, sub in by_subject.items():
+      l_sub = sub["transition_block"]
+      frac = "-" if l_sub is None else f"{sub['transition_fraction']:.0%}"
+      lines.append(f"| {subject} | {sub['num_items']} | {sub['accuracy']:.3f} | "
+                   f"{'none' if l_sub is None else l_sub} | {frac} |")
   methods = results.get("methods", {})
   if methods:
     lines += ["", "| method | collapse point (blocks removed) | accuracy after 1 / 25% / 50% removed |",
@@ -427,6 +515,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         silent, decisive = arms["silent"][k - 1]["accuracy"], arms["decisive"][k - 1]["accuracy"]
         lines.append(f"  - {selection}: k={k}: Silent arm {silent:.3f}, Decisive arm "
                      f"{decisive:.3f}.")
+  lines += findings(results)
   engine = results.get("engine")
   if engine:
     lines += ["", f"- Engine: {engine['compiled_programs']} compiled programs; "
@@ -434,3 +523,81 @@ def summary_markdown(results: dict[str, Any]) -> str:
               f"{engine['block_evaluations_minimum']} needed "
               f"({engine['block_evaluations_naive']} without prefix sharing)."]
   return "\n".join(lines) + "\n"
+
+
+# Figures in the order the HTML summary shows them.
+FIGURES = (MARGIN_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE, PHASE_FIGURE,
+           HEATMAP_FIGURE, REMOVED_FIGURE)
+
+
+def _inline_markdown(text: str) -> str:
+  """`code` and **bold** of one line of our own Markdown, HTML-escaped."""
+  import html
+  import re
+  text = html.escape(text, quote=False)
+  text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+  return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_to_html(markdown: str) -> str:
+  """The Markdown `summary_markdown` writes (headings, nested bullets, tables,
+  paragraphs) as HTML. Not a general Markdown converter."""
+  out: list[str] = []
+  lines = markdown.splitlines()
+  i = 0
+  while i < len(lines):
+    line = lines[i]
+    if line.startswith("#"):
+      level = len(line) - len(line.lstrip("#"))
+      out.append(f"<h{level}>{_inline_markdown(line[level:].strip())}</h{level}>")
+    elif line.startswith("|"):
+      rows = []
+      while i < len(lines) and lines[i].startswith("|"):
+        cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+        if not all(set(c) <= set("-: ") for c in cells):
+          rows.append(cells)
+        i += 1
+      head, body = rows[0], rows[1:]
+      out.append("<table><tr>" + "".join(f"<th>{_inline_markdown(c)}</th>" for c in head)
+                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{_inline_markdown(c)}</td>"
+                                                      for c in r) + "</tr>" for r in body)
+                 + "</table>")
+      continue
+    elif line.lstrip().startswith("- "):
+      out.append("<ul>")
+      depth = 0
+      while i < len(lines) and lines[i].lstrip().startswith("- "):
+        indent = (len(lines[i]) - len(lines[i].lstrip())) // 2
+        while depth < indent:
+          out.append("<ul>")
+          depth += 1
+        while depth > indent:
+          out.append("</ul>")
+          depth -= 1
+        out.append(f"<li>{_inline_markdown(lines[i].lstrip()[2:])}</li>")
+        i += 1
+      out.extend(["</ul>"] * (depth + 1))
+      continue
+    elif line.strip():
+      out.append(f"<p>{_inline_markdown(line)}</p>")
+    i += 1
+  return "\n".join(out)
+
+
+def summary_html(markdown: str, directory: str, figures: Sequence[str]) -> str:
+  """A self-contained page: the summary, then every figure inlined as a PNG data URI."""
+  import base64
+  parts = []
+  for name in figures:
+    with open(os.path.join(directory, name), "rb") as f:
+      data = base64.b64encode(f.read()).decode("ascii")
+    parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
+                 f"<figcaption>{name}</figcaption></figure>")
+  style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;"
+           "padding:0 1em;line-height:1.45}table{border-collapse:collapse;margin:1em 0}"
+           "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+           "figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#666;font-size:.9em}"
+           "code{background:#f3f3f3;padding:0 .2em}")
+  return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dpjax study</title>"
+          f"<style>{style}</style></head><body>\n{markdown_to_html(markdown)}\n"
+          + "\n".join(parts) + "\n</body></html>\n")

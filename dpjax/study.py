@@ -188,6 +188,27 @@ def _profile(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> metri
   return prof
 
 
+def subject_profiles(readout: Readout, encoded: tasks.EncodedTask,
+                     s: Settings) -> dict[str, dict[str, Any]]:
+  """Per subject (task family): items, final accuracy, transition block and its fraction of
+  depth, from the same readouts as the whole profile."""
+  subjects = np.array([item.subject for item in encoded.items])
+  num_layers = readout.option_logits.shape[0] - 1
+  out = {}
+  for subject in sorted(set(subjects)):
+    rows = np.flatnonzero(subjects == subject)
+    part = Readout(readout.option_logits[:, rows], readout.log_normalizer[:, rows])
+    prof = _profile(part, encoded.subset(rows), s)
+    l_star = int(prof.transition)
+    l_star = None if l_star == metrics.NO_TRANSITION else l_star
+    out[str(subject)] = {
+        "num_items": len(rows), "accuracy": float(prof.accuracy[-1]),
+        "transition_block": l_star,
+        "transition_fraction": None if l_star is None else l_star / num_layers,
+        "mean_decision_margin": [float(x) for x in prof.margin_summary[s.normalization].mean]}
+  return out
+
+
 def full_profile(ctx: Context, encoded: tasks.EncodedTask | None = None,
                  sweep: Sweep | None = None) -> tuple[Readout, metrics.Profile]:
   """Readouts and metrics of the unpruned model (default: on the evaluation items)."""
@@ -427,6 +448,7 @@ def run(settings: Settings, placement: Placement | None = None) -> dict[str, Any
   timings["full_profile_seconds"] = time.perf_counter() - clock
   L = ctx.num_layers
   full = report.profile_json(prof, L)
+  full["by_subject"] = subject_profiles(readout, ctx.evaluation, s)
   cfg = ctx.model.config
   results: dict[str, Any] = {
       "model": {"path": s.model, "architecture": cfg.architecture, "num_layers": L,

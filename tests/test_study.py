@@ -33,7 +33,8 @@ def report_dir(synthetic_model_dir, tmp_path_factory):
 def test_report_files(report_dir):
   assert sorted(os.listdir(report_dir)) == sorted([
       "results.json", "readouts.npz", "items.jsonl", "layer_profile.csv",
-      "decision_margin.png", "option_frequency.png", "summary.md"])
+      "decision_margin.png", "decision_margin_by_subject.png", "option_frequency.png",
+      "summary.md", "summary.html"])
   for figure in ("decision_margin.png", "option_frequency.png"):
     with open(os.path.join(report_dir, figure), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -113,3 +114,20 @@ def test_accuracy_rule_changes_the_transition(synthetic_model_dir, tmp_path):
   # With delta = -1 every layer is above chance + delta: the transition is block 1.
   assert results["full_model"]["transition_block"] == 1
   assert results["full_model"]["decisive_phase"] == [1, 2, 3, 4]
+
+
+def test_summary_html_is_self_contained(tmp_path):
+  from dpjax import report
+  png = b"\x89PNG\r\n\x1a\nfake"
+  (tmp_path / "a.png").write_bytes(png)
+  markdown = ("# Title `x<y`\n\n- one **bold**\n  - nested\n- two\n\n| a | b |\n|---|---|\n"
+              "| 1 | 2 |\n\nplain & text\n")
+  page = report.summary_html(markdown, str(tmp_path), ["a.png"])
+  import base64
+  assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
+  body = report.markdown_to_html(markdown)
+  assert body.splitlines() == [
+      "<h1>Title <code>x&lt;y</code></h1>", "<ul>", "<li>one <b>bold</b></li>", "<ul>",
+      "<li>nested</li>", "</ul>", "<li>two</li>", "</ul>",
+      "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>",
+      "<p>plain &amp; text</p>"]

@@ -1,0 +1,156 @@
+"""The model bundled with dpjax: what its card says, recomputed; and the default study on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import dpjax
+from dpjax import metrics, synthetic, tasks
+from dpjax.main import BUNDLED_MODEL
+from dpjax.readout import DecisionReader
+
+
+@pytest.fixture(scope="module")
+def training_log():
+  with open(os.path.join(BUNDLED_MODEL, "training_log.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def held_out(training_log):
+  """The card's held-out items (test split, 0-shot), encoded with the bundled tokenizer."""
+  s = training_log["settings"]
+  items = synthetic.generate("test", s["num_eval_items"], seed=s["seed"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+  return tokenizer, tasks.encode(tokenizer, items, [tasks.prompt(item) for item in items])
+
+
+def test_the_checkpoint_is_what_the_card_says(training_log):
+  files = os.listdir(BUNDLED_MODEL)
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md",
+               "training_log.json"):
+    assert name in files
+  size = sum(os.path.getsize(os.path.join(BUNDLED_MODEL, f)) for f in files)
+  assert size <= 20 * 2**20, f"{size / 2**20:.1f} MB"
+  hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL)
+  assert type(hf).__name__ == "LlamaForCausalLM"
+  assert hf.config.num_hidden_layers >= 16
+  assert training_log["final_accuracy"] >= 0.9
+  assert training_log["train_seconds"] <= 3600
+  with open(os.path.join(BUNDLED_MODEL, "MODEL_CARD.md")) as f:
+    card = f.read()
+  stated = float(re.search(r"\*\*(0\.\d+)\*\*", card).group(1))
+  assert stated == pytest.approx(training_log["final_accuracy"], abs=5e-4)
+  assert "python -m dpjax.train" in card
+  # Letters are single tokens of their own.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+  for letter in "ABCD":
+    assert len(tokenizer(" " + letter, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_held_out_accuracy_recomputed_by_dpjax_and_hf(training_log, held_out):
+  tokenizer, encoded = held_out
+  card = training_log["final_accuracy"]
+  n = len(encoded.items)
+
+  model = dpjax.load_model(BUNDLED_MODEL, dtype="float32")
+  readout = DecisionReader(model).run(encoded, batch_size=50, pad_id=tokenizer.pad_token_id,
+                                      progress=False)
+  top = np.asarray(metrics.top_option(readout.option_logits[0]))[-1]
+  ours = float(np.mean(top == encoded.answer))
+  assert ours == pytest.approx(card, abs=1e-9)
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32).eval()
+  hf_top = []
+  with torch.no_grad():
+    for ids, letters in zip(encoded.tokens, encoded.letter_ids):
+      logits = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+      hf_top.append(int(torch.argmax(logits[torch.as_tensor(letters)])))
+  hf_top = np.array(hf_top)
+  # Float32 rounding may flip a near-tie; no more than one item in the whole set.
+  assert np.sum(hf_top != top) <= 1
+  assert float(np.mean(hf_top == encoded.answer)) == pytest.approx(card, abs=1.0 / n + 1e-9)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+  """`dpjax` with no --model and no --task: the bundled model on the synthetic suite."""
+  out = str(tmp_path_factory.mktemp("default_run"))
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.main", "--num_items=64", "--calibration_items=16",
+       "--methods=iterative,reverse,phase", "--random_seeds=1", "--noprogress",
+       f"--output_dir={out}"], capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "transition block" in result.stdout
+  with open(os.path.join(out, "results.json")) as f:
+    return out, json.load(f)
+
+
+def test_default_run_writes_the_whole_report(default_run):
+  out, results = default_run
+  assert results["model"]["path"] == BUNDLED_MODEL and results["task"]["spec"] == "synthetic"
+  pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+  assert {"decision_margin.png", "decision_margin_by_subject.png", "option_frequency.png",
+          "pruning_curves.png", "phase_comparison.png"} <= set(pngs)
+  with open(os.path.join(out, "summary.md")) as f:
+    summary = f.read()
+  l_star = results["full_model"]["transition_block"]
+  assert f"Transition block l* = {l_star}" in summary
+  assert "| iterative_accuracy |" in summary and "Silent arm" in summary
+  with open(os.path.join(out, "summary.html")) as f:
+    page = f.read()
+  # Self-contained: every figure inline, nothing fetched from elsewhere.
+  assert page.count('src="data:image/png;base64,') == len(pngs)
+  assert "http" not in page.replace("http-equiv", "")
+  assert f"Transition block l* = {l_star}" in page
+  assert "<table>" in page
+
+
+def test_default_run_numbers_recomputed_with_hf(default_run):
+  out, results = default_run
+  with open(os.path.join(out, "items.jsonl")) as f:
+    items = [json.loads(line) for line in f]
+  arrays = np.load(os.path.join(out, "readouts.npz"))
+  z, lse, answer = arrays["option_logits"], arrays["log_normalizer"], arrays["answer"]
+  num_layers = results["model"]["num_layers"]
+  full = results["full_model"]
+
+  # The transition and the per-subject figures, from the arrays in plain numpy.
+  p = np.exp(z.astype(np.float64) - lse[..., None])
+  is_answer = np.arange(z.shape[-1]) == answer[:, None]
+  dm = (p * is_answer).sum(-1) - np.where(is_answer, -np.inf, p).max(-1)
+  mean = dm.mean(-1)
+  above = [l for l in range(1, num_layers + 1) if all(mean[m] > 0 for m in range(l, num_layers + 1))]
+  assert full["transition_block"] == (above[0] if above else None)
+  subjects = np.array([it["subject"] for it in items])
+  for subject, sub in full["by_subject"].items():
+    rows = subjects == subject
+    assert sub["num_items"] == int(rows.sum())
+    assert sub["accuracy"] == pytest.approx(float((z[-1, rows].argmax(-1) == answer[rows]).mean()))
+    np.testing.assert_allclose(sub["mean_decision_margin"], dm[:, rows].mean(-1), atol=1e-6)
+
+  # Final-layer accuracy, unpruned and after the first Iterative Pruning step, by HF PyTorch.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+  point = results["methods"]["iterative_accuracy"]["curve"][1]
+  assert point["removed"] == 1
+  for kept, want in ((list(range(1, num_layers + 1)), full["accuracy"][-1]),
+                     (point["kept"], point["accuracy"])):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
+    hf.model.layers = torch.nn.ModuleList([hf.model.layers[b - 1] for b in kept])
+    hf.config.num_hidden_layers = len(kept)
+    correct = 0
+    with torch.no_grad():
+      for item in items:
+        ids = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
+        logits = hf.eval()(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        correct += int(int(torch.argmax(logits[item["letter_token_ids"]])) == item["answer"])
+    assert correct / len(items) == pytest.approx(want, abs=1.0 / len(items) + 1e-9)
