@@ -1,14 +1,18 @@
 """The synthetic task suite: offline, deterministic by seed, four kinds of computation.
 
-Families, each its own `subject`:
+Families, each its own `subject`, each answerable from the prompt alone (a
+model learns the skill, not a table of answers, so held-out items are fair):
 
-* `arithmetic`: `What is 23 + 45?`, distractors near the sum (carrying out a
-  computation).
-* `made_up_geography`: capitals, flag colours and animals of invented
-  countries from a fact table the generator defines (lookup of memorized facts).
+* `arithmetic`: `What is 57 + 10?` (`+ 1` or `+ 10`), distractors within 2 or
+  exactly 10 of the sum (carrying out a small computation).
+* `made_up_geography`: a fact about an invented country, stated in the prompt,
+  then asked back (`The capital of Kalozor is Ranmi. What is the capital of
+  Kalozor?`); the facts come from a table the generator defines (reading a
+  fact out of the context).
 * `number_comparison`: `Which number is the largest?` over the options
   themselves (comparing what the options say).
-* `alphabet`: `Which letter comes 2 after F?` (a symbolic rule on an ordered set).
+* `alphabet`: `Which letter comes first in the alphabet?` over four letters (an
+  order on a symbolic set).
 
 Every split has the correct answers balanced across the letters. `train`,
 `dev` (few-shot examples) and `test` never share an item: an item is its
@@ -61,10 +65,11 @@ def fact_table(seed: int = 0, num_countries: int = 24) -> FactTable:
 
 
 def _arithmetic(rng) -> tuple[str, str, list[str]]:
-  a, b = (int(x) for x in rng.integers(1, 50, size=2))
+  a = int(rng.integers(10, 90))
+  b = int(rng.choice([1, 10]))
   total = a + b
-  offsets = rng.permutation([-10, -2, -1, 1, 2, 10])
-  distractors = [total + int(o) for o in offsets if total + int(o) > 0][:NUM_OPTIONS - 1]
+  near = [total + o for o in (-2, -1, 1, 2, -10, 10) if 0 < total + o < 100]
+  distractors = [int(x) for x in rng.choice(near, size=NUM_OPTIONS - 1, replace=False)]
   return f"What is {a} + {b}?", str(total), [str(d) for d in distractors]
 
 
@@ -74,11 +79,14 @@ def _geography(rng, table: FactTable) -> tuple[str, str, list[str]]:
   kind = int(rng.integers(3))
   if kind == 0:
     others = [x for x in table.capitals if x != table.capitals[c]]
-    return (f"What is the capital of {country}?", table.capitals[c],
+    return (f"The capital of {country} is {table.capitals[c]}. What is the capital of "
+            f"{country}?", table.capitals[c],
             list(rng.choice(others, size=NUM_OPTIONS - 1, replace=False)))
   values, pool = ((table.colours, _COLOURS) if kind == 1 else (table.animals, _ANIMALS))
-  question = (f"What colour is the flag of {country}?" if kind == 1
-              else f"Which animal is the emblem of {country}?")
+  question = (f"The flag of {country} is {values[c]}. What colour is the flag of {country}?"
+              if kind == 1 else
+              f"The emblem of {country} is the {values[c]}. Which animal is the emblem of "
+              f"{country}?")
   others = [x for x in pool if x != values[c]]
   return question, values[c], list(rng.choice(others, size=NUM_OPTIONS - 1, replace=False))
 
@@ -91,16 +99,8 @@ def _comparison(rng) -> tuple[str, str, list[str]]:
 
 
 def _alphabet(rng) -> tuple[str, str, list[str]]:
-  step = int(rng.integers(1, 4))
-  start = int(rng.integers(0, 26 - step))
-  answer = string.ascii_lowercase[start + step]
-  others = [x for x in string.ascii_lowercase if x != answer]
-  near = [string.ascii_lowercase[i] for i in (start + step - 1, start + step + 1)
-          if 0 <= i < 26 and string.ascii_lowercase[i] != answer]
-  distractors = list(dict.fromkeys(near + list(rng.choice(others, size=6, replace=False))))
-  word = f"{step} letter" + ("s" if step > 1 else "")
-  return (f"Which letter comes {word} after {string.ascii_lowercase[start]}?", answer,
-          distractors[:NUM_OPTIONS - 1])
+  letters = sorted(rng.choice(list(string.ascii_lowercase), size=NUM_OPTIONS, replace=False))
+  return "Which letter comes first in the alphabet?", str(letters[0]), [str(x) for x in letters[1:]]
 
 
 def _generator(family: str, table: FactTable) -> Callable:

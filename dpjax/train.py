@@ -9,8 +9,12 @@ exactly as `dpjax` will later read it out. What it learns from:
 
 * text: each training item as `tasks.prompt(item)` (0-shot) or, for a fraction
   of the examples, with one shot drawn from another training item of the same
-  subject (so it also sees few-shot layouts), then `" " + letter` and EOS. The
-  test split is never trained on: it is the held-out evaluation.
+  subject, then `" " + letter` and EOS; and, for `statement_fraction` of the
+  examples, the item as a plain statement, its question followed by the
+  correct answer's text (`What is 43 + 35? 78`). The statements give the
+  content (the sum, the fact) a direct next-token signal; the lettered prompts
+  teach the model to find that content among the options and name its letter.
+  The test split is never trained on: it is the held-out evaluation.
 * loss: next-token cross-entropy over every non-pad token, plus
   `answer_weight` times the cross-entropy of the answer-letter token alone. A
   small model otherwise sits at chance on the letter (answer loss ln 4 = 1.386)
@@ -66,18 +70,19 @@ class Settings:
   # Data.
   num_train_items: int = 16000
   num_eval_items: int = 400
-  one_shot_fraction: float = 0.3
+  one_shot_fraction: float = 0.0
+  statement_fraction: float = 0.0
   vocab_size: int = 512
-  seq_len: int = 128
+  seq_len: int = 80
   # Model.
   num_layers: int = 16
-  hidden_size: int = 128
+  hidden_size: int = 64
   intermediate_size: int = 256
   num_heads: int = 4
   num_kv_heads: int = 2
   # Optimization.
-  steps: int = 3000
-  batch_size: int = 64
+  steps: int = 4000
+  batch_size: int = 32
   learning_rate: float = 3e-3
   warmup_fraction: float = 0.05
   final_lr_fraction: float = 0.1
@@ -87,7 +92,7 @@ class Settings:
   seed: int = 0
   # Progress and stopping.
   log_every: int = 50
-  eval_every: int = 500
+  eval_every: int = 250
   eval_batch_size: int = 50
   target_accuracy: float = 0.97
 
@@ -113,7 +118,8 @@ class Settings:
     if self.seq_len > MAX_POSITION_EMBEDDINGS:
       raise ValueError(f"seq_len={self.seq_len} exceeds the model's "
                        f"max_position_embeddings={MAX_POSITION_EMBEDDINGS}.")
-    for name in ("one_shot_fraction", "warmup_fraction", "final_lr_fraction"):
+    for name in ("one_shot_fraction", "statement_fraction", "warmup_fraction",
+                 "final_lr_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"{name}={getattr(self, name)} must be between 0 and 1.")
     if self.target_accuracy <= 0:
@@ -179,13 +185,20 @@ def tokenize_examples(tokenizer, prompts: Sequence[str],
   return out
 
 
+def statement(item: tasks.Item) -> str:
+  """The item's question followed by its correct answer, as plain text (`What is 2 + 3? 5`)."""
+  return f"{item.question} {item.options[item.answer]}"
+
+
 class TrainingStream:
   """Batches of training sequences in an order fixed by the seed.
 
-  Items are visited epoch by epoch in a fresh permutation; each becomes a
-  0-shot example or, with probability `one_shot_fraction`, a 1-shot one whose
-  shot is another training item of its subject. Sequences are right-padded to
-  `seq_len + 1` tokens and split into inputs and next-token targets.
+  Items are visited epoch by epoch in a fresh permutation; each becomes, with
+  probability `statement_fraction`, a statement (`statement(item)`, no letter
+  to predict); otherwise a 0-shot lettered example or, with probability
+  `one_shot_fraction`, a 1-shot one whose shot is another training item of its
+  subject. Sequences are right-padded to `seq_len + 1` tokens and split into
+  inputs and next-token targets.
   """
 
   def __init__(self, items: Sequence[tasks.Item], tokenizer, settings: Settings):
@@ -205,7 +218,12 @@ class TrainingStream:
     if longest > settings.seq_len + 1:
       raise ValueError(f"a 0-shot training example is {longest} tokens; raise seq_len "
                        f"(now {settings.seq_len}) to at least {longest - 1}.")
+    # Statements: the question and its correct answer as plain text, no letter.
+    texts = [statement(it) for it in self.items]
+    self.statements = [(list(ids) + [tokenizer.eos_token_id], None) for ids in
+                       tokenizer(texts, add_special_tokens=False)["input_ids"]]
     self.queue = np.zeros(0, dtype=np.int64)
+    self.statement_examples = 0
     self.one_shot_examples = 0
     self.one_shot_too_long = 0
 
@@ -228,9 +246,14 @@ class TrainingStream:
     the answer letter)."""
     s = self.settings
     chosen = self._next_items(s.batch_size)
-    one_shot = self.rng.random(s.batch_size) < s.one_shot_fraction
+    draw = self.rng.random(s.batch_size)
+    statement = draw < s.statement_fraction
+    one_shot = ~statement & (draw < s.statement_fraction
+                             + (1 - s.statement_fraction) * s.one_shot_fraction)
     shots = {r: self._shot(int(chosen[r])) for r in np.flatnonzero(one_shot)}
-    examples = [self.zero_shot[i] for i in chosen]
+    examples = [self.statements[i] if statement[r] else self.zero_shot[i]
+                for r, i in enumerate(chosen)]
+    self.statement_examples += int(statement.sum())
     if shots:
       rows = sorted(shots)
       tokenized = tokenize_examples(
@@ -252,12 +275,13 @@ def pack(examples: Sequence[tuple[list[int], int]], seq_len: int,
   b = len(examples)
   seq = np.full((b, seq_len + 1), pad_id, dtype=np.int32)
   length = np.zeros(b, dtype=np.int32)
-  answer_target = np.zeros(b, dtype=np.int32)
+  answer_target = np.full(b, -1, dtype=np.int32)  # -1: no answer letter (a statement)
   for r, (ids, answer_pos) in enumerate(examples):
     seq[r, :len(ids)] = ids
     length[r] = len(ids)
     # The letter at position `answer_pos` is the target of input position answer_pos - 1.
-    answer_target[r] = answer_pos - 1
+    if answer_pos is not None:
+      answer_target[r] = answer_pos - 1
   col = np.arange(seq_len)[None, :]
   return {
       "input_ids": seq[:, :-1],
@@ -550,6 +574,7 @@ def train(settings: Settings) -> dict[str, Any]:
       "seconds_per_step": (clock.seconds / clock.steps if clock.steps
                            else clock.first_step_seconds),
       "wall_seconds": wall_seconds,
+      "statement_examples": stream.statement_examples,
       "one_shot_examples": stream.one_shot_examples,
       "one_shot_too_long": stream.one_shot_too_long,
       "jax": {"version": jax.__version__, "backend": jax.default_backend(),
@@ -617,7 +642,10 @@ def model_card(cfg: ModelConfig, summary: dict[str, Any]) -> str:
       f"* {summary['num_train_items']} items of the suite's `train` split (seed {s['seed']}), "
       f"spread evenly over the families {families}. The `test` split, which shares no item "
       "with `train`, is only evaluated on.",
-      "* Each example is `dpjax.tasks.prompt(item)` (lm-eval layout with the subject header) "
+      f"* With probability {s['statement_fraction']} an example is a statement: the item's "
+      "question followed by its correct answer's text (`What is 43 + 35? 78`), no letter. "
+      f"{summary['statement_examples']:,} statements were drawn.",
+      "* Otherwise it is `dpjax.tasks.prompt(item)` (lm-eval layout with the subject header) "
       f"or, with probability {s['one_shot_fraction']}, a 1-shot prompt whose shot is another "
       "training item of the same subject; then `\" \" + answer letter` and EOS, right-padded "
       f"to {s['seq_len']} tokens. {summary['one_shot_too_long']} of the "
@@ -669,7 +697,10 @@ _HELP = {
     "overwrite": "Replace an existing --output_dir.",
     "num_train_items": "Items of the synthetic train split to train on.",
     "num_eval_items": "Items of the synthetic test split to measure held-out accuracy on.",
-    "one_shot_fraction": "Fraction of examples given one shot (another train item, same subject).",
+    "one_shot_fraction": "Fraction of the letter examples given one shot (another train item, "
+                         "same subject).",
+    "statement_fraction": "Fraction of examples that are statements (question, then the correct "
+                          "answer's text) instead of lettered prompts.",
     "vocab_size": "Vocabulary of the BPE tokenizer trained on the training text.",
     "seq_len": "Training sequence length in tokens (examples are right-padded to it).",
     "num_layers": "Decoder blocks.",

@@ -22,7 +22,7 @@ def tiny_settings(output_dir, **changes) -> train.Settings:
   fields = dict(output_dir=str(output_dir), num_train_items=200, num_eval_items=40,
                 vocab_size=300, num_layers=2, hidden_size=32, intermediate_size=64,
                 num_heads=4, num_kv_heads=2, steps=40, batch_size=16, learning_rate=3e-3,
-                log_every=1, eval_every=1000, eval_batch_size=40)
+                seq_len=128, log_every=1, eval_every=1000, eval_batch_size=40)
   fields.update(changes)
   return train.Settings(**fields)
 
@@ -114,7 +114,7 @@ def test_existing_output_dir_is_refused(tmp_path, monkeypatch):
 
 
 def test_batches_score_real_tokens_and_one_answer_letter():
-  settings = tiny_settings("unused", batch_size=32, one_shot_fraction=0.5)
+  settings = tiny_settings("unused", batch_size=32, one_shot_fraction=0.5, statement_fraction=0.0)
   items = synthetic.generate("train", 40, seed=0)
   tokenizer = synthetic.build_tokenizer(synthetic.training_text(items), vocab_size=300)
   stream = train.TrainingStream(items, tokenizer, settings)
@@ -137,3 +137,23 @@ def test_batches_score_real_tokens_and_one_answer_letter():
   for i in range(len(items)):
     j = stream._shot(i)
     assert j != i and subject[items[j].id] == subject[items[i].id]
+
+
+def test_statements_carry_the_answer_text_and_no_letter():
+  settings = tiny_settings("unused", batch_size=64, statement_fraction=0.5)
+  items = synthetic.generate("train", 40, seed=0)
+  tokenizer = synthetic.build_tokenizer(synthetic.training_text(items), vocab_size=300)
+  stream = train.TrainingStream(items, tokenizer, settings)
+  batch = stream.next_batch()
+  statements = batch["answer_mask"].sum(1) == 0
+  assert 0 < stream.statement_examples == int(statements.sum()) < 64
+  np.testing.assert_array_equal(batch["answer_mask"][~statements].sum(1), 1)
+  texts = {train.statement(item) for item in items}
+  for row in np.flatnonzero(statements):
+    ids = batch["input_ids"][row][batch["attention_mask"][row].astype(bool)]
+    assert ids[-1] == tokenizer.eos_token_id
+    text = tokenizer.decode(ids[:-1])
+    assert text in texts
+    # The statement's tokens are all scored (up to EOS).
+    assert batch["loss_mask"][row].sum() == len(ids) - 1
+  assert train.statement(items[0]).endswith(items[0].options[items[0].answer])
