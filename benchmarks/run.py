@@ -516,15 +516,22 @@ def main(argv):
                         dpjax_repeats=1 if quick else 3))
     cases.append(Case("random Llama", big_dir, suite_tokenizer, num_items=32 if quick else 128,
                       batch_size=16, min_layers=1, hf_repeats=1, dpjax_repeats=1))
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+
+    def save():  # after every measurement, so a long run that is stopped keeps what it has
+      atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_JSON), json.dumps(results, indent=2))
+
     results = {"quick": quick, "machine": machine(),
-               "matmul": matmul_gflops(1024 if quick else 2048, repeats)}
+               "matmul": matmul_gflops(1024 if quick else 2048, repeats), "iterative": []}
     print(f"dense matmul: {results['matmul']['gflops']:.1f} GFLOP/s", flush=True)
-    results["iterative"] = [iterative(c) for c in cases]
+    for case in cases:
+      results["iterative"].append(iterative(case))
+      save()
     results["serving"] = serving(big_dir, quick, repeats)
+    save()
     results["scaling"] = scaling(small_dir, suite_tokenizer, quick, repeats)
   results["total_seconds"] = time.perf_counter() - started
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_JSON), json.dumps(results, indent=2))
+  save()
   markdown = results_markdown(results)
   atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_MD), markdown)
   print("\n" + markdown)

@@ -419,7 +419,7 @@ def findings(results: dict[str, Any]) -> list[str]:
   at least half of the whole rise from the lowest layer to the final one.
   """
   full = results["full_model"]
-  unpruned, chance = full["accuracy"][-1], full["chance"]
+  unpruned, chance = float(full["accuracy"][-1]), float(full["chance"])
   threshold = chance + 0.5 * (unpruned - chance)
   out = ["", "## Findings", ""]
   norm = results["settings"].get("normalization", "vocab")
@@ -439,7 +439,8 @@ def findings(results: dict[str, Any]) -> list[str]:
   if phase and "selections" in phase:
     k = phase["max_k"]
     for selection, arms in phase["selections"].items():
-      silent, decisive = arms["silent"][k - 1]["accuracy"], arms["decisive"][k - 1]["accuracy"]
+      silent = float(arms["silent"][k - 1]["accuracy"])
+      decisive = float(arms["decisive"][k - 1]["accuracy"])
       said = {True: "collapses", False: "does not collapse"}
       out.append(f"- Silent vs Decisive ({selection}, {k} blocks removed from each phase): "
                  f"Silent-Phase pruning {said[silent < threshold]} ({silent:.3f}), "

@@ -29,7 +29,7 @@ def synthetic_model_dir(tmp_path_factory):
   tokenizer = synthetic.build_tokenizer(
       synthetic.training_text(synthetic.generate("train", 400)), 400)
   config = dict(hf_reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer),
-                tie_word_embeddings=False)
+                tie_word_embeddings=False, max_position_embeddings=256)
   hf_reference.build_hf_model("llama", config, seed=5).save_pretrained(directory)
   tokenizer.save_pretrained(directory)
   return directory

@@ -67,7 +67,7 @@ def test_held_out_accuracy_recomputed_by_dpjax_and_hf(training_log, held_out):
                                       progress=False)
   top = np.asarray(metrics.top_option(readout.option_logits[0]))[-1]
   ours = float(np.mean(top == encoded.answer))
-  assert ours == pytest.approx(card, abs=1e-9)
+  assert ours == pytest.approx(card, abs=1e-6)  # the card holds a float32 mean
 
   hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32).eval()
   hf_top = []

@@ -22,7 +22,7 @@ def tiny_settings(output_dir, **changes) -> train.Settings:
   fields = dict(output_dir=str(output_dir), num_train_items=200, num_eval_items=40,
                 vocab_size=300, num_layers=2, hidden_size=32, intermediate_size=64,
                 num_heads=4, num_kv_heads=2, steps=40, batch_size=16, learning_rate=3e-3,
-                seq_len=128, log_every=1, eval_every=1000, eval_batch_size=40)
+                seq_len=192, log_every=1, eval_every=1000, eval_batch_size=40)
   fields.update(changes)
   return train.Settings(**fields)
 
