@@ -28,11 +28,10 @@ class HFIterativeReference:
     self.layers = list(model.model.layers)
     self.layer_types = getattr(model.config, "layer_types", None)
     self.batches = list(batches)
-    self.forwards = self.block_rows = 0
+    self.block_rows = 0
     # transformers 5 collects hidden states with hooks it installs on the blocks
     # present at the first call: make that call with every block (also a warm-up).
     self.readouts(list(range(len(self.layers))))
-    self.forwards = 0      # model calls
     self.block_rows = 0    # blocks run x item rows (filler rows included)
 
   def _use(self, kept: Sequence[int]) -> None:
@@ -62,7 +61,6 @@ class HFIterativeReference:
         raise RuntimeError(f"HF returned {len(out.hidden_states)} hidden states for {len(kept)} "
                            "blocks; transformers hooks the blocks present at the model's first "
                            "call, so make that call with every block.")
-      self.forwards += 1
       self.block_rows += len(kept) * ids.shape[0]
       rows = batch.index >= 0
       letters = np.where(batch.letter_ids >= 0, batch.letter_ids, 0)

@@ -233,7 +233,7 @@ def iterative(case: Case) -> dict[str, Any]:
   ref = HFIterativeReference(hf, cold_sweep.batches)  # its first call is the warm-up
   hf_times, steps = [], None
   for _ in range(case.hf_repeats):
-    ref.forwards = ref.block_rows = 0
+    ref.block_rows = 0
     start = time.perf_counter()
     steps = ref.iterative_prune(model.num_layers, case.min_layers,
                                 on_step=lambda s: print(f"  reference step: removed block "

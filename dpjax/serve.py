@@ -40,22 +40,23 @@ class KVCache(NamedTuple):
   position: Array  # [B] int32: the next token's rotary position (real tokens so far)
 
 
-def _attention_mask(cfg, valid: Array, query_slots: Array) -> Array:
-  """`[B, T, S]`: query slot `t` may see key slot `s <= t` that holds a real token (and lies
-  within the sliding window, when the model has one; only full-window models decode here)."""
+def _attention_mask(valid: Array, query_slots: Array) -> Array:
+  """`[B, T, S]`: query slot `t` may see key slot `s <= t` that holds a real token (only
+  full-attention models decode here: `Server` refuses sliding windows)."""
   s = jnp.arange(valid.shape[1])
   causal = s[None, :] <= query_slots[:, None]
   return causal[None] & valid[:, None, :]
 
 
-def _run_cached(module, h: Array, positions: Array, cache: KVCache, block_index: Array) -> tuple[Array, KVCache]:
+def _run_cached(module, h: Array, positions: Array, cache: KVCache,
+                block_index: Array) -> tuple[Array, KVCache]:
   """Runs the kept blocks on `h` `[B, T, d]` (the tokens of slots `next_slot..+T`),
   writing their keys and values into the cache."""
   cfg = module.cfg
   t = h.shape[1]
   cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
   query_slots = cache.next_slot + jnp.arange(t)
-  mask = _attention_mask(cfg, cache.valid, query_slots)
+  mask = _attention_mask(cache.valid, query_slots)
   graphdef, block_state = nnx.split(module.blocks)
 
   def body(step, carry):

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import dpjax
-from dpjax import metrics, synthetic, tasks
+from dpjax import hf_reference, metrics, synthetic, tasks
 from dpjax.main import BUNDLED_MODEL
 from dpjax.readout import DecisionReader
 
@@ -144,9 +144,9 @@ def test_default_run_numbers_recomputed_with_hf(default_run):
   assert point["removed"] == 1
   for kept, want in ((list(range(1, num_layers + 1)), full["accuracy"][-1]),
                      (point["kept"], point["accuracy"])):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
-    hf.model.layers = torch.nn.ModuleList([hf.model.layers[b - 1] for b in kept])
-    hf.config.num_hidden_layers = len(kept)
+    hf = hf_reference.delete_blocks(
+        transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32),
+        dpjax.keep_mask([b - 1 for b in kept], num_layers))
     correct = 0
     with torch.no_grad():
       for item in items:
