@@ -47,15 +47,15 @@ def _kl_max(p_logits, q_logits):
 
 def parity() -> list[dict]:
   import dpjax
-  from dpjax import hf_reference
+  from benchmarks import reference
   rows = []
-  for name in sorted(hf_reference.VARIANTS):
+  for name in sorted(reference.VARIANTS):
     with tempfile.TemporaryDirectory() as d:
-      hf_reference.save_variant(name, d, seed=11)
+      reference.save_variant(name, d, seed=11)
       model = dpjax.load_model(d, dtype="float32")
-      ref = hf_reference.load_hf(d)
-      ids, mask = hf_reference.random_batch(model.config.vocab_size, 4, 24, seed=3, padding="left")
-      want, hidden = hf_reference.hf_forward(ref, ids, mask)
+      ref = reference.load_hf(d)
+      ids, mask = reference.random_batch(model.config.vocab_size, 4, 24, seed=3, padding="left")
+      want, hidden = reference.hf_forward(ref, ids, mask)
       got = np.asarray(model.logits(ids, attention_mask=mask))
       ours_hidden = np.asarray(model.hidden_states(ids, attention_mask=mask))
       real = mask.astype(bool)
@@ -71,7 +71,7 @@ def parity() -> list[dict]:
 
 _MEMORY_PROBE = r"""
 import json, os, sys, threading, time
-import dpjax, checkpoints_convert.convert as c, jax, transformers, orbax.checkpoint
+import dpjax, dpjax.checkpoints.convert as c, jax, transformers, orbax.checkpoint
 
 def rss():
   # Anonymous resident memory: what the process allocated. File pages mapped
@@ -108,13 +108,13 @@ def _dir_bytes(directory: str) -> int:
 
 
 def conversion_memory(quick: bool) -> list[dict]:
-  from dpjax import hf_reference
+  from benchmarks import reference
   config = dict(vocab_size=16000, hidden_size=384, intermediate_size=1024,
                 num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                 max_position_embeddings=512, tie_word_embeddings=False)
   if quick:
     config.update(num_hidden_layers=2, vocab_size=4000)
-  model = hf_reference.build_hf_model("llama", config)
+  model = reference.build_hf_model("llama", config)
   rows = []
   with tempfile.TemporaryDirectory() as d:
     for layout, kwargs in (("single file", {}), ("sharded 20MB", {"max_shard_size": "20MB"})):
@@ -145,7 +145,7 @@ def forward_speed(quick: bool, repeats: int) -> list[dict]:
   import jax
   import torch
   import dpjax
-  from dpjax import hf_reference
+  from benchmarks import reference
   config = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=16,
                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
   batch, length = 8, 128
@@ -154,17 +154,17 @@ def forward_speed(quick: bool, repeats: int) -> list[dict]:
     batch, length = 2, 32
   rows = []
   with tempfile.TemporaryDirectory() as d:
-    hf = hf_reference.build_hf_model("llama", config)
+    hf = reference.build_hf_model("llama", config)
     hf.save_pretrained(d)
     model = dpjax.load_model(d, dtype="float32")
-    hf = hf_reference.load_hf(d)
+    hf = reference.load_hf(d)
     hf.config._attn_implementation = "sdpa"  # HF's default, the fair opponent
-    ids, _ = hf_reference.random_batch(config["vocab_size"], batch, length, seed=0)
+    ids, _ = reference.random_batch(config["vocab_size"], batch, length, seed=0)
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     n = config["num_hidden_layers"]
     for label, keep in (("full model", np.ones(n, bool)),
                         ("half the blocks kept", np.arange(n) % 2 == 0)):
-      ref = hf if keep.all() else hf_reference.delete_blocks(hf_reference.load_hf(d), keep)
+      ref = hf if keep.all() else reference.delete_blocks(reference.load_hf(d), keep)
       ref.config._attn_implementation = "sdpa"
 
       def run_hf():

@@ -158,18 +158,19 @@ class Case:
 
 def random_llama(directory: str, layers: int, hidden: int, vocab: int, tokenizer) -> str:
   """A random HF Llama written with `save_pretrained`, with `tokenizer` beside it."""
-  from dpjax import hf_reference
+  from benchmarks import reference
   heads = max(1, hidden // 64)
   config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=512)
-  hf_reference.build_hf_model("llama", config, seed=0).save_pretrained(directory)
+  reference.build_hf_model("llama", config, seed=0).save_pretrained(directory)
   tokenizer.save_pretrained(directory)
   return directory
 
 
 def _encoded(case: Case):
-  from dpjax import synthetic, tasks
+  from dpjax import tasks
+  from dpjax.tasks import synthetic
   items = synthetic.generate("test", case.num_items, seed=0)
   return tasks.encode(case.tokenizer, items, [tasks.prompt(i) for i in items])
 
@@ -180,6 +181,7 @@ def iterative(case: Case) -> dict[str, Any]:
   import transformers
   import dpjax
   from dpjax import pruning
+  from dpjax.compilation import CompileCounter
   from dpjax.sweep import Sweep
   from benchmarks.reference import HFIterativeReference
 
@@ -194,38 +196,28 @@ def iterative(case: Case) -> dict[str, Any]:
   def on_step(block, kept, stats):
     records.append((block, stats.correct / stats.items, stats.margin_sum / stats.items))
 
+  counter = CompileCounter()
   cold_sweep = Sweep(model, encoded, batch_size=case.batch_size, pad_id=pad)
   start = time.perf_counter()
   order = pruning.iterative_prune(cold_sweep, criterion="accuracy", min_layers=case.min_layers,
                                   on_step=on_step)
   cold = time.perf_counter() - start
-  print(f"dpjax (compiling as it goes): {cold:.1f} s, {cold_sweep.compile_count()} programs",
-        flush=True)
+  programs, compile_seconds = counter.programs, counter.seconds
+  print(f"dpjax (compiling as it goes): {cold:.1f} s, {programs} programs", flush=True)
 
   # dpjax, warm: the same run with every program compiled, timed per program kind.
-  phases = {"stream": 0.0, "candidates": 0.0}
-
-  def timing(fn, key):
-    def wrapped(*args):
-      start = time.perf_counter()
-      out = jax.block_until_ready(fn(*args))
-      phases[key] += time.perf_counter() - start
-      return out
-    return wrapped
-
   warm_times = []
+  phases = {"stream": 0.0, "candidates": 0.0}
   for _ in range(case.dpjax_repeats):
-    warm = Sweep(model, encoded, batch_size=case.batch_size, pad_id=pad)
-    warm._stream = timing(cold_sweep._stream, "stream")
-    warm._tails = timing(cold_sweep._tails, "candidates")
+    warm = Sweep(model, encoded, batch_size=case.batch_size, pad_id=pad, time_phases=True)
     start = time.perf_counter()
     again = pruning.iterative_prune(warm, criterion="accuracy", min_layers=case.min_layers)
     warm_times.append(time.perf_counter() - start)
     if again != order:
       raise SystemExit(f"{case.name}: dpjax chose {again} on a rerun, {order} the first time.")
+    for key in phases:
+      phases[key] += warm.phase_seconds[key] / case.dpjax_repeats
   warm_s = float(np.median(warm_times))
-  for key in phases:
-    phases[key] /= case.dpjax_repeats
   print(f"dpjax (compiled): {warm_s:.1f} s", flush=True)
 
   # The reference, timed after one warm-up forward.
@@ -269,14 +261,14 @@ def iterative(case: Case) -> dict[str, Any]:
       "case": case.name, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
       "vocab": cfg.vocab_size, "items": case.num_items, "batch_size": case.batch_size,
       "padded_tokens": tokens, "min_layers": case.min_layers,
-      "removed_order": [b + 1 for b in order], "same_sequence": True,
+      "removed_order": [b + 1 for b in order],
+      "reference_removed_order": [b + 1 for b in ref_order],
       "max_mean_margin_difference": worst_margin,
       "dpjax_seconds_with_compilation": cold, "dpjax_seconds": warm_s,
       "dpjax_seconds_all": warm_times, "dpjax_phase_seconds": phases,
       "hf_seconds": hf_s, "hf_seconds_all": hf_times,
       "speedup": hf_s / warm_s, "speedup_with_compilation": hf_s / cold,
-      "compiled_programs": cold_sweep.compile_count(),
-      "compile_seconds_estimate": max(cold - warm_s, 0.0),
+      "compiled_programs": programs, "compile_seconds": compile_seconds,
       "block_evaluations": {"executed": c.executed, "minimum": c.minimum, "naive": c.naive,
                             "executed_over_minimum": c.executed / c.minimum,
                             "hf_reference": ref.block_rows},
@@ -352,7 +344,9 @@ def serving(directory: str, quick: bool, repeats: int) -> dict[str, Any]:
 
 def scaling(directory: str, tokenizer, quick: bool, repeats: int) -> dict[str, Any]:
   import dpjax
-  from dpjax import synthetic, tasks
+  from dpjax import tasks
+  from dpjax.compilation import CompileCounter
+  from dpjax.tasks import synthetic
   from dpjax.sweep import Sweep
   model = dpjax.load_model(directory, dtype="float32")
   n = model.num_layers
@@ -370,18 +364,19 @@ def scaling(directory: str, tokenizer, quick: bool, repeats: int) -> dict[str, A
     encoded = encoded_all.subset(range(num_items))
     masks = masks_of(m)
     sweep = Sweep(model, encoded, batch_size=16, pad_id=tokenizer.pad_token_id or 0)
+    counter = CompileCounter()
     start = time.perf_counter()
     with PeakMemory() as first_memory:
       sweep.readouts(masks)
     first = time.perf_counter() - start
-    programs = sweep.compile_count()
+    programs, compile_seconds = counter.programs, counter.seconds
     with PeakMemory() as memory:
       t = timed(lambda: sweep.readouts(masks), repeats)
     kept_block_rows = int(masks.sum()) * len(sweep.batches) * 16
     return {"masks": m, "items": num_items, "total_kept_blocks": int(masks.sum()),
             "kept_block_rows": kept_block_rows, "seconds": t,
             "microseconds_per_kept_block_row": 1e6 * t["median"] / kept_block_rows,
-            "first_call_seconds": first, "compile_seconds_estimate": max(first - t["median"], 0),
+            "first_call_seconds": first, "compile_seconds": compile_seconds,
             "compiled_programs": programs, "peak_memory_added_mb": memory.added_mb,
             "peak_memory_added_mb_first_call": first_memory.added_mb}
 
@@ -482,16 +477,16 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"| {row['masks']} | {row['items']} | {row['total_kept_blocks']} | {t['median']:.3f} "
         f"({t['spread']:.3f}) | {row['microseconds_per_kept_block_row']:.1f} | "
         f"{row['peak_memory_added_mb']:.1f} / {row['peak_memory_added_mb_first_call']:.1f} | "
-        f"{row['compiled_programs']} | {row['compile_seconds_estimate']:.1f} |")
+        f"{row['compiled_programs']} | {row['compile_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   del argv
   import torch
-  from dpjax import synthetic
+  from dpjax.tasks import synthetic
   from dpjax.fileio import atomic_write_text
-  from dpjax.main import BUNDLED_MODEL
+  from dpjax.bundled import BUNDLED_MODEL
   import transformers
 
   quick, repeats = _QUICK.value, (1 if _QUICK.value else _REPEATS.value)

@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import app
-from absl import flags
 import numpy as np
 
-from checkpoints_convert.export import DEFAULT_MAX_SHARD_BYTES, export
+from dpjax import flagdefs
+from dpjax.checkpoints.export import DEFAULT_MAX_SHARD_BYTES, export
+from dpjax.flagdefs import setting
 
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Model to export: a dpjax checkpoint, an HF directory or a hub id.")
-_KEEP = flags.DEFINE_list(
-    "keep", None, "0-based indices of the blocks to keep, e.g. 0,1,5 (default: all).")
-_MASK = flags.DEFINE_string(
-    "mask", None, "Alternative to --keep: one 0/1 character per block, e.g. 110101.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the HF checkpoint.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output_dir if it exists.")
-_MAX_SHARD_MB = flags.DEFINE_integer(
-    "max_shard_mb", DEFAULT_MAX_SHARD_BYTES // 1024**2, "Largest safetensors shard, in MiB.")
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+  checkpoint: str = setting(help="Model to export: a dpjax checkpoint, an HF directory or a "
+                            "hub id.", required=True)
+  output_dir: str = setting(help="Where to write the HF checkpoint.", required=True)
+  keep: tuple[str, ...] | None = setting(None, "0-based indices of the blocks to keep, e.g. "
+                                         "0,1,5 (default: all).")
+  mask: str | None = setting(None, "Alternative to --keep: one 0/1 character per block, "
+                             "e.g. 110101.")
+  overwrite: bool = setting(False, "Replace --output_dir if it exists.")
+  max_shard_mb: int = setting(DEFAULT_MAX_SHARD_BYTES // 1024**2, "Largest safetensors shard, "
+                              "in MiB.")
 
 
-def _parse_indices(values: list[str]) -> list[int]:
+def _parse_indices(values) -> list[int]:
   try:
     return [int(v) for v in values]
   except ValueError as e:
-    raise ValueError(f"--keep takes comma-separated block indices, got {values}.") from e
+    raise ValueError(f"--keep takes comma-separated block indices, got {list(values)}.") from e
 
 
 def _parse_mask(text: str) -> np.ndarray:
@@ -38,21 +43,22 @@ def _parse_mask(text: str) -> np.ndarray:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a flag.")
+  s = flagdefs.from_flags(ExportSettings)
   try:
-    if _KEEP.value is not None and _MASK.value is not None:
+    if s.keep is not None and s.mask is not None:
       raise ValueError("give --keep or --mask, not both.")
     out = export(
-        _CHECKPOINT.value, _OUTPUT_DIR.value,
-        kept_blocks=_parse_indices(_KEEP.value) if _KEEP.value is not None else None,
-        keep=_parse_mask(_MASK.value) if _MASK.value is not None else None,
-        overwrite=_OVERWRITE.value, max_shard_bytes=_MAX_SHARD_MB.value * 1024**2)
+        s.checkpoint, s.output_dir,
+        kept_blocks=_parse_indices(s.keep) if s.keep is not None else None,
+        keep=_parse_mask(s.mask) if s.mask is not None else None,
+        overwrite=s.overwrite, max_shard_bytes=s.max_shard_mb * 1024**2)
   except (ValueError, FileExistsError) as e:
     raise SystemExit(f"dpjax-export: error: {e}") from e
   print(f"wrote HF checkpoint to {out}")
 
 
 def run() -> None:
-  flags.mark_flags_as_required(["checkpoint", "output_dir"])
+  flagdefs.define_flags(ExportSettings)
   app.run(main)
 
 

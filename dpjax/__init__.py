@@ -1,11 +1,13 @@
 """dpjax: decision readouts and layer pruning of LLMs, in JAX.
 
 Public API: `load_model(path_or_id)` returns a `DecoderModel` with
-`logits(input_ids, keep=None)` and `hidden_states(input_ids, keep=None)`.
+`logits(input_ids, keep=None)` and `hidden_states(input_ids, keep=None)`;
+`keep_mask(indices, num_layers)` and `KeepPlan` say which blocks run.
 """
 
 from dpjax.config import ModelConfig
 from dpjax.load import load_model
-from dpjax.model import DecoderModel, keep_mask
+from dpjax.model import DecoderModel
+from dpjax.plan import KeepPlan, keep_mask
 
-__all__ = ["DecoderModel", "ModelConfig", "keep_mask", "load_model"]
+__all__ = ["DecoderModel", "KeepPlan", "ModelConfig", "keep_mask", "load_model"]

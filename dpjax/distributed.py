@@ -21,6 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from dpjax.flagdefs import setting
+
 DATA, MODEL = "data", "model"
 
 # Which axis of each stacked weight the model axis splits (Megatron-style:
@@ -31,6 +33,15 @@ _MODEL_AXIS_RULES = {
     "o": 1, "down": 1,
     "lm_head": 1,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process joins a multi-process run (each field is also a flag)."""
+  coordinator_address: str | None = setting(None, "Multi-host: HOST:PORT of process 0 "
+                                            "(jax.distributed.initialize).")
+  num_processes: int = setting(1, "Multi-host: number of processes.")
+  process_id: int = setting(0, "Multi-host: this process's index.")
 
 
 def initialize(coordinator_address: str | None, num_processes: int, process_id: int) -> None:

@@ -54,15 +54,60 @@ def atomic_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` via a temporary file and a rename."""
+  with atomic_file(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
+  """Yields a temporary path beside `path` that becomes `path` when the block succeeds."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix,
+                             dir=directory)
+  os.fchmod(fd, default_mode())  # mkstemp's file is private; results are not
+  os.close(fd)
   try:
-    os.fchmod(fd, default_mode())  # mkstemp's file is private; results are not
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    yield tmp
     os.replace(tmp, path)
-  except BaseException:
+  finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
-    raise
+
+
+def write_json(path: str, data) -> None:
+  """`data` (plain JSON types) as indented JSON, atomically."""
+  import json
+  atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: str, header, rows) -> None:
+  """A CSV table, atomically; NaN cells are left empty."""
+  import csv
+  import io
+  import math
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(header)
+  for row in rows:
+    writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
+  atomic_write_text(path, buffer.getvalue())
+
+
+def write_npz(path: str, **arrays) -> None:
+  """Compressed numpy arrays, atomically."""
+  import numpy as np
+  with atomic_file(path, suffix=".npz") as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **arrays)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """A matplotlib figure as PNG, atomically; the figure is closed."""
+  import matplotlib.pyplot as plt
+  try:
+    with atomic_file(path, suffix=".png") as tmp:
+      fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+  finally:
+    plt.close(fig)

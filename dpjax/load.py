@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dpjax.checkpoints.convert import load_checkpoint
 from dpjax.model import DecoderModel
 
 
@@ -17,9 +18,6 @@ def load_model(path_or_id: str, dtype: str | None = None,
       checkpoint's own.
     compute_dtype: activation dtype; default: the weight dtype.
   """
-  # Imported here: the converter imports dpjax's config, so a module-level
-  # import would make `import dpjax` and `import checkpoints_convert` circular.
-  from checkpoints_convert.convert import load_checkpoint
   checkpoint = load_checkpoint(path_or_id, dtype)
   return DecoderModel(checkpoint.config, checkpoint.params, compute_dtype=compute_dtype,
                       source_dir=checkpoint.directory)

@@ -1,4 +1,4 @@
-"""The paper's metrics, exactly as shared/spec/metrics.md defines them.
+"""The paper's metrics, exactly as the README's "Definitions" section states them.
 
 Pure, jit-able functions of the readout arrays. Shapes: leading axes `...`
 (masks, steps) are carried through; `L1 = layers + 1` (h_0 and every block),
@@ -183,3 +183,24 @@ def profile(option_logits, log_normalizer, answer, num_options, *, normalization
       transition=transition_block(summaries[normalization].mean, tau),
       accuracy_transition=accuracy_transition_block(accuracy, chance, delta),
       sharpness=sharpness(summaries[normalization].mean))
+
+
+# A transition counts as sharp when its largest one-block rise of the mean DM is
+# at least this share of the whole rise from the lowest layer to the final one.
+SHARP_SHARE = 0.5
+
+
+class TransitionShape(NamedTuple):
+  total_rise: float  # mean DM at the final layer minus its lowest value over layers
+  share: float       # the largest one-block rise as a share of `total_rise` (NaN if none)
+  sharp: bool        # share >= SHARP_SHARE
+
+
+def transition_shape(mean_margin, largest_rise: float) -> TransitionShape:
+  """Is the transition sharp or gradual? From the mean DM per layer `[L1]` (NaN at
+  removed layers) and its largest one-block rise (`sharpness(...).rise`)."""
+  import numpy as np
+  mean = np.asarray(mean_margin, float)
+  total = float(mean[-1] - np.nanmin(mean))
+  share = largest_rise / total if total > 0 else float("nan")
+  return TransitionShape(total, share, bool(share >= SHARP_SHARE))

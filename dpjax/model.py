@@ -30,12 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.config import ModelConfig
+from dpjax.plan import KeepPlan
 
 Array = jax.Array
-
-# How many shape buckets the gather form rounds the kept-block count into
-# (compiled programs per input shape, against padding waste below L/16 blocks).
-NUM_KEEP_BUCKETS = 16
 
 
 # ----------------------------------------------------------------------------
@@ -108,9 +105,8 @@ class Block(nnx.Module):
   (`checkpoints_convert.architectures`). Linear weights are stored `[in, out]`.
   """
 
-  def __init__(self, cfg: ModelConfig, *, compute_dtype, precision, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, precision, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.compute_dtype = compute_dtype
     self.precision = precision
     d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -190,7 +186,7 @@ class Transformer(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, compute_dtype=self.compute_dtype, precision=self.precision, rngs=rngs)
+      return Block(cfg, precision=self.precision, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = _param(rngs, (cfg.hidden_size,), pd, "ones")
@@ -305,27 +301,6 @@ def _forward(graphdef, state, input_ids, attention_mask, block_index, block_vali
   return jnp.take(stream, hidden_source, axis=0)
 
 
-def keep_buckets(num_layers: int) -> tuple[int, ...]:
-  """The scanned-block counts the gather form compiles for."""
-  return tuple(sorted({math.ceil(num_layers * i / NUM_KEEP_BUCKETS)
-                       for i in range(1, NUM_KEEP_BUCKETS + 1)} - {0}))
-
-
-def keep_mask(kept_blocks: Sequence[int], num_layers: int) -> np.ndarray:
-  """`[layers]` bool keep vector from 0-based kept block indices (checked)."""
-  kept = [int(i) for i in kept_blocks]
-  bad = [i for i in kept if not 0 <= i < num_layers]
-  if bad:
-    raise ValueError(f"kept block indices {bad} are out of range for a model with "
-                     f"{num_layers} blocks (valid: 0..{num_layers - 1}).")
-  repeated = sorted({i for i in kept if kept.count(i) > 1})
-  if repeated:
-    raise ValueError(f"kept block indices {repeated} are repeated; list each block once.")
-  mask = np.zeros(num_layers, dtype=bool)
-  mask[kept] = True
-  return mask
-
-
 class DecoderModel:
   """A converted checkpoint ready to run: the public Python API of dpjax.
 
@@ -353,8 +328,7 @@ class DecoderModel:
 
   @classmethod
   def from_module(cls, module: Transformer) -> "DecoderModel":
-    graphdef, state = nnx.split(module)
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module)))
     return cls(module.cfg, params, compute_dtype=module.compute_dtype)
 
   @property
@@ -374,10 +348,6 @@ class DecoderModel:
   def module(self) -> Transformer:
     """The NNX module, for code that wants to call its methods directly."""
     return nnx.merge(self.graphdef, self.state)
-
-  def compile_count(self, want: str = "logits") -> int:
-    """How many programs the jitted forward has compiled so far."""
-    return self._jitted[want]._cache_size()
 
   def logits(self, input_ids, keep=None, attention_mask=None, *, gather: bool = True) -> Array:
     """`[B, T, V]` logits with only the blocks in `keep` (`[layers]` bool) run."""
@@ -399,38 +369,12 @@ class DecoderModel:
       attention_mask = np.ones(input_ids.shape, np.int32)
     attention_mask = np.asarray(attention_mask)
     chex.assert_equal_shape([input_ids, attention_mask])
-    keep = self._check_keep(keep)
-    index, valid, source = self._plan(keep, gather)
+    plan = KeepPlan.from_mask(keep, self.num_layers)
+    if gather and not plan.is_full:
+      (index, valid), source = plan.steps(), plan.hidden_source
+    else:  # Mask form (also when every block is kept: there is nothing to skip).
+      index, valid, source = None, plan.mask, np.arange(self.num_layers + 1, dtype=np.int32)
     return self._jitted[want](self.state, input_ids, attention_mask, index, valid, source)
-
-  def _check_keep(self, keep) -> np.ndarray:
-    n = self.num_layers
-    if keep is None:
-      return np.ones(n, dtype=bool)
-    arr = np.asarray(keep)
-    if arr.dtype != bool or arr.shape != (n,):
-      raise ValueError(
-          f"keep must be a boolean vector of length {n} (one entry per block), got "
-          f"dtype {arr.dtype} and shape {arr.shape}. To keep blocks by index, pass "
-          "dpjax.keep_mask(indices, num_layers).")
-    if not arr.any():
-      raise ValueError("keep removes every block; keep at least one block.")
-    return arr
-
-  def _plan(self, keep: np.ndarray, gather: bool):
-    """Host-side plan: which blocks to scan and where each hidden state comes from."""
-    n = self.num_layers
-    kept = np.flatnonzero(keep)
-    # hidden state after block b comes from the last kept block <= b.
-    source = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-    if not gather or len(kept) == n:
-      # Mask form (also when every block is kept: there is nothing to skip).
-      return None, keep, np.arange(n + 1, dtype=np.int32)
-    size = next(b for b in keep_buckets(n) if b >= len(kept))
-    index = np.zeros(size, dtype=np.int32)
-    index[:len(kept)] = kept
-    valid = np.arange(size) < len(kept)
-    return index, valid, source
 
 
 def _check_params(expected: dict, given: dict, prefix: str = "") -> None:

@@ -1,6 +1,6 @@
 """Pruning methods: each proposes masks; the sweep evaluates them.
 
-Definitions in shared/spec/metrics.md. Block indices here are 0-based
+Definitions: the README's "Definitions" section. Block indices here are 0-based
 (`block b` is the spec's block `b + 1`); reports convert.
 
 * `iterative_prune`: greedy, one block a step, by the `accuracy`, `margin` or
@@ -21,7 +21,6 @@ import numpy as np
 from dpjax.sweep import FinalStats, Sweep
 
 CRITERIA = ("accuracy", "margin", "nll")
-BASELINES = ("block_influence", "angular", "single_layer", "reverse", "random")
 PHASE_SELECTIONS = ("adjacent", "redundant", "random")
 
 

@@ -15,7 +15,6 @@ model runs in bfloat16. Vmapped over a batch of masks, the outputs are
 from __future__ import annotations
 
 import functools
-import time
 from typing import NamedTuple
 
 import chex
@@ -25,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.distributed import fetch
-from dpjax.model import DecoderModel, Transformer, keep_buckets, rms_norm
+from dpjax.model import DecoderModel, Transformer, rms_norm
+from dpjax.plan import KeepPlan, bucket_size, layers_from_steps, stacked_steps
+from dpjax.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches
 
 
@@ -68,19 +69,12 @@ def decision_readout(module: Transformer, input_ids, attention_mask, letter_ids,
   `Transformer.run_blocks`); layer `1 + block_index[s]` is filled for valid
   steps, every other block layer is NaN.
   """
-  num_layers = module.cfg.num_layers
   unembed = unembedding_f32(module)
   readout = lambda h: lens(module, unembed, h[:, -1], letter_ids)
-  _, (z0, lse0), (z, lse) = module.run_blocks(input_ids, attention_mask, block_index,
-                                              block_valid, readout=readout)
-  # Invalid steps write past the end, where mode="drop" discards them.
-  target = jnp.where(block_valid, 1 + block_index, num_layers + 1)
-  b, k = letter_ids.shape
-  options = jnp.full((num_layers + 1, b, k), jnp.nan, jnp.float32).at[0].set(z0)
-  options = options.at[target].set(z, mode="drop")
-  normalizer = jnp.full((num_layers + 1, b), jnp.nan, jnp.float32).at[0].set(lse0)
-  normalizer = normalizer.at[target].set(lse, mode="drop")
-  return Readout(options, normalizer)
+  _, first, per_step = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
+                                         readout=readout)
+  return Readout(*layers_from_steps(first, per_step, block_index, block_valid,
+                                    module.cfg.num_layers))
 
 
 def _readout_masks(graphdef, state, input_ids, attention_mask, letter_ids, block_index,
@@ -91,21 +85,16 @@ def _readout_masks(graphdef, state, input_ids, attention_mask, letter_ids, block
 
 
 def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """`[M, L]` bool masks -> step indices and validity `[M, n]`, `n` a shape bucket."""
+  """`[M, L]` bool masks -> step indices and validity `[M, n]`, `n` the bucket of the
+  largest kept count."""
   masks = np.asarray(masks, dtype=bool)
-  num_layers = masks.shape[1]
-  counts = masks.sum(1)
-  if (counts == 0).any():
-    bad = int(np.flatnonzero(counts == 0)[0])
-    raise ValueError(f"mask {bad} removes every block; keep at least one block.")
-  size = next(b for b in keep_buckets(num_layers) if b >= counts.max())
-  index = np.zeros((len(masks), size), dtype=np.int32)
-  valid = np.zeros((len(masks), size), dtype=bool)
+  plans = []
   for m, mask in enumerate(masks):
-    kept = np.flatnonzero(mask)
-    index[m, :len(kept)] = kept
-    valid[m, :len(kept)] = True
-  return index, valid
+    if not mask.any():
+      raise ValueError(f"mask {m} removes every block; keep at least one block.")
+    plans.append(KeepPlan.from_mask(mask))
+  size = bucket_size(max(p.num_kept for p in plans), masks.shape[1])
+  return stacked_steps([p.kept for p in plans], size)
 
 
 class DecisionReader:
@@ -115,9 +104,6 @@ class DecisionReader:
     self.model = model
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
     self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef))
-
-  def compile_count(self) -> int:
-    return self._fn._cache_size()
 
   def readout_batch(self, batch: Batch, masks: np.ndarray) -> Readout:
     """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]`."""
@@ -152,23 +138,3 @@ class DecisionReader:
       bar.update()
     bar.close()
     return Readout(options, normalizer)
-
-
-class Progress:
-  """A progress bar with an ETA (tqdm), quiet when disabled."""
-
-  def __init__(self, total: int, description: str, enabled: bool = True):
-    self._bar = None
-    self.start = time.perf_counter()
-    if enabled:
-      from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, desc=description, unit="batch", dynamic_ncols=True)
-
-  def update(self, n: int = 1) -> None:
-    if self._bar is not None:
-      self._bar.update(n)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-

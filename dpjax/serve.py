@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.model import DecoderModel, rope_inv_freq, rope_tables
+from dpjax.plan import KeepPlan
 
 Array = jax.Array
 
@@ -124,21 +125,16 @@ class Server:
   """Greedy generation from `model` with only the blocks in `keep` run (gathered)."""
 
   def __init__(self, model: DecoderModel, keep=None):
-    keep = model._check_keep(keep)
+    self.plan = KeepPlan.from_mask(keep, model.num_layers)
     if model.config.sliding_window is not None:
       raise ValueError("serve.Server decodes full-attention models only; this model has "
                        f"sliding_window={model.config.sliding_window}. Use "
                        "DecoderModel.logits for its forward passes.")
     self.model = model
-    self.keep = keep
-    self.block_index = np.flatnonzero(keep).astype(np.int32)
+    self.block_index = np.asarray(self.plan.kept, np.int32)
     self._generate = jax.jit(functools.partial(_generate, model.graphdef),
                              static_argnames=("max_new_tokens",))
     self._prefill = jax.jit(functools.partial(_prefill, model.graphdef))
-
-  @property
-  def num_blocks(self) -> int:
-    return len(self.block_index)
 
   def _inputs(self, input_ids, attention_mask):
     input_ids = np.asarray(input_ids)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, NamedTuple, Sequence
 
 from flax import nnx
@@ -33,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.distributed import fetch
-from dpjax.model import DecoderModel, keep_buckets
-from dpjax.readout import DecisionReader, Progress, Readout, lens, unembedding_f32
+from dpjax.model import DecoderModel
+from dpjax.plan import KeepPlan, bucket_size, stacked_steps
+from dpjax.progress import Progress
+from dpjax.readout import DecisionReader, Readout, lens, unembedding_f32
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -123,7 +126,7 @@ class Sweep:
 
   def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
-               placement=None):
+               placement=None, time_phases: bool = False):
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -135,17 +138,25 @@ class Sweep:
     self.placement = placement  # dpjax.distributed.Placement or None
     self.batches = batches(encoded, batch_size, pad_id)
     self.reader = DecisionReader(model, placement=placement)
-    self._stream = jax.jit(functools.partial(_stream, model.graphdef))
-    self._tails = jax.jit(functools.partial(_tails, model.graphdef))
+    self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
+    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef))
     self.counters = Counters()
+    # With `time_phases`, every drop-one program is waited for and its wall time
+    # added here ("stream": the current model, "candidates": the tails).
+    self.time_phases = time_phases
+    self.phase_seconds = {"stream": 0.0, "candidates": 0.0}
 
   @property
   def num_layers(self) -> int:
     return self.model.num_layers
 
-  def compile_count(self) -> int:
-    return (self._stream._cache_size() + self._tails._cache_size()
-            + self.reader.compile_count())
+  def _timed(self, phase: str, fn, *args):
+    if not self.time_phases:
+      return fn(*args)
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    self.phase_seconds[phase] += time.perf_counter() - start
+    return out
 
   def _put(self, array):
     return array if self.placement is None else self.placement.items(array)
@@ -164,8 +175,7 @@ class Sweep:
                        "at least one block.")
     # Masks that scan the same number of steps (shape bucket) run together, so a
     # chunk is never padded to a longer mask's length.
-    buckets = keep_buckets(self.num_layers)
-    bucket_of = np.array([next(b for b in buckets if b >= k) for k in counts])
+    bucket_of = np.array([bucket_size(int(k), self.num_layers) for k in counts])
     order = np.argsort(bucket_of, kind="stable")
     n, k = len(self.encoded.items), self.encoded.letter_ids.shape[1]
     options = np.empty((len(masks), self.num_layers + 1, n, k), np.float32)
@@ -199,7 +209,8 @@ class Sweep:
     the result; every candidate that could still tie or win is evaluated on all
     items.
     """
-    kept = [int(b) for b in kept]
+    plan = KeepPlan.from_kept(kept, self.num_layers)
+    kept = list(plan.kept)
     if len(kept) < 2:
       raise ValueError(f"cannot drop a block from {kept}: at least one block must stay.")
     candidates = kept if candidates is None else [int(c) for c in candidates]
@@ -207,14 +218,11 @@ class Sweep:
     if unknown:
       raise ValueError(f"candidates {unknown} are not in the kept set {kept}.")
     position = {b: p for p, b in enumerate(kept)}
-    n_kept = len(kept)
-    buckets = (0,) + keep_buckets(self.num_layers)
+    n_kept = plan.num_kept
     # The current model's stream, padded to a shape bucket so that every step of
     # a pruning run reuses a few compiled programs (padding steps are identity).
-    stream_steps = next(b for b in buckets if b >= n_kept)
-    stream_index = np.zeros(stream_steps, np.int32)
-    stream_index[:n_kept] = kept
-    stream_valid = np.arange(stream_steps) < n_kept
+    stream_steps = plan.bucket
+    stream_index, stream_valid = plan.steps()
 
     alive = list(candidates)
     totals = {c: FinalStats(0, 0.0, 0.0, 0) for c in candidates}
@@ -224,28 +232,23 @@ class Sweep:
       rows = batch.index >= 0
       answer = batch.answer[rows]
       mask = self._put(batch.attention_mask)
-      stream = self._stream(self.model.state, self._put(batch.input_ids), mask, stream_index,
-                            stream_valid)
+      stream = self._timed("stream", self._stream_fn, self.model.state,
+                           self._put(batch.input_ids), mask, stream_index, stream_valid)
       self.counters.executed += stream_steps * self.batch_size
       self.counters.minimum += n_kept * self.batch_size
       # Group the live candidates by the (bucketed) number of blocks they still run.
       by_steps: dict[int, list[int]] = {}
       for c in alive:
         remaining = n_kept - 1 - position[c]
-        by_steps.setdefault(next(b for b in buckets if b >= remaining), []).append(c)
+        by_steps.setdefault(bucket_size(remaining, self.num_layers), []).append(c)
         self.counters.minimum += remaining * self.batch_size
         self.counters.naive += (n_kept - 1) * self.batch_size
       for steps, members in sorted(by_steps.items()):
         for group in _power_of_two_groups(members):
-          index = np.zeros((len(group), steps), np.int32)
-          valid = np.zeros((len(group), steps), bool)
-          for g, c in enumerate(group):
-            rest = kept[position[c] + 1:]
-            index[g, :len(rest)] = rest
-            valid[g, :len(rest)] = True
+          index, valid = stacked_steps([plan.tail(position[c]) for c in group], steps)
           positions = np.array([position[c] for c in group], np.int32)
-          z, lse = self._tails(self.model.state, stream, positions, mask,
-                               self._put(batch.letter_ids), index, valid)
+          z, lse = self._timed("candidates", self._tails_fn, self.model.state, stream,
+                               positions, mask, self._put(batch.letter_ids), index, valid)
           self.counters.executed += steps * len(group) * self.batch_size
           stats = final_stats(fetch(z)[:, rows], fetch(lse)[:, rows], answer)
           for g, c in enumerate(group):

@@ -14,8 +14,10 @@ import torch
 import transformers
 
 import dpjax
-from dpjax import hf_reference, metrics, synthetic, tasks
-from dpjax.main import BUNDLED_MODEL
+from benchmarks import reference
+from dpjax.tasks import synthetic
+from dpjax import metrics, tasks
+from dpjax.bundled import BUNDLED_MODEL
 from dpjax.readout import DecisionReader
 
 
@@ -87,7 +89,7 @@ def default_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("default_run"))
   result = subprocess.run(
       [sys.executable, "-m", "dpjax.main", "--num_items=64", "--calibration_items=16",
-       "--methods=iterative,reverse,phase", "--random_seeds=1", "--noprogress",
+       "--random_seeds=1", "--noprogress",
        f"--output_dir={out}"], capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "transition block" in result.stdout
@@ -113,6 +115,33 @@ def test_default_run_writes_the_whole_report(default_run):
   assert "http" not in page.replace("http-equiv", "")
   assert f"Transition block l* = {l_star}" in page
   assert "<table>" in page
+
+
+def test_default_run_runs_every_method_without_a_skip(default_run):
+  """Every method of the registry gives a curve and the phase experiment its arms: on the
+  bundled model (a transition at block 15 of 16), nothing may be skipped."""
+  _, results = default_run
+  methods = results["methods"]
+  assert sorted(methods) == sorted(["iterative_accuracy", "block_influence", "angular",
+                                    "single_layer", "reverse", "random", "phase_aware"])
+  num_layers = results["model"]["num_layers"]
+  for name, result in methods.items():
+    assert "skipped" not in result, (name, result.get("skipped"))
+    removed = [p["removed"] for p in result["curve"]]
+    assert removed == list(range(len(removed))) and len(removed) == num_layers, name
+    assert "collapse_point" in result
+  aware = methods["phase_aware"]
+  l_star = results["calibration_transition_block"]
+  decisive = list(range(l_star, num_layers + 1))
+  # It removes the Decisive Phase's blocks first, all of them, then carries on.
+  assert sorted(aware["removed_order"][:len(decisive)]) == decisive
+  assert aware["decisive_exhausted_at"] == len(decisive)
+  phase = results["phase_experiment"]
+  assert "skipped" not in phase and phase["transition_block"] == l_star
+  assert sorted(phase["selections"]) == ["adjacent", "random", "redundant"]
+  for arms in phase["selections"].values():
+    for arm in ("silent", "decisive"):
+      assert [p["k"] for p in arms[arm]] == list(range(1, phase["max_k"] + 1))
 
 
 def test_default_run_numbers_recomputed_with_hf(default_run):
@@ -144,7 +173,7 @@ def test_default_run_numbers_recomputed_with_hf(default_run):
   assert point["removed"] == 1
   for kept, want in ((list(range(1, num_layers + 1)), full["accuracy"][-1]),
                      (point["kept"], point["accuracy"])):
-    hf = hf_reference.delete_blocks(
+    hf = reference.delete_blocks(
         transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32),
         dpjax.keep_mask([b - 1 for b in kept], num_layers))
     correct = 0

@@ -15,10 +15,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dpjax
-from checkpoints_convert import architectures
-from checkpoints_convert.convert import convert, read_converted
-from checkpoints_convert.hf_checkpoint import CheckpointError, HFCheckpoint
-from dpjax import hf_reference
+from dpjax.checkpoints import architectures
+from dpjax.checkpoints.convert import convert, read_converted
+from dpjax.checkpoints.hf import CheckpointError, HFCheckpoint
+from benchmarks import reference
 
 
 def _flat(tree, prefix=""):
@@ -42,7 +42,7 @@ def _assert_same_params(a, b):
 def test_stacked_params_hold_each_hf_tensor(hf_checkpoint_dir):
   directory = hf_checkpoint_dir("qwen2_bias_window_sharded")
   params = HFCheckpoint.open(directory).read_params()
-  ref = hf_reference.load_hf(directory)
+  ref = reference.load_hf(directory)
   sd = {k: v.numpy() for k, v in ref.state_dict().items()}
   np.testing.assert_array_equal(params["blocks"]["q"][2], sd["model.layers.2.self_attn.q_proj.weight"].T)
   np.testing.assert_array_equal(params["blocks"]["k_bias"][1], sd["model.layers.1.self_attn.k_proj.bias"])
@@ -53,8 +53,8 @@ def test_stacked_params_hold_each_hf_tensor(hf_checkpoint_dir):
 
 
 def test_sharded_and_single_file_checkpoints_convert_identically(tmp_path):
-  variant = hf_reference.VARIANTS["llama_gqa_tied_sharded"]
-  model = hf_reference.build_hf_model(variant.family, variant.config, seed=3)
+  variant = reference.VARIANTS["llama_gqa_tied_sharded"]
+  model = reference.build_hf_model(variant.family, variant.config, seed=3)
   model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
   model.save_pretrained(tmp_path / "single")
   assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
@@ -75,7 +75,7 @@ def test_converted_checkpoint_round_trips_through_orbax(hf_checkpoint_dir, tmp_p
   assert raw == checkpoint.raw_config
   _assert_same_params(params, checkpoint.read_params())
   # The converted directory loads like the HF one and computes the same logits.
-  ids, _ = hf_reference.random_batch(config.vocab_size, 2, 7, seed=0)
+  ids, _ = reference.random_batch(config.vocab_size, 2, 7, seed=0)
   np.testing.assert_array_equal(np.asarray(dpjax.load_model(out).logits(ids)),
                                 np.asarray(dpjax.load_model(directory).logits(ids)))
   import transformers
@@ -242,8 +242,8 @@ def test_missing_local_directory_is_named(tmp_path):
 
 def test_every_architecture_has_a_complete_table():
   """Each supported family's table covers every tensor HF's model has, nothing more."""
-  for name, variant in hf_reference.VARIANTS.items():
-    model = hf_reference.build_hf_model(variant.family, variant.config)
+  for name, variant in reference.VARIANTS.items():
+    model = reference.build_hf_model(variant.family, variant.config)
     hf = model.config
     cfg = architectures.model_config_from_hf(hf, "float32")
     names = set(architectures.expected_hf_tensors(cfg))

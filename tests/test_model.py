@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import dpjax
-from dpjax.model import keep_buckets, rms_norm
-from dpjax import hf_reference
+from dpjax.model import rms_norm
+from dpjax.compilation import CompileCounter
+from dpjax.plan import keep_buckets
+from benchmarks import reference
 
-VARIANTS = sorted(hf_reference.VARIANTS)
+VARIANTS = sorted(reference.VARIANTS)
 ATOL = 1e-4
 MAX_KL = 1e-6
 
@@ -32,7 +34,7 @@ def loaded(hf_checkpoint_dir):
   def get(name):
     if name not in cache:
       directory = hf_checkpoint_dir(name)
-      cache[name] = (dpjax.load_model(directory, dtype="float32"), hf_reference.load_hf(directory))
+      cache[name] = (dpjax.load_model(directory, dtype="float32"), reference.load_hf(directory))
     return cache[name]
 
   return get
@@ -42,8 +44,8 @@ def loaded(hf_checkpoint_dir):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_hf(loaded, variant, padding):
   model, ref = loaded(variant)
-  ids, mask = hf_reference.random_batch(model.config.vocab_size, 3, 11, seed=1, padding=padding)
-  want, _ = hf_reference.hf_forward(ref, ids, mask)
+  ids, mask = reference.random_batch(model.config.vocab_size, 3, 11, seed=1, padding=padding)
+  want, _ = reference.hf_forward(ref, ids, mask)
   got = np.asarray(model.logits(ids, attention_mask=mask))
   real = mask.astype(bool)
   assert np.abs(got - want)[real].max() <= ATOL
@@ -53,8 +55,8 @@ def test_logits_match_hf(loaded, variant, padding):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_hidden_state_matches_hf(loaded, variant):
   model, ref = loaded(variant)
-  ids, mask = hf_reference.random_batch(model.config.vocab_size, 2, 9, seed=2, padding="left")
-  _, want = hf_reference.hf_forward(ref, ids, mask)
+  ids, mask = reference.random_batch(model.config.vocab_size, 2, 9, seed=2, padding="left")
+  _, want = reference.hf_forward(ref, ids, mask)
   got = np.asarray(model.hidden_states(ids, attention_mask=mask))
   n = model.num_layers
   assert got.shape == (n + 1, 2, 9, model.config.hidden_size)
@@ -75,9 +77,9 @@ def test_masked_forward_matches_hf_with_blocks_deleted(hf_checkpoint_dir, loaded
                                                         gather):
   model, _ = loaded(variant)
   keep = dpjax.keep_mask(kept, model.num_layers)
-  ref = hf_reference.delete_blocks(hf_reference.load_hf(hf_checkpoint_dir(variant)), keep)
-  ids, mask = hf_reference.random_batch(model.config.vocab_size, 3, 10, seed=3, padding="left")
-  want_logits, want_hidden = hf_reference.hf_forward(ref, ids, mask)
+  ref = reference.delete_blocks(reference.load_hf(hf_checkpoint_dir(variant)), keep)
+  ids, mask = reference.random_batch(model.config.vocab_size, 3, 10, seed=3, padding="left")
+  want_logits, want_hidden = reference.hf_forward(ref, ids, mask)
   real = mask.astype(bool)
   got = np.asarray(model.logits(ids, keep=keep, attention_mask=mask, gather=gather))
   assert np.abs(got - want_logits)[real].max() <= ATOL
@@ -95,7 +97,7 @@ def test_masked_forward_matches_hf_with_blocks_deleted(hf_checkpoint_dir, loaded
 
 def test_padded_rows_equal_their_unpadded_selves(loaded):
   model, _ = loaded("qwen2_bias_window_sharded")
-  ids, _ = hf_reference.random_batch(model.config.vocab_size, 1, 8, seed=4)
+  ids, _ = reference.random_batch(model.config.vocab_size, 1, 8, seed=4)
   alone = np.asarray(model.logits(ids))[0]
   for side in ("left", "right"):
     padded = np.zeros((1, 12), np.int32)
@@ -115,7 +117,7 @@ def test_the_fixtures_exercise_sliding_windows(loaded):
   qwen2 = loaded("qwen2_bias_window_sharded")[0].config
   assert qwen2.sliding_layers == (False, False, True, True)
   model, _ = loaded("mistral_window_head_dim")
-  ids, _ = hf_reference.random_batch(model.config.vocab_size, 1, 10, seed=5)
+  ids, _ = reference.random_batch(model.config.vocab_size, 1, 10, seed=5)
   windowed = np.asarray(model.logits(ids))
   unwindowed = dpjax.DecoderModel(model.config.replace(sliding_window=None, sliding_layers=()),
                                   model.params())
@@ -128,13 +130,13 @@ def test_bf16_weights_compute_in_float32_exactly(hf_checkpoint_dir):
   assert model.config.param_dtype == "bfloat16"
   assert model.params()["blocks"]["q"].dtype == np.dtype("bfloat16")
   fp32_compute = dpjax.load_model(directory, compute_dtype="float32")
-  ids, mask = hf_reference.random_batch(model.config.vocab_size, 2, 8, seed=6, padding="right")
-  want, _ = hf_reference.hf_forward(hf_reference.load_hf(directory, torch.float32), ids, mask)
+  ids, mask = reference.random_batch(model.config.vocab_size, 2, 8, seed=6, padding="right")
+  want, _ = reference.hf_forward(reference.load_hf(directory, torch.float32), ids, mask)
   real = mask.astype(bool)
   got32 = np.asarray(fp32_compute.logits(ids, attention_mask=mask))
   assert np.abs(got32 - want)[real].max() <= ATOL
   # bfloat16 compute: close to HF's own bfloat16 run, as bfloat16 allows.
-  want16, _ = hf_reference.hf_forward(hf_reference.load_hf(directory, torch.bfloat16), ids, mask)
+  want16, _ = reference.hf_forward(reference.load_hf(directory, torch.bfloat16), ids, mask)
   got16 = np.asarray(model.logits(ids, attention_mask=mask)).astype(np.float32)
   assert got16.dtype == np.float32 and model.compute_dtype == np.dtype("bfloat16")
   assert np.abs(got16 - want16)[real].max() <= 0.1
@@ -143,22 +145,22 @@ def test_bf16_weights_compute_in_float32_exactly(hf_checkpoint_dir):
 
 def test_changing_the_mask_does_not_recompile(loaded):
   model, _ = loaded("llama_mha")
-  ids, _ = hf_reference.random_batch(model.config.vocab_size, 2, 6, seed=7)
+  ids, _ = reference.random_batch(model.config.vocab_size, 2, 6, seed=7)
   masks = [np.array(m, dtype=bool) for m in
            ([1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0])]
-  before = model.compile_count("logits")
+  counter = CompileCounter()
   for keep in masks:
     model.logits(ids, keep=keep, gather=False)
-  assert model.compile_count("logits") == before + 1
+  assert counter.programs == 1
   # Gather form: one program per shape bucket of the kept-block count; keeping
   # every block runs the mask-form program already compiled.
-  before = model.compile_count("logits")
+  counter = CompileCounter()
   for keep in masks:
     model.logits(ids, keep=keep, gather=True)
   pruned = [k for k in masks if not k.all()]
   buckets = {next(b for b in keep_buckets(4) if b >= k.sum()) for k in pruned}
   assert len(buckets) == 3  # kept counts 3, 1, 2
-  assert model.compile_count("logits") == before + len(buckets)
+  assert counter.programs == len(buckets)
 
 
 def test_gather_buckets_bound_compiles_for_deep_models():

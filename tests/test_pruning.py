@@ -8,7 +8,9 @@ import torch
 import transformers
 
 import dpjax
-from dpjax import hf_reference, metrics, pruning, synthetic, tasks
+from benchmarks import reference
+from dpjax.tasks import synthetic
+from dpjax import metrics, pruning, tasks
 from dpjax.sweep import Sweep, final_stats
 
 
@@ -98,7 +100,7 @@ def test_early_stopping_changes_nothing_but_the_work(setup):
 
 def _hf_hidden(model_dir, encoded):
   """HF residual streams `[L+1, T, d]` per prompt, all before the final norm."""
-  hf = hf_reference.load_hf(model_dir)
+  hf = reference.load_hf(model_dir)
   captured = {}
   hook = hf.model.norm.register_forward_hook(
       lambda module, inputs, output: captured.update(pre_norm=inputs[0]))
@@ -199,6 +201,7 @@ def test_compiled_programs_do_not_grow_with_pruning_steps():
   """An 8-block model: one stream program per kept count, one candidates program
   per remaining-block count, and a second full run compiles nothing new."""
   from flax import nnx
+  from dpjax.compilation import CompileCounter
   from dpjax.config import ModelConfig
   from dpjax.model import DecoderModel, Transformer
   cfg = ModelConfig(architecture="llama", vocab_size=600, hidden_size=32, intermediate_size=64,
@@ -209,10 +212,11 @@ def test_compiled_programs_do_not_grow_with_pruning_steps():
   items = synthetic.generate("test", 16)
   encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
   sweep = Sweep(model, encoded, batch_size=16)
+  counter = CompileCounter()
   first = pruning.iterative_prune(sweep)
-  assert sweep._stream._cache_size() == 7  # kept counts 8..2
-  assert sweep._tails._cache_size() == 8   # remaining blocks 0..7
-  before = sweep.compile_count()
+  # Stream programs for kept counts 8..2 (7), candidates for remaining blocks 0..7 (8).
+  assert counter.programs == 7 + 8
+  again = CompileCounter()
   assert pruning.iterative_prune(sweep) == first
-  assert sweep.compile_count() == before
+  assert again.programs == 0
   assert sweep.counters.executed == sweep.counters.minimum  # L=8: every bucket exact

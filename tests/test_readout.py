@@ -9,7 +9,9 @@ import torch
 import transformers
 
 import dpjax
-from dpjax import hf_reference, metrics, synthetic, tasks
+from benchmarks import reference
+from dpjax.tasks import synthetic
+from dpjax import metrics, tasks
 from dpjax.readout import DecisionReader, decision_readout
 
 ATOL = 1e-4
@@ -33,9 +35,9 @@ def _hf_lens(model_dir, encoded, keep=None):
   """Independent readout: HF hidden states at the answer position, HF's own final
   norm and lm_head, numpy softmax. Returns vocab probabilities `[L1, N, K]` at
   the present layers (layer index -> array)."""
-  hf = hf_reference.load_hf(model_dir)
+  hf = reference.load_hf(model_dir)
   if keep is not None:
-    hf = hf_reference.delete_blocks(hf, keep)
+    hf = reference.delete_blocks(hf, keep)
   kept = list(range(len(hf.model.layers))) if keep is None else list(np.flatnonzero(keep))
   out = {}
   for i, tokens in enumerate(encoded.tokens):
@@ -81,7 +83,7 @@ def test_final_accuracy_equals_lm_eval_loglikelihood_scoring(setup):
   out = DecisionReader(model).run(encoded, batch_size=8, progress=False)
   top = np.asarray(metrics.top_option(out.option_logits[0]))[-1]
   # lm-eval: log-likelihood of each " A".." D" continuation after the prompt.
-  hf = hf_reference.load_hf(model_dir)
+  hf = reference.load_hf(model_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   chosen = []
   for item, prompt in zip(encoded.items, encoded.prompts):

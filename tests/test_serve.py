@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import dpjax
-from dpjax import hf_reference, serve
+from benchmarks import reference
+from dpjax import serve
 
 NEW = 6
 
 
 def _prompts(vocab: int):
-  ids, _ = hf_reference.random_batch(vocab, 3, 9, seed=4)
+  ids, _ = reference.random_batch(vocab, 3, 9, seed=4)
   return ids
 
 
@@ -27,9 +28,9 @@ def test_greedy_tokens_equal_hf_generate(hf_checkpoint_dir, variant, kept):
   ids = _prompts(model.config.vocab_size)
   got = np.asarray(serve.Server(model, keep).generate(ids, max_new_tokens=NEW))
 
-  ref = hf_reference.load_hf(directory)
+  ref = reference.load_hf(directory)
   if keep is not None:
-    ref = hf_reference.delete_blocks(ref, keep)
+    ref = reference.delete_blocks(ref, keep)
   with torch.no_grad():
     out = ref.generate(torch.as_tensor(ids, dtype=torch.long), max_new_tokens=NEW,
                        do_sample=False, min_new_tokens=NEW, pad_token_id=0)

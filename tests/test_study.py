@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from dpjax import hf_reference, metrics, study, tasks
+from benchmarks import reference
+from dpjax import metrics, study, tasks
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_items_jsonl_lets_another_tool_recompute_the_final_layer(report_dir, syn
   arrays = np.load(os.path.join(report_dir, "readouts.npz"))
   assert [it["id"] for it in items] == arrays["item_ids"].tolist()
   tokenizer = transformers.AutoTokenizer.from_pretrained(synthetic_model_dir)
-  hf = hf_reference.load_hf(synthetic_model_dir)
+  hf = reference.load_hf(synthetic_model_dir)
   for i in (0, 17, 39):
     item = items[i]
     assert item["prompt"].endswith("Answer:") and item["prompt"].count("Answer:") == 2  # 1 shot
@@ -112,22 +113,55 @@ def test_accuracy_rule_changes_the_transition(synthetic_model_dir, tmp_path):
                             accuracy_delta=-1.0, output_dir=str(tmp_path), progress=False)
   results = study.run(settings)
   # With delta = -1 every layer is above chance + delta: the transition is block 1.
-  assert results["full_model"]["transition_block"] == 1
-  assert results["full_model"]["decisive_phase"] == [1, 2, 3, 4]
+  assert results.full_model.transition_block == 1
+  assert results.full_model.decisive_phase == [1, 2, 3, 4]
 
 
 def test_summary_html_is_self_contained(tmp_path):
-  from dpjax import report
+  from dpjax import summary
   png = b"\x89PNG\r\n\x1a\nfake"
   (tmp_path / "a.png").write_bytes(png)
-  markdown = ("# Title `x<y`\n\n- one **bold**\n  - nested\n- two\n\n| a | b |\n|---|---|\n"
+  markdown = ("# Title `x<y`\n\n- one **bold**\n    - nested\n- two\n\n| a | b |\n|---|---|\n"
               "| 1 | 2 |\n\nplain & text\n")
-  page = report.summary_html(markdown, str(tmp_path), ["a.png"])
+  page = summary.summary_html(markdown, str(tmp_path), ["a.png"])
   import base64
   assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
-  body = report.markdown_to_html(markdown)
-  assert body.splitlines() == [
-      "<h1>Title <code>x&lt;y</code></h1>", "<ul>", "<li>one <b>bold</b></li>", "<ul>",
-      "<li>nested</li>", "</ul>", "<li>two</li>", "</ul>",
-      "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>",
-      "<p>plain &amp; text</p>"]
+  body = summary.markdown_to_html(markdown)
+  compact = body.replace("\n", "")
+  assert "<h1>Title <code>x&lt;y</code></h1>" in compact
+  assert "<li>one <strong>bold</strong><ul><li>nested</li></ul></li><li>two</li>" in compact
+  assert "<th>a</th><th>b</th>" in compact and "<td>1</td><td>2</td>" in compact
+  assert "<p>plain &amp; text</p>" in compact
+
+def test_python_settings_and_the_command_line_run_the_same_study(synthetic_model_dir, tmp_path):
+  """`study.run(Settings(model=...))` and `dpjax --model=...` share every default."""
+  from dpjax.settings import Settings
+  flags = dict(num_items=16, calibration_items=8, batch_size=8, random_seeds=2,
+               methods=("iterative", "reverse"))
+  settings = Settings(model=synthetic_model_dir, output_dir=str(tmp_path / "python"),
+                      progress=False, **flags)
+  study.run(settings)
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}",
+       f"--output_dir={tmp_path / 'cli'}", "--noprogress", "--num_items=16",
+       "--calibration_items=8", "--batch_size=8", "--random_seeds=2",
+       "--methods=iterative,reverse"], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  def load(name):
+    with open(tmp_path / name / "results.json") as f:
+      results = json.load(f)
+    results.pop("timings")
+    results["settings"].pop("output_dir")
+    # Compilations are counted process-wide: this test process has compiled before.
+    results["engine"].pop("compiled_programs")
+    return results
+
+  python, cli = load("python"), load("cli")
+  assert python["settings"]["calibration_items"] == 8 and python["methods"]
+  assert python == cli
+  # With no method, no calibration items are set aside (the command's behaviour too).
+  assert Settings(model="m", methods=()).calibration_items == 0
+  assert Settings(model="m").methods == ("iterative", "block_influence", "angular",
+                                         "single_layer", "reverse", "random", "phase",
+                                         "phase_aware")

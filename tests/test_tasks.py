@@ -12,7 +12,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 import transformers
 
-from dpjax import synthetic, tasks
+from dpjax.tasks import synthetic
+from dpjax import tasks
+from dpjax.tasks import readers
 from dpjax.tasks import Item, TaskDataError
 
 
@@ -24,7 +26,7 @@ def _write_jsonl(path, rows):
 def test_mmlu_hf_rows():
   rows = [{"question": "What is 2+2?", "subject": "elementary_mathematics",
            "choices": ["3", "4", "5", "6"], "answer": 1}]
-  (item,) = tasks.mmlu_rows(rows, "cais/mmlu")
+  (item,) = readers.mmlu_rows(rows, "cais/mmlu")
   assert item == Item(id="elementary_mathematics/0", question="What is 2+2?",
                       options=("3", "4", "5", "6"), answer=1, subject="elementary_mathematics")
 
@@ -36,12 +38,12 @@ def test_mmlu_original_csv_layout(tmp_path):
     (tmp_path / split).mkdir()
     with open(tmp_path / split / f"high_school_physics_{split}.csv", "w", newline="") as f:
       csv.writer(f).writerows(rows)
-  test = tasks.load_mmlu_csv(str(tmp_path), "test")
+  test = readers.load_mmlu_csv(str(tmp_path), "test")
   assert [it.question for it in test] == ["First, with a comma?", 'Says "hi"?']
   assert test[0].options == ("x", "y, z", "w", "v") and test[0].answer == 1
   assert test[1].answer == 3 and test[1].subject == "high_school_physics"
   assert test[0].id == "high_school_physics/test/0"
-  dev = tasks.load_mmlu_csv(str(tmp_path / "dev" / "high_school_physics_dev.csv"), "dev")
+  dev = readers.load_mmlu_csv(str(tmp_path / "dev" / "high_school_physics_dev.csv"), "dev")
   assert dev[0].answer == 2 and dev[0].subject == "high_school_physics"
 
 
@@ -52,7 +54,7 @@ def test_arc_hf_rows_with_numeric_labels_and_3_to_5_options():
       {"id": "Mercury_2", "question": "Pick E",
        "choices": {"text": ["a", "b", "c", "d", "e"], "label": list("ABCDE")}, "answerKey": "E"},
   ]
-  items = tasks.choices_rows(rows, "arc.jsonl", "arc")
+  items = readers.choices_rows(rows, "arc.jsonl", "arc")
   assert [it.answer for it in items] == [1, 4]
   assert [it.num_options for it in items] == [3, 5]
 
@@ -62,17 +64,17 @@ def test_arc_original_jsonl_layout(tmp_path):
       {"id": "q1", "question": {"stem": "Stem?", "choices": [
           {"text": "one", "label": "A"}, {"text": "two", "label": "B"},
           {"text": "three", "label": "C"}, {"text": "four", "label": "D"}]}, "answerKey": "D"}])
-  (item,) = tasks.load_choices_jsonl(path, "arc")
+  (item,) = readers.load_choices_jsonl(path, "arc")
   assert (item.question, item.options, item.answer) == ("Stem?", ("one", "two", "three", "four"), 3)
 
 
 def test_commonsense_qa_and_openbookqa_rows():
-  csqa = tasks.choices_rows([{
+  csqa = readers.choices_rows([{
       "id": "c1", "question": "Where do fish live?", "question_concept": "fish",
       "choices": {"label": list("ABCDE"), "text": ["tree", "sea", "sky", "desk", "car"]},
       "answerKey": "B"}], "csqa", "commonsense_qa")
   assert csqa[0].answer == 1 and csqa[0].num_options == 5
-  obqa = tasks.choices_rows([{
+  obqa = readers.choices_rows([{
       "id": "7-980", "question_stem": "The sun is a",
       "choices": {"text": ["star", "planet", "moon", "comet"], "label": list("ABCD")},
       "answerKey": "A"}], "openbookqa", "openbookqa")
@@ -83,11 +85,11 @@ def test_generic_jsonl_and_csv(tmp_path):
   jsonl = _write_jsonl(tmp_path / "t.jsonl", [
       {"qid": "a", "q": "Q1?", "opts": ["x", "y"], "gold": 1},
       {"qid": "b", "q": "Q2?", "opts": ["x", "y", "z"], "gold": "C"}])
-  items = tasks.load_generic(jsonl, question="q", options="opts", answer="gold", id="qid")
+  items = readers.load_generic(jsonl, question="q", options="opts", answer="gold", id="qid")
   assert [(it.id, it.answer, it.num_options) for it in items] == [("a", 1, 2), ("b", 2, 3)]
   path = tmp_path / "t.csv"
   path.write_text("id,question,A,B,C,answer,subject\n1,Q?,p,q,r,2,topic\n")
-  (item,) = tasks.load_generic(str(path))
+  (item,) = readers.load_generic(str(path))
   assert item.options == ("p", "q", "r") and item.answer == 2 and item.subject == "topic"
 
 
@@ -105,29 +107,29 @@ def test_generic_jsonl_and_csv(tmp_path):
 def test_bad_rows_name_file_row_and_field(tmp_path, row, match):
   path = _write_jsonl(tmp_path / "t.jsonl", [row])
   with pytest.raises(TaskDataError, match=match):
-    tasks.load_generic(path)
+    readers.load_generic(path)
 
 
 def test_duplicate_ids_are_refused(tmp_path):
   row = {"id": "same", "question": "Q?", "options": ["a", "b"], "answer": 0}
   path = _write_jsonl(tmp_path / "t.jsonl", [row, row])
   with pytest.raises(TaskDataError, match=r"t.jsonl: duplicate id 'same' at items 0 and 1"):
-    tasks.load_generic(path)
+    readers.load_generic(path)
 
 
 def test_bad_mmlu_answer_letter_names_file_and_row(tmp_path):
   path = tmp_path / "law_test.csv"
   path.write_text("Q?,a,b,c,d,F\n")
   with pytest.raises(TaskDataError, match=r"law_test.csv, row 1: field 'answer' is 'F'"):
-    tasks.load_mmlu_csv(str(path), "test")
+    readers.load_mmlu_csv(str(path), "test")
 
 
 def test_hub_loading_without_datasets_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "datasets", None)
   with pytest.raises(TaskDataError, match=r"needs the `datasets` package.*dpjax\[hub\]"):
-    tasks.load_from_hub("cais/mmlu", None, "test")
+    readers.load_from_hub("cais/mmlu", None, "test")
   with pytest.raises(TaskDataError, match="has no loader"):
-    tasks.load_from_hub("someone/else", None, "test")
+    readers.load_from_hub("someone/else", None, "test")
 
 
 def test_prompt_is_lm_eval_mmlu_template():

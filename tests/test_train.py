@@ -12,7 +12,9 @@ import pytest
 import transformers
 
 import dpjax
-from dpjax import hf_reference, synthetic, tasks, train
+from benchmarks import reference
+from dpjax.tasks import synthetic
+from dpjax import tasks, train
 
 ATOL = 1e-4
 
@@ -52,9 +54,9 @@ def test_checkpoint_loads_in_hf_and_dpjax_with_equal_logits(trained):
   items = synthetic.generate("test", 8, seed=3)
   encoded = tasks.encode(tokenizer, items, [tasks.prompt(item) for item in items])
   batch = tasks.batches(encoded, 8, pad_id=tokenizer.pad_token_id)[0]
-  hf = hf_reference.load_hf(out)
+  hf = reference.load_hf(out)
   assert len(hf.model.layers) == 2
-  want, _ = hf_reference.hf_forward(hf, batch.input_ids, batch.attention_mask)
+  want, _ = reference.hf_forward(hf, batch.input_ids, batch.attention_mask)
   got = np.asarray(dpjax.load_model(out).logits(batch.input_ids,
                                                attention_mask=batch.attention_mask))
   real = batch.attention_mask.astype(bool)
@@ -99,7 +101,7 @@ def test_existing_output_dir_is_refused(tmp_path, monkeypatch):
     raise AssertionError("refused only after starting to train")
 
   # Refused up front, not after a whole training run.
-  monkeypatch.setattr(train.synthetic, "generate", no_training)
+  monkeypatch.setattr(synthetic, "generate", no_training)
   with pytest.raises(FileExistsError, match="already exists"):
     train.train(tiny_settings(out))
   monkeypatch.undo()

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dpjax.tasks import Item, LETTERS, prompt
+from dpjax.tasks.prompts import prompt
+from dpjax.tasks.schema import LETTERS, Item
 
 FAMILIES = ("arithmetic", "made_up_geography", "number_comparison", "alphabet")
 NUM_OPTIONS = 4

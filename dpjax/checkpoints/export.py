@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from checkpoints_convert import architectures
-from checkpoints_convert.convert import load_checkpoint
-from checkpoints_convert.hf_checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from dpjax.checkpoints import architectures
+from dpjax.checkpoints.convert import load_checkpoint
+from dpjax.checkpoints.hf import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from dpjax import fileio
-from dpjax.model import keep_mask
+from dpjax.plan import KeepPlan
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -119,17 +119,10 @@ def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = No
   loaded = load_checkpoint(checkpoint)
   num_layers = loaded.config.num_layers
   if kept_blocks is not None:
-    mask = keep_mask(kept_blocks, num_layers)
-  elif keep is not None:
-    mask = np.asarray(keep)
-    if mask.dtype != bool or mask.shape != (num_layers,):
-      raise ValueError(f"keep must be {num_layers} booleans, one per block; got dtype "
-                       f"{mask.dtype} and shape {mask.shape}.")
+    plan = KeepPlan.from_kept(kept_blocks, num_layers)
   else:
-    mask = np.ones(num_layers, dtype=bool)
-  kept = [int(i) for i in np.flatnonzero(mask)]
-  if not kept:
-    raise ValueError("the keep mask removes every block; keep at least one block.")
+    plan = KeepPlan.from_mask(keep, num_layers)
+  kept = list(plan.kept)
 
   with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
     write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, loaded.params, kept,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from checkpoints_convert import architectures
+from dpjax.checkpoints import architectures
 from dpjax.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from checkpoints_convert import architectures
-from checkpoints_convert import hf_checkpoint
-from checkpoints_convert.hf_checkpoint import HFCheckpoint
+from dpjax.checkpoints import architectures
+from dpjax.checkpoints import hf as hf_checkpoint
+from dpjax.checkpoints.hf import HFCheckpoint
 from dpjax import fileio
 from dpjax.config import ModelConfig
 

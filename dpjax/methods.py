@@ -1,0 +1,286 @@
+"""The study's pruning methods, as a registry: each proposes masks, the sweep evaluates them.
+
+Every method is a function of the study's `Context` that adds its results to
+a `StudyResults`: one `MethodResult` per curve (Iterative Pruning adds one per
+criterion) or, for `phase`, the `PhaseExperiment`. `METHODS` maps the names
+`--methods` takes to those functions, in the order a study runs them; the
+collapse point of every curve is added afterwards, in one place
+(`study.run`). Masks are evaluated on the evaluation items; blocks are chosen
+on the calibration items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dpjax import metrics, pruning, resume, settings as settings_lib, tasks
+from dpjax.distributed import Placement, is_main_process
+from dpjax.readout import Readout
+from dpjax.results import ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread, StudyResults
+from dpjax.settings import Settings
+from dpjax.sweep import FinalStats, Sweep
+
+
+@dataclasses.dataclass
+class Context:
+  """What every method shares: the model, the item sets and their sweeps, the saved state."""
+  settings: Settings
+  model: Any
+  tokenizer: Any
+  evaluation: tasks.EncodedTask
+  calibration: tasks.EncodedTask | None
+  pad_id: int
+  placement: Placement | None
+  eval_sweep: Sweep
+  cal_sweep: Sweep | None
+  state: resume.RunState | None = None
+  calibration_transition: int | None = None  # l* of the unpruned model, calibration items
+
+  @property
+  def num_layers(self) -> int:
+    return self.model.num_layers
+
+  @functools.cached_property
+  def unpruned_point(self) -> CurvePoint:
+    """Every curve starts here (evaluated once per study)."""
+    return curve(self, np.ones((1, self.num_layers), bool), "unpruned")[0]
+
+  @functools.cached_property
+  def influence_and_angles(self) -> tuple[np.ndarray, np.ndarray]:
+    """Block influence `[L]` (every calibration token) and angular distances `[L+1, L+1]`
+    (answer positions) of the unpruned model."""
+    answer_states = []
+
+    def hidden():
+      for batch in self.cal_sweep.batches:
+        states = np.asarray(self.model.hidden_states(batch.input_ids,
+                                                     attention_mask=batch.attention_mask))
+        rows = batch.index >= 0
+        answer_states.append(states[:, rows, -1])
+        yield states[:, rows], batch.attention_mask[rows]
+
+    influence = pruning.block_influence(hidden())
+    return influence, pruning.angular_distances(np.concatenate(answer_states, axis=1))
+
+  @property
+  def influence(self) -> np.ndarray:
+    return self.influence_and_angles[0]
+
+
+def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> metrics.Profile:
+  """Every metric of readouts `[..., L+1, N, K]`, with the transition rule `s` asks for."""
+  prof = metrics.profile(readout.option_logits, readout.log_normalizer, encoded.answer,
+                         encoded.num_options, normalization=s.normalization,
+                         tau=s.transition_tau, delta=s.accuracy_delta)
+  if s.transition_rule == "accuracy":
+    prof = prof._replace(transition=prof.accuracy_transition)
+  return prof
+
+
+def curve(ctx: Context, masks: np.ndarray, description: str) -> list[CurvePoint]:
+  """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile."""
+  masks = np.asarray(masks, bool)
+  readout = ctx.eval_sweep.readouts(masks, description=description)
+  prof = profile_of(readout, ctx.evaluation, ctx.settings)
+  answer = ctx.evaluation.answer
+  points = []
+  for m, mask in enumerate(masks):
+    last = int(np.flatnonzero(mask)[-1]) + 1  # the final readout's layer
+    z = readout.option_logits[m, last]
+    lse = readout.log_normalizer[m, last]
+    l_star = int(prof.transition[m])
+    points.append(CurvePoint(
+        removed=int((~mask).sum()),
+        kept=tuple(int(b) + 1 for b in np.flatnonzero(mask)),
+        accuracy=float(prof.accuracy[m, last]),
+        mean_final_dm={norm: float(prof.margin_summary[norm].mean[m, last])
+                       for norm in metrics.NORMALIZATIONS},
+        nll=float(np.mean(lse - z[np.arange(len(answer)), answer])),
+        transition_block=None if l_star == metrics.NO_TRANSITION else l_star,
+        layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
+        layer_accuracy=np.asarray(prof.accuracy[m])))
+  return points
+
+
+def _stats_json(stats: FinalStats) -> dict[str, float]:
+  n = max(int(stats.items), 1)
+  return {"accuracy": stats.correct / n, "mean_final_dm_vocab": stats.margin_sum / n,
+          "nll": stats.nll_sum / n}
+
+
+def _removal_masks(removed: Sequence[int], num_layers: int) -> np.ndarray:
+  """`[n, L]`: mask `i` removes the first `i + 1` blocks of `removed` (0-based)."""
+  masks = np.ones((len(removed), num_layers), bool)
+  for n in range(len(removed)):
+    masks[n, list(removed[:n + 1])] = False
+  return masks
+
+
+def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
+                     kind: str = "iterative") -> MethodResult:
+  """Iterative Pruning, resumable step by step; the curve on the evaluation items."""
+  state = ctx.state
+  saved = state.load(name) or {"removed": [], "calibration": [], "done": False}
+  if not saved["done"]:
+    removed, calibration = list(saved["removed"]), list(saved["calibration"])
+
+    def on_step(block, kept, stats):
+      removed.append(block)
+      calibration.append(_stats_json(stats))
+      state.save(name, len(removed), {"removed": removed, "calibration": calibration,
+                                      "done": False})
+      if is_main_process():
+        print(f"{name}: step {len(removed)}: removed block {block + 1}, {len(kept)} left, "
+              f"calibration accuracy {calibration[-1]['accuracy']:.3f} (state saved)", flush=True)
+
+    pruning.iterative_prune(ctx.cal_sweep, criterion=criterion,
+                            min_layers=ctx.settings.min_layers, done=removed, allowed=allowed,
+                            on_step=on_step)
+    saved = {"removed": removed, "calibration": calibration, "done": True}
+    state.save(name, len(removed) + 1, saved)
+  removed = [int(b) for b in saved["removed"]]
+  points = curve(ctx, _removal_masks(removed, ctx.num_layers), name)
+  return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points,
+                      order={"criterion": criterion, "removed_order": [b + 1 for b in removed],
+                             "calibration": saved["calibration"]})
+
+
+def one_shot_result(ctx: Context, name: str, ranking: Sequence[int]) -> MethodResult:
+  masks = pruning.masks_from_ranking(ranking, ctx.num_layers)
+  return MethodResult(kind="one_shot", curve=[ctx.unpruned_point] + curve(ctx, masks, name),
+                      order={"ranking": [b + 1 for b in ranking]})
+
+
+# ----------------------------------------------------------------------------
+# The methods.
+
+
+def run_iterative(ctx: Context, out: StudyResults) -> None:
+  for criterion in ctx.settings.criteria:
+    name = f"iterative_{criterion}"
+    out.methods[name] = iterative_result(ctx, criterion, name)
+
+
+def run_block_influence(ctx: Context, out: StudyResults) -> None:
+  out.methods["block_influence"] = one_shot_result(
+      ctx, "block_influence", pruning.block_influence_ranking(ctx.influence))
+
+
+def run_angular(ctx: Context, out: StudyResults) -> None:
+  distances = ctx.influence_and_angles[1]
+  blocks = [pruning.angular_blocks(distances, n) for n in range(1, ctx.num_layers)]
+  masks = np.ones((len(blocks), ctx.num_layers), bool)
+  for m, removed in enumerate(blocks):
+    masks[m, removed] = False
+  out.methods["angular"] = MethodResult(
+      kind="one_shot", curve=[ctx.unpruned_point] + curve(ctx, masks, "angular"),
+      order={"removed_sets": [[b + 1 for b in r] for r in blocks]})
+
+
+def run_single_layer(ctx: Context, out: StudyResults) -> None:
+  drop = ctx.cal_sweep.drop_one(list(range(ctx.num_layers)))
+  out.methods["single_layer"] = one_shot_result(ctx, "single_layer",
+                                                pruning.single_layer_ranking(drop))
+
+
+def run_reverse(ctx: Context, out: StudyResults) -> None:
+  out.methods["reverse"] = one_shot_result(ctx, "reverse", pruning.reverse_ranking(ctx.num_layers))
+
+
+def run_random(ctx: Context, out: StudyResults) -> None:
+  L = ctx.num_layers
+  seeds = list(range(ctx.settings.random_seeds))
+  rankings = [pruning.random_ranking(L, seed) for seed in seeds]
+  masks = np.concatenate([pruning.masks_from_ranking(r, L) for r in rankings])
+  points = curve(ctx, masks, "random")
+  per_seed = [points[i * (L - 1):(i + 1) * (L - 1)] for i in range(len(seeds))]
+  unpruned = ctx.unpruned_point
+  mean_curve = [unpruned]
+  for n in range(L - 1):
+    accs = [seed_points[n].accuracy for seed_points in per_seed]
+    dms = [seed_points[n].mean_final_dm["vocab"] for seed_points in per_seed]
+    mean_curve.append(CurvePoint(
+        removed=n + 1, accuracy=float(np.mean(accs)), mean_final_dm={"vocab": float(np.mean(dms))},
+        spread=Spread(float(np.std(accs)), float(np.min(accs)), float(np.max(accs)))))
+  out.methods["random"] = MethodResult(
+      kind="one_shot", curve=mean_curve,
+      order={"seeds": seeds, "rankings": [[b + 1 for b in r] for r in rankings]},
+      per_seed_curves=[[unpruned] + p for p in per_seed])
+
+
+def run_phase(ctx: Context, out: StudyResults) -> None:
+  """Silent arm against Decisive arm, `k` blocks each, per selection rule."""
+  s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
+  if l_star is None or l_star <= 1:
+    why = ("the unpruned model has no transition" if l_star is None
+           else "the Silent Phase is empty (transition at block 1)")
+    out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
+    return
+  max_k = min(l_star - 1, L - l_star + 1)
+  if s.phase_max_k:
+    max_k = min(max_k, s.phase_max_k)
+  experiment = PhaseExperiment(transition_block=l_star, max_k=max_k, num_layers=L)
+  for selection in s.phase_selections:
+    seeds = list(range(s.random_seeds)) if selection == "random" else [0]
+    masks, where = [], []
+    for seed in seeds:
+      orders = pruning.phase_removals(l_star, L, selection, ctx.influence, seed)
+      for arm, order in orders.items():
+        for k in range(1, max_k + 1):
+          mask = np.ones(L, bool)
+          mask[order[:k]] = False
+          masks.append(mask)
+          where.append((arm, k))
+    points = curve(ctx, np.array(masks), f"phase {selection}")
+    arms: dict[str, list[ArmPoint]] = {"silent": [], "decisive": []}
+    for arm in arms:
+      for k in range(1, max_k + 1):
+        chosen = [p for p, (a, kk) in zip(points, where) if a == arm and kk == k]
+        accs = [p.accuracy for p in chosen]
+        arms[arm].append(ArmPoint(
+            k=k, removed_sets=[[b for b in range(1, L + 1) if b not in p.kept] for p in chosen],
+            accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
+            mean_final_dm={norm: float(np.mean([p.mean_final_dm[norm] for p in chosen]))
+                           for norm in metrics.NORMALIZATIONS}))
+    experiment.arms[selection] = arms
+  out.phase_experiment = experiment
+
+
+def run_phase_aware(ctx: Context, out: StudyResults) -> None:
+  """Prune inside the Decisive Phase only (most redundant first) until it is
+  exhausted, then go on greedily over every block to show what happens next."""
+  l_star = ctx.calibration_transition
+  if l_star is None:
+    out.methods["phase_aware"] = MethodResult.skip(
+        "phase_aware", "the unpruned model has no transition", transition_block=None)
+    return
+  decisive = set(range(l_star - 1, ctx.num_layers))
+
+  def allowed(kept):
+    inside = [b for b in kept if b in decisive]
+    return inside or kept
+
+  result = iterative_result(ctx, ctx.settings.criteria[0], "phase_aware", allowed=allowed,
+                            kind="phase_aware")
+  # Steps after which no Decisive-Phase block is left (None: pruning stopped first).
+  reachable = len(decisive) <= ctx.num_layers - ctx.settings.min_layers
+  result.details = {"transition_block": l_star,
+                    "decisive_exhausted_at": len(decisive) if reachable else None}
+  out.methods["phase_aware"] = result
+
+
+METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
+    "iterative": run_iterative,
+    "block_influence": run_block_influence,
+    "angular": run_angular,
+    "single_layer": run_single_layer,
+    "reverse": run_reverse,
+    "random": run_random,
+    "phase": run_phase,
+    "phase_aware": run_phase_aware,
+}
+assert tuple(METHODS) == settings_lib.METHODS, "the registry and the settings disagree"

@@ -1,0 +1,310 @@
+"""What a study finds, as small typed records, and their one serialization to results.json.
+
+* `FullProfile`: the unpruned model per layer (Decision Margin summaries,
+  accuracy, Option Frequency, transition, phases, sharpness, per subject).
+* `CurvePoint`: one pruned variant on the evaluation items.
+* `MethodResult`: a pruning method's curve, its order of removal and its
+  collapse point (or why it was skipped).
+* `PhaseExperiment`: Silent arm against Decisive arm per selection rule.
+* `StudyResults`: all of it, with the model, task, settings, engine counters
+  and timings; `to_json()` is the content of results.json.
+
+Blocks are numbered 1..L here (as in the report); layer 0 is `h_0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from dpjax import metrics
+
+
+def to_plain(value: Any) -> Any:
+  """JSON-ready: arrays to lists, NaN and infinities to None, numpy scalars to Python."""
+  if isinstance(value, dict):
+    return {str(k): to_plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_plain(v) for v in value]
+  if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+    return to_plain(np.asarray(value).tolist())
+  if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+    return None
+  return value
+
+
+def _block_or_none(value) -> int | None:
+  value = int(value)
+  return None if value == metrics.NO_TRANSITION else value
+
+
+@dataclasses.dataclass
+class MarginSummary:
+  """Mean, median and 10/90% quantiles of the Decision Margin over items, per layer."""
+  mean: np.ndarray
+  median: np.ndarray
+  q10: np.ndarray
+  q90: np.ndarray
+
+  def to_json(self) -> dict[str, Any]:
+    return {"mean": self.mean, "median": self.median, "q10": self.q10, "q90": self.q90}
+
+
+@dataclasses.dataclass
+class SubjectProfile:
+  num_items: int
+  accuracy: float
+  transition_block: int | None
+  transition_fraction: float | None
+  mean_decision_margin: list[float]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FullProfile:
+  """The unpruned model's per-layer profile (layers 0..L)."""
+  num_layers: int
+  decision_margin: dict[str, MarginSummary]
+  accuracy: np.ndarray
+  chance: float
+  option_frequency: np.ndarray
+  transition_block: int | None
+  accuracy_transition_block: int | None
+  sharpness_rise: float
+  sharpness_block: int
+  by_subject: dict[str, SubjectProfile] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_metrics(cls, prof: metrics.Profile, num_layers: int) -> "FullProfile":
+    return cls(
+        num_layers=num_layers,
+        decision_margin={norm: MarginSummary(*(np.asarray(x) for x in s))
+                          for norm, s in prof.margin_summary.items()},
+        accuracy=np.asarray(prof.accuracy), chance=float(prof.chance),
+        option_frequency=np.asarray(prof.option_frequency),
+        transition_block=_block_or_none(prof.transition),
+        accuracy_transition_block=_block_or_none(prof.accuracy_transition),
+        sharpness_rise=float(prof.sharpness.rise), sharpness_block=int(prof.sharpness.block))
+
+  @property
+  def layers(self) -> list[int]:
+    return list(range(self.num_layers + 1))
+
+  @property
+  def final_accuracy(self) -> float:
+    return float(self.accuracy[-1])
+
+  @property
+  def silent_phase(self) -> list[int]:
+    l_star = self.transition_block
+    return list(range(1, self.num_layers + 1)) if l_star is None else list(range(1, l_star))
+
+  @property
+  def decisive_phase(self) -> list[int]:
+    l_star = self.transition_block
+    return [] if l_star is None else list(range(l_star, self.num_layers + 1))
+
+  def collapse_threshold(self) -> float:
+    return self.chance + 0.5 * (self.final_accuracy - self.chance)
+
+  def to_json(self) -> dict[str, Any]:
+    out = {
+        "layers": self.layers,
+        "decision_margin": {norm: s.to_json() for norm, s in self.decision_margin.items()},
+        "accuracy": self.accuracy,
+        "chance": self.chance,
+        "option_frequency": self.option_frequency,
+        "transition_block": self.transition_block,
+        "accuracy_transition_block": self.accuracy_transition_block,
+        "silent_phase": self.silent_phase,
+        "decisive_phase": self.decisive_phase,
+        "sharpness": {"rise": self.sharpness_rise, "block": self.sharpness_block},
+    }
+    out["by_subject"] = {name: sub.to_json() for name, sub in self.by_subject.items()}
+    return out
+
+
+@dataclasses.dataclass
+class Spread:
+  """Accuracy over seeds at one curve point (the random baseline)."""
+  std: float
+  min: float
+  max: float
+
+
+@dataclasses.dataclass
+class CurvePoint:
+  """One variant on the evaluation items. `kept` is 1-based; an aggregate over
+  seeds (the random baseline's mean curve) has no kept set, only a `spread`."""
+  removed: int
+  accuracy: float
+  mean_final_dm: dict[str, float]
+  kept: tuple[int, ...] | None = None
+  nll: float | None = None
+  transition_block: int | None = None
+  layer_mean_dm: np.ndarray | None = None
+  layer_accuracy: np.ndarray | None = None
+  spread: Spread | None = None
+
+  @property
+  def export_keep(self) -> str:
+    """0-based kept indices, as `dpjax-export --keep` takes them."""
+    return ",".join(str(b - 1) for b in self.kept or ())
+
+  def to_json(self) -> dict[str, Any]:
+    if self.kept is None:
+      out: dict[str, Any] = {"removed": self.removed, "accuracy": self.accuracy}
+      if self.spread is not None:
+        out.update(accuracy_std=self.spread.std, accuracy_min=self.spread.min,
+                   accuracy_max=self.spread.max)
+      out["mean_final_dm"] = dict(self.mean_final_dm)
+      return out
+    return {"removed": self.removed, "kept": list(self.kept), "export_keep": self.export_keep,
+            "accuracy": self.accuracy, "mean_final_dm": dict(self.mean_final_dm),
+            "nll": self.nll, "transition_block": self.transition_block,
+            "layer_mean_dm": self.layer_mean_dm, "layer_accuracy": self.layer_accuracy}
+
+
+@dataclasses.dataclass
+class MethodResult:
+  """A pruning method's outcome.
+
+  `kind`: `iterative`, `one_shot` or `phase_aware`. `order` holds what the
+  method removes, as results.json names it (`criterion`, `removed_order`,
+  `calibration`, `ranking`, `removed_sets`, `seeds`, `rankings`, ...).
+  `per_seed_curves`: the random baseline's curve of every seed. A skipped
+  method has only `skipped` and `details`.
+  """
+  kind: str
+  curve: list[CurvePoint] = dataclasses.field(default_factory=list)
+  order: dict[str, Any] = dataclasses.field(default_factory=dict)
+  per_seed_curves: list[list[CurvePoint]] | None = None
+  details: dict[str, Any] = dataclasses.field(default_factory=dict)
+  collapse_point: int | None = None
+  skipped: str | None = None
+
+  @classmethod
+  def skip(cls, kind: str, why: str, **details: Any) -> "MethodResult":
+    return cls(kind=kind, skipped=why, details=details)
+
+  def removal_order(self) -> list[int]:
+    """The blocks (1-based) in the order the method removes them."""
+    if "removed_order" in self.order:
+      return list(self.order["removed_order"])
+    if "ranking" in self.order:
+      return list(self.order["ranking"][:-1])
+    if "rankings" in self.order:
+      return list(self.order["rankings"][0][:-1])
+    order: list[int] = []
+    for removed in self.order.get("removed_sets", []):  # angular: what each size adds
+      order += [b for b in removed if b not in order]
+    return order
+
+  def accuracy_at(self, removed: int) -> float | None:
+    for point in self.curve:
+      if point.removed == removed:
+        return point.accuracy
+    return None
+
+  def to_json(self) -> dict[str, Any]:
+    if self.skipped is not None:
+      return {"skipped": self.skipped, **self.details}
+    out: dict[str, Any] = {"kind": self.kind, **self.order}
+    if self.per_seed_curves is not None:
+      out["per_seed_curves"] = [[p.to_json() for p in curve] for curve in self.per_seed_curves]
+    out["curve"] = [p.to_json() for p in self.curve]
+    out.update(self.details)
+    out["collapse_point"] = self.collapse_point
+    return out
+
+
+@dataclasses.dataclass
+class ArmPoint:
+  """One arm of the phase experiment after removing `k` blocks (mean over seeds)."""
+  k: int
+  removed_sets: list[list[int]]
+  accuracy: float
+  accuracy_std: float
+  mean_final_dm: dict[str, float]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PhaseExperiment:
+  """Silent arm against Decisive arm, per selection rule (`arms[rule][arm]`)."""
+  transition_block: int | None
+  max_k: int = 0
+  arms: dict[str, dict[str, list[ArmPoint]]] = dataclasses.field(default_factory=dict)
+  num_layers: int = 0
+  skipped: str | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    if self.skipped is not None:
+      return {"skipped": self.skipped, "transition_block": self.transition_block}
+    l_star = self.transition_block
+    return {"transition_block": l_star, "silent_phase": list(range(1, l_star)),
+            "decisive_phase": list(range(l_star, self.num_layers + 1)), "max_k": self.max_k,
+            "selections": {rule: {arm: [p.to_json() for p in points]
+                                  for arm, points in arms.items()}
+                           for rule, arms in self.arms.items()}}
+
+
+@dataclasses.dataclass
+class EngineCounters:
+  compiled_programs: int
+  block_evaluations_executed: int
+  block_evaluations_minimum: int
+  block_evaluations_naive: int
+  candidates_stopped_early: int
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class StudyResults:
+  """Everything a study writes to results.json."""
+  model: dict[str, Any]
+  task: dict[str, Any]
+  settings: dict[str, Any]
+  full_model: FullProfile
+  methods: dict[str, MethodResult] = dataclasses.field(default_factory=dict)
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+  calibration_transition_block: int | None = None
+  block_influence: np.ndarray | None = None
+  phase_experiment: PhaseExperiment | None = None
+  engine: EngineCounters | None = None
+  ran_methods: bool = False
+
+  @property
+  def num_layers(self) -> int:
+    return self.full_model.num_layers
+
+  def curves(self) -> dict[str, MethodResult]:
+    """The methods that produced a pruning curve (skipped ones left out)."""
+    return {name: m for name, m in self.methods.items() if m.skipped is None}
+
+  def to_json(self) -> dict[str, Any]:
+    """The content of results.json (plain JSON types, NaN as null)."""
+    out: dict[str, Any] = {
+        "model": self.model, "task": self.task, "settings": self.settings,
+        "full_model": self.full_model.to_json(),
+        "methods": {name: m.to_json() for name, m in self.methods.items()},
+        "timings": self.timings,
+    }
+    if self.ran_methods:
+      out["calibration_transition_block"] = self.calibration_transition_block
+      if self.block_influence is not None:
+        out["block_influence"] = self.block_influence
+      if self.phase_experiment is not None:
+        out["phase_experiment"] = self.phase_experiment.to_json()
+      if self.engine is not None:
+        out["engine"] = self.engine.to_json()
+    return to_plain(out)

@@ -1,0 +1,119 @@
+"""Every setting of a study, defined once: `Settings` is both the Python API and the flags.
+
+`dpjax` defines one flag per field (`dpjax.flagdefs`), with the default and help
+given here, so `study.run(Settings(model=...))` and `dpjax --model=...` run the
+same study. When no pruning method runs, no calibration items are set aside
+(`calibration_items` becomes 0): every item is an evaluation item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dpjax import metrics
+from dpjax.bundled import BUNDLED_MODEL
+from dpjax.flagdefs import setting
+from dpjax.pruning import CRITERIA, PHASE_SELECTIONS
+
+# The pruning methods a study can run, in the order it runs them (see `dpjax.methods`).
+METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse", "random",
+           "phase", "phase_aware")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Settings that cannot change a result (resuming does not require them equal).
+_NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A study on one model and task. Each field is also the `dpjax` flag of that name."""
+  model: str = setting(BUNDLED_MODEL, "Model: a dpjax checkpoint, an HF checkpoint directory, "
+                       "or a hub id. Default: the small model bundled with dpjax.")
+  task: str = setting("synthetic", "Task: synthetic | mmlu:DIR_OR_CSV | arc:FILE | csqa:FILE | "
+                      "openbookqa:FILE | jsonl:FILE | csv:FILE | hub:NAME[:CONFIG] (needs "
+                      "`datasets`).")
+  split: str = setting("test", "Split to evaluate.")
+  fewshot_split: str = setting("dev", "Split the k-shot examples come from.")
+  k_shot: int = setting(0, "Examples before each question (the first k of its subject in "
+                        "--fewshot_split, as lm-eval does).")
+  num_items: int = setting(0, "Evaluation items (0: every item left after calibration; the "
+                           "synthetic suite makes 400).")
+  calibration_items: int = setting(64, "Calibration items, on which the pruning methods choose "
+                                   "blocks (kept apart from evaluation; 0 when no method runs).")
+  calibration_seed: int = setting(0, "Seed of the calibration/evaluation split.")
+  seed: int = setting(0, "Seed of the synthetic suite.")
+  batch_size: int = setting(16, "Items per forward pass.")
+  normalization: str = setting(
+      "vocab", "Which Decision Margin the headline figures and the transition use: vocab "
+      "(full-vocabulary probability of the letter token) or options (renormalized over the "
+      "options).", choices=metrics.NORMALIZATIONS)
+  transition_tau: float = setting(0.0, "Transition: mean DM above tau from l* on.")
+  transition_rule: str = setting("margin", "Rule for the transition block.",
+                                 choices=("margin", "accuracy"))
+  accuracy_delta: float = setting(0.1, "Accuracy rule: above chance + delta from l* on.")
+  truncation: str = setting("refuse", "A prompt longer than the model's context: refuse, or "
+                            "drop its earliest tokens.", choices=("refuse", "left"))
+  add_special_tokens: bool = setting(False, "Let the tokenizer add its special tokens (BOS); "
+                                     "lm-eval's default is not to.")
+  max_length: int = setting(0, "Context length (0: the model's max_position_embeddings).")
+  dtype: str | None = setting(None, "Weight dtype (default: the checkpoint's).", choices=DTYPES)
+  compute_dtype: str | None = setting(None, "Activation dtype (default: the weights').",
+                                      choices=DTYPES)
+  methods: tuple[str, ...] = setting(METHODS, "Pruning methods to run; empty: only the "
+                                     "full-model profile.", choices=METHODS)
+  criteria: tuple[str, ...] = setting(("accuracy",), "Iterative Pruning criteria.",
+                                      choices=CRITERIA)
+  min_layers: int = setting(1, "Iterative Pruning stops at this many blocks.")
+  random_seeds: int = setting(3, "Seeds for the random baseline and the random phase "
+                              "selection.")
+  phase_selections: tuple[str, ...] = setting(PHASE_SELECTIONS, "Phase-targeted selection "
+                                              "rules.", choices=PHASE_SELECTIONS,
+                                              flag="phase_selection")
+  phase_max_k: int = setting(0, "Most blocks removed per phase arm (0: the smaller phase's "
+                             "size).")
+  mask_chunk: int = setting(16, "Masks evaluated together in one vmapped call.")
+  output_dir: str = setting("dpjax_out", "Where the report goes.")
+  progress: bool = setting(True, "Show progress bars with an ETA.")
+  model_axis: int = setting(1, "Devices along the mesh's model axis (weights split across "
+                            "them); the rest form the data axis.")
+  restart: bool = setting(False, "Discard saved state in --output_dir and start over.")
+
+  def __post_init__(self):
+    if not self.methods and self.calibration_items:
+      object.__setattr__(self, "calibration_items", 0)  # nothing to calibrate
+    for name in ("methods", "criteria", "phase_selections"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.normalization not in metrics.NORMALIZATIONS:
+      raise ValueError(f"normalization={self.normalization!r}; use one of {metrics.NORMALIZATIONS}.")
+    if self.transition_rule not in ("margin", "accuracy"):
+      raise ValueError(f"transition_rule={self.transition_rule!r}; use 'margin' or 'accuracy'.")
+    if self.k_shot < 0 or self.num_items < 0 or self.calibration_items < 0 or self.batch_size < 1:
+      raise ValueError(f"k_shot={self.k_shot}, num_items={self.num_items}, calibration_items="
+                       f"{self.calibration_items} must be >= 0 and batch_size={self.batch_size} "
+                       ">= 1.")
+    unknown = sorted(set(self.methods) - set(METHODS))
+    if unknown:
+      raise ValueError(f"unknown methods {unknown}; choose from {METHODS}.")
+    bad = sorted(set(self.criteria) - set(CRITERIA))
+    if bad or not self.criteria:
+      raise ValueError(f"criteria {list(self.criteria)} must be some of {CRITERIA}.")
+    bad = sorted(set(self.phase_selections) - set(PHASE_SELECTIONS))
+    if bad:
+      raise ValueError(f"phase selections {bad} must be some of {PHASE_SELECTIONS}.")
+    if self.methods and self.calibration_items < 1:
+      raise ValueError("the pruning methods need calibration items; set calibration_items >= 1.")
+    if self.min_layers < 1:
+      raise ValueError(f"min_layers={self.min_layers} must be at least 1.")
+    if self.random_seeds < 1:
+      raise ValueError(f"random_seeds={self.random_seeds} must be at least 1.")
+    for name in ("dtype", "compute_dtype"):
+      if getattr(self, name) not in (None, *DTYPES):
+        raise ValueError(f"{name}={getattr(self, name)!r}; use one of {DTYPES}.")
+
+  def replace(self, **changes: Any) -> "Settings":
+    return dataclasses.replace(self, **changes)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """The settings that can change a result (resuming requires them equal)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_FINGERPRINTED}

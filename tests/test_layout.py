@@ -1,0 +1,142 @@
+"""The package's shape: imports flow one way (no cycle), and the installed code never imports torch.
+
+The import graph is read from the source with `ast`, every `import` and
+`from ... import` counted, at module level or inside a function. An edge is an
+explicit import of another project module; the implicit import of a parent
+package that Python performs first is not an edge (a package `__init__` that
+re-exports its submodules would otherwise be a cycle with each of them).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("dpjax", "checkpoints_convert")
+
+
+def _modules() -> dict[str, str]:
+  """Module name -> file path, for every module of the installed packages."""
+  out = {}
+  for package in PACKAGES:
+    for directory, _, files in os.walk(os.path.join(ROOT, package)):
+      for name in files:
+        if not name.endswith(".py"):
+          continue
+        path = os.path.join(directory, name)
+        parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+        if parts[-1] == "__init__":
+          parts = parts[:-1]
+        out[".".join(parts)] = path
+  return out
+
+
+def _imports(path: str, module: str, is_package: bool, known=()) -> set[str]:
+  """Modules `path` imports. `from a import b` imports `a.b` when that is a module of
+  `known`, and `a` otherwise."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:  # relative: resolve against this module's package
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[:len(base) - node.level + 1]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+      else:
+        prefix = node.module
+      for alias in node.names:
+        sub = f"{prefix}.{alias.name}"
+        names.add(sub if sub in known else prefix)
+  return names
+
+
+def import_graph() -> dict[str, set[str]]:
+  modules = _modules()
+  graph = {}
+  for module, path in modules.items():
+    is_package = path.endswith("__init__.py")
+    graph[module] = {name for name in _imports(path, module, is_package, modules)
+                     if name in modules and name != module}
+  return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state: dict[str, int] = {}  # 1: on the current path, 2: done
+  path: list[str] = []
+
+  def visit(node):
+    state[node] = 1
+    path.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    path.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_the_import_graph_has_no_cycle():
+  graph = import_graph()
+  assert len(graph) > 20 and "dpjax.model" in graph["dpjax.load"]
+  cycle = _find_cycle(graph)
+  assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("lower,upper", [
+    ("dpjax.checkpoints.convert", "dpjax.model"),   # checkpoint I/O sits below the model
+    ("dpjax.model", "dpjax.checkpoints.convert"),
+    ("dpjax.tasks.schema", "dpjax.tasks.readers"),  # readers apart from the schema
+    ("dpjax.bundled", "dpjax.main"),                # the bundled model's path registers no flag
+])
+def test_modules_do_not_reach_up(lower, upper):
+  graph = import_graph()
+  seen, todo = set(), [lower]
+  while todo:
+    node = todo.pop()
+    if node in seen:
+      continue
+    seen.add(node)
+    todo.extend(graph[node])
+  assert upper not in seen
+
+
+def test_the_installed_package_never_imports_torch():
+  offenders = []
+  for module, path in _modules().items():
+    names = _imports(path, module, path.endswith("__init__.py"))
+    if any(name == "torch" or name.startswith("torch.") for name in names):
+      offenders.append(module)
+  assert offenders == []
+
+
+def test_the_kept_block_plan_has_one_definition():
+  """The bucket rule and the padded step arrays are written in `dpjax.plan` only."""
+  for module, path in _modules().items():
+    if module == "dpjax.plan":
+      continue
+    with open(path) as f:
+      source = f.read()
+    assert "NUM_KEEP_BUCKETS" not in source and "def keep_buckets" not in source, module
+    assert "np.cumsum(keep" not in source and "flatnonzero(keep)" not in source, module
