@@ -177,7 +177,6 @@ def _encoded(case: Case):
 
 def iterative(case: Case) -> dict[str, Any]:
   """One case of measurement 1: both implementations, checked against each other, timed."""
-  import jax
   import transformers
   import dpjax
   from dpjax import pruning

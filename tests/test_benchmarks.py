@@ -6,7 +6,6 @@ No timing is asserted: the figures belong in benchmarks/RESULTS.md, not in tests
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -10,7 +10,7 @@ import transformers
 import dpjax
 from benchmarks import reference
 from dpjax.tasks import synthetic
-from dpjax import metrics, pruning, tasks
+from dpjax import pruning, tasks
 from dpjax.sweep import Sweep, final_stats
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from benchmarks import reference
-from dpjax import metrics, study, tasks
+from dpjax import study
 
 
 @pytest.fixture(scope="module")
