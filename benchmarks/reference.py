@@ -66,6 +66,26 @@ VARIANTS = {
     "qwen3_qk_norm": Variant("qwen3", dict(_BASE, num_key_value_heads=2, head_dim=32,
                                            tie_word_embeddings=True)),
     "llama_bf16": Variant("llama", dict(_BASE, num_key_value_heads=2), dtype="bfloat16"),
+    # Gemma 2: head_dim 32 (q width 128 != hidden 64), a query scale that is not head_dim,
+    # attention and final soft-capping, sliding and full blocks, GQA.
+    "gemma2_softcap_window": Variant("gemma2", dict(
+        _BASE, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "full_attention",
+                     "sliding_attention"], tie_word_embeddings=True)),
+    # Gemma 3: q/k norms, a rope base of its own on sliding blocks (linear x8 on full ones),
+    # final soft-capping (its attention soft-capping is set, and ignored as HF does).
+    "gemma3_qk_norm_local_rope": Variant("gemma3_text", dict(
+        _BASE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        tie_word_embeddings=True)),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window on every block, GQA.
+    "phi3_fused_window": Variant("phi3", dict(_BASE, num_key_value_heads=2, sliding_window=6)),
 }
 
 _CONFIG_CLASSES = {
@@ -73,6 +93,9 @@ _CONFIG_CLASSES = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "phi3": transformers.Phi3Config,
 }
 
 

@@ -15,11 +15,22 @@ from typing import Any
 import numpy as np
 
 
+NORM_KINDS = ("llama", "gemma")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder: pre-norm blocks of GQA attention and a SwiGLU MLP."""
+  """A decoder of pre-norm blocks: GQA attention, then a gated MLP.
 
-  architecture: str  # HF `model_type`: llama, mistral, qwen2, qwen3.
+  The Llama family is the default; the fields after `param_dtype` switch on
+  what Gemma 2 / Gemma 3 add (scaled embeddings, `(1 + w)` norms, norms after
+  attention and after the MLP, a query scale, soft-capping, GeGLU, a rope base
+  of their own for sliding blocks). Phi-3's fused projections are split on
+  conversion, so it runs as a Llama.
+  """
+
+  architecture: str  # HF `model_type`: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3.
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -46,6 +57,22 @@ class ModelConfig:
   sliding_layers: tuple[bool, ...] = ()
   # Storage dtype of the weights, as a numpy/jax dtype name.
   param_dtype: str = "float32"
+  # Gemma: the embedding is multiplied by sqrt(hidden_size), in the embedding's dtype.
+  embed_scale: bool = False
+  # RMSNorm: "llama" (normalize in float32, cast, times w) or "gemma" (times (1 + w) in
+  # float32, then cast; the stored weight is w).
+  norm_kind: str = "llama"
+  # Gemma: a norm on the attention output and on the MLP output, before each residual add.
+  post_norms: bool = False
+  # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+  query_pre_attn_scalar: float | None = None
+  # tanh soft-capping `cap * tanh(x / cap)` of the attention scores / the final logits.
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  # The gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+  mlp_activation: str = "silu"
+  # Gemma 3: sliding blocks use the default rope with this base (full blocks the main rope).
+  local_rope_theta: float | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -57,6 +84,15 @@ class ModelConfig:
       raise ValueError(
           f"sliding_layers has {len(self.sliding_layers)} entries for "
           f"{self.num_layers} layers.")
+    if self.norm_kind not in NORM_KINDS:
+      raise ValueError(f"norm_kind={self.norm_kind!r}; use one of {NORM_KINDS}.")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_activation={self.mlp_activation!r}; use one of {MLP_ACTIVATIONS}.")
+
+  @property
+  def attention_scale(self) -> float:
+    base = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+    return float(base) ** -0.5
 
   @property
   def layer_is_sliding(self) -> np.ndarray:

@@ -39,12 +39,17 @@ Array = jax.Array
 # Rotary position embedding.
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """`[head_dim // 2]` float32 inverse frequencies, as HF's rope init computes them."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+  """`[head_dim // 2]` float32 inverse frequencies, as HF's rope init computes them.
+
+  `local`: the sliding blocks' table of a model that gives them a rope base of
+  their own (Gemma 3: the default rope type with `local_rope_theta`).
+  """
   dim = cfg.head_dim
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-  if cfg.rope_type == "default":
+  theta = cfg.local_rope_theta if local else cfg.rope_theta
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+  if local or cfg.rope_type == "default":
     return inv_freq
   if cfg.rope_type == "linear":
     return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
@@ -83,11 +88,28 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # Layers.
 
 
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  """HF's RMSNorm: statistics in float32, scaled by the weight in `x`'s dtype."""
+def rms_norm(x: Array, weight: Array, eps: float, kind: str = "llama") -> Array:
+  """HF's RMSNorm, statistics in float32.
+
+  `llama`: the normalized `x` cast back to its dtype, times the weight in that
+  dtype. `gemma`: times `(1 + weight)` in float32, then cast back.
+  """
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if kind == "gemma":
+    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
   return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """`cap * tanh(x / cap)` (Gemma's soft-capping), or `x` when `cap` is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def mlp_activation(x: Array, kind: str) -> Array:
+  if kind == "gelu_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
 
 
 def _param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, init: str) -> nnx.Param:
@@ -99,7 +121,8 @@ def _param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, init: str) -> nnx
 
 
 class Block(nnx.Module):
-  """One pre-norm decoder block: GQA self-attention, then a SwiGLU MLP.
+  """One pre-norm decoder block: GQA self-attention, then a gated MLP (SwiGLU or GeGLU),
+  with Gemma's norms after each when the config asks.
 
   Parameter names are dpjax's names in the architecture tables
   (`checkpoints_convert.architectures`). Linear weights are stored `[in, out]`.
@@ -111,7 +134,8 @@ class Block(nnx.Module):
     d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
     pd = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = _param(rngs, (d,), pd, "ones")
+    norm_init = "zeros" if cfg.norm_kind == "gemma" else "ones"  # gemma stores w of (1 + w)
+    self.attn_norm = _param(rngs, (d,), pd, norm_init)
     self.q = _param(rngs, (d, q_out), pd, "normal")
     self.k = _param(rngs, (d, kv_out), pd, "normal")
     self.v = _param(rngs, (d, kv_out), pd, "normal")
@@ -120,15 +144,20 @@ class Block(nnx.Module):
     self.k_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
     self.v_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
     self.o_bias = _param(rngs, (d,), pd, "zeros") if cfg.o_bias else None
-    self.q_norm = _param(rngs, (hd,), pd, "ones") if cfg.qk_norm else None
-    self.k_norm = _param(rngs, (hd,), pd, "ones") if cfg.qk_norm else None
-    self.mlp_norm = _param(rngs, (d,), pd, "ones")
+    self.q_norm = _param(rngs, (hd,), pd, norm_init) if cfg.qk_norm else None
+    self.k_norm = _param(rngs, (hd,), pd, norm_init) if cfg.qk_norm else None
+    self.post_attn_norm = _param(rngs, (d,), pd, norm_init) if cfg.post_norms else None
+    self.mlp_norm = _param(rngs, (d,), pd, norm_init)
+    self.post_mlp_norm = _param(rngs, (d,), pd, norm_init) if cfg.post_norms else None
     self.gate = _param(rngs, (d, f), pd, "normal")
     self.up = _param(rngs, (d, f), pd, "normal")
     self.down = _param(rngs, (f, d), pd, "normal")
     self.gate_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
     self.up_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
     self.down_bias = _param(rngs, (d,), pd, "zeros") if cfg.mlp_bias else None
+
+  def _norm(self, x: Array, w: nnx.Param) -> Array:
+    return rms_norm(x, w[...], self.cfg.rms_norm_eps, self.cfg.norm_kind)
 
   def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
     y = jnp.einsum("...i,io->...o", x, w[...].astype(x.dtype), precision=self.precision)
@@ -144,13 +173,13 @@ class Block(nnx.Module):
     cfg = self.cfg
     b, t, _ = h.shape
     hd, kv = cfg.head_dim, cfg.num_kv_heads
-    x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
+    x = self._norm(h, self.attn_norm)
     q = self._dense(x, self.q, self.q_bias).reshape(b, t, cfg.num_heads, hd)
     k = self._dense(x, self.k, self.k_bias).reshape(b, t, kv, hd)
     v = self._dense(x, self.v, self.v_bias).reshape(b, t, kv, hd)
     if cfg.qk_norm:
-      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+      q = self._norm(q, self.q_norm)
+      k = self._norm(k, self.k_norm)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def attend_and_mlp(self, h: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -160,16 +189,18 @@ class Block(nnx.Module):
     b, t, _ = h.shape
     hd, kv, groups = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, kv, groups, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=self.precision) * (hd**-0.5)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=self.precision) * cfg.attention_scale
+    scores = soft_cap(scores, cfg.attn_logit_softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     attn = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=self.precision)
-    h = h + self._dense(attn.reshape(b, t, cfg.num_heads * hd), self.o, self.o_bias)
+    out = self._dense(attn.reshape(b, t, cfg.num_heads * hd), self.o, self.o_bias)
+    h = h + (out if self.post_attn_norm is None else self._norm(out, self.post_attn_norm))
 
-    x = rms_norm(h, self.mlp_norm[...], cfg.rms_norm_eps)
-    gate = jax.nn.silu(self._dense(x, self.gate, self.gate_bias))
+    x = self._norm(h, self.mlp_norm)
+    gate = mlp_activation(self._dense(x, self.gate, self.gate_bias), cfg.mlp_activation)
     mlp = self._dense(gate * self._dense(x, self.up, self.up_bias), self.down, self.down_bias)
-    return h + mlp
+    return h + (mlp if self.post_mlp_norm is None else self._norm(mlp, self.post_mlp_norm))
 
 
 class Transformer(nnx.Module):
@@ -189,21 +220,32 @@ class Transformer(nnx.Module):
       return Block(cfg, precision=self.precision, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
-    self.final_norm = _param(rngs, (cfg.hidden_size,), pd, "ones")
+    self.final_norm = _param(rngs, (cfg.hidden_size,), pd,
+                             "zeros" if cfg.norm_kind == "gemma" else "ones")
     self.lm_head = (None if cfg.tie_word_embeddings else
                     _param(rngs, (cfg.hidden_size, cfg.vocab_size), pd, "normal"))
 
   def embed_tokens(self, input_ids: Array) -> Array:
-    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
+    embed = self.embed[...]
+    x = jnp.take(embed, input_ids, axis=0)
+    if self.cfg.embed_scale:  # HF casts sqrt(hidden) to the embedding's dtype first.
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(embed.dtype)
+    return x.astype(self.compute_dtype)
+
+  def final_norm_of(self, h: Array) -> Array:
+    """The final norm, in `h`'s dtype."""
+    return rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps, self.cfg.norm_kind)
 
   def unembed(self, h: Array) -> Array:
-    """Final norm then unembedding: `[..., d]` -> `[..., V]` logits."""
-    x = rms_norm(h.astype(self.compute_dtype), self.final_norm[...], self.cfg.rms_norm_eps)
+    """Final norm, unembedding and any final soft-capping: `[..., d]` -> `[..., V]` logits."""
+    x = self.final_norm_of(h.astype(self.compute_dtype))
     if self.lm_head is None:
       w = self.embed[...].astype(x.dtype)
-      return jnp.einsum("...d,vd->...v", x, w, precision=self.precision)
-    w = self.lm_head[...].astype(x.dtype)
-    return jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
+      logits = jnp.einsum("...d,vd->...v", x, w, precision=self.precision)
+    else:
+      w = self.lm_head[...].astype(x.dtype)
+      logits = jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
+    return soft_cap(logits, self.cfg.final_logit_softcap)
 
   def attention_context(self, attention_mask: Array) -> "AttentionContext":
     """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token)."""
@@ -213,6 +255,9 @@ class Transformer(nnx.Module):
     # positions as the same prompt unpadded.
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
+    cos_local, sin_local = cos, sin
+    if cfg.local_rope_theta is not None:
+      cos_local, sin_local = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg, local=True)))
     t = attention_mask.shape[1]
     idx = jnp.arange(t)
     causal = idx[None, :] <= idx[:, None]
@@ -222,7 +267,7 @@ class Transformer(nnx.Module):
       sliding_mask = full_mask & window[None]
     else:
       sliding_mask = full_mask
-    return AttentionContext(cos, sin, full_mask, sliding_mask)
+    return AttentionContext(cos, sin, full_mask, sliding_mask, cos_local, sin_local)
 
   def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
                   block_valid: Array, readout: Callable[[Array], Any] | None = None):
@@ -249,8 +294,8 @@ class Transformer(nnx.Module):
 
     def step(h, state, valid, sliding):
       block = nnx.merge(graphdef, state)
-      mask = jnp.where(sliding, ctx.sliding_mask, ctx.full_mask)
-      h = jnp.where(valid, block(h, ctx.cos, ctx.sin, mask), h)
+      mask, cos, sin = ctx.for_block(sliding, self.cfg.local_rope_theta is not None)
+      h = jnp.where(valid, block(h, cos, sin, mask), h)
       return h, (None if readout is None else readout(h))
 
     if block_index is None:
@@ -281,6 +326,16 @@ class AttentionContext(NamedTuple):
   sin: Array          # [B, T, head_dim] float32
   full_mask: Array    # [B, T, T] bool, True where a query may attend
   sliding_mask: Array  # [B, T, T] bool, the same within the sliding window
+  cos_local: Array    # [B, T, head_dim] the sliding blocks' rope (Gemma 3), else = cos
+  sin_local: Array
+
+  def for_block(self, sliding, local_rope: bool):
+    """The mask and rope tables of a block (`sliding`: a traced bool)."""
+    mask = jnp.where(sliding, self.sliding_mask, self.full_mask)
+    if not local_rope:
+      return mask, self.cos, self.sin
+    return (mask, jnp.where(sliding, self.cos_local, self.cos),
+            jnp.where(sliding, self.sin_local, self.sin))
 
 
 # ----------------------------------------------------------------------------
@@ -311,9 +366,9 @@ class DecoderModel:
   """
 
   def __init__(self, config: ModelConfig, params: dict[str, Any], *, compute_dtype=None,
-               source_dir: str | None = None):
+               source: str | None = None):
     self.config = config
-    self.source_dir = source_dir
+    self.source = source  # where it was loaded from (a directory or a GGUF file)
     abstract = nnx.eval_shape(
         lambda: Transformer(config, compute_dtype=compute_dtype, rngs=nnx.Rngs(0)))
     self.graphdef, state = nnx.split(abstract)

@@ -3,7 +3,8 @@
 One forward pass gives, for every item and for `h_0` and every kept block, the
 lens logits of the answer options and the full-vocabulary log-normalizer:
 
-    z_l = W_U · norm_f(h_l)      (the model's own final norm and unembedding)
+    z_l = W_U · norm_f(h_l)      (the model's own final norm and unembedding, and its
+                                  final soft-capping when it has one)
 
 The lens is applied inside the block scan to the answer-position residual only
 (`h[:, -1]`, the batches are left-padded), so neither `[B, T, V]` logits nor
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.distributed import fetch
-from dpjax.model import DecoderModel, Transformer, rms_norm
+from dpjax.model import DecoderModel, Transformer, rms_norm, soft_cap
 from dpjax.plan import KeepPlan, bucket_size, layers_from_steps, stacked_steps
 from dpjax.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches
@@ -52,9 +53,11 @@ def unembedding_f32(module: Transformer) -> jax.Array:
 def lens(module: Transformer, unembed: jax.Array, h: jax.Array,
          letter_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Logit lens of residuals `h` `[B, d]`: option logits `[B, K]`, log-normalizer `[B]`."""
+  cfg = module.cfg
   x = rms_norm(h.astype(jnp.float32), module.final_norm[...].astype(jnp.float32),
-               module.cfg.rms_norm_eps)
+               cfg.rms_norm_eps, cfg.norm_kind)
   logits = jnp.einsum("bd,vd->bv", x, unembed, precision=jax.lax.Precision.HIGHEST)
+  logits = soft_cap(logits, cfg.final_logit_softcap)  # as the model's own logits
   log_normalizer = jax.nn.logsumexp(logits, axis=-1)
   options = jnp.take_along_axis(logits, jnp.maximum(letter_ids, 0), axis=-1)
   options = jnp.where(letter_ids >= 0, options, -jnp.inf)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.model import DecoderModel, rope_inv_freq, rope_tables
+from dpjax.model import AttentionContext, DecoderModel, rope_inv_freq, rope_tables
 from dpjax.plan import KeepPlan
 
 Array = jax.Array
@@ -41,12 +41,16 @@ class KVCache(NamedTuple):
   position: Array  # [B] int32: the next token's rotary position (real tokens so far)
 
 
-def _attention_mask(valid: Array, query_slots: Array) -> Array:
-  """`[B, T, S]`: query slot `t` may see key slot `s <= t` that holds a real token (only
-  full-attention models decode here: `Server` refuses sliding windows)."""
+def _attention_masks(valid: Array, query_slots: Array, window: int | None) -> tuple[Array, Array]:
+  """`[B, T, S]` full and sliding masks: query slot `t` may see key slot `s <= t` that
+  holds a real token (and, sliding, `t - s < window`, on slots as HF counts positions in
+  a padded batch)."""
   s = jnp.arange(valid.shape[1])
   causal = s[None, :] <= query_slots[:, None]
-  return causal[None] & valid[:, None, :]
+  full = causal[None] & valid[:, None, :]
+  if window is None:
+    return full, full
+  return full, full & ((query_slots[:, None] - s[None, :]) < window)[None]
 
 
 def _run_cached(module, h: Array, positions: Array, cache: KVCache,
@@ -56,14 +60,21 @@ def _run_cached(module, h: Array, positions: Array, cache: KVCache,
   cfg = module.cfg
   t = h.shape[1]
   cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
+  cos_local, sin_local = cos, sin
+  local_rope = cfg.local_rope_theta is not None
+  if local_rope:
+    cos_local, sin_local = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg, local=True)))
   query_slots = cache.next_slot + jnp.arange(t)
-  mask = _attention_mask(cache.valid, query_slots)
+  full, sliding = _attention_masks(cache.valid, query_slots, cfg.sliding_window)
+  ctx = AttentionContext(cos, sin, full, sliding, cos_local, sin_local)
+  is_sliding = jnp.asarray(cfg.layer_is_sliding)
   graphdef, block_state = nnx.split(module.blocks)
 
   def body(step, carry):
     h, k_all, v_all = carry
     state = jax.tree.map(lambda w: w[block_index[step]], block_state)
     block = nnx.merge(graphdef, state)
+    mask, cos, sin = ctx.for_block(is_sliding[block_index[step]], local_rope)
     q, k, v = block.project(h, cos, sin)
     start = (step, 0, cache.next_slot, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
@@ -126,10 +137,6 @@ class Server:
 
   def __init__(self, model: DecoderModel, keep=None):
     self.plan = KeepPlan.from_mask(keep, model.num_layers)
-    if model.config.sliding_window is not None:
-      raise ValueError("serve.Server decodes full-attention models only; this model has "
-                       f"sliding_window={model.config.sliding_window}. Use "
-                       "DecoderModel.logits for its forward passes.")
     self.model = model
     self.block_index = np.asarray(self.plan.kept, np.int32)
     self._generate = jax.jit(functools.partial(_generate, model.graphdef),

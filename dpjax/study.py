@@ -27,6 +27,7 @@ import numpy as np
 
 from dpjax import compilation, metrics, pruning, report, resume, tasks
 from dpjax.distributed import Placement, is_main_process
+from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
 from dpjax.methods import METHODS, Context, profile_of
 from dpjax.readout import Readout
@@ -35,15 +36,6 @@ from dpjax.settings import Settings
 from dpjax.sweep import Sweep
 
 STATE_DIR = "state"
-
-
-def _tokenizer(model) -> Any:
-  import transformers
-  try:
-    return transformers.AutoTokenizer.from_pretrained(model.source_dir)
-  except Exception as e:
-    raise ValueError(f"the model at {model.source_dir} has no usable tokenizer files ({e}); "
-                     "dpjax needs the checkpoint's tokenizer to build prompts.") from e
 
 
 def _split_items(items: list[tasks.Item], s: Settings) -> tuple[list, list]:
@@ -67,7 +59,7 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   if placement is not None:
     placement.check_batch_size(s.batch_size)
     model.place(placement)
-  tokenizer = _tokenizer(model)
+  tokenizer = load_tokenizer(model.source)
   total = s.num_items + s.calibration_items if s.num_items else 0
   if s.task == "synthetic" and not total:
     total = 400 + s.calibration_items

@@ -1,13 +1,16 @@
-"""`dpjax-convert`: an HF checkpoint -> a dpjax checkpoint (Orbax + config).
+"""`dpjax-convert`: an HF checkpoint or a GGUF file -> a dpjax checkpoint (Orbax + config).
 
 A converted checkpoint is a directory holding
 
 * `dpjax_config.json`: the `ModelConfig` the forward pass runs on;
-* `hf_config.json`: the source's `config.json`, verbatim, for the exporter;
+* `hf_config.json`: the source's `config.json` (for a GGUF file: the HF config
+  transformers derives from its metadata), for the exporter;
 * `params/`: an Orbax checkpoint of the parameter tree (blocks stacked);
-* the source's tokenizer files, unchanged.
+* the tokenizer files (copied, or for a GGUF file saved from its vocabulary).
 
 It is written to a temporary directory and renamed into place when complete.
+`load_checkpoint` reads any of the three kinds of source, and `load_tokenizer`
+gives the tokenizer of any of them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from dpjax.checkpoints import architectures
 from dpjax.checkpoints import hf as hf_checkpoint
+from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
 from dpjax.checkpoints.hf import HFCheckpoint
 from dpjax import fileio
 from dpjax.config import ModelConfig
@@ -37,38 +41,57 @@ def is_converted(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, CONFIG_FILE))
 
 
+def open_source(path_or_id: str, dtype: str | None = None) -> HFCheckpoint | GGUFCheckpoint:
+  """An HF checkpoint (directory or hub id) or a GGUF file, ready to read."""
+  if is_gguf(path_or_id):
+    return GGUFCheckpoint.open(path_or_id, dtype)
+  return HFCheckpoint.open(path_or_id, dtype)
+
+
+def save_tokenizer_of(source: HFCheckpoint | GGUFCheckpoint, directory: str) -> None:
+  """The source's tokenizer files, written into `directory`."""
+  if isinstance(source, GGUFCheckpoint):
+    source.tokenizer().save_pretrained(directory)
+    return
+  for path in source.tokenizer_files():
+    shutil.copy2(path, directory)
+
+
 def convert(hf_model: str, output_dir: str, *, dtype: str | None = None,
             overwrite: bool = False) -> str:
-  """Converts an HF checkpoint (directory or hub id) into `output_dir`; returns it."""
+  """Converts an HF checkpoint (directory or hub id) or a GGUF file into `output_dir`."""
   if os.path.exists(output_dir) and not overwrite:
     # Checked before reading gigabytes; checked again at the final rename.
     raise FileExistsError(
         f"output directory {os.path.abspath(output_dir)} already exists; choose another "
         "path or pass --overwrite to replace it.")
-  checkpoint = HFCheckpoint.open(hf_model, dtype)
+  checkpoint = open_source(hf_model, dtype)
   params = checkpoint.read_params()
   # Orbax copies numpy leaves while it saves them; handing it device arrays,
   # made one leaf at a time as each numpy leaf is dropped, keeps the peak near
   # one copy of the weights.
-  _move_to_device_in_place(params)
+  move_to_device_in_place(params)
   with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
-    write_converted(tmp, checkpoint.config, checkpoint.raw_config, params,
-                    checkpoint.tokenizer_files())
+    write_converted(tmp, checkpoint.config, checkpoint.raw_config, params)
+    save_tokenizer_of(checkpoint, tmp)
   return os.path.abspath(output_dir)
 
 
-def _move_to_device_in_place(tree: dict[str, Any]) -> None:
+def move_to_device_in_place(tree: dict[str, Any]) -> None:
+  """Replaces every numpy leaf by a device array, one leaf at a time, dropping each
+  host copy as it goes (so the peak is one copy of the weights plus one leaf)."""
   for key, value in tree.items():
     if isinstance(value, dict):
-      _move_to_device_in_place(value)
+      move_to_device_in_place(value)
     else:
       tree[key] = jax.device_put(value)
       del value
 
 
 def write_converted(directory: str, config: ModelConfig, raw_config: dict[str, Any],
-                    params: dict[str, Any], tokenizer_files: list[str]) -> None:
-  """Writes a converted checkpoint into an existing, empty `directory`."""
+                    params: dict[str, Any]) -> None:
+  """Writes a converted checkpoint (without its tokenizer) into an existing, empty
+  `directory`."""
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
     checkpointer.wait_until_finished()
@@ -76,8 +99,6 @@ def write_converted(directory: str, config: ModelConfig, raw_config: dict[str, A
     f.write(config.to_json())
   with open(os.path.join(directory, HF_CONFIG_FILE), "w") as f:
     json.dump(raw_config, f, indent=2, sort_keys=True)
-  for path in tokenizer_files:
-    shutil.copy2(path, directory)
 
 
 def read_converted(directory: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
@@ -94,16 +115,17 @@ def read_converted(directory: str) -> tuple[ModelConfig, dict[str, Any], dict[st
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-  """Weights and configs from either kind of checkpoint directory."""
+  """Weights and configs from any kind of source, and how to write its tokenizer."""
   config: ModelConfig
   params: dict[str, Any]
   raw_config: dict[str, Any]
-  directory: str
-  tokenizer_files: list[str]
+  source: str  # the converted directory, the HF directory or the GGUF file it came from
+  save_tokenizer: Callable[[str], None]
 
 
 def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoint:
-  """Reads a converted checkpoint, or converts an HF directory / hub id in memory."""
+  """Reads a converted checkpoint, or converts an HF directory, a hub id or a GGUF file
+  in memory."""
   if os.path.isdir(path_or_id) and is_converted(path_or_id):
     directory = os.path.abspath(path_or_id)
     config, params, raw = read_converted(directory)
@@ -114,12 +136,30 @@ def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoi
       target = hf_checkpoint.numpy_dtype(dtype)
       params = jax.tree.map(lambda x: x.astype(target), params)
       config = config.replace(param_dtype=dtype)
-    files = [os.path.join(directory, n) for n in hf_checkpoint.TOKENIZER_FILES
-             if os.path.isfile(os.path.join(directory, n))]
-    return LoadedCheckpoint(config, params, raw, directory, files)
-  checkpoint = HFCheckpoint.open(path_or_id, dtype)
+
+    def copy_tokenizer(out: str) -> None:
+      for name in hf_checkpoint.TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+          shutil.copy2(os.path.join(directory, name), out)
+
+    return LoadedCheckpoint(config, params, raw, directory, copy_tokenizer)
+  checkpoint = open_source(path_or_id, dtype)
+  source = checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.directory
   return LoadedCheckpoint(checkpoint.config, checkpoint.read_params(), checkpoint.raw_config,
-                          checkpoint.directory, checkpoint.tokenizer_files())
+                          source, lambda out: save_tokenizer_of(checkpoint, out))
+
+
+def load_tokenizer(source: str):
+  """The tokenizer of a converted checkpoint, an HF directory or a GGUF file."""
+  import transformers
+  try:
+    if is_gguf(source):
+      return transformers.AutoTokenizer.from_pretrained(os.path.dirname(source),
+                                                        gguf_file=os.path.basename(source))
+    return transformers.AutoTokenizer.from_pretrained(source)
+  except Exception as e:
+    raise ValueError(f"the model at {source} has no usable tokenizer ({type(e).__name__}: "
+                     f"{e}); dpjax needs the checkpoint's tokenizer to build prompts.") from e
 
 
 def _to_numpy(tree: Any) -> Any:

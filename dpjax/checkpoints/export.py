@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -44,18 +43,22 @@ def pruned_hf_config(raw_config: dict[str, Any], kept: Sequence[int],
 
 
 def hf_tensors(config, params: dict[str, Any], kept: Sequence[int]) -> dict[str, np.ndarray]:
-  """HF-named tensors for the kept blocks, renumbered, via the architecture table."""
-  tensors = {}
+  """HF-named tensors for the kept blocks, renumbered, via the architecture table (the
+  rows of a fused HF tensor concatenated back in order)."""
+  parts: dict[str, list[tuple[int, np.ndarray]]] = {}
   for rule in architectures.tensor_rules(config):
     value = params
     for key in rule.path:
       value = value[key]
     layers = list(enumerate(kept)) if rule.per_layer else [(None, None)]
+    start = rule.rows(config)[0] if rule.rows else 0
     for new, old in layers:
       tensor = value if old is None else value[old]
       tensor = tensor.T if rule.transpose else tensor
-      tensors[rule.hf_name(new)] = np.ascontiguousarray(tensor)
-  return tensors
+      parts.setdefault(rule.hf_name(new), []).append((start, np.asarray(tensor)))
+  return {name: np.ascontiguousarray(pieces[0][1]) if len(pieces) == 1 else
+          np.concatenate([t for _, t in sorted(pieces, key=lambda p: p[0])], axis=0)
+          for name, pieces in parts.items()}
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -72,7 +75,7 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
 
 def write_hf_checkpoint(directory: str, config, raw_config: dict[str, Any],
                         params: dict[str, Any], kept: Sequence[int],
-                        tokenizer_files: Sequence[str] = (),
+                        save_tokenizer: Callable[[str], None] | None = None,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
   """Writes the HF checkpoint of blocks `kept` into the existing `directory`.
 
@@ -98,8 +101,8 @@ def write_hf_checkpoint(directory: str, config, raw_config: dict[str, Any],
       json.dump(index, f, indent=2, sort_keys=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
-  for path in tokenizer_files:
-    shutil.copy2(path, directory)
+  if save_tokenizer is not None:
+    save_tokenizer(directory)
 
 
 def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = None,
@@ -126,5 +129,5 @@ def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = No
 
   with fileio.atomic_directory(output_dir, overwrite=overwrite) as tmp:
     write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, loaded.params, kept,
-                        loaded.tokenizer_files, max_shard_bytes)
+                        loaded.save_tokenizer, max_shard_bytes)
   return os.path.abspath(output_dir)

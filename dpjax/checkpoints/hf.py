@@ -132,61 +132,110 @@ class HFCheckpoint:
 
   def read_params(self) -> dict[str, Any]:
     """The weights as dpjax's nested param dict of numpy arrays, blocks stacked."""
-    cfg = self.config
-    dtype = np.dtype(numpy_dtype(cfg.param_dtype))
-    expected = architectures.expected_hf_tensors(cfg)
     files = weight_files(self.directory)
     located: dict[str, str] = {}
     for path in files:
       with _open(path) as f:
         for name in f.keys():
           located[name] = path
+    handles: dict[str, Any] = {}
 
-    missing = sorted(set(expected) - set(located))
-    extra = sorted(name for name in set(located) - set(expected)
-                   if not name.endswith(architectures.IGNORABLE_SUFFIXES))
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.
-    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
-      extra.remove("lm_head.weight")
-    if missing:
-      raise CheckpointError(f"checkpoint {self.directory} is missing tensors {missing[:8]}"
-                            f"{' and more' if len(missing) > 8 else ''}.")
-    if extra:
-      raise CheckpointError(
-          f"checkpoint {self.directory} has tensors the {cfg.architecture} table does not "
-          f"know: {extra[:8]}{' and more' if len(extra) > 8 else ''}. Its config may not "
-          "describe its weights.")
+    def read(name: str) -> np.ndarray:
+      path = located[name]
+      if path not in handles:
+        for other in list(handles):  # one file open at a time
+          handles.pop(other).__exit__(None, None, None)
+        handles[path] = _open(path).__enter__()
+      try:
+        return handles[path].get_tensor(name)
+      except Exception as e:
+        raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from e
 
-    params: dict[str, Any] = {}
-    for rule in architectures.tensor_rules(cfg):
-      shape = rule.shape(cfg)
-      if rule.per_layer:
-        shape = (cfg.num_layers, *shape)
-      _set(params, rule.path, np.empty(shape, dtype))
+    # Read file by file, in the order the tensors are stored.
+    order = {path: n for n, path in enumerate(files)}
+    try:
+      return stack_params(self.config, located, read, f"checkpoint {self.directory}",
+                          order=lambda name: order[located[name]])
+    finally:
+      for handle in handles.values():
+        handle.__exit__(None, None, None)
 
-    by_file: dict[str, list[str]] = {}
-    for name in expected:
-      by_file.setdefault(located[name], []).append(name)
-    for path, names in by_file.items():
-      with _open(path) as f:
-        for name in names:
-          rule, layer = expected[name]
-          try:
-            tensor = f.get_tensor(name)
-          except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from e
-          want = rule.hf_shape(cfg)
-          if tuple(tensor.shape) != want:
-            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected "
-                                  f"{want} for this config.")
-          value = tensor.T if rule.transpose else tensor
-          target = _get(params, rule.path)
-          if layer is None:
-            target[...] = value.astype(dtype, copy=False)
-          else:
-            target[layer] = value.astype(dtype, copy=False)
-          del tensor, value
-    return params
+
+def allocate_params(cfg: ModelConfig) -> dict[str, Any]:
+  """Empty dpjax parameter arrays (blocks stacked on a leading layer axis)."""
+  dtype = np.dtype(numpy_dtype(cfg.param_dtype))
+  params: dict[str, Any] = {}
+  for rule in architectures.tensor_rules(cfg):
+    shape = rule.shape(cfg)
+    if rule.per_layer:
+      shape = (cfg.num_layers, *shape)
+    _set(params, rule.path, np.empty(shape, dtype))
+  return params
+
+
+def check_tensor_names(cfg: ModelConfig, available, source: str) -> None:
+  """Refuses a checkpoint whose tensor names are not the table's (names the culprits)."""
+  expected = architectures.expected_hf_tensors(cfg)
+  missing = sorted(set(expected) - set(available))
+  extra = sorted(name for name in set(available) - set(expected)
+                 if not name.endswith(architectures.IGNORABLE_SUFFIXES))
+  # A tied checkpoint may still carry a copy of the embedding as lm_head.
+  if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+    extra.remove("lm_head.weight")
+  if missing:
+    raise CheckpointError(f"{source} is missing tensors {missing[:8]}"
+                          f"{' and more' if len(missing) > 8 else ''}.")
+  if extra:
+    raise CheckpointError(
+        f"{source} has tensors the {cfg.architecture} table does not know: {extra[:8]}"
+        f"{' and more' if len(extra) > 8 else ''}. Its config may not describe its weights.")
+
+
+def store_tensor(params: dict[str, Any], cfg: ModelConfig, name: str, tensor: np.ndarray,
+                 rows: slice | None = None) -> None:
+  """Writes HF tensor `name` (or rows `rows` of it) into its dpjax parameters."""
+  for rule, layer in architectures.expected_hf_tensors(cfg)[name]:
+    target = _get(params, rule.path)
+    if layer is not None:
+      target = target[layer]
+    if rows is None:
+      target[...] = rule.from_hf(tensor, cfg)
+      continue
+    # A block of the HF tensor's rows: the matching part of this rule's rows.
+    start, stop, _ = rule.rows(cfg) if rule.rows else (0, rule.hf_shape(cfg)[0], None)
+    lo, hi = max(rows.start, start), min(rows.stop, stop)
+    if lo >= hi:
+      continue
+    part = tensor[lo - rows.start:hi - rows.start]
+    if rule.transpose:
+      target[:, lo - start:hi - start] = part.T
+    else:
+      target[lo - start:hi - start] = part
+
+
+def hf_tensor_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+  return architectures.expected_hf_tensors(cfg)[name][0][0].hf_shape(cfg)
+
+
+def stack_params(cfg: ModelConfig, available, read, source: str, order=None) -> dict[str, Any]:
+  """dpjax's parameters from HF-named tensors: `read(name)` returns one in HF layout.
+
+  Every name and shape is checked against the architecture table before its
+  values are written; a fused HF tensor fills several parameters.
+  """
+  check_tensor_names(cfg, available, source)
+  params = allocate_params(cfg)
+  names = sorted(architectures.expected_hf_tensors(cfg), key=order) if order else \
+      list(architectures.expected_hf_tensors(cfg))
+  for name in names:
+    tensor = read(name)
+    want = hf_tensor_shape(cfg, name)
+    if tuple(tensor.shape) != want:
+      raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected "
+                            f"{want} for this config.")
+    store_tensor(params, cfg, name, tensor)
+    del tensor
+  return params
 
 
 def numpy_dtype(name: str):

@@ -1,0 +1,225 @@
+"""Reading a GGUF file (llama.cpp's format): config, tokenizer and dequantized weights.
+
+How the work is split, and why:
+
+* The config and the tokenizer come from transformers (`AutoConfig` /
+  `AutoTokenizer` with `gguf_file=`): it already knows how each family's GGUF
+  metadata maps to an HF config, and the study's reference is that same
+  transformers model, so both read the file the same way.
+* The weights do not: transformers' GGUF loader dequantizes every tensor into
+  torch at once (its peak was 1.6-3.2x the float32 size on the three real
+  models). Here the `gguf` package's `GGUFReader` lists the tensors, then each
+  tensor is dequantized (`gguf.quants.dequantize`) a few rows at a time
+  straight into the preallocated, stacked dpjax arrays, in `--dtype`, and the
+  file's pages are released after each tensor. Peak memory is about one copy
+  of the model in the target dtype, so a 7B file converts to bfloat16 in
+  about 14 GB.
+* GGUF names map to HF names, and llama.cpp's storage conventions (q/k rows
+  permuted for its rope on `llama` files, Gemma norms stored as `1 + w`) are
+  undone, by the architecture table (`architectures.GGUF_FAMILIES`); the HF
+  names then map to dpjax's through the same rules as a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+
+from dpjax.checkpoints import architectures
+from dpjax.checkpoints.hf import (CheckpointError, allocate_params, check_tensor_names,
+                                  hf_tensor_shape, store_tensor)
+from dpjax.config import ModelConfig
+
+GGUF_SUFFIX = ".gguf"
+# Rows of a quantized tensor dequantized at a time (bounded to about 16 MB of float32).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def is_gguf(path: str) -> bool:
+  return path.lower().endswith(GGUF_SUFFIX) and not os.path.isdir(path)
+
+
+_FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+@functools.lru_cache(maxsize=None)
+def supported_types() -> tuple[str, ...]:
+  """The GGML tensor types dpjax dequantizes: plain floats, and every type the gguf
+  package dequantizes (tried on one all-zero block)."""
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+  names = set(_FLOAT_TYPES)
+  for qtype in GGMLQuantizationType:
+    if qtype.name in names or qtype not in GGML_QUANT_SIZES:
+      continue
+    try:
+      quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except Exception:  # not implemented for this type
+      continue
+    names.add(qtype.name)
+  return tuple(sorted(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  name: str           # GGUF name, e.g. blk.0.attn_q.weight
+  hf_name: str
+  type_name: str      # GGML type, e.g. Q4_K
+  shape: tuple[int, ...]  # numpy order (rows first): HF's layout
+  offset: int         # absolute byte offset in the file
+  nbytes: int
+
+
+def _checked_reader(path: str):
+  import gguf
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF').")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:
+    raise CheckpointError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}. It may be "
+                          "truncated or corrupt; download it again.") from e
+  for t in reader.tensors:
+    if int(t.data_offset) + int(t.n_bytes) > size:
+      raise CheckpointError(f"GGUF file {path} is truncated: tensor {t.name} ends at byte "
+                            f"{int(t.data_offset) + int(t.n_bytes)} of a {size}-byte file.")
+  return reader
+
+
+@dataclasses.dataclass
+class GGUFCheckpoint:
+  """A GGUF file, with the HF config transformers derives from it and dpjax's config."""
+  path: str
+  config: ModelConfig
+  raw_config: dict[str, Any]
+  hf_config: Any
+  family: architectures.GGUFFamily
+  tensors: list[TensorInfo]
+
+  @property
+  def directory(self) -> str:
+    return os.path.dirname(self.path)
+
+  @classmethod
+  def open(cls, path: str, dtype: str | None = None) -> "GGUFCheckpoint":
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+      raise CheckpointError(f"no GGUF file at {path}.")
+    reader = _checked_reader(path)
+    field = reader.fields.get("general.architecture")
+    if field is None:
+      raise CheckpointError(f"GGUF file {path} has no general.architecture; it is not a model.")
+    family = architectures.gguf_family(field.contents())
+    supported = set(supported_types())
+    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - supported)
+    if unsupported:
+      bad = [t.name for t in reader.tensors if t.tensor_type.name in unsupported][:4]
+      raise architectures.UnsupportedModelError(
+          f"GGUF file {path} holds tensors of types {unsupported} (e.g. {bad}), which dpjax "
+          f"cannot dequantize; supported: {', '.join(sorted(supported))}.")
+    infos, unknown = [], []
+    for t in reader.tensors:
+      hf_name = architectures.hf_name_of_gguf(t.name, family)
+      if hf_name is None:
+        unknown.append(t.name)
+        continue
+      infos.append(TensorInfo(t.name, hf_name, t.tensor_type.name,
+                              tuple(int(x) for x in reversed(t.shape.tolist())),
+                              int(t.data_offset), int(t.n_bytes)))
+    del reader  # its parsed vocabulary is large; the tensors are read through our own map
+    if unknown:
+      raise CheckpointError(f"GGUF file {path} has tensors dpjax does not know: {unknown[:8]}.")
+    hf_config = _hf_config(path)
+    if hf_config.model_type != family.model_type:
+      raise CheckpointError(f"GGUF file {path}: transformers read it as "
+                            f"{hf_config.model_type!r}, expected {family.model_type!r}.")
+    config = architectures.model_config_from_hf(hf_config, dtype or "float32")
+    raw = hf_config.to_dict()
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version",
+                "quantization_config"):
+      raw.pop(key, None)
+    raw["architectures"] = [architectures.HF_CLASSES[config.architecture]]
+    return cls(path, config, raw, hf_config, family, infos)
+
+  def read_params(self) -> dict[str, Any]:
+    """The weights as dpjax's nested param dict of numpy arrays in the config's dtype."""
+    cfg = self.config
+    by_name = {t.hf_name: t for t in self.tensors}
+    check_tensor_names(cfg, by_name, f"GGUF file {self.path}")
+    for info in self.tensors:
+      want = hf_tensor_shape(cfg, info.hf_name)
+      if info.shape != want:
+        raise CheckpointError(f"tensor {info.name} ({info.hf_name}) has shape {info.shape}, "
+                              f"expected {want} for this config.")
+    params = allocate_params(cfg)
+    with open(self.path, "rb") as f:
+      mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+      for info in self.tensors:
+        self._read_tensor(mapped, info, params)
+        # The pages read are clean file cache: drop them so they do not add to the peak.
+        mapped.madvise(mmap.MADV_DONTNEED)
+    finally:
+      try:
+        mapped.close()
+      except BufferError:  # a view still refers to it (after an error): the GC closes it
+        pass
+    return params
+
+  def _read_tensor(self, mapped: mmap.mmap, info: TensorInfo, params: dict[str, Any]) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+    qtype = GGMLQuantizationType[info.type_name]
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    raw = raw.reshape(rows, info.shape[-1] // block * type_size)  # a block never spans rows
+
+    def dequantize(part: np.ndarray) -> np.ndarray:
+      if info.type_name in _FLOAT_TYPES:
+        return part.view(_FLOAT_TYPES[info.type_name]).astype(np.float32)
+      return quants.dequantize(part, qtype).astype(np.float32, copy=False)
+
+    cfg, family = self.config, self.family
+    whole = (family.permute_qk and (".attn_q." in info.name or ".attn_k." in info.name))
+    if whole or len(info.shape) == 1:  # small, or rows that move between each other
+      tensor = dequantize(raw).reshape(info.shape)
+      tensor = architectures.gguf_to_hf_values(tensor, info.name, family, self.hf_config)
+      store_tensor(params, cfg, info.hf_name, tensor)
+      return
+    step = max(1, _CHUNK_ELEMENTS // info.shape[-1])
+    for start in range(0, rows, step):
+      stop = min(rows, start + step)
+      part = dequantize(raw[start:stop]).reshape(stop - start, info.shape[-1])
+      part = architectures.gguf_to_hf_values(part, info.name, family, self.hf_config)
+      store_tensor(params, cfg, info.hf_name, part, rows=slice(start, stop))
+
+  def tokenizer(self):
+    """The tokenizer transformers builds from the file's vocabulary."""
+    import transformers
+    try:
+      return transformers.AutoTokenizer.from_pretrained(self.directory,
+                                                        gguf_file=os.path.basename(self.path))
+    except Exception as e:
+      raise CheckpointError(f"cannot build a tokenizer from GGUF file {self.path}: "
+                            f"{type(e).__name__}: {e}") from e
+
+
+def _hf_config(path: str):
+  """The HF config transformers derives from the file's metadata."""
+  import transformers
+  try:
+    return transformers.AutoConfig.from_pretrained(os.path.dirname(path),
+                                                   gguf_file=os.path.basename(path))
+  except ImportError as e:
+    raise CheckpointError(f"reading GGUF files needs the gguf package: pip install "
+                          f"'dpjax[gguf]' ({e}).") from e
+  except Exception as e:
+    raise CheckpointError(f"transformers cannot read the config of GGUF file {path}: "
+                          f"{type(e).__name__}: {e}") from e
