@@ -1,6 +1,7 @@
-"""Figures for the foundation: HF parity per variant, conversion memory, forward speed.
+"""Figures for the foundation: HF parity per variant, conversion memory, forward speed,
+and the same for the three real GGUF models.
 
-    python -m benchmarks.foundation [--quick]
+    python -m benchmarks.foundation [--quick] [--noreal]
 
 1. Parity: for every supported variant (a tiny random HF checkpoint written with
    `save_pretrained`), the largest |logit difference| and the largest KL between
@@ -12,6 +13,11 @@
 3. Forward speed: one full forward pass (logits), dpjax against HF PyTorch on
    the same batch in the same process, warm, median of repeats; plus a pruned
    variant (gather form, half the blocks) against HF with those blocks deleted.
+4. Real models (`benchmarks.real_models`: SmolLM2-135M, Gemma 3 270M,
+   Qwen2.5-Coder-0.5B, GGUF): logits against transformers' loading of the same
+   file (max |diff| and its ratio to the largest |logit|), conversion time and
+   peak memory of `dpjax-convert` against the model's float32 size, and one
+   forward pass against HF PyTorch on the same batch.
 
 Writes `benchmarks/results/foundation.json` and prints a Markdown table.
 """
@@ -32,6 +38,7 @@ import numpy as np
 
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller model and fewer repeats (a smoke run).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
+_REAL = flags.DEFINE_bool("real", True, "Measure the three real GGUF models too.")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
                                                "foundation.json"), "Where to write the figures.")
 
@@ -81,7 +88,7 @@ def rss():
 
 # Parsing the config imports transformers' model modules: a fixed cost, paid
 # before the weights are touched, so it is excluded.
-c.HFCheckpoint.open(sys.argv[1])
+c.open_source(sys.argv[1])
 before = rss()
 peak = [before]
 done = threading.Event()
@@ -182,6 +189,69 @@ def forward_speed(quick: bool, repeats: int) -> list[dict]:
   return rows
 
 
+PROMPTS = ("The capital of France is",
+           "Question: Which gas do plants take in from the air to make food?\nAnswer:",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+
+
+def real_model_rows(quick: bool, repeats: int) -> list[dict]:
+  """Parity, conversion and forward time of each real GGUF model (see the docstring)."""
+  import jax
+  import torch
+  import transformers
+  import dpjax
+  from benchmarks import real_models
+  rows = []
+  for key, spec in real_models.MODELS.items():
+    path = real_models.fetch(key)
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    row = {"model": key, "file": name, "architecture": spec.architecture,
+           "layers": spec.num_layers}
+    with tempfile.TemporaryDirectory() as d:
+      proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path, os.path.join(d, "out")],
+                            capture_output=True, text=True, check=True)
+      probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    model = dpjax.load_model(path)
+    f32_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(model.params()))
+    row.update(file_mb=os.path.getsize(path) / 1e6, float32_mb=f32_bytes / 1e6,
+               convert_seconds=probe["seconds"],
+               convert_peak_added_mb=(probe["rss_peak"] - probe["rss_before"]) / 1e6,
+               convert_peak_over_float32=(probe["rss_peak"] - probe["rss_before"]) / f32_bytes)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                           dtype=torch.float32).eval()
+    rows_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    length = max(map(len, rows_ids))
+    ids = np.zeros((len(rows_ids), length), np.int64)
+    mask = np.zeros_like(ids)
+    for r, t in enumerate(rows_ids):
+      ids[r, length - len(t):], mask[r, length - len(t):] = t, 1
+    from benchmarks import reference
+    want, _ = reference.hf_forward(hf, ids, mask)
+    got = np.asarray(model.logits(ids, attention_mask=mask))
+    real = mask.astype(bool)
+    diff = float(np.abs(got - want)[real].max())
+    row.update(max_abs_logit_diff=diff, logit_scale=float(np.abs(want[real]).max()),
+               relative_diff=diff / float(np.abs(want[real]).max()))
+    batch, tokens = (2, 32) if quick else (8, 128)
+    fwd_ids = np.random.default_rng(0).integers(100, 1000, size=(batch, tokens))
+    ids_t = torch.as_tensor(fwd_ids)
+    hf.config._attn_implementation = "sdpa"
+
+    def run_hf():
+      with torch.no_grad():
+        hf(input_ids=ids_t, use_cache=False).logits.numpy()
+
+    hf_s, _ = _median_time(run_hf, repeats)
+    jx_s, _ = _median_time(lambda: jax.block_until_ready(model.logits(fwd_ids)), repeats)
+    row.update(forward_batch=batch, forward_tokens=tokens, hf_forward_seconds=hf_s,
+               dpjax_forward_seconds=jx_s, forward_speedup=hf_s / jx_s)
+    print(f"real model {key}: {row}", flush=True)
+    rows.append(row)
+    del model, hf
+  return rows
+
+
 def main(argv):
   del argv
   import jax
@@ -196,7 +266,8 @@ def main(argv):
       quick=quick,
       parity=parity(),
       conversion_memory=conversion_memory(quick),
-      forward_speed=forward_speed(quick, repeats))
+      forward_speed=forward_speed(quick, repeats),
+      real_models=real_model_rows(quick, repeats) if _REAL.value else [])
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   from dpjax.fileio import atomic_write_text
   atomic_write_text(_OUT.value, json.dumps(results, indent=2))
@@ -217,6 +288,16 @@ def main(argv):
   for r in results["forward_speed"]:
     print(f"| {r['case']} | {r['batch']}x{r['tokens']} | {r['hf_seconds']:.3f} | "
           f"{r['dpjax_seconds']:.3f} | {r['speedup']:.2f} |")
+  if results["real_models"]:
+    print("\n| real model | max abs logit diff | / max logit | convert s | convert peak MB "
+          "(/ float32) | forward HF s | dpjax s | HF / dpjax |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["real_models"]:
+      print(f"| {r['model']} ({r['architecture']}, {r['layers']} blocks) | "
+            f"{r['max_abs_logit_diff']:.2e} | {r['relative_diff']:.1e} | "
+            f"{r['convert_seconds']:.1f} | {r['convert_peak_added_mb']:.0f} "
+            f"({r['convert_peak_over_float32']:.2f}) | {r['hf_forward_seconds']:.3f} | "
+            f"{r['dpjax_forward_seconds']:.3f} | {r['forward_speedup']:.2f} |")
 
 
 if __name__ == "__main__":

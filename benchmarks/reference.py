@@ -285,3 +285,102 @@ class HFIterativeReference:
       if on_step is not None:
         on_step(steps[-1])
     return steps
+
+
+# ----------------------------------------------------------------------------
+# Tiny GGUF files, written the way llama.cpp's converter writes them.
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str, arch: str) -> str:
+  stem, suffix = hf_name.rsplit(".", 1)
+  if stem == "model.embed_tokens":
+    return f"token_embd.{suffix}"
+  if stem == "model.norm":
+    return f"output_norm.{suffix}"
+  if stem == "lm_head":
+    return f"output.{suffix}"
+  _, _, layer, rest = stem.split(".", 3)
+  if rest == "post_attention_layernorm":
+    kind = "post_attention_norm" if arch == "gemma3" else "ffn_norm"
+  elif rest == "pre_feedforward_layernorm":
+    kind = "ffn_norm"
+  else:
+    kind = _GGUF_LAYER_NAMES[rest]
+  return f"blk.{layer}.{kind}.{suffix}"
+
+
+def write_gguf(variant: str, path: str, *, seed: int = 0, quantization: str = "Q8_0",
+               architecture: str | None = None, raw_types: dict[str, str] | None = None):
+  """A GGUF file of variant `variant` (llama or gemma3_text) with random weights, as
+  llama.cpp writes it: q/k rows permuted for its rope (llama), Gemma norms stored as
+  `1 + w`, 2-D weights quantized (`quantization`), a byte-less word vocabulary.
+
+  `architecture` overrides `general.architecture`; `raw_types` writes the named
+  GGUF tensors' bytes under another GGML type (to make files dpjax must refuse).
+  Returns the HF model whose weights the file holds.
+  """
+  import gguf
+  spec = VARIANTS[variant]
+  model = build_hf_model(spec.family, spec.config, seed)
+  cfg = model.config
+  arch = {"llama": "llama", "gemma3_text": "gemma3"}[spec.family]
+  writer = gguf.GGUFWriter(path, architecture or arch)
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  if arch == "llama":
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+  else:
+    writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_sliding_window(cfg.sliding_window)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, cfg.vocab_size)])
+  writer.add_token_types([3, 3, 3] + [1] * (cfg.vocab_size - 3))
+  writer.add_token_scores([0.0] * cfg.vocab_size)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_pad_token_id(0)
+  qtype = gguf.GGMLQuantizationType[quantization]
+  block = gguf.GGML_QUANT_SIZES[qtype][0]
+  for hf_name, tensor in model.state_dict().items():
+    if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    name = _gguf_name(hf_name, arch)
+    value = tensor.detach().numpy().astype(np.float32)
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+      heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+      value = value.reshape(heads, 2, value.shape[0] // heads // 2, *value.shape[1:])
+      value = value.swapaxes(1, 2).reshape(tensor.shape)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+      value = value + 1.0
+    if raw_types and name in raw_types:
+      raw_type = gguf.GGMLQuantizationType[raw_types[name]]
+      size, type_bytes = gguf.GGML_QUANT_SIZES[raw_type]
+      raw = np.zeros((value.shape[0], value.shape[1] // size * type_bytes), np.uint8)
+      writer.add_tensor(name, raw, raw_dtype=raw_type)
+    elif value.ndim == 2 and value.shape[1] % block == 0:
+      writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    else:
+      writer.add_tensor(name, value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return model

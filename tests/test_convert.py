@@ -149,7 +149,8 @@ def broken(hf_checkpoint_dir, tmp_path):
 
 def test_refuses_unsupported_architecture(broken):
   broken.edit_config(model_type="gpt2")
-  broken.convert_fails(r"model_type='gpt2'.*llama, mistral, qwen2, qwen3")
+  broken.convert_fails(r"model_type='gpt2'.*llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+                       r"phi3")
 
 
 @pytest.mark.parametrize("attribute,value,match", [
@@ -251,3 +252,44 @@ def test_every_architecture_has_a_complete_table():
     if cfg.tie_word_embeddings:
       state.discard("lm_head.weight")
     assert names == state, name
+
+
+def test_new_families_refuse_what_they_do_not_implement_by_name():
+  import transformers
+  base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+  longrope = transformers.Phi3Config(
+      **base, max_position_embeddings=64, original_max_position_embeddings=8,
+      rope_parameters=dict(rope_type="longrope", rope_theta=1e4, long_factor=[1.0] * 8,
+                           short_factor=[1.0] * 8))
+  with pytest.raises(architectures.UnsupportedModelError,
+                     match=r"rope_type='longrope' is not supported.*Phi-3"):
+    architectures.model_config_from_hf(longrope, "float32")
+  gelu_exact = transformers.Gemma2Config(**base, head_dim=16, hidden_activation="gelu")
+  with pytest.raises(architectures.UnsupportedModelError,
+                     match=r"hidden_activation='gelu' is not supported"):
+    architectures.model_config_from_hf(gelu_exact, "float32")
+  bidirectional = transformers.Gemma3TextConfig(**base, head_dim=16,
+                                                use_bidirectional_attention=True)
+  with pytest.raises(architectures.UnsupportedModelError, match="use_bidirectional_attention"):
+    architectures.model_config_from_hf(bidirectional, "float32")
+  with pytest.raises(architectures.UnsupportedModelError,
+                     match=r"model_type='gemma3'.*Gemma3ForCausalLM"):
+    architectures.check_model_type({"model_type": "gemma3"})
+
+
+def test_gemma_configs_map_to_the_model_settings():
+  """What the converter reads from each Gemma config, field by field."""
+  from benchmarks.reference import VARIANTS, _CONFIG_CLASSES
+  g2 = VARIANTS["gemma2_softcap_window"]
+  cfg = architectures.model_config_from_hf(_CONFIG_CLASSES["gemma2"](**g2.config), "float32")
+  assert (cfg.embed_scale, cfg.norm_kind, cfg.post_norms, cfg.mlp_activation) == (
+      True, "gemma", True, "gelu_tanh")
+  assert cfg.query_pre_attn_scalar == 24 and cfg.attn_logit_softcap == 5.0
+  assert cfg.final_logit_softcap == 3.0 and cfg.sliding_layers == (True, False, False, True)
+  assert cfg.local_rope_theta is None and not cfg.qk_norm
+  g3 = VARIANTS["gemma3_qk_norm_local_rope"]
+  cfg = architectures.model_config_from_hf(_CONFIG_CLASSES["gemma3_text"](**g3.config), "float32")
+  assert cfg.qk_norm and cfg.attn_logit_softcap is None  # Gemma 3 ignores it, as HF does
+  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.local_rope_theta) == (
+      "linear", 8.0, 1e6, 1e4)

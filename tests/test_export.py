@@ -24,6 +24,9 @@ ATOL = 1e-4
     ("qwen2_bias_window_sharded", (0, 3)),
     ("qwen3_qk_norm", (1,)),
     ("mistral_window_head_dim", (0, 1, 2, 3)),
+    ("gemma2_softcap_window", (0, 2, 3)),
+    ("gemma3_qk_norm_local_rope", (1, 2)),
+    ("phi3_fused_window", (0, 3)),
 ])
 def test_exported_model_loads_in_hf_and_equals_masked_forward(hf_checkpoint_dir, tmp_path,
                                                               variant, kept):
@@ -66,6 +69,26 @@ def test_round_trip_dpjax_hf_dpjax_gives_identical_weights(hf_checkpoint_dir, tm
   cut_params = cut.read_params()
   for key, value in params["blocks"].items():
     np.testing.assert_array_equal(cut_params["blocks"][key], value[[0, 3]], err_msg=key)
+
+
+def test_phi3_fused_tensors_split_and_fuse_back_exactly(hf_checkpoint_dir, tmp_path):
+  """qkv_proj and gate_up_proj become q, k, v, gate, up on conversion and the exporter
+  fuses them back: the round trip gives the checkpoint's own bytes."""
+  from safetensors.numpy import load_file
+  source = hf_checkpoint_dir("phi3_fused_window")
+  out = export(source, str(tmp_path / "all"), kept_blocks=[0, 1, 2, 3])
+  original = load_file(os.path.join(source, "model.safetensors"))
+  exported = load_file(os.path.join(out, "model.safetensors"))
+  assert sorted(exported) == sorted(original)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  params = HFCheckpoint.open(source).read_params()
+  cfg = HFCheckpoint.open(source).config
+  q = cfg.num_heads * cfg.head_dim
+  fused = original["model.layers.2.self_attn.qkv_proj.weight"]
+  np.testing.assert_array_equal(params["blocks"]["k"][2].T, fused[q:q + cfg.num_kv_heads * cfg.head_dim])
+  np.testing.assert_array_equal(params["blocks"]["up"][2].T,
+                                original["model.layers.2.mlp.gate_up_proj.weight"][cfg.intermediate_size:])
 
 
 def test_pruned_config_cuts_every_per_layer_list():

@@ -70,7 +70,9 @@ def test_every_hidden_state_matches_hf(loaded, variant):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_tied_sharded", "qwen2_bias_window_sharded",
-                                     "mistral_window_head_dim", "qwen3_qk_norm"])
+                                     "mistral_window_head_dim", "qwen3_qk_norm",
+                                     "gemma2_softcap_window", "gemma3_qk_norm_local_rope",
+                                     "phi3_fused_window"])
 @pytest.mark.parametrize("kept", [(0, 2, 3), (3,), (1, 2)])
 @pytest.mark.parametrize("gather", [True, False])
 def test_masked_forward_matches_hf_with_blocks_deleted(hf_checkpoint_dir, loaded, variant, kept,

@@ -56,8 +56,10 @@ def hf_tensors(config, params: dict[str, Any], kept: Sequence[int]) -> dict[str,
       tensor = value if old is None else value[old]
       tensor = tensor.T if rule.transpose else tensor
       parts.setdefault(rule.hf_name(new), []).append((start, np.asarray(tensor)))
-  return {name: np.ascontiguousarray(pieces[0][1]) if len(pieces) == 1 else
-          np.concatenate([t for _, t in sorted(pieces, key=lambda p: p[0])], axis=0)
+  # C order always: safetensors writes an array's memory as it lies (a concatenation of
+  # transposed views comes out in Fortran order).
+  return {name: np.ascontiguousarray(
+              np.concatenate([t for _, t in sorted(pieces, key=lambda p: p[0])], axis=0))
           for name, pieces in parts.items()}
 
 
