@@ -384,3 +384,42 @@ def write_gguf(variant: str, path: str, *, seed: int = 0, quantization: str = "Q
   writer.write_tensors_to_file()
   writer.close()
   return model
+
+
+# ----------------------------------------------------------------------------
+# lm-eval's log-likelihood scoring of multiple-choice continuations, the plain way.
+
+
+def lm_eval_cloze_scores(model, tokenizer, requests, *, layers: bool = False):
+  """Each request `(context, continuation)` scored as lm-eval scores it: encode the
+  context and context + continuation, the continuation is the tokens past the
+  context's; run the whole sequence alone (no padding, no packing) and sum the
+  continuation tokens' log-probabilities.
+
+  Returns `[R]` sums, or with `layers` `[L+1, R]`: the same through HF's final norm
+  and lm_head at every hidden state (the logit lens; the last layer is the model's
+  own logits). Also returns each continuation's token count.
+  """
+  sums, counts = [], []
+  for context, continuation in requests:
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    ids = torch.tensor([whole[:-1]])
+    with torch.no_grad():
+      out = model(input_ids=ids, output_hidden_states=layers, use_cache=False)
+      if layers:
+        states = list(out.hidden_states[:-1])
+        logits = [model.lm_head(model.model.norm(h))[0] for h in states] + [out.logits[0]]
+        logits = torch.stack(logits)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:  # HF soft-caps its own logits; the lens applies it at every layer too
+          logits[:-1] = torch.tanh(logits[:-1] / cap) * cap
+      else:
+        logits = out.logits[0][None]
+    logp = torch.log_softmax(logits.double(), dim=-1)[:, -len(cont):]
+    picked = logp.gather(-1, torch.tensor(cont)[None, :, None].expand(len(logp), -1, 1))
+    sums.append(picked[..., 0].sum(-1).numpy())
+    counts.append(len(cont))
+  sums = np.stack(sums, axis=-1)
+  return (sums if layers else sums[0]), np.array(counts)

@@ -66,8 +66,10 @@ def plot_decision_margin(path: str, full: FullProfile, headline: str, title: str
   save_figure(fig, path)
 
 
-def plot_option_frequency(path: str, full: FullProfile, title: str) -> None:
-  """Option Frequency as stacked bars per layer, with the correct-option share."""
+def plot_option_frequency(path: str, full: FullProfile, title: str,
+                          labels: tuple[str, ...] | None = None) -> None:
+  """Option Frequency as stacked bars per layer, with the correct-option share
+  (`labels`: the options' names; default the letters)."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   layers = np.array(full.layers)
@@ -75,7 +77,8 @@ def plot_option_frequency(path: str, full: FullProfile, title: str) -> None:
   bottom = np.zeros(len(layers))
   cmap = plt.get_cmap("tab10")
   for k in range(freq.shape[1]):
-    ax.bar(layers, freq[:, k], bottom=bottom, color=cmap(k), width=0.8, label=LETTERS[k])
+    ax.bar(layers, freq[:, k], bottom=bottom, color=cmap(k), width=0.8,
+           label=labels[k] if labels else LETTERS[k])
     bottom += freq[:, k]
   ax.plot(layers, np.asarray(full.accuracy, dtype=float), color="black", marker="o", ms=3,
           label="correct option")

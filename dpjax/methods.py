@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dpjax import metrics, pruning, resume, settings as settings_lib, tasks
+from dpjax import metrics, pruning, resume, serve, settings as settings_lib, tasks
+from dpjax.tasks import scoring
 from dpjax.distributed import Placement, is_main_process
 from dpjax.readout import Readout
 from dpjax.results import ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread, StudyResults
@@ -37,6 +38,8 @@ class Context:
   placement: Placement | None
   eval_sweep: Sweep
   cal_sweep: Sweep | None
+  split: str = ""
+  fewshot_split: str | None = None
   state: resume.RunState | None = None
   calibration_transition: int | None = None  # l* of the unpruned model, calibration items
 
@@ -47,7 +50,8 @@ class Context:
   @functools.cached_property
   def unpruned_point(self) -> CurvePoint:
     """Every curve starts here (evaluated once per study)."""
-    return curve(self, np.ones((1, self.num_layers), bool), "unpruned")[0]
+    return curve(self, np.ones((1, self.num_layers), bool), "unpruned",
+                 with_exact_match=self.settings.format == "open")[0]
 
   @functools.cached_property
   def influence_and_angles(self) -> tuple[np.ndarray, np.ndarray]:
@@ -75,14 +79,40 @@ def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> met
   """Every metric of readouts `[..., L+1, N, K]`, with the transition rule `s` asks for."""
   prof = metrics.profile(readout.option_logits, readout.log_normalizer, encoded.answer,
                          encoded.num_options, normalization=s.normalization,
-                         tau=s.transition_tau, delta=s.accuracy_delta)
+                         tau=s.transition_tau, delta=s.accuracy_delta,
+                         option_logprob=readout.option_logprob,
+                         chance=0.0 if encoded.format == "open" else None)
   if s.transition_rule == "accuracy":
     prof = prof._replace(transition=prof.accuracy_transition)
   return prof
 
 
-def curve(ctx: Context, masks: np.ndarray, description: str) -> list[CurvePoint]:
-  """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile."""
+# New tokens generated for the open format's exact match (lm-eval stops at a newline).
+OPEN_NEW_TOKENS = 16
+
+
+def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
+  """The open format's exact match of the variant `mask` on the evaluation items: greedy
+  generation (up to 16 new tokens, cut at the first newline) through the KV-cache
+  server, normalized as lm-eval normalizes NQ-open / TriviaQA answers."""
+  server = serve.Server(ctx.model, mask, bucketed=True)
+  items = ctx.evaluation.items
+  articles = ctx.settings.task == "nq_open"
+  hits = 0
+  for batch in ctx.eval_sweep.batches:
+    rows = batch.index >= 0
+    tokens = np.asarray(server.generate(batch.input_ids, batch.attention_mask,
+                                        max_new_tokens=OPEN_NEW_TOKENS))
+    texts = ctx.tokenizer.batch_decode(tokens[rows], skip_special_tokens=True)
+    hits += sum(scoring.exact_match(text, items[i].golds, articles)
+                for i, text in zip(batch.index[rows], texts))
+  return hits / len(items)
+
+
+def curve(ctx: Context, masks: np.ndarray, description: str,
+          with_exact_match: bool = False) -> list[CurvePoint]:
+  """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile
+  (and, `with_exact_match`, the open format's exact match of greedy generation)."""
   masks = np.asarray(masks, bool)
   readout = ctx.eval_sweep.readouts(masks, description=description)
   prof = profile_of(readout, ctx.evaluation, ctx.settings)
@@ -90,8 +120,11 @@ def curve(ctx: Context, masks: np.ndarray, description: str) -> list[CurvePoint]
   points = []
   for m, mask in enumerate(masks):
     last = int(np.flatnonzero(mask)[-1]) + 1  # the final readout's layer
-    z = readout.option_logits[m, last]
-    lse = readout.log_normalizer[m, last]
+    rows = np.arange(len(answer))
+    if readout.option_logprob is not None:  # cloze: the correct continuation's log-probability
+      nll = -readout.option_logprob[m, last][rows, answer]
+    else:
+      nll = readout.log_normalizer[m, last] - readout.option_logits[m, last][rows, answer]
     l_star = int(prof.transition[m])
     points.append(CurvePoint(
         removed=int((~mask).sum()),
@@ -99,10 +132,11 @@ def curve(ctx: Context, masks: np.ndarray, description: str) -> list[CurvePoint]
         accuracy=float(prof.accuracy[m, last]),
         mean_final_dm={norm: float(prof.margin_summary[norm].mean[m, last])
                        for norm in metrics.NORMALIZATIONS},
-        nll=float(np.mean(lse - z[np.arange(len(answer)), answer])),
+        nll=float(np.mean(nll)),
         transition_block=None if l_star == metrics.NO_TRANSITION else l_star,
         layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
-        layer_accuracy=np.asarray(prof.accuracy[m])))
+        layer_accuracy=np.asarray(prof.accuracy[m]),
+        exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
   return points
 
 
@@ -143,7 +177,8 @@ def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
     saved = {"removed": removed, "calibration": calibration, "done": True}
     state.save(name, len(removed) + 1, saved)
   removed = [int(b) for b in saved["removed"]]
-  points = curve(ctx, _removal_masks(removed, ctx.num_layers), name)
+  points = curve(ctx, _removal_masks(removed, ctx.num_layers), name,
+                 with_exact_match=ctx.settings.format == "open")
   return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points,
                       order={"criterion": criterion, "removed_order": [b + 1 for b in removed],
                              "calibration": saved["calibration"]})

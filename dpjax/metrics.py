@@ -25,10 +25,17 @@ NORMALIZATIONS = ("vocab", "options")
 NO_TRANSITION = -1
 
 
-def option_probabilities(option_logits, log_normalizer, normalization: str = "vocab"):
-  """`p_l(k)` `[..., L1, N, K]`; 0 past an item's options, NaN at removed layers."""
+def option_probabilities(option_logits, log_normalizer, normalization: str = "vocab",
+                         option_logprob=None):
+  """`p_l(k)` `[..., L1, N, K]`; 0 past an item's options, NaN at removed layers.
+
+  `vocab`: `exp(z_k - log_normalizer)`, or `exp(option_logprob_k)` when the
+  options' log-probabilities are given (the cloze format: a multi-token
+  option's probability, not renormalized). `options`: `softmax_k(z)`.
+  """
   if normalization == "vocab":
-    p = jnp.exp(option_logits - log_normalizer[..., None])
+    p = jnp.exp(option_logits - log_normalizer[..., None] if option_logprob is None
+                else option_logprob)
   elif normalization == "options":
     p = jax.nn.softmax(option_logits, axis=-1)
   else:
@@ -166,16 +173,22 @@ class Profile(NamedTuple):
 
 
 def profile(option_logits, log_normalizer, answer, num_options, *, normalization: str = "vocab",
-            tau: float = 0.0, delta: float = 0.1) -> Profile:
-  """All metrics of readouts `[..., L1, N, K]` for items with `answer`, `num_options` `[N]`."""
+            tau: float = 0.0, delta: float = 0.1, option_logprob=None,
+            chance=None) -> Profile:
+  """All metrics of readouts `[..., L1, N, K]` for items with `answer`, `num_options` `[N]`.
+
+  `chance` overrides the uniform guess's accuracy (the open format's is 0: its two
+  "options" are the gold set and everything else).
+  """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization={normalization!r}; use one of {NORMALIZATIONS}.")
-  margins = {norm: decision_margin(option_probabilities(option_logits, log_normalizer, norm),
-                                   answer) for norm in NORMALIZATIONS}
+  margins = {norm: decision_margin(option_probabilities(option_logits, log_normalizer, norm,
+                                                        option_logprob), answer)
+             for norm in NORMALIZATIONS}
   summaries = {norm: summary(margin) for norm, margin in margins.items()}
   top = top_option(option_logits)
   accuracy = layer_accuracy(top, answer)
-  chance = chance_accuracy(num_options)
+  chance = chance_accuracy(num_options) if chance is None else jnp.asarray(chance, jnp.float32)
   return Profile(
       margin=margins, margin_summary=summaries, top=top,
       option_frequency=option_frequency(top, option_logits.shape[-1]),

@@ -247,13 +247,20 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
     return soft_cap(logits, self.cfg.final_logit_softcap)
 
-  def attention_context(self, attention_mask: Array) -> "AttentionContext":
-    """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token)."""
+  def attention_context(self, attention_mask: Array, positions: Array | None = None,
+                        segments: Array | None = None) -> "AttentionContext":
+    """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token).
+
+    `positions` `[B, T]` default to counting real tokens only, so a left-padded
+    row sees the same positions as the same prompt unpadded. `segments` `[B, T]`
+    (packed cloze sequences): a token attends to earlier tokens of segment 0
+    and of its own segment only. Sliding windows count positions, which for a
+    left-padded row is the same as counting columns.
+    """
     cfg = self.cfg
     attention_mask = attention_mask.astype(bool)
-    # Positions count real tokens only, so a left-padded row sees the same
-    # positions as the same prompt unpadded.
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
     cos_local, sin_local = cos, sin
     if cfg.local_rope_theta is not None:
@@ -262,9 +269,12 @@ class Transformer(nnx.Module):
     idx = jnp.arange(t)
     causal = idx[None, :] <= idx[:, None]
     full_mask = causal[None] & attention_mask[:, None, :]
+    if segments is not None:
+      key = segments[:, None, :]
+      full_mask = full_mask & ((key == 0) | (key == segments[:, :, None]))
     if cfg.sliding_window is not None:
-      window = (idx[:, None] - idx[None, :]) < cfg.sliding_window
-      sliding_mask = full_mask & window[None]
+      window = (positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window
+      sliding_mask = full_mask & window
     else:
       sliding_mask = full_mask
     return AttentionContext(cos, sin, full_mask, sliding_mask, cos_local, sin_local)
@@ -308,14 +318,16 @@ class Transformer(nnx.Module):
     return jax.lax.scan(body, h, xs)
 
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
-                 block_valid: Array, readout: Callable[[Array], Any] | None = None):
-    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`).
+                 block_valid: Array, readout: Callable[[Array], Any] | None = None,
+                 positions: Array | None = None, segments: Array | None = None):
+    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`;
+    `positions`, `segments`: see `attention_context`).
 
     Returns the final residual `[B, T, d]`, `readout(h_0)`, and the stacked
     readouts after each step `[n, ...]` (both None without a readout).
     """
     h0 = self.embed_tokens(input_ids)
-    ctx = self.attention_context(attention_mask)
+    ctx = self.attention_context(attention_mask, positions, segments)
     h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout)
     return h, (None if readout is None else readout(h0)), per_step
 

@@ -1,20 +1,34 @@
-"""Per-layer decision readouts: the logit lens at the answer position, for many masks.
+"""Per-layer decision readouts through the logit lens, for many masks, in three answer formats.
 
-One forward pass gives, for every item and for `h_0` and every kept block, the
-lens logits of the answer options and the full-vocabulary log-normalizer:
+One forward pass gives, for every item and for `h_0` and every kept block,
+what the lens reads at the positions the format names:
 
     z_l = W_U · norm_f(h_l)      (the model's own final norm and unembedding, and its
                                   final soft-capping when it has one)
 
-The lens is applied inside the block scan to the answer-position residual only
-(`h[:, -1]`, the batches are left-padded), so neither `[B, T, V]` logits nor
-`[L, B, T, d]` residuals are ever materialized. It runs in float32 even when the
-model runs in bfloat16. Vmapped over a batch of masks, the outputs are
-`[masks, layers+1, items, ...]`; a removed block's layer is NaN (missing).
+* letter: at the answer position (the last column: batches are left-padded),
+  the option letters' logits `z_l[c_k]` and the log-normalizer
+  `logsumexp_v z_l[v]`.
+* open: at the answer position, the best gold first token's logit and the best
+  other token's logit (the "rival"), as options 0 and 1, and the normalizer.
+* cloze: at every position whose next token belongs to an option's
+  continuation, that token's log-probability; option `k`'s score is their sum
+  (`cloze_norm=none`) or that sum over the option's length in bytes (`bytes`).
+  The option scores stand in the option logits and the normalizer is 0, so
+  `softmax_k` of them is the `options` probability, and the summed
+  log-probabilities come back apart (`option_logprob`): `exp` of them is the
+  `vocab` probability.
+
+The lens runs inside the block scan on the read positions only, in float32
+even when the model runs in bfloat16, so neither `[B, T, V]` logits nor
+`[L, B, T, d]` residuals are ever materialized (the vocabulary is reduced in
+chunks where it is read at many positions). Vmapped over a batch of masks, the
+outputs are `[masks, layers+1, items, ...]`; a removed block's layer is NaN.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -29,18 +43,51 @@ from dpjax.model import DecoderModel, Transformer, rms_norm, soft_cap
 from dpjax.plan import KeepPlan, bucket_size, layers_from_steps, stacked_steps
 from dpjax.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches
+from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
+
+# Vocabulary rows reduced at a time when many positions are read (bounds the
+# `[positions, chunk]` logits block).
+VOCAB_CHUNK = 16384
 
 
 class Readout(NamedTuple):
   """Lens readouts. Leading axes `[..., layers+1, items]`.
 
-  option_logits: `[..., L+1, N, K]` float32 `z_l[c_k]`; NaN at removed layers,
-    -inf past an item's own options.
-  log_normalizer: `[..., L+1, N]` float32 `logsumexp_v z_l[v]`; NaN at removed
-    layers.
+  option_logits: `[..., L+1, N, K]` float32: letter `z_l[c_k]`, open
+    (gold, rival) logits, cloze option scores; NaN at removed layers, -inf past
+    an item's own options.
+  log_normalizer: `[..., L+1, N]` float32 `logsumexp_v z_l[v]` (cloze: 0); NaN
+    at removed layers.
+  option_logprob: cloze only, `[..., L+1, N, K]` the options' summed
+    log-probabilities (`exp` of them: the `vocab` probabilities); else None.
   """
   option_logits: jax.Array | np.ndarray
   log_normalizer: jax.Array | np.ndarray
+  option_logprob: jax.Array | np.ndarray | None = None
+
+
+class Reads(NamedTuple):
+  """What one batch reads, as device inputs (see `Batch`)."""
+  ids: jax.Array                       # [B, K] letters / [B, G] gold first tokens
+  read_index: jax.Array | None = None  # cloze [B, R]
+  read_target: jax.Array | None = None
+  read_option: jax.Array | None = None
+  option_bytes: jax.Array | None = None  # cloze [B, K]
+
+  @classmethod
+  def of(cls, batch: Batch, put=lambda x: x) -> "Reads":
+    if batch.read_index is None:
+      return cls(put(batch.letter_ids))
+    return cls(put(batch.letter_ids), put(batch.read_index), put(batch.read_target),
+               put(batch.read_option), put(batch.option_bytes))
+
+
+def packing(batch: Batch, put=lambda x: x) -> tuple:
+  """The batch's (positions, segments) for `Transformer.attention_context` (None, None
+  unless it holds packed cloze sequences)."""
+  if batch.segments is None:
+    return None, None
+  return put(batch.positions), put(batch.segments)
 
 
 def unembedding_f32(module: Transformer) -> jax.Array:
@@ -50,40 +97,119 @@ def unembedding_f32(module: Transformer) -> jax.Array:
   return module.lm_head[...].astype(jnp.float32).T
 
 
-def lens(module: Transformer, unembed: jax.Array, h: jax.Array,
-         letter_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Logit lens of residuals `h` `[B, d]`: option logits `[B, K]`, log-normalizer `[B]`."""
+def _normed(module: Transformer, h: jax.Array) -> jax.Array:
   cfg = module.cfg
-  x = rms_norm(h.astype(jnp.float32), module.final_norm[...].astype(jnp.float32),
-               cfg.rms_norm_eps, cfg.norm_kind)
-  logits = jnp.einsum("bd,vd->bv", x, unembed, precision=jax.lax.Precision.HIGHEST)
-  logits = soft_cap(logits, cfg.final_logit_softcap)  # as the model's own logits
-  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-  options = jnp.take_along_axis(logits, jnp.maximum(letter_ids, 0), axis=-1)
-  options = jnp.where(letter_ids >= 0, options, -jnp.inf)
-  return options, log_normalizer
+  return rms_norm(h.astype(jnp.float32), module.final_norm[...].astype(jnp.float32),
+                  cfg.rms_norm_eps, cfg.norm_kind)
 
 
-def decision_readout(module: Transformer, input_ids, attention_mask, letter_ids, block_index,
-                     block_valid) -> Readout:
+def _logits(module: Transformer, x: jax.Array, unembed: jax.Array) -> jax.Array:
+  z = jnp.einsum("...d,vd->...v", x, unembed, precision=jax.lax.Precision.HIGHEST)
+  return soft_cap(z, module.cfg.final_logit_softcap)  # as the model's own logits
+
+
+def vocab_logsumexp(module: Transformer, x: jax.Array, unembed: jax.Array,
+                    chunk: int = VOCAB_CHUNK) -> jax.Array:
+  """`logsumexp_v z[v]` of normed residuals `x` `[N, d]`, the vocabulary reduced
+  `chunk` rows at a time (the last chunk overlaps the one before and skips the
+  overlap), so no `[N, V]` block is made."""
+  vocab = unembed.shape[0]
+  if vocab <= chunk:
+    return jax.nn.logsumexp(_logits(module, x, unembed), axis=-1)
+  starts = np.minimum(np.arange(0, vocab, chunk), vocab - chunk).astype(np.int32)
+  fresh = np.maximum(np.arange(0, vocab, chunk), starts) - starts  # first new row of a chunk
+
+  def body(carry, start_fresh):
+    top, total = carry
+    start, first_new = start_fresh
+    rows = jax.lax.dynamic_slice_in_dim(unembed, start, chunk, axis=0)
+    z = _logits(module, x, rows)
+    z = jnp.where(jnp.arange(chunk) >= first_new, z, -jnp.inf)
+    new_top = jnp.maximum(top, z.max(-1))
+    total = total * jnp.exp(top - new_top) + jnp.exp(z - new_top[:, None]).sum(-1)
+    return (new_top, total), None
+
+  init = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
+  (top, total), _ = jax.lax.scan(body, init, (jnp.asarray(starts), jnp.asarray(fresh)))
+  return top + jnp.log(total)
+
+
+def letter_lens(module, unembed, h, reads: Reads) -> Readout:
+  """Option letters' logits `[B, K]` and the normalizer `[B]` at the last column."""
+  z = _logits(module, _normed(module, h[:, -1]), unembed)
+  options = jnp.take_along_axis(z, jnp.maximum(reads.ids, 0), axis=-1)
+  return Readout(jnp.where(reads.ids >= 0, options, -jnp.inf), jax.nn.logsumexp(z, axis=-1))
+
+
+def open_lens(module, unembed, h, reads: Reads) -> Readout:
+  """The best gold first token's logit and the best other token's, `[B, 2]`, at the
+  last column, and the normalizer `[B]`."""
+  z = _logits(module, _normed(module, h[:, -1]), unembed)
+  ids = reads.ids
+  gold = jnp.max(jnp.where(ids >= 0, jnp.take_along_axis(z, jnp.maximum(ids, 0), axis=-1),
+                           -jnp.inf), axis=-1)
+  in_gold = (jnp.arange(z.shape[-1])[None, None, :] == ids[:, :, None]).any(axis=1)
+  rival = jnp.max(jnp.where(in_gold, -jnp.inf, z), axis=-1)
+  return Readout(jnp.stack([gold, rival], axis=-1), jax.nn.logsumexp(z, axis=-1))
+
+
+def cloze_lens(module, unembed, h, reads: Reads, cloze_norm: str) -> Readout:
+  """Option scores `[B, K]` from the continuation tokens' log-probabilities."""
+  b, r = reads.read_index.shape
+  x = _normed(module, jnp.take_along_axis(h, reads.read_index[..., None], axis=1))  # [B, R, d]
+  target = soft_cap(jnp.einsum("brd,brd->br", x, jnp.take(unembed, reads.read_target, axis=0),
+                               precision=jax.lax.Precision.HIGHEST),
+                    module.cfg.final_logit_softcap)
+  lse = vocab_logsumexp(module, x.reshape(b * r, -1), unembed).reshape(b, r)
+  k = reads.option_bytes.shape[-1]
+  member = reads.read_option[:, None, :] == jnp.arange(k)[None, :, None]  # [B, K, R]
+  total = jnp.sum(jnp.where(member, (target - lse)[:, None, :], 0.0), axis=-1)
+  total = jnp.where(member.any(-1), total, -jnp.inf)  # past an item's own options
+  scores = total / reads.option_bytes if cloze_norm == "bytes" else total
+  return Readout(scores, jnp.zeros((b,), jnp.float32), total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lens:
+  """The lens of one answer format (static: part of the compiled program)."""
+  format: str = "letter"
+  cloze_norm: str = "none"
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"format={self.format!r}; use one of {FORMATS}.")
+    if self.cloze_norm not in CLOZE_NORMS:
+      raise ValueError(f"cloze_norm={self.cloze_norm!r}; use one of {CLOZE_NORMS}.")
+
+  def __call__(self, module, unembed, h, reads: Reads) -> Readout:
+    if self.format == "cloze":
+      return cloze_lens(module, unembed, h, reads, self.cloze_norm)
+    if self.format == "open":
+      return open_lens(module, unembed, h, reads)
+    return letter_lens(module, unembed, h, reads)
+
+
+def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
+                     packed, block_index, block_valid) -> Readout:
   """Readouts `[L+1, B, K]` / `[L+1, B]` of one mask given as steps.
 
   `block_index` `[n]` and `block_valid` `[n]`: the blocks to run in order (see
   `Transformer.run_blocks`); layer `1 + block_index[s]` is filled for valid
-  steps, every other block layer is NaN.
+  steps, every other block layer is NaN. `packed`: (positions, segments).
   """
   unembed = unembedding_f32(module)
-  readout = lambda h: lens(module, unembed, h[:, -1], letter_ids)
+  readout = lambda h: lens(module, unembed, h, reads)
   _, first, per_step = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
-                                         readout=readout)
-  return Readout(*layers_from_steps(first, per_step, block_index, block_valid,
-                                    module.cfg.num_layers))
+                                         readout=readout, positions=packed[0],
+                                         segments=packed[1])
+  return layers_from_steps(first, per_step, block_index, block_valid, module.cfg.num_layers)
 
 
-def _readout_masks(graphdef, state, input_ids, attention_mask, letter_ids, block_index,
+def _readout_masks(graphdef, lens, state, input_ids, attention_mask, reads, packed, block_index,
                    block_valid) -> Readout:
   module = nnx.merge(graphdef, state)
-  one = functools.partial(decision_readout, module, input_ids, attention_mask, letter_ids)
+  one = functools.partial(decision_readout, module, lens, input_ids, attention_mask, reads,
+                          packed)
   return jax.vmap(one)(block_index, block_valid)
 
 
@@ -103,10 +229,11 @@ def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DecisionReader:
   """Runs the readout of a task's items under a batch of masks, batch by batch."""
 
-  def __init__(self, model: DecoderModel, placement=None):
+  def __init__(self, model: DecoderModel, placement=None, lens: Lens = Lens()):
     self.model = model
+    self.lens = lens
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
-    self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef))
+    self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef, lens))
 
   def readout_batch(self, batch: Batch, masks: np.ndarray) -> Readout:
     """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]`."""
@@ -115,7 +242,7 @@ class DecisionReader:
     index, valid = mask_steps(masks)
     put = (lambda x: x) if self.placement is None else self.placement.items
     return self._fn(self.model.state, put(batch.input_ids), put(batch.attention_mask),
-                    put(batch.letter_ids), index, valid)
+                    Reads.of(batch, put), packing(batch, put), index, valid)
 
   def run(self, encoded: EncodedTask, masks: np.ndarray | None = None, *, batch_size: int = 16,
           pad_id: int = 0, progress: bool = True, description: str = "readout",
@@ -124,20 +251,27 @@ class DecisionReader:
 
     `prepared`: the token batches of `encoded`, when the caller already made them.
     """
+    if encoded.format != self.lens.format:
+      raise ValueError(f"the items are encoded in the {encoded.format} format, the lens reads "
+                       f"the {self.lens.format} format.")
     if masks is None:
       masks = np.ones((1, self.model.num_layers), dtype=bool)
     masks = np.asarray(masks, dtype=bool)
-    n, k = len(encoded.items), encoded.letter_ids.shape[1]
+    n, k = len(encoded.items), encoded.num_option_columns
     m, layers = len(masks), self.model.num_layers + 1
     options = np.full((m, layers, n, k), np.nan, np.float32)
     normalizer = np.full((m, layers, n), np.nan, np.float32)
+    logprob = (np.full((m, layers, n, k), np.nan, np.float32) if encoded.format == "cloze"
+               else None)
     todo = prepared if prepared is not None else batches(encoded, batch_size, pad_id)
     bar = Progress(len(todo), description, enabled=progress)
     for batch in todo:
       out = self.readout_batch(batch, masks)
       rows = batch.index >= 0
-      options[:, :, batch.index[rows]] = fetch(out.option_logits)[:, :, rows]
+      options[:, :, batch.index[rows]] = fetch(out.option_logits)[:, :, rows, :k]
       normalizer[:, :, batch.index[rows]] = fetch(out.log_normalizer)[:, :, rows]
+      if logprob is not None:
+        logprob[:, :, batch.index[rows]] = fetch(out.option_logprob)[:, :, rows, :k]
       bar.update()
     bar.close()
-    return Readout(options, normalizer)
+    return Readout(options, normalizer, logprob)

@@ -16,7 +16,7 @@ from dpjax import figures, metrics
 from dpjax.fileio import atomic_write_text, write_csv, write_json, write_npz
 from dpjax.results import FullProfile, MethodResult, StudyResults
 from dpjax.summary import summary_html, summary_markdown
-from dpjax.tasks import LETTERS, EncodedTask
+from dpjax.tasks import LETTERS, EncodedTask, prompts
 
 RESULTS_FILE = "results.json"
 ARRAYS_FILE = "readouts.npz"
@@ -28,20 +28,27 @@ SUMMARY_HTML = "summary.html"
 
 
 def write_items(path: str, encoded: EncodedTask) -> None:
-  """One JSON line per item: everything needed to recompute its numbers elsewhere."""
+  """One JSON line per item: everything needed to recompute its numbers elsewhere (the
+  prompt exactly as fed, and what each format reads)."""
   lines = []
   for i, item in enumerate(encoded.items):
-    lines.append(json.dumps({
-        "id": item.id,
-        "subject": item.subject,
-        "prompt": encoded.prompts[i],
-        "options": list(item.options),
-        "letters": list(LETTERS[:item.num_options]),
-        "letter_token_ids": [int(t) for t in encoded.letter_ids[i, :item.num_options]],
-        "answer": item.answer,
-        "num_prompt_tokens": len(encoded.tokens[i]),
-        "left_truncated": bool(encoded.truncated[i]),
-    }))
+    record = {"id": item.id, "subject": item.subject, "format": encoded.format,
+              "prompt": encoded.prompts[i]}
+    if encoded.format == "letter":
+      record.update(options=list(item.options), letters=list(LETTERS[:item.num_options]),
+                    letter_token_ids=[int(t) for t in encoded.letter_ids[i, :item.num_options]],
+                    answer=item.answer)
+    elif encoded.format == "cloze":
+      requests = prompts.cloze_parts(item)
+      record.update(options=list(item.options), contexts=list(requests[0]),
+                    continuations=list(requests[1]), answer=item.answer,
+                    option_bytes=[float(b) for b in encoded.option_bytes[i, :item.num_options]])
+    else:
+      record.update(golds=list(item.golds),
+                    gold_first_token_ids=[int(t) for t in encoded.letter_ids[i] if t >= 0])
+    record.update(num_prompt_tokens=len(encoded.tokens[i]),
+                  left_truncated=bool(encoded.truncated[i]))
+    lines.append(json.dumps(record))
   atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -79,6 +86,7 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
   """Every file of the report, each written atomically; results.json last."""
   full = results.full_model
   write_items(os.path.join(out, ITEMS_FILE), encoded)
+  extra = {} if readout.option_logprob is None else {"option_logprob": readout.option_logprob}
   write_npz(
       os.path.join(out, ARRAYS_FILE),
       item_ids=np.array([it.id for it in encoded.items]),
@@ -86,12 +94,14 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
       option_logits=readout.option_logits, log_normalizer=readout.log_normalizer,
       decision_margin_vocab=np.asarray(prof.margin["vocab"]),
       decision_margin_options=np.asarray(prof.margin["options"]),
-      top_option=np.asarray(prof.top))
+      top_option=np.asarray(prof.top), **extra)
   write_profile_csv(os.path.join(out, PROFILE_CSV), full)
-  title = f"{os.path.basename(os.path.normpath(settings.model))} on {settings.task}"
+  title = (f"{os.path.basename(os.path.normpath(settings.model))} on {settings.task}"
+           + ("" if settings.format == "letter" else f" ({settings.format})"))
   path = lambda name: os.path.join(out, name)
   figures.plot_decision_margin(path(figures.MARGIN_FIGURE), full, settings.normalization, title)
-  figures.plot_option_frequency(path(figures.FREQUENCY_FIGURE), full, title)
+  labels = ("gold", "other token") if encoded.format == "open" else None
+  figures.plot_option_frequency(path(figures.FREQUENCY_FIGURE), full, title, labels)
   if len(full.by_subject) > 1:
     figures.plot_subject_margins(path(figures.SUBJECT_FIGURE), full, settings.normalization,
                                  title)

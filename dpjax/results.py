@@ -150,6 +150,7 @@ class CurvePoint:
   layer_mean_dm: np.ndarray | None = None
   layer_accuracy: np.ndarray | None = None
   spread: Spread | None = None
+  exact_match: float | None = None  # open format: greedy generation against the golds
 
   @property
   def export_keep(self) -> str:
@@ -164,10 +165,13 @@ class CurvePoint:
                    accuracy_max=self.spread.max)
       out["mean_final_dm"] = dict(self.mean_final_dm)
       return out
-    return {"removed": self.removed, "kept": list(self.kept), "export_keep": self.export_keep,
-            "accuracy": self.accuracy, "mean_final_dm": dict(self.mean_final_dm),
-            "nll": self.nll, "transition_block": self.transition_block,
-            "layer_mean_dm": self.layer_mean_dm, "layer_accuracy": self.layer_accuracy}
+    out = {"removed": self.removed, "kept": list(self.kept), "export_keep": self.export_keep,
+           "accuracy": self.accuracy, "mean_final_dm": dict(self.mean_final_dm),
+           "nll": self.nll, "transition_block": self.transition_block,
+           "layer_mean_dm": self.layer_mean_dm, "layer_accuracy": self.layer_accuracy}
+    if self.exact_match is not None:
+      out["exact_match"] = self.exact_match
+    return out
 
 
 @dataclasses.dataclass

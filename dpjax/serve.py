@@ -53,10 +53,11 @@ def _attention_masks(valid: Array, query_slots: Array, window: int | None) -> tu
   return full, full & ((query_slots[:, None] - s[None, :]) < window)[None]
 
 
-def _run_cached(module, h: Array, positions: Array, cache: KVCache,
-                block_index: Array) -> tuple[Array, KVCache]:
+def _run_cached(module, h: Array, positions: Array, cache: KVCache, block_index: Array,
+                block_valid: Array) -> tuple[Array, KVCache]:
   """Runs the kept blocks on `h` `[B, T, d]` (the tokens of slots `next_slot..+T`),
-  writing their keys and values into the cache."""
+  writing their keys and values into the cache. An invalid step (padding of a
+  bucketed plan) leaves `h` as it is."""
   cfg = module.cfg
   t = h.shape[1]
   cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
@@ -79,16 +80,21 @@ def _run_cached(module, h: Array, positions: Array, cache: KVCache,
     start = (step, 0, cache.next_slot, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
     v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-    h = block.attend_and_mlp(h, q, k_all[step], v_all[step], mask)
+    h = jnp.where(block_valid[step], block.attend_and_mlp(h, q, k_all[step], v_all[step], mask), h)
     return h, k_all, v_all
 
   h, k_all, v_all = jax.lax.fori_loop(0, block_index.shape[0], body, (h, cache.k, cache.v))
   return h, cache._replace(k=k_all, v=v_all, next_slot=cache.next_slot + t)
 
 
-def _generate(graphdef, state, input_ids, attention_mask, block_index, *, max_new_tokens: int):
-  """Prefill then `max_new_tokens` greedy steps; returns tokens `[B, new]` and the
-  logits `[B, new, V]` each token was chosen from."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "with_logits"))
+def _generate(state, input_ids, attention_mask, block_index, block_valid, *, graphdef,
+              max_new_tokens: int, with_logits: bool = True):
+  """Prefill then `max_new_tokens` greedy steps; returns tokens `[B, new]` and (with
+  `with_logits`) the logits `[B, new, V]` each token was chosen from.
+
+  Jitted once for every server of a model (the graph is static), per shape.
+  """
   module = nnx.merge(graphdef, state)
   cfg = module.cfg
   b, t = input_ids.shape
@@ -100,19 +106,21 @@ def _generate(graphdef, state, input_ids, attention_mask, block_index, *, max_ne
       valid=jnp.concatenate([real, jnp.ones((b, max_new_tokens), bool)], axis=1),
       next_slot=jnp.int32(0), position=jnp.sum(real, axis=1).astype(jnp.int32))
   positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
-  h, cache = _run_cached(module, module.embed_tokens(input_ids), positions, cache, block_index)
+  h, cache = _run_cached(module, module.embed_tokens(input_ids), positions, cache, block_index,
+                         block_valid)
   logits = module.unembed(h[:, -1]).astype(jnp.float32)  # [B, V]
 
   tokens = jnp.zeros((b, max_new_tokens), jnp.int32)
-  all_logits = jnp.zeros((b, max_new_tokens, cfg.vocab_size), jnp.float32)
+  all_logits = jnp.zeros((b, max_new_tokens if with_logits else 1, cfg.vocab_size), jnp.float32)
 
   def step(i, carry):
     logits, cache, tokens, all_logits = carry
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     tokens = tokens.at[:, i].set(token)
-    all_logits = all_logits.at[:, i].set(logits)
+    if with_logits:
+      all_logits = all_logits.at[:, i].set(logits)
     h, cache = _run_cached(module, module.embed_tokens(token[:, None]),
-                           cache.position[:, None], cache, block_index)
+                           cache.position[:, None], cache, block_index, block_valid)
     cache = cache._replace(position=cache.position + 1)
     return module.unembed(h[:, -1]).astype(jnp.float32), cache, tokens, all_logits
 
@@ -121,27 +129,26 @@ def _generate(graphdef, state, input_ids, attention_mask, block_index, *, max_ne
       0, max_new_tokens - 1, step, (logits, cache, tokens, all_logits))
   last = max_new_tokens - 1
   tokens = tokens.at[:, last].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  return tokens, all_logits.at[:, last].set(logits)
-
-
-def _prefill(graphdef, state, input_ids, attention_mask, block_index):
-  """Last-position logits `[B, V]` of a prompt batch, filling a cache for its length only."""
-  tokens, logits = _generate(graphdef, state, input_ids, attention_mask, block_index,
-                             max_new_tokens=1)
-  del tokens
-  return logits[:, 0]
+  return tokens, (all_logits.at[:, last].set(logits) if with_logits else None)
 
 
 class Server:
-  """Greedy generation from `model` with only the blocks in `keep` run (gathered)."""
+  """Greedy generation from `model` with only the blocks in `keep` run (gathered).
 
-  def __init__(self, model: DecoderModel, keep=None):
+  With `bucketed`, the kept blocks are padded to the plan's shape bucket (the
+  padding steps are identity), so servers of many pruned variants share a few
+  compiled programs; without it (the default, what throughput is measured on)
+  exactly the kept blocks run.
+  """
+
+  def __init__(self, model: DecoderModel, keep=None, *, bucketed: bool = False):
     self.plan = KeepPlan.from_mask(keep, model.num_layers)
     self.model = model
-    self.block_index = np.asarray(self.plan.kept, np.int32)
-    self._generate = jax.jit(functools.partial(_generate, model.graphdef),
-                             static_argnames=("max_new_tokens",))
-    self._prefill = jax.jit(functools.partial(_prefill, model.graphdef))
+    if bucketed:
+      self.block_index, self.block_valid = self.plan.steps()
+    else:
+      self.block_index = np.asarray(self.plan.kept, np.int32)
+      self.block_valid = np.ones(len(self.block_index), bool)
 
   def _inputs(self, input_ids, attention_mask):
     input_ids = np.asarray(input_ids)
@@ -162,7 +169,9 @@ class Server:
   def prefill(self, input_ids, attention_mask=None) -> Array:
     """Next-token logits `[B, V]` after the prompts (a prefill with a KV cache)."""
     input_ids, attention_mask = self._inputs(input_ids, attention_mask)
-    return self._prefill(self.model.state, input_ids, attention_mask, self.block_index)
+    _, logits = _generate(self.model.state, input_ids, attention_mask, self.block_index,
+                          self.block_valid, graphdef=self.model.graphdef, max_new_tokens=1)
+    return logits[:, 0]
 
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 16,
                return_logits: bool = False):
@@ -175,6 +184,7 @@ class Server:
     if input_ids.shape[1] + max_new_tokens > limit:
       raise ValueError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} "
                        f"exceed the model's max_position_embeddings={limit}.")
-    tokens, logits = self._generate(self.model.state, input_ids, attention_mask,
-                                    self.block_index, max_new_tokens=max_new_tokens)
+    tokens, logits = _generate(self.model.state, input_ids, attention_mask, self.block_index,
+                               self.block_valid, graphdef=self.model.graphdef,
+                               max_new_tokens=max_new_tokens, with_logits=return_logits)
     return (tokens, logits) if return_logits else tokens

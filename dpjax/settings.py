@@ -15,6 +15,7 @@ from dpjax import metrics
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.flagdefs import setting
 from dpjax.pruning import CRITERIA, PHASE_SELECTIONS
+from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
 
 # The pruning methods a study can run, in the order it runs them (see `dpjax.methods`).
 METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse", "random",
@@ -30,13 +31,28 @@ class Settings:
   """A study on one model and task. Each field is also the `dpjax` flag of that name."""
   model: str = setting(BUNDLED_MODEL, "Model: a dpjax checkpoint, an HF checkpoint directory, "
                        "or a hub id. Default: the small model bundled with dpjax.")
-  task: str = setting("synthetic", "Task: synthetic | mmlu:DIR_OR_CSV | arc:FILE | csqa:FILE | "
-                      "openbookqa:FILE | jsonl:FILE | csv:FILE | hub:NAME[:CONFIG] (needs "
-                      "`datasets`).")
-  split: str = setting("test", "Split to evaluate.")
-  fewshot_split: str = setting("dev", "Split the k-shot examples come from.")
+  task: str = setting("synthetic", "Task: a benchmark (arc_easy, arc_challenge, sciq, piqa, "
+                      "openbookqa, csqa, hellaswag, winogrande, mmlu, nq_open, triviaqa; read "
+                      "from --data_dir) | synthetic | disk:DIR | mmlu:DIR_OR_CSV | arc:FILE | "
+                      "csqa:FILE | openbookqa:FILE | jsonl:FILE | csv:FILE | hub:NAME[:CONFIG] "
+                      "(needs `datasets`).")
+  format: str = setting("letter", "Answer format: letter (the option letters, the paper's), "
+                        "cloze (each option's text scored as a continuation, lm-eval's "
+                        "multiple-choice scoring) or open (the gold answers' first tokens).",
+                        choices=FORMATS)
+  cloze_norm: str = setting("none", "Cloze scores: the summed log-probability (none, lm-eval's "
+                            "acc) or that sum over the option's length in bytes (bytes, "
+                            "acc_norm).", choices=CLOZE_NORMS)
+  data_dir: str = setting("", "Where benchmark tasks are read (HF save_to_disk directories, "
+                          "filled by dpjax-data); empty: ~/.cache/dpjax/data.")
+  split: str = setting("", "Split to evaluate (empty: the task's own: test for MMLU and the "
+                       "synthetic suite, validation for the other benchmarks).")
+  fewshot_split: str = setting("", "Split the k-shot examples come from (empty: the task's own: "
+                               "MMLU dev, the synthetic suite's dev; for tasks without one, the "
+                               "first k items of the evaluated split, kept out of the "
+                               "evaluation).")
   k_shot: int = setting(0, "Examples before each question (the first k of its subject in "
-                        "--fewshot_split, as lm-eval does).")
+                        "the few-shot split, as lm-eval's first_n sampler does).")
   num_items: int = setting(0, "Evaluation items (0: every item left after calibration; the "
                            "synthetic suite makes 400).")
   calibration_items: int = setting(64, "Calibration items, on which the pruning methods choose "
@@ -84,6 +100,10 @@ class Settings:
       object.__setattr__(self, "calibration_items", 0)  # nothing to calibrate
     for name in ("methods", "criteria", "phase_selections"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.format not in FORMATS:
+      raise ValueError(f"format={self.format!r}; use one of {FORMATS}.")
+    if self.cloze_norm not in CLOZE_NORMS:
+      raise ValueError(f"cloze_norm={self.cloze_norm!r}; use one of {CLOZE_NORMS}.")
     if self.normalization not in metrics.NORMALIZATIONS:
       raise ValueError(f"normalization={self.normalization!r}; use one of {metrics.NORMALIZATIONS}.")
     if self.transition_rule not in ("margin", "accuracy"):

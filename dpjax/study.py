@@ -60,33 +60,52 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
     placement.check_batch_size(s.batch_size)
     model.place(placement)
   tokenizer = load_tokenizer(model.source)
+  info = tasks.resolve_task(s.task)
+  if s.format not in info.formats:
+    raise ValueError(f"task {s.task!r} does not support --format={s.format}; it supports "
+                     f"{', '.join(info.formats)}.")
+  split = s.split or info.split
+  fewshot_split = s.fewshot_split or info.fewshot_split
   total = s.num_items + s.calibration_items if s.num_items else 0
   if s.task == "synthetic" and not total:
     total = 400 + s.calibration_items
-  items = tasks.load_task(s.task, s.split, num_items=total, seed=s.seed)
-  if not items:
-    raise ValueError(f"task {s.task!r} split {s.split!r} has no items.")
-  calibration, evaluation = _split_items(items, s)
+  items = tasks.load_task(s.task, split, num_items=total if fewshot_split else 0, seed=s.seed,
+                          data_dir=s.data_dir)
   dev = []
-  if s.k_shot:
-    dev = tasks.load_task(s.task, s.fewshot_split, seed=s.seed,
+  if s.k_shot and fewshot_split:
+    dev = tasks.load_task(s.task, fewshot_split, seed=s.seed, data_dir=s.data_dir,
                           num_items=200 if s.task == "synthetic" else 0)
+  elif s.k_shot:  # no few-shot split: the first k items (per subject) are the shots
+    dev = tasks.first_per_subject(items, s.k_shot)
+    taken = {id(item) for item in dev}
+    items = [item for item in items if id(item) not in taken]
+  if not items:
+    raise ValueError(f"task {s.task!r} split {split!r} has no items.")
+  calibration, evaluation = _split_items(items, s)
   max_length = s.max_length or model.config.max_position_embeddings
+  options = dict(max_length=max_length, truncation=s.truncation,
+                 add_special_tokens=s.add_special_tokens)
 
   def encode(chosen):
     if not chosen:
       return None
     shots = tasks.shots_for(chosen, dev, s.k_shot)
+    if s.format == "cloze":
+      requests = [tasks.cloze_requests(item, sh) for item, sh in zip(chosen, shots)]
+      return tasks.encode_cloze(tokenizer, chosen, requests, **options)
+    if s.format == "open":
+      prompts = [tasks.open_prompt(item, sh) for item, sh in zip(chosen, shots)]
+      return tasks.encode_open(tokenizer, chosen, prompts, **options)
     prompts = [tasks.prompt(item, sh) for item, sh in zip(chosen, shots)]
-    return tasks.encode(tokenizer, chosen, prompts, max_length=max_length, truncation=s.truncation,
-                        add_special_tokens=s.add_special_tokens)
+    return tasks.encode(tokenizer, chosen, prompts, **options)
 
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   encoded_eval, encoded_cal = encode(evaluation), encode(calibration)
   sweep = lambda enc: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
                             mask_chunk=s.mask_chunk, progress=s.progress, placement=placement)
   return Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
-                 sweep(encoded_eval), sweep(encoded_cal) if encoded_cal else None)
+                 sweep(encoded_eval), sweep(encoded_cal) if encoded_cal else None,
+                 split=split, fewshot_split=fewshot_split if s.k_shot else None)
 
 
 def subject_profiles(readout: Readout, encoded: tasks.EncodedTask,
@@ -98,7 +117,8 @@ def subject_profiles(readout: Readout, encoded: tasks.EncodedTask,
   out = {}
   for subject in sorted(set(subjects)):
     rows = np.flatnonzero(subjects == subject)
-    part = Readout(readout.option_logits[:, rows], readout.log_normalizer[:, rows])
+    part = Readout(readout.option_logits[:, rows], readout.log_normalizer[:, rows],
+                   None if readout.option_logprob is None else readout.option_logprob[:, rows])
     prof = profile_of(part, encoded.subset(rows), s)
     l_star = int(prof.transition)
     l_star = None if l_star == metrics.NO_TRANSITION else l_star
@@ -115,7 +135,8 @@ def full_profile(ctx: Context, encoded: tasks.EncodedTask | None = None,
   encoded = encoded or ctx.evaluation
   sweep = sweep or ctx.eval_sweep
   readout = sweep.readouts(np.ones((1, ctx.num_layers), bool), description="full-model readout")
-  one = Readout(readout.option_logits[0], readout.log_normalizer[0])
+  one = Readout(readout.option_logits[0], readout.log_normalizer[0],
+                None if readout.option_logprob is None else readout.option_logprob[0])
   return one, profile_of(one, encoded, ctx.settings)
 
 
@@ -125,7 +146,9 @@ def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
   model = {"path": s.model, "architecture": cfg.architecture, "num_layers": ctx.num_layers,
            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
            "param_dtype": cfg.param_dtype, "compute_dtype": str(ctx.model.compute_dtype)}
-  task = {"spec": s.task, "split": s.split, "k_shot": s.k_shot,
+  task = {"spec": s.task, "split": ctx.split, "k_shot": s.k_shot,
+          "fewshot_split": ctx.fewshot_split, "format": s.format,
+          "cloze_norm": s.cloze_norm if s.format == "cloze" else None,
           "num_items": len(ctx.evaluation.items),
           "num_calibration_items": len(ctx.calibration.items) if ctx.calibration else 0,
           "num_options": ctx.evaluation.num_options.tolist(),

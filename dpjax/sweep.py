@@ -37,7 +37,7 @@ from dpjax.distributed import fetch
 from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
-from dpjax.readout import DecisionReader, Readout, lens, unembedding_f32
+from dpjax.readout import DecisionReader, Lens, Readout, Reads, packing, unembedding_f32
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -59,22 +59,28 @@ class Counters:
 
 
 def final_stats(option_logits: np.ndarray, log_normalizer: np.ndarray,
-                answer: np.ndarray) -> FinalStats:
-  """Stats of final readouts `[C, B, K]`, `[C, B]` for rows with `answer` `[B]`."""
+                answer: np.ndarray, option_logprob: np.ndarray | None = None) -> FinalStats:
+  """Stats of final readouts `[C, B, K]`, `[C, B]` for rows with `answer` `[B]`.
+
+  The vocab probability of option `k` is `exp(z_k - normalizer)`, or, when
+  `option_logprob` `[C, B, K]` is given (cloze), `exp(option_logprob_k)`; the NLL
+  is minus the correct option's log-probability.
+  """
   z = option_logits.astype(np.float64)
   top = np.argmax(z, axis=-1)
-  p = np.exp(z - log_normalizer.astype(np.float64)[..., None])
-  p = np.where(np.isneginf(z), 0.0, p)
+  logp = (z - log_normalizer.astype(np.float64)[..., None] if option_logprob is None
+          else option_logprob.astype(np.float64))
+  p = np.where(np.isneginf(z), 0.0, np.exp(logp))
   is_answer = np.arange(z.shape[-1]) == answer[:, None]
   correct_p = np.sum(np.where(is_answer, p, 0.0), axis=-1)
   rival = np.max(np.where(is_answer, -np.inf, p), axis=-1)
-  correct_z = np.sum(np.where(is_answer, z, 0.0), axis=-1)
+  correct_logp = np.sum(np.where(is_answer, logp, 0.0), axis=-1)
   return FinalStats(
       correct=(top == answer).sum(-1), margin_sum=(correct_p - rival).sum(-1),
-      nll_sum=(log_normalizer - correct_z).sum(-1), items=np.full(len(z), len(answer)))
+      nll_sum=(-correct_logp).sum(-1), items=np.full(len(z), len(answer)))
 
 
-def _stream(graphdef, state, input_ids, attention_mask, block_index, block_valid):
+def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, block_valid):
   """The residual stream `[L+1, B, T, d]`: h_0 and the output of every step.
 
   Zero-padded to `L+1` entries whatever the number of steps, so the candidates'
@@ -82,29 +88,29 @@ def _stream(graphdef, state, input_ids, attention_mask, block_index, block_valid
   """
   module = nnx.merge(graphdef, state)
   h0 = module.embed_tokens(input_ids)
-  ctx = module.attention_context(attention_mask)
+  ctx = module.attention_context(attention_mask, *packed)
   _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h: h)
   stream = jnp.concatenate([h0[None], per_step], axis=0)
   missing = module.cfg.num_layers + 1 - stream.shape[0]
   return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
-def _tails(graphdef, state, stream, positions, attention_mask, letter_ids, block_index,
+def _tails(graphdef, lens, state, stream, starts, attention_mask, packed, reads, block_index,
            block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
-  Candidate `c` starts from `stream[positions[c]]` (`stream` `[n+1, B, T, d]`)
-  and runs the steps `block_index[c]` `[C, n]`. Returns option logits
-  `[C, B, K]` and log-normalizers `[C, B]`.
+  Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
+  and runs the steps `block_index[c]` `[C, n]`. Returns the `Readout` of each,
+  `[C, B, K]` / `[C, B]`.
   """
-  h_start = jnp.take(stream, positions, axis=0)
+  h_start = jnp.take(stream, starts, axis=0)
   module = nnx.merge(graphdef, state)
-  ctx = module.attention_context(attention_mask)
+  ctx = module.attention_context(attention_mask, *packed)
   unembed = unembedding_f32(module)
 
   def one(h, index, valid):
     h, _ = module.scan_blocks(h, ctx, index, valid)
-    return lens(module, unembed, h[:, -1], letter_ids)
+    return lens(module, unembed, h, reads)
 
   return jax.vmap(one)(h_start, block_index, block_valid)
 
@@ -126,7 +132,7 @@ class Sweep:
 
   def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
-               placement=None, time_phases: bool = False):
+               placement=None, time_phases: bool = False, lens: Lens | None = None):
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -137,9 +143,10 @@ class Sweep:
     self.progress = progress
     self.placement = placement  # dpjax.distributed.Placement or None
     self.batches = batches(encoded, batch_size, pad_id)
-    self.reader = DecisionReader(model, placement=placement)
+    self.lens = lens or Lens(encoded.format)
+    self.reader = DecisionReader(model, placement=placement, lens=self.lens)
     self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
-    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef))
+    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens))
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).
@@ -177,9 +184,10 @@ class Sweep:
     # chunk is never padded to a longer mask's length.
     bucket_of = np.array([bucket_size(int(k), self.num_layers) for k in counts])
     order = np.argsort(bucket_of, kind="stable")
-    n, k = len(self.encoded.items), self.encoded.letter_ids.shape[1]
+    n, k = len(self.encoded.items), self.encoded.num_option_columns
     options = np.empty((len(masks), self.num_layers + 1, n, k), np.float32)
     normalizers = np.empty((len(masks), self.num_layers + 1, n), np.float32)
+    logprobs = options.copy() if self.encoded.format == "cloze" else None
     rows = len(self.batches) * self.batch_size
     for bucket in np.unique(bucket_of):
       members = order[bucket_of[order] == bucket]
@@ -192,10 +200,12 @@ class Sweep:
                               description=description, prepared=self.batches)
         options[chunk] = out.option_logits
         normalizers[chunk] = out.log_normalizer
+        if logprobs is not None:
+          logprobs[chunk] = out.option_logprob
         self.counters.executed += int(bucket) * len(chunk) * rows
         self.counters.minimum += int(counts[chunk].sum()) * rows
         self.counters.naive += int(counts[chunk].sum()) * rows
-    return Readout(options, normalizers)
+    return Readout(options, normalizers, logprobs)
 
   # --------------------------------------------------------------------------
   # Drop-one candidates with prefix sharing.
@@ -232,8 +242,9 @@ class Sweep:
       rows = batch.index >= 0
       answer = batch.answer[rows]
       mask = self._put(batch.attention_mask)
+      packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
       stream = self._timed("stream", self._stream_fn, self.model.state,
-                           self._put(batch.input_ids), mask, stream_index, stream_valid)
+                           self._put(batch.input_ids), mask, packed, stream_index, stream_valid)
       self.counters.executed += stream_steps * self.batch_size
       self.counters.minimum += n_kept * self.batch_size
       # Group the live candidates by the (bucketed) number of blocks they still run.
@@ -246,11 +257,13 @@ class Sweep:
       for steps, members in sorted(by_steps.items()):
         for group in _power_of_two_groups(members):
           index, valid = stacked_steps([plan.tail(position[c]) for c in group], steps)
-          positions = np.array([position[c] for c in group], np.int32)
-          z, lse = self._timed("candidates", self._tails_fn, self.model.state, stream,
-                               positions, mask, self._put(batch.letter_ids), index, valid)
+          starts = np.array([position[c] for c in group], np.int32)
+          out = self._timed("candidates", self._tails_fn, self.model.state, stream, starts,
+                            mask, packed, reads, index, valid)
           self.counters.executed += steps * len(group) * self.batch_size
-          stats = final_stats(fetch(z)[:, rows], fetch(lse)[:, rows], answer)
+          logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
+          stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
+                              answer, logprob)
           for g, c in enumerate(group):
             t = totals[c]
             totals[c] = FinalStats(t.correct + int(stats.correct[g]),

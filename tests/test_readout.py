@@ -12,7 +12,7 @@ import dpjax
 from benchmarks import reference
 from dpjax.tasks import synthetic
 from dpjax import metrics, tasks
-from dpjax.readout import DecisionReader, decision_readout
+from dpjax.readout import DecisionReader, Lens, Reads, decision_readout, packing
 
 ATOL = 1e-4
 
@@ -116,16 +116,23 @@ def test_batch_of_masks_equals_single_mask_runs(setup):
     assert (np.isnan(together.option_logits[m, 1:, 0, 0]) == ~mask).all()
 
 
-def test_readout_never_builds_full_vocab_logits_over_tokens(setup):
-  """No intermediate of shape [B, T, V] (nor [L, B, T, d]) anywhere in the program."""
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_readout_never_builds_full_vocab_logits_over_tokens(setup, fmt):
+  """No intermediate of shape [B, T, V] (nor [L, B, T, d]) anywhere in the program; the
+  cloze lens reads the continuation positions only ([B * R, V], R reads per row)."""
   model, encoded, _ = setup
+  if fmt == "cloze":
+    requests = [tasks.cloze_requests(item) for item in encoded.items]
+    encoded = tasks.encode_cloze(transformers.AutoTokenizer.from_pretrained(setup[2]),
+                                 encoded.items, requests)
   batch = tasks.batches(encoded, 8)[0]
   b, t = batch.input_ids.shape
   v, d, n = model.config.vocab_size, model.config.hidden_size, model.num_layers
   module = model.module()
-  jaxpr = jax.make_jaxpr(lambda ids, mask, letters, idx, valid: decision_readout(
-      module, ids, mask, letters, idx, valid))(
-          batch.input_ids, batch.attention_mask, batch.letter_ids,
+  lens = Lens(fmt)
+  jaxpr = jax.make_jaxpr(lambda ids, mask, reads, packed, idx, valid: decision_readout(
+      module, lens, ids, mask, reads, packed, idx, valid))(
+          batch.input_ids, batch.attention_mask, Reads.of(batch), packing(batch),
           np.arange(n, dtype=np.int32), np.ones(n, bool))
   shapes = set()
 
@@ -141,7 +148,8 @@ def test_readout_never_builds_full_vocab_logits_over_tokens(setup):
             walk(sub)
 
   walk(jaxpr.jaxpr)
-  assert (b, v) in shapes  # the lens does run, at the answer position
+  read = b if fmt == "letter" else b * batch.read_index.shape[1]
+  assert read < b * t and (read, v) in shapes  # the lens does run, at the read positions
   assert not any(len(s) >= 3 and s[-1] == v for s in shapes)
   assert not any(len(s) == 4 and s[0] >= n and s[-1] == d for s in shapes)
 

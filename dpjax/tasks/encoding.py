@@ -1,8 +1,21 @@
-"""Items as tokens: letter ids in context, and left-padded batches.
+"""Items as tokens in one of the three answer formats, and left-padded batches.
 
-`encode` turns prompts into token ids and reads each option through the token
-of its letter continuation `" A"`, tokenized in context as lm-eval does;
-`batches` pads items on the left so the answer position is the last column.
+* letter (`encode`): each option is read through the token of its letter
+  continuation `" A"`, tokenized in context as lm-eval does; the answer
+  position is the prompt's last token.
+* open (`encode_open`): the set of gold first tokens (each gold answer
+  tokenized in context as `" " + answer`) is read at the last token.
+* cloze (`encode_cloze`): option `k`'s continuation is scored token by token
+  after its context. An item becomes one *packed* sequence: the tokens its K
+  requests share (the context, for most tasks) once, then each option's own
+  tokens, each in a segment of its own with positions that restart where the
+  shared part ends. A token attends to the shared part and to its own
+  segment, so the cost is one context plus K short continuations, and every
+  option scores as it would alone. The positions read are those whose next
+  token is a continuation token.
+
+`batches` pads items on the left, so the letter and open formats read the last
+column and the cloze format reads the positions it lists.
 """
 
 from __future__ import annotations
@@ -14,35 +27,78 @@ import numpy as np
 
 from dpjax.tasks.schema import LETTERS, Item, TaskDataError
 
+FORMATS = ("letter", "cloze", "open")
+CLOZE_NORMS = ("none", "bytes")
+
+
+@dataclasses.dataclass
+class ClozeLayout:
+  """One item's packed cloze sequence (see the module docstring)."""
+  segments: list[int]   # per token: 0 shared, k + 1 option k's own
+  positions: list[int]  # per token: its position in its option's sequence
+  reads: list[tuple[int, int, int]]  # (packed index, target token, option)
+
 
 @dataclasses.dataclass
 class EncodedTask:
-  """Items as tokens. `letter_ids` `[N, K]` (-1 past an item's options)."""
+  """Items as tokens.
+
+  `letter_ids` `[N, K]`: the letter format's option tokens (-1 past an item's
+  options); the open format's gold first tokens `[N, G]` (-1 padded); unused
+  (-1) by the cloze format, whose `layouts` and `option_bytes` `[N, K]` (each
+  option text's length in UTF-8 bytes) say what is read.
+  """
   items: list[Item]
   prompts: list[str]
   tokens: list[list[int]]
   letter_ids: np.ndarray
   truncated: np.ndarray  # [N] bool: the prompt was left-truncated
+  format: str = "letter"
+  layouts: list[ClozeLayout] | None = None
+  option_bytes: np.ndarray | None = None  # [N, K] float32
 
   @property
   def answer(self) -> np.ndarray:
+    """The correct option; in the open format, 0 (the gold set is option 0)."""
+    if self.format == "open":
+      return np.zeros(len(self.items), dtype=np.int32)
     return np.array([item.answer for item in self.items], dtype=np.int32)
 
   @property
   def num_options(self) -> np.ndarray:
+    """Options per item; in the open format 2 (the gold set and its best rival)."""
+    if self.format == "open":
+      return np.full(len(self.items), 2, dtype=np.int32)
     return np.array([item.num_options for item in self.items], dtype=np.int32)
+
+  @property
+  def num_option_columns(self) -> int:
+    return 2 if self.format == "open" else int(self.num_options.max())
 
   def subset(self, index: Sequence[int]) -> "EncodedTask":
     index = list(index)
-    return EncodedTask([self.items[i] for i in index], [self.prompts[i] for i in index],
-                       [self.tokens[i] for i in index], self.letter_ids[index],
-                       self.truncated[index])
+    return EncodedTask(
+        [self.items[i] for i in index], [self.prompts[i] for i in index],
+        [self.tokens[i] for i in index], self.letter_ids[index], self.truncated[index],
+        self.format, None if self.layouts is None else [self.layouts[i] for i in index],
+        None if self.option_bytes is None else self.option_bytes[index])
+
+
+def _check_truncation(truncation: str) -> None:
+  if truncation not in ("refuse", "left"):
+    raise ValueError(f"truncation={truncation!r}; use 'refuse' or 'left'.")
+
+
+def _too_long(item: Item, length: int, max_length: int) -> TaskDataError:
+  return TaskDataError(
+      f"item {item.id!r}: its prompt is {length} tokens, longer than the model's "
+      f"{max_length}. Lower --k_shot, or pass --truncation=left to drop its earliest tokens.")
 
 
 def encode(tokenizer, items: Sequence[Item], prompts: Sequence[str], *,
            max_length: int | None = None, truncation: str = "refuse",
            add_special_tokens: bool = False) -> EncodedTask:
-  """Token ids of each prompt and, in context, of each letter continuation.
+  """The letter format: token ids of each prompt and, in context, of each letter.
 
   As lm-eval does: encode `prompt` and `prompt + " A"`; the letter's token is
   what follows the prompt's tokens. It must be exactly one token, and the
@@ -50,8 +106,7 @@ def encode(tokenizer, items: Sequence[Item], prompts: Sequence[str], *,
   item) or `left` (keep the last `max_length` tokens: the question stays whole
   and the earliest shots lose their start).
   """
-  if truncation not in ("refuse", "left"):
-    raise ValueError(f"truncation={truncation!r}; use 'refuse' or 'left'.")
+  _check_truncation(truncation)
   kmax = max(item.num_options for item in items)
   contexts = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
   letters_needed = sorted({k for item in items for k in range(item.num_options)})
@@ -83,55 +138,178 @@ def encode(tokenizer, items: Sequence[Item], prompts: Sequence[str], *,
     letter_ids[i, :item.num_options] = ids
     if max_length is not None and len(context) > max_length:
       if truncation == "refuse":
-        raise TaskDataError(
-            f"item {item.id!r}: its prompt is {len(context)} tokens, longer than the model's "
-            f"{max_length}. Lower --k_shot, or pass --truncation=left to drop its earliest tokens.")
+        raise _too_long(item, len(context), max_length)
       context = context[-max_length:]
       truncated[i] = True
     tokens.append(context)
   return EncodedTask(list(items), list(prompts), tokens, letter_ids, truncated)
 
 
+def encode_open(tokenizer, items: Sequence[Item], prompts: Sequence[str], *,
+                max_length: int | None = None, truncation: str = "refuse",
+                add_special_tokens: bool = False) -> EncodedTask:
+  """The open format: each prompt's tokens and the set of its gold answers' first tokens,
+  each gold tokenized in context as `" " + answer` (the first token after the prompt's)."""
+  _check_truncation(truncation)
+  contexts = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+  firsts: list[list[int]] = []
+  for i, item in enumerate(items):
+    if not item.is_open or not item.golds:
+      raise TaskDataError(f"item {item.id!r} has no gold answers; the open format needs an "
+                          "open-ended task (nq_open, triviaqa).")
+    if any(not gold.strip() for gold in item.golds):
+      raise TaskDataError(f"item {item.id!r} has an empty gold answer in {list(item.golds)}.")
+    wholes = tokenizer([prompts[i] + " " + gold for gold in item.golds],
+                       add_special_tokens=add_special_tokens)["input_ids"]
+    context = list(contexts[i])
+    first = []
+    for gold, whole in zip(item.golds, wholes):
+      if list(whole[:len(context)]) != context or len(whole) == len(context):
+        raise TaskDataError(f"item {item.id!r}: the gold answer {gold!r} tokenizes to nothing "
+                            "after the prompt.")
+      first.append(int(whole[len(context)]))
+    firsts.append(sorted(set(first)))
+  width = max(len(f) for f in firsts)
+  gold_ids = np.full((len(items), width), -1, dtype=np.int32)
+  tokens, truncated = [], np.zeros(len(items), dtype=bool)
+  for i, (item, first) in enumerate(zip(items, firsts)):
+    gold_ids[i, :len(first)] = first
+    context = list(contexts[i])
+    if max_length is not None and len(context) > max_length:
+      if truncation == "refuse":
+        raise _too_long(item, len(context), max_length)
+      context = context[-max_length:]
+      truncated[i] = True
+    tokens.append(context)
+  return EncodedTask(list(items), list(prompts), tokens, gold_ids, truncated, format="open")
+
+
+def encode_cloze(tokenizer, items: Sequence[Item], requests: Sequence[Sequence[tuple[str, str]]],
+                 *, max_length: int | None = None, truncation: str = "refuse",
+                 add_special_tokens: bool = False) -> EncodedTask:
+  """The cloze format: each item's requests `[(context, continuation), ...]` (one per
+  option) as one packed sequence (see the module docstring).
+
+  Each request is tokenized as lm-eval does: encode the context, encode context +
+  continuation, and the continuation is the tokens past the context's.
+  """
+  _check_truncation(truncation)
+  kmax = max(item.num_options for item in items)
+  option_bytes = np.ones((len(items), kmax), dtype=np.float32)
+  tokens, layouts, prompts = [], [], []
+  truncated = np.zeros(len(items), dtype=bool)
+  for i, (item, reqs) in enumerate(zip(items, requests)):
+    if len(reqs) != item.num_options:
+      raise TaskDataError(f"item {item.id!r}: {len(reqs)} cloze requests for "
+                          f"{item.num_options} options.")
+    contexts = tokenizer([c for c, _ in reqs], add_special_tokens=add_special_tokens)["input_ids"]
+    wholes = tokenizer([c + x for c, x in reqs], add_special_tokens=add_special_tokens)["input_ids"]
+    seqs, starts = [], []
+    for k, (context, whole) in enumerate(zip(contexts, wholes)):
+      context, whole = list(context), list(whole)
+      if len(whole) <= len(context) or whole[:len(context)] != context:
+        raise TaskDataError(f"item {item.id!r}: option {LETTERS[k]}'s continuation "
+                            f"{reqs[k][1]!r} tokenizes to nothing after its context.")
+      seqs.append(whole)
+      starts.append(len(context))  # the first continuation token's index
+      # The continuation without its delimiter space (lm-eval's acc_norm divides by the
+      # length of the choice text; for WinoGrande both options share one continuation).
+      text = reqs[k][1][1:] if reqs[k][1].startswith(" ") else reqs[k][1]
+      option_bytes[i, k] = max(len(text.encode("utf-8")), 1)
+    # The longest prefix every option's sequence shares (never past a sequence's end).
+    shared = min(len(s) for s in seqs) - 1
+    for j in range(shared):
+      if len({s[j] for s in seqs}) > 1:
+        shared = j
+        break
+    longest = max(len(s) for s in seqs)
+    drop = 0
+    if max_length is not None and longest > max_length:
+      if truncation == "refuse" or longest - max_length > min(starts) - 1:
+        raise _too_long(item, longest, max_length)
+      drop = longest - max_length  # the shared prefix loses its earliest tokens
+      truncated[i] = True
+    packed = seqs[0][drop:shared]
+    segments = [0] * len(packed)
+    positions = list(range(len(packed)))
+    reads: list[tuple[int, int, int]] = []
+    for k, seq in enumerate(seqs):
+      offset = len(packed) - shared  # packed index of sequence position `shared`
+      packed += seq[shared:]
+      segments += [k + 1] * (len(seq) - shared)
+      positions += list(range(shared - drop, len(seq) - drop))
+      for p in range(starts[k] - 1, len(seq) - 1):  # position p predicts token p + 1
+        index = p - drop if p < shared else offset + p
+        reads.append((index, seq[p + 1], k))
+    tokens.append(packed)
+    layouts.append(ClozeLayout(segments, positions, reads))
+    prompts.append(reqs[0][0])
+  letter_ids = np.full((len(items), kmax), -1, dtype=np.int32)
+  return EncodedTask(list(items), prompts, tokens, letter_ids, truncated, format="cloze",
+                     layouts=layouts, option_bytes=option_bytes)
+
+
 @dataclasses.dataclass
 class Batch:
-  """Left-padded token batch: the answer position is the last column.
+  """Left-padded token batch: the letter and open formats read the last column.
 
   `index` `[B]` says which item each row is (-1 for filler rows in the last
   batch, whose `attention_mask` still holds one token so nothing divides by
-  zero).
+  zero). The cloze format adds the packed layout: `positions` and `segments`
+  `[B, T]`, and the reads `read_index`, `read_target`, `read_option` `[B, R]`
+  (option -1: padding) with `option_bytes` `[B, K]`.
   """
   input_ids: np.ndarray       # [B, T] int32
   attention_mask: np.ndarray  # [B, T] int32
   letter_ids: np.ndarray      # [B, K] int32, -1 past an item's options
   answer: np.ndarray          # [B] int32
   index: np.ndarray           # [B] int32
+  positions: np.ndarray | None = None
+  segments: np.ndarray | None = None
+  read_index: np.ndarray | None = None
+  read_target: np.ndarray | None = None
+  read_option: np.ndarray | None = None
+  option_bytes: np.ndarray | None = None
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _common(values: list[int], multiple: int) -> int | None:
+  """One size for every batch when the largest is at most 1.5x the median."""
+  if values and max(values) <= 1.5 * float(np.median(values)):
+    return _round_up(max(values), multiple)
+  return None
 
 
 def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
-            length_multiple: int = 32) -> list[Batch]:
+            length_multiple: int = 32, reads_multiple: int = 16) -> list[Batch]:
   """Left-padded batches of items of similar length (sorted by length).
 
-  Lengths are rounded up to a multiple of `length_multiple` so that a long run
-  compiles for a few shapes only; every batch has exactly `batch_size` rows.
-  When the longest prompt is at most 1.5 times the median one, every batch
-  gets the same length: one shape to compile, at a small padding cost.
+  Lengths are rounded up to a multiple of `length_multiple` (and the cloze
+  format's read counts to one of `reads_multiple`) so that a long run compiles
+  for a few shapes only; every batch has exactly `batch_size` rows. When the
+  longest is at most 1.5 times the median, every batch gets the same size:
+  one shape to compile, at a small padding cost.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
   order = sorted(range(len(encoded.tokens)), key=lambda i: len(encoded.tokens[i]))
   answer = encoded.answer
-  lengths = [len(t) for t in encoded.tokens]
-  common = None
-  if lengths and max(lengths) <= 1.5 * float(np.median(lengths)):
-    common = -(-max(lengths) // length_multiple) * length_multiple
+  common = _common([len(t) for t in encoded.tokens], length_multiple)
+  cloze = encoded.format == "cloze"
+  common_reads = _common([len(lay.reads) for lay in encoded.layouts], reads_multiple) \
+      if cloze else None
+  width = encoded.letter_ids.shape[1]
   out = []
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     longest = max(len(encoded.tokens[i]) for i in rows)
-    length = common or -(-longest // length_multiple) * length_multiple
+    length = common or _round_up(longest, length_multiple)
     ids = np.full((batch_size, length), pad_id, dtype=np.int32)
     mask = np.zeros((batch_size, length), dtype=np.int32)
-    letters = np.full((batch_size, encoded.letter_ids.shape[1]), -1, dtype=np.int32)
+    letters = np.full((batch_size, width), -1, dtype=np.int32)
     answers = np.zeros(batch_size, dtype=np.int32)
     index = np.full(batch_size, -1, dtype=np.int32)
     mask[:, -1] = 1  # filler rows: one token, never read
@@ -142,5 +320,24 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
       letters[r] = encoded.letter_ids[i]
       answers[r] = answer[i]
       index[r] = i
-    out.append(Batch(ids, mask, letters, answers, index))
+    batch = Batch(ids, mask, letters, answers, index)
+    if cloze:
+      reads = common_reads or _round_up(max(len(encoded.layouts[i].reads) for i in rows),
+                                        reads_multiple)
+      batch.positions = np.zeros((batch_size, length), dtype=np.int32)
+      batch.segments = np.zeros((batch_size, length), dtype=np.int32)
+      batch.read_index = np.full((batch_size, reads), length - 1, dtype=np.int32)
+      batch.read_target = np.zeros((batch_size, reads), dtype=np.int32)
+      batch.read_option = np.full((batch_size, reads), -1, dtype=np.int32)
+      batch.option_bytes = np.ones((batch_size, encoded.option_bytes.shape[1]), np.float32)
+      for r, i in enumerate(rows):
+        layout, pad = encoded.layouts[i], length - len(encoded.tokens[i])
+        batch.positions[r, pad:] = layout.positions
+        batch.segments[r, pad:] = layout.segments
+        for j, (at, target, option) in enumerate(layout.reads):
+          batch.read_index[r, j] = pad + at
+          batch.read_target[r, j] = target
+          batch.read_option[r, j] = option
+        batch.option_bytes[r] = encoded.option_bytes[i]
+    out.append(batch)
   return out

@@ -106,13 +106,7 @@ def load_choices_jsonl(path: str, subject: str) -> list[Item]:
 
 def load_generic(path: str, *, question: str = "question", options: str | Sequence[str] = "options",
                  answer: str = "answer", id: str = "id", subject: str = "subject") -> list[Item]:
-  """JSONL or CSV (with a header) with named columns.
-
-  `options` names one column holding a list (JSONL) or several columns, one
-  per option (CSV; default for CSV: whichever of the columns `A`..`J` exist).
-  `answer` holds a 0-based index or a letter. Missing `id` columns number the
-  rows; a missing `subject` column leaves it empty.
-  """
+  """JSONL or CSV (with a header) with named columns (see `generic_rows`)."""
   if path.endswith(".jsonl") or path.endswith(".json"):
     rows = list(_read_jsonl(path))
   elif path.endswith(".csv"):
@@ -120,6 +114,22 @@ def load_generic(path: str, *, question: str = "question", options: str | Sequen
       rows = [(n, r) for n, r in enumerate(csv.DictReader(f), start=2)]
   else:
     raise TaskDataError(f"{path}: expected a .jsonl or .csv file.")
+  return generic_rows(rows, path, question=question, options=options, answer=answer, id=id,
+                      subject=subject)
+
+
+def generic_rows(rows, source: str, *, question: str = "question",
+                 options: str | Sequence[str] = "options", answer: str = "answer",
+                 id: str = "id", subject: str = "subject") -> list[Item]:
+  """Items from rows with named columns (`rows`: dicts, or (row number, dict) pairs).
+
+  `options` names one column holding a list (JSONL, saved datasets) or several
+  columns, one per option (CSV; default for CSV: whichever of the columns
+  `A`..`J` exist). `answer` holds a 0-based index or a letter. Missing `id`
+  columns number the rows; a missing `subject` column leaves it empty.
+  """
+  rows = [r if isinstance(r, tuple) else (n, r) for n, r in enumerate(rows)]
+  path = source
   items = []
   for row_number, row in rows:
     if isinstance(options, str) and options in row:

@@ -1,7 +1,10 @@
-"""The item schema every task is read into: one multiple-choice question.
+"""The item schema every task is read into: one question, multiple-choice or open-ended.
 
 `Item` (question, 2-10 options, correct index, subject, id) and `make_item`,
 which validates one row and names the source, row and field of anything wrong.
+Benchmark readers also fill in how the item reads in the other answer formats
+(`dpjax.tasks.formats`): its cloze context(s) and continuations, or its gold
+answers when it is open-ended.
 """
 
 from __future__ import annotations
@@ -21,16 +24,36 @@ class TaskDataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One multiple-choice question."""
+  """One question.
+
+  Multiple-choice: `options` and the correct index `answer`. Open-ended: no
+  options, `answer` -1, and the accepted answers in `golds`.
+
+  The cloze format reads option `k` as `cloze_continuations[k]` after
+  `cloze_contexts[0]` (or after `cloze_contexts[k]` when each option has a
+  context of its own, as in WinoGrande's partial scoring); when a reader sets
+  none, the default template `Question: {question}\nAnswer:` and `" " + option`
+  apply. `description` precedes the shots in the cloze and open formats, and
+  shots are joined by `fewshot_delimiter` (lm-eval's per-task settings).
+  """
   id: str
   question: str
   options: tuple[str, ...]
   answer: int
   subject: str = ""
+  cloze_contexts: tuple[str, ...] = ()
+  cloze_continuations: tuple[str, ...] = ()
+  golds: tuple[str, ...] = ()
+  description: str = ""
+  fewshot_delimiter: str = "\n\n"
 
   @property
   def num_options(self) -> int:
     return len(self.options)
+
+  @property
+  def is_open(self) -> bool:
+    return not self.options
 
 
 def make_item(source: str, row: int | str, *, id: Any, question: Any, options: Sequence[Any],

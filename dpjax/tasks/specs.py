@@ -1,29 +1,67 @@
-"""Task specs as the command line names them: `synthetic`, `mmlu:DIR`, `arc:FILE`, ..."""
+"""Task specs as the command line names them: `arc_easy`, `synthetic`, `disk:DIR`, `mmlu:DIR`, ...
+
+`resolve_task(spec)` says which splits a task has by default and which answer
+formats it supports; `load_task(spec, split)` reads its items.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from dpjax.tasks import readers, synthetic
+from dpjax.tasks import benchmarks, disk, readers, synthetic
 from dpjax.tasks.schema import Item, TaskDataError
 
+TASK_FORMATS = ("synthetic", "mmlu", "arc", "csqa", "openbookqa", "jsonl", "csv", "hub", "disk")
+MULTIPLE_CHOICE_FORMATS = ("letter", "cloze")
 
-TASK_FORMATS = ("synthetic", "mmlu", "arc", "csqa", "openbookqa", "jsonl", "csv", "hub")
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What a task spec offers: its default split, where its shots come from (None: the
+  evaluated split itself) and the answer formats it supports."""
+  split: str
+  fewshot_split: str | None
+  formats: tuple[str, ...]
 
 
-def load_task(spec: str, split: str, *, num_items: int = 0, seed: int = 0) -> list[Item]:
+def resolve_task(spec: str) -> TaskInfo:
+  """The defaults of a task spec (refusing an unknown one with what is known)."""
+  if spec in benchmarks.BENCHMARKS:
+    bench = benchmarks.BENCHMARKS[spec]
+    return TaskInfo(bench.default_split, bench.fewshot_split, bench.formats)
+  kind = spec.partition(":")[0]
+  if kind not in TASK_FORMATS:
+    raise TaskDataError(
+        f"task {spec!r}: unknown task or format {kind!r}; use a benchmark name "
+        f"({', '.join(benchmarks.BENCHMARKS)}) or one of {TASK_FORMATS} (e.g. synthetic, "
+        "mmlu:data/, arc:ARC-Challenge-Test.jsonl, disk:DIR).")
+  if kind == "synthetic":
+    return TaskInfo("test", "dev", MULTIPLE_CHOICE_FORMATS)
+  if kind == "mmlu":
+    return TaskInfo("test", "dev", MULTIPLE_CHOICE_FORMATS)
+  return TaskInfo("test", None if kind == "disk" else "dev", MULTIPLE_CHOICE_FORMATS)
+
+
+def load_task(spec: str, split: str, *, num_items: int = 0, seed: int = 0,
+              data_dir: str = "") -> list[Item]:
   """Items of `split` for a task spec.
 
-  Specs: `synthetic`; `mmlu:DIR_OR_CSV` (original CSV layout); `arc:FILE`,
-  `csqa:FILE`, `openbookqa:FILE` (JSONL, HF or original layout); `jsonl:FILE`,
-  `csv:FILE` (generic, default column names); `hub:NAME[:CONFIG]` (through
-  `datasets`). `num_items` > 0 keeps the first that many (the synthetic suite
-  generates exactly that many; default 400).
+  Specs: a benchmark name (`arc_easy`, `mmlu`, `nq_open`, ...; see
+  `dpjax.tasks.benchmarks`, read from `data_dir`); `synthetic`;
+  `mmlu:DIR_OR_CSV` (original CSV layout); `arc:FILE`, `csqa:FILE`,
+  `openbookqa:FILE` (JSONL, HF or original layout); `jsonl:FILE`, `csv:FILE`
+  (generic, default column names); `disk:DIR` (an HF `save_to_disk`
+  directory with the generic column names, DIR/SPLIT or DIR itself);
+  `hub:NAME[:CONFIG]` (through `datasets`). `num_items` > 0 keeps the first
+  that many (the synthetic suite generates exactly that many; default 400).
   """
+  info = resolve_task(spec)
+  split = split or info.split
+  if spec in benchmarks.BENCHMARKS:
+    items = benchmarks.load_benchmark(spec, split, data_dir or None)
+    return items[:num_items] if num_items else items
   kind, _, rest = spec.partition(":")
-  if kind not in TASK_FORMATS:
-    raise TaskDataError(f"task {spec!r}: unknown format {kind!r}; use one of {TASK_FORMATS} "
-                        "(e.g. synthetic, mmlu:data/, arc:ARC-Challenge-Test.jsonl).")
   if kind == "synthetic":
     return synthetic.generate(split, num_items or 400, seed=seed)
   if not rest:
@@ -35,6 +73,10 @@ def load_task(spec: str, split: str, *, num_items: int = 0, seed: int = 0) -> li
     items = readers.load_choices_jsonl(_split_file(rest, split), "")
   elif kind in ("jsonl", "csv"):
     items = readers.load_generic(_split_file(rest, split))
+  elif kind == "disk":
+    directory = os.path.join(rest, split) if disk.is_dataset_dir(os.path.join(rest, split)) \
+        else rest
+    items = readers.generic_rows(disk.read_rows(directory), directory)
   else:
     name, _, config = rest.partition(":")
     items = readers.load_from_hub(name, config or None, split)
