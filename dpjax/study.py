@@ -30,7 +30,7 @@ from dpjax.distributed import Placement, is_main_process
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
 from dpjax.methods import METHODS, Context, profile_of
-from dpjax.readout import Readout
+from dpjax.readout import Lens, Readout
 from dpjax.results import EngineCounters, FullProfile, StudyResults, SubjectProfile
 from dpjax.settings import Settings
 from dpjax.sweep import Sweep
@@ -101,8 +101,10 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
 
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   encoded_eval, encoded_cal = encode(evaluation), encode(calibration)
+  lens = Lens(s.format, s.cloze_norm)
   sweep = lambda enc: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
-                            mask_chunk=s.mask_chunk, progress=s.progress, placement=placement)
+                            mask_chunk=s.mask_chunk, progress=s.progress, placement=placement,
+                            lens=lens)
   return Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
                  sweep(encoded_eval), sweep(encoded_cal) if encoded_cal else None,
                  split=split, fewshot_split=fewshot_split if s.k_shot else None)

@@ -165,3 +165,54 @@ def test_python_settings_and_the_command_line_run_the_same_study(synthetic_model
   assert Settings(model="m").methods == ("iterative", "block_influence", "angular",
                                          "single_layer", "reverse", "random", "phase",
                                          "phase_aware")
+
+
+def test_cloze_and_open_studies_from_the_command_line(synthetic_model_dir, tmp_path):
+  """The whole study in the cloze format (synthetic suite) and the open format (NQ-open):
+  what results.json, items.jsonl and readouts.npz say, recomputed where it can be."""
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+  fetch_benchmarks(default_data_dir(), ["nq_open"])
+  common = [sys.executable, "-m", "dpjax.main", f"--model={synthetic_model_dir}", "--noprogress",
+            "--batch_size=8", "--methods=iterative,reverse", "--min_layers=3"]
+  cloze = tmp_path / "cloze"
+  result = subprocess.run(common + [f"--output_dir={cloze}", "--format=cloze", "--cloze_norm=bytes",
+                                    "--num_items=16", "--calibration_items=8", "--k_shot=1"],
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(cloze / "results.json") as f:
+    results = json.load(f)
+  assert results["task"]["format"] == "cloze" and results["task"]["cloze_norm"] == "bytes"
+  arrays = np.load(cloze / "readouts.npz")
+  with open(cloze / "items.jsonl") as f:
+    items = [json.loads(line) for line in f]
+  assert items[0]["continuations"][0] == " " + items[0]["options"][0]
+  assert items[0]["prompt"].count("Question:") == 2  # one shot, then the question
+  scores, answer = arrays["option_logits"][-1], arrays["answer"]
+  np.testing.assert_allclose(scores, arrays["option_logprob"][-1] / np.array(
+      [it["option_bytes"] for it in items]), atol=1e-5)
+  assert results["full_model"]["accuracy"][-1] == pytest.approx(
+      float((scores.argmax(-1) == answer).mean()))
+  assert [p["removed"] for p in results["methods"]["iterative_accuracy"]["curve"]] == [0, 1]
+
+  nq = tmp_path / "open"
+  result = subprocess.run(common + [f"--output_dir={nq}", "--task=nq_open", "--format=open",
+                                    "--num_items=8", "--calibration_items=8"],
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(nq / "results.json") as f:
+    results = json.load(f)
+  assert results["task"]["format"] == "open" and results["full_model"]["chance"] == 0.0
+  points = results["methods"]["iterative_accuracy"]["curve"]
+  assert all(0.0 <= p["exact_match"] <= 1.0 for p in points)
+  assert "exact_match" not in results["methods"]["reverse"]["curve"][1]
+  with open(nq / "items.jsonl") as f:
+    first = json.loads(f.readline())
+  assert first["golds"] and first["prompt"].startswith("Answer these questions:\n\nQ: ")
+
+  refused = subprocess.run(common + [f"--output_dir={tmp_path / 'no'}", "--format=open"],
+                           capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0
+  assert "task 'synthetic' does not support --format=open; it supports letter, cloze" in \
+      refused.stderr
+  assert not (tmp_path / "no").exists()

@@ -1,0 +1,109 @@
+"""The answer formats on a real model: what each reads, and what the cloze packing saves.
+
+    python -m benchmarks.formats [--items=500] [--out=benchmarks/results/formats.json]
+
+On SmolLM2-135M-Instruct (`benchmarks.real_models`) and ARC-Easy validation
+(`dpjax-data`):
+
+1. Letter against cloze: final accuracy, chance, the transition block and its
+   sharpness, for 0-shot items (and 5-shot letter items).
+2. The cost of the cloze format against K full prompts: the same items read
+   once with each item packed (its context once, then the K continuations)
+   and once as K separate sequences (every option's full prompt): block-rows
+   (tokens x blocks, padding included) and seconds of the full-model readout,
+   compilation excluded.
+3. The time of the full-model profile (every layer, every item) per format on
+   `--items` items (NQ-open for the open format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_ITEMS = flags.DEFINE_integer("items", 500, "Items per format in the timing (ARC-Easy has 570).")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
+                                               "formats.json"), "Where the figures go.")
+
+
+def _profile(model, encoded, lens, batch_size=16):
+  """(accuracy, chance, transition, sharpness, seconds warm, block-rows) of one readout."""
+  import jax
+  from dpjax import metrics, tasks
+  from dpjax.readout import DecisionReader
+  reader = DecisionReader(model, lens=lens)
+  prepared = tasks.batches(encoded, batch_size)
+  reader.run(encoded, prepared=prepared[:1], progress=False)  # compile the first shape
+  start = time.perf_counter()
+  out = reader.run(encoded, prepared=prepared, progress=False)
+  jax.block_until_ready(out.option_logits)
+  seconds = time.perf_counter() - start
+  prof = metrics.profile(out.option_logits[0], out.log_normalizer[0], encoded.answer,
+                         encoded.num_options, option_logprob=None if out.option_logprob is None
+                         else out.option_logprob[0],
+                         chance=0.0 if encoded.format == "open" else None)
+  l_star = int(prof.transition)
+  rows = sum(b.input_ids.size for b in prepared) * model.num_layers
+  return dict(accuracy=float(prof.accuracy[-1]), chance=float(prof.chance),
+              transition_block=None if l_star < 0 else l_star,
+              sharpness_rise=float(prof.sharpness.rise), sharpness_block=int(prof.sharpness.block),
+              seconds=seconds, block_rows=int(rows), items=len(encoded.items))
+
+
+def main(argv):
+  del argv
+  import transformers
+  import dpjax
+  from benchmarks import real_models
+  from dpjax import tasks
+  from dpjax.readout import Lens
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+  data_dir = default_data_dir()
+  fetch_benchmarks(data_dir, ["arc_easy", "nq_open"])
+  path = real_models.fetch("smollm2")
+  model = dpjax.load_model(path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                         gguf_file=os.path.basename(path))
+  arc = tasks.load_task("arc_easy", "validation", data_dir=data_dir)
+  shots, items = arc[:5], arc[5:5 + _ITEMS.value]
+  results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "task": "arc_easy validation",
+             "items": len(items)}
+
+  letter = tasks.encode(tokenizer, items, [tasks.prompt(item) for item in items])
+  results["letter_0shot"] = _profile(model, letter, Lens("letter"))
+  letter5 = tasks.encode(tokenizer, items, [tasks.prompt(item, shots) for item in items])
+  results["letter_5shot"] = _profile(model, letter5, Lens("letter"))
+  requests = [tasks.cloze_requests(item) for item in items]
+  cloze = tasks.encode_cloze(tokenizer, items, requests)
+  for norm in ("none", "bytes"):
+    results[f"cloze_{norm}"] = _profile(model, cloze, Lens("cloze", norm))
+  # The same requests as K separate sequences: one single-option "item" per option.
+  singles, single_requests = [], []
+  for item, reqs in zip(items, requests):
+    for k, request in enumerate(reqs):
+      singles.append(dataclasses.replace(item, id=f"{item.id}/{k}", options=(item.options[k],),
+                                         answer=0))
+      single_requests.append([request])
+  separate = tasks.encode_cloze(tokenizer, singles, single_requests)
+  results["cloze_as_k_full_prompts"] = _profile(model, separate, Lens("cloze"))
+  packed, full = results["cloze_none"], results["cloze_as_k_full_prompts"]
+  results["cloze_saving"] = dict(block_rows_ratio=full["block_rows"] / packed["block_rows"],
+                                 seconds_ratio=full["seconds"] / packed["seconds"])
+  nq = tasks.load_task("nq_open", "validation", data_dir=data_dir)[:_ITEMS.value]
+  open_encoded = tasks.encode_open(tokenizer, nq, [tasks.open_prompt(item) for item in nq])
+  results["open_nq_open"] = _profile(model, open_encoded, Lens("open"))
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  from dpjax.fileio import write_json
+  write_json(_OUT.value, results)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
