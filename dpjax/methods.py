@@ -110,11 +110,13 @@ def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
 
 
 def curve(ctx: Context, masks: np.ndarray, description: str,
-          with_exact_match: bool = False) -> list[CurvePoint]:
+          with_exact_match: bool = False, per_layer: bool = True) -> list[CurvePoint]:
   """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile
-  (and, `with_exact_match`, the open format's exact match of greedy generation)."""
+  (and, `with_exact_match`, the open format's exact match of greedy generation).
+  Without `per_layer`, only the last kept block is read: the per-layer profile is
+  NaN but there, and the point has no transition block."""
   masks = np.asarray(masks, bool)
-  readout = ctx.eval_sweep.readouts(masks, description=description)
+  readout = ctx.eval_sweep.readouts(masks, description=description, final_only=not per_layer)
   prof = profile_of(readout, ctx.evaluation, ctx.settings)
   answer = ctx.evaluation.answer
   points = []
@@ -133,7 +135,7 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
         mean_final_dm={norm: float(prof.margin_summary[norm].mean[m, last])
                        for norm in metrics.NORMALIZATIONS},
         nll=float(np.mean(nll)),
-        transition_block=None if l_star == metrics.NO_TRANSITION else l_star,
+        transition_block=None if l_star == metrics.NO_TRANSITION or not per_layer else l_star,
         layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
         layer_accuracy=np.asarray(prof.accuracy[m]),
         exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
@@ -184,9 +186,14 @@ def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
                              "calibration": saved["calibration"]})
 
 
+def one_shot_curve(ctx: Context, masks: np.ndarray, name: str) -> list[CurvePoint]:
+  """A one-shot baseline's points (per layer unless --curve_layers=iterative)."""
+  return curve(ctx, masks, name, per_layer=ctx.settings.curve_layers == "all")
+
+
 def one_shot_result(ctx: Context, name: str, ranking: Sequence[int]) -> MethodResult:
   masks = pruning.masks_from_ranking(ranking, ctx.num_layers)
-  return MethodResult(kind="one_shot", curve=[ctx.unpruned_point] + curve(ctx, masks, name),
+  return MethodResult(kind="one_shot", curve=[ctx.unpruned_point] + one_shot_curve(ctx, masks, name),
                       order={"ranking": [b + 1 for b in ranking]})
 
 
@@ -212,7 +219,7 @@ def run_angular(ctx: Context, out: StudyResults) -> None:
   for m, removed in enumerate(blocks):
     masks[m, removed] = False
   out.methods["angular"] = MethodResult(
-      kind="one_shot", curve=[ctx.unpruned_point] + curve(ctx, masks, "angular"),
+      kind="one_shot", curve=[ctx.unpruned_point] + one_shot_curve(ctx, masks, "angular"),
       order={"removed_sets": [[b + 1 for b in r] for r in blocks]})
 
 
@@ -231,7 +238,7 @@ def run_random(ctx: Context, out: StudyResults) -> None:
   seeds = list(range(ctx.settings.random_seeds))
   rankings = [pruning.random_ranking(L, seed) for seed in seeds]
   masks = np.concatenate([pruning.masks_from_ranking(r, L) for r in rankings])
-  points = curve(ctx, masks, "random")
+  points = one_shot_curve(ctx, masks, "random")
   per_seed = [points[i * (L - 1):(i + 1) * (L - 1)] for i in range(len(seeds))]
   unpruned = ctx.unpruned_point
   mean_curve = [unpruned]
@@ -270,7 +277,7 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
           mask[order[:k]] = False
           masks.append(mask)
           where.append((arm, k))
-    points = curve(ctx, np.array(masks), f"phase {selection}")
+    points = one_shot_curve(ctx, np.array(masks), f"phase {selection}")
     arms: dict[str, list[ArmPoint]] = {"silent": [], "decisive": []}
     for arm in arms:
       for k in range(1, max_k + 1):

@@ -205,11 +205,20 @@ def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask,
   return layers_from_steps(first, per_step, block_index, block_valid, module.cfg.num_layers)
 
 
-def _readout_masks(graphdef, lens, state, input_ids, attention_mask, reads, packed, block_index,
-                   block_valid) -> Readout:
+def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
+                  packed, block_index, block_valid) -> Readout:
+  """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once."""
+  unembed = unembedding_f32(module)
+  h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
+                              positions=packed[0], segments=packed[1])
+  return lens(module, unembed, h, reads)
+
+
+def _readout_masks(graphdef, lens, final_only, state, input_ids, attention_mask, reads, packed,
+                   block_index, block_valid) -> Readout:
   module = nnx.merge(graphdef, state)
-  one = functools.partial(decision_readout, module, lens, input_ids, attention_mask, reads,
-                          packed)
+  fn = final_readout if final_only else decision_readout
+  one = functools.partial(fn, module, lens, input_ids, attention_mask, reads, packed)
   return jax.vmap(one)(block_index, block_valid)
 
 
@@ -233,23 +242,29 @@ class DecisionReader:
     self.model = model
     self.lens = lens
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
-    self._fn = jax.jit(functools.partial(_readout_masks, model.graphdef, lens))
+    self._fns = {final_only: jax.jit(functools.partial(_readout_masks, model.graphdef, lens,
+                                                       final_only))
+                 for final_only in (False, True)}
 
-  def readout_batch(self, batch: Batch, masks: np.ndarray) -> Readout:
-    """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]`."""
+  def readout_batch(self, batch: Batch, masks: np.ndarray, final_only: bool = False) -> Readout:
+    """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]` (`final_only`:
+    the last kept block's, `[M, B, K]`)."""
     masks = np.asarray(masks)
     chex.assert_shape(masks, (None, self.model.num_layers))
     index, valid = mask_steps(masks)
     put = (lambda x: x) if self.placement is None else self.placement.items
-    return self._fn(self.model.state, put(batch.input_ids), put(batch.attention_mask),
-                    Reads.of(batch, put), packing(batch, put), index, valid)
+    return self._fns[final_only](self.model.state, put(batch.input_ids),
+                                 put(batch.attention_mask), Reads.of(batch, put),
+                                 packing(batch, put), index, valid)
 
   def run(self, encoded: EncodedTask, masks: np.ndarray | None = None, *, batch_size: int = 16,
           pad_id: int = 0, progress: bool = True, description: str = "readout",
-          prepared: list[Batch] | None = None) -> Readout:
+          prepared: list[Batch] | None = None, final_only: bool = False) -> Readout:
     """Readouts `[M, L+1, N, K]` in item order (masks None: the unpruned model).
 
     `prepared`: the token batches of `encoded`, when the caller already made them.
+    `final_only`: only the last kept block's layer is read (the lens runs once per
+    mask instead of once per layer); every other layer is NaN.
     """
     if encoded.format != self.lens.format:
       raise ValueError(f"the items are encoded in the {encoded.format} format, the lens reads "
@@ -265,13 +280,23 @@ class DecisionReader:
                else None)
     todo = prepared if prepared is not None else batches(encoded, batch_size, pad_id)
     bar = Progress(len(todo), description, enabled=progress)
+    # final_only: each mask's one readout goes to its last kept block's layer.
+    last = np.array([int(np.flatnonzero(mask)[-1]) + 1 for mask in masks])[:, None]
     for batch in todo:
-      out = self.readout_batch(batch, masks)
+      out = self.readout_batch(batch, masks, final_only)
       rows = batch.index >= 0
-      options[:, :, batch.index[rows]] = fetch(out.option_logits)[:, :, rows, :k]
-      normalizer[:, :, batch.index[rows]] = fetch(out.log_normalizer)[:, :, rows]
-      if logprob is not None:
-        logprob[:, :, batch.index[rows]] = fetch(out.option_logprob)[:, :, rows, :k]
+      items = batch.index[rows]
+      targets = [(options, out.option_logits), (normalizer, out.log_normalizer),
+                 (logprob, out.option_logprob)]
+      for target, value in targets:
+        if target is None:
+          continue
+        value = fetch(value)
+        if final_only:
+          target[np.arange(m)[:, None], last, items[None, :]] = value[:, rows][..., :k] \
+              if value.ndim == 3 else value[:, rows]
+        else:
+          target[:, :, items] = value[:, :, rows][..., :k] if value.ndim == 4 else value[:, :, rows]
       bar.update()
     bar.close()
     return Readout(options, normalizer, logprob)

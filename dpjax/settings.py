@@ -88,6 +88,11 @@ class Settings:
                                               flag="phase_selection")
   phase_max_k: int = setting(0, "Most blocks removed per phase arm (0: the smaller phase's "
                              "size).")
+  curve_layers: str = setting("all", "Which pruning-curve points read every layer: all, or "
+                              "iterative (Iterative Pruning's and the phase-aware method's; the "
+                              "one-shot baselines' points read their last block only, which "
+                              "costs one lens instead of one per layer).",
+                              choices=("all", "iterative"))
   mask_chunk: int = setting(16, "Masks evaluated together in one vmapped call.")
   output_dir: str = setting("dpjax_out", "Where the report goes.")
   progress: bool = setting(True, "Show progress bars with an ETA.")

@@ -171,8 +171,10 @@ class Sweep:
   # --------------------------------------------------------------------------
   # Plain evaluation of masks.
 
-  def readouts(self, masks: np.ndarray, description: str = "sweep") -> Readout:
-    """Full per-layer readouts `[M, L+1, N, K]` of `masks` `[M, L]`, in chunks of masks."""
+  def readouts(self, masks: np.ndarray, description: str = "sweep",
+               final_only: bool = False) -> Readout:
+    """Full per-layer readouts `[M, L+1, N, K]` of `masks` `[M, L]`, in chunks of masks
+    (`final_only`: only each mask's last kept block is read, the other layers NaN)."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != self.num_layers:
       raise ValueError(f"masks must be [M, {self.num_layers}] booleans, got shape {masks.shape}.")
@@ -197,7 +199,8 @@ class Sweep:
       for chunk in chunks:
         out = self.reader.run(self.encoded, masks[chunk], batch_size=self.batch_size,
                               pad_id=self.pad_id, progress=self.progress,
-                              description=description, prepared=self.batches)
+                              description=description, prepared=self.batches,
+                              final_only=final_only)
         options[chunk] = out.option_logits
         normalizers[chunk] = out.log_normalizer
         if logprobs is not None:
