@@ -101,7 +101,8 @@ def main(argv):
   results["open_nq_open"] = _profile(model, open_encoded, Lens("open"))
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   from dpjax.fileio import write_json
-  write_json(_OUT.value, results)
+  from dpjax.results import to_plain
+  write_json(_OUT.value, to_plain(results))
   print(json.dumps(results, indent=2))
 
 

@@ -10,11 +10,13 @@ process compiled since:
 * `seconds`: the time spent producing them.
 
 Counts are process-wide (every thread, every jitted function), which is what a
-user waits for.
+user waits for. `enable_persistent_cache` turns on JAX's on-disk cache, which
+the programs use by default (`--compilation_cache_dir`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 from jax import monitoring
@@ -77,3 +79,25 @@ class CompileCounter:
   @property
   def seconds(self) -> float:
     return self._since("seconds")
+
+
+def default_cache_dir() -> str:
+  root = os.environ.get("DPJAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
+  return os.path.join(root, "xla")
+
+
+def enable_persistent_cache(directory: str) -> str | None:
+  """JAX's persistent compilation cache in `directory` (every program, however quick to
+  compile), so a second identical run compiles nothing. An empty `directory` leaves it
+  off; a cache the environment already set (`JAX_COMPILATION_CACHE_DIR`) wins.
+  Returns the directory in use."""
+  import jax
+  current = jax.config.jax_compilation_cache_dir
+  if current or not directory:
+    return current or None
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory

@@ -6,10 +6,10 @@ the stack runs as a single `jax.lax.scan`. Which blocks run is an *input*:
 * mask form: scan over all blocks, a removed block is the identity on the
   residual stream (`where(keep[l], block(h), h)`). One compilation serves every
   mask, but every block is computed.
-* gather form: the kept blocks' weights are gathered by index and only they are
-  scanned, so a variant that keeps 10 of 32 blocks costs 10 blocks. The number
-  of scanned blocks is rounded up to one of a few shape buckets, so changing the
-  mask recompiles at most once per bucket.
+* gather form: the kept blocks' weights are gathered by index and only they
+  run, in a loop whose trip count is the number kept (data, not shape), so a
+  variant that keeps 10 of 32 blocks costs 10 blocks and one compiled program
+  serves every mask.
 
 Both give the same numbers; `DecoderModel` wraps them behind `logits` and
 `hidden_states`. The arithmetic mirrors Hugging Face's Llama, Mistral, Qwen2 and
@@ -281,7 +281,7 @@ class Transformer(nnx.Module):
 
   def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
                   block_valid: Array, readout: Callable[[Array], Any] | None = None):
-    """Runs blocks on the residual stream `h` `[B, T, d]` as one scan.
+    """Runs blocks on the residual stream `h` `[B, T, d]` as one loop.
 
     Args:
       h: the residual stream the first step reads.
@@ -291,31 +291,49 @@ class Transformer(nnx.Module):
         weights, so no copy of the kept weights is made and a batch of masks
         can be vmapped over it), or None to scan every block in order (mask
         form).
-      block_valid: `[n]` bool; a False step is skipped (identity).
+      block_valid: `[n]` bool. Gather form: the valid steps come first, and
+        the loop runs exactly as many steps as there are valid ones (a trip
+        count that is data, so one compiled program serves every kept count).
+        Mask form: a False step is the identity.
       readout: optional function of the residual stream `[B, T, d]` applied
         after every step; its results come back stacked.
 
     Returns:
       The final residual `[B, T, d]` and the stacked readouts `[n, ...]` (None
-      without a readout).
+      without a readout; gather form: entries past the valid steps are zeros).
     """
     graphdef, block_state = nnx.split(self.blocks)
     is_sliding = jnp.asarray(self.cfg.layer_is_sliding)
+    local_rope = self.cfg.local_rope_theta is not None
 
-    def step(h, state, valid, sliding):
+    def run(h, state, sliding):
       block = nnx.merge(graphdef, state)
-      mask, cos, sin = ctx.for_block(sliding, self.cfg.local_rope_theta is not None)
-      h = jnp.where(valid, block(h, cos, sin, mask), h)
-      return h, (None if readout is None else readout(h))
+      mask, cos, sin = ctx.for_block(sliding, local_rope)
+      return block(h, cos, sin, mask)
 
     if block_index is None:
-      xs = (block_state, block_valid, is_sliding)
-      body = lambda h, x: step(h, *x)
-    else:
-      xs = (block_index, block_valid)
-      body = lambda h, x: step(h, jax.tree.map(lambda w: w[x[0]], block_state), x[1],
-                               is_sliding[x[0]])
-    return jax.lax.scan(body, h, xs)
+      def body(h, x):
+        state, valid, sliding = x
+        h = jnp.where(valid, run(h, state, sliding), h)
+        return h, (None if readout is None else readout(h))
+      return jax.lax.scan(body, h, (block_state, block_valid, is_sliding))
+
+    steps = block_index.shape[0]
+    outs = None
+    if readout is not None:
+      outs = jax.tree.map(lambda v: jnp.zeros((steps, *v.shape), v.dtype),
+                          jax.eval_shape(readout, h))
+
+    def loop(s, carry):
+      h, outs = carry
+      index = block_index[s]
+      h = run(h, jax.tree.map(lambda w: w[index], block_state), is_sliding[index])
+      if readout is not None:
+        outs = jax.tree.map(lambda buf, v: buf.at[s].set(v), outs, readout(h))
+      return h, outs
+
+    count = jnp.sum(block_valid.astype(jnp.int32))
+    return jax.lax.fori_loop(0, count, loop, (h, outs))
 
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
                  block_valid: Array, readout: Callable[[Array], Any] | None = None,

@@ -5,15 +5,17 @@ the sweep's drop-one candidates, the KV-cache server, the exporter) builds a
 `KeepPlan` from a mask or from kept indices and asks it for what it needs:
 
 * `kept`: 0-based indices of the blocks that run, in order;
-* `steps()`: the gathered scan's inputs, `index` `[n]` int32 and `valid` `[n]`
-  bool, padded with invalid (identity) steps to `n`, a shape bucket, so that
-  changing the mask recompiles at most once per bucket;
+* `steps()`: the gathered loop's inputs, `index` `[L]` int32 and `valid` `[L]`
+  bool (the kept blocks first, then padding that never runs: the loop's trip
+  count is the number of valid steps), one shape for every mask;
 * `hidden_source`: for every layer `0..L`, which entry of `[h_0, step outputs]`
   holds its residual stream (a removed block repeats its input).
 
 `layers_from_steps` is the device-side counterpart: it places per-step values
-at their layers (`1 + index`) and fills removed layers. The bucket rule lives
-in `keep_buckets` and `bucket_size`, and nowhere else.
+at their layers (`1 + index`) and fills removed layers. Buckets of kept counts
+(`keep_buckets`, `bucket_size`) group masks of similar cost into one vmapped
+batch (a vmapped loop runs as long as its longest member); that rule lives
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# How many shape buckets the gathered scan rounds its step count into
-# (compiled programs per input shape, against padding waste below L/16 blocks).
+# How many buckets of kept counts masks are grouped into for vmapping (the waste
+# of a group is below L/16 blocks a member).
 NUM_KEEP_BUCKETS = 16
 
 
 def keep_buckets(num_layers: int) -> tuple[int, ...]:
-  """The scanned-step counts a gathered scan compiles for (ascending, at least 1)."""
+  """The kept-count buckets masks are grouped by (ascending, at least 1)."""
   return tuple(sorted({math.ceil(num_layers * i / NUM_KEEP_BUCKETS)
                        for i in range(1, NUM_KEEP_BUCKETS + 1)} - {0}))
 
@@ -129,12 +131,13 @@ class KeepPlan:
 
   @property
   def bucket(self) -> int:
-    """The number of scan steps the gathered form runs (padding included)."""
+    """The kept-count bucket this plan is grouped into."""
     return bucket_size(self.num_kept, self.num_layers)
 
   def steps(self, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Gathered-scan inputs `index`, `valid` `[size]` (default size: the bucket)."""
-    return padded_steps(self.kept, self.bucket if size is None else size)
+    """Gathered-loop inputs `index`, `valid` `[size]` (default size: every block, one
+    shape for every plan)."""
+    return padded_steps(self.kept, self.num_layers if size is None else size)
 
   def tail(self, position: int) -> tuple[int, ...]:
     """The kept blocks after the one at `position` (what a drop-one candidate still runs)."""

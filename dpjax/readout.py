@@ -40,7 +40,7 @@ import numpy as np
 
 from dpjax.distributed import fetch
 from dpjax.model import DecoderModel, Transformer, rms_norm, soft_cap
-from dpjax.plan import KeepPlan, bucket_size, layers_from_steps, stacked_steps
+from dpjax.plan import KeepPlan, layers_from_steps, stacked_steps
 from dpjax.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches
 from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
@@ -223,16 +223,14 @@ def _readout_masks(graphdef, lens, final_only, state, input_ids, attention_mask,
 
 
 def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """`[M, L]` bool masks -> step indices and validity `[M, n]`, `n` the bucket of the
-  largest kept count."""
+  """`[M, L]` bool masks -> step indices and validity `[M, L]` (one shape for any masks)."""
   masks = np.asarray(masks, dtype=bool)
   plans = []
   for m, mask in enumerate(masks):
     if not mask.any():
       raise ValueError(f"mask {m} removes every block; keep at least one block.")
     plans.append(KeepPlan.from_mask(mask))
-  size = bucket_size(max(p.num_kept for p in plans), masks.shape[1])
-  return stacked_steps([p.kept for p in plans], size)
+  return stacked_steps([p.kept for p in plans], masks.shape[1])
 
 
 class DecisionReader:

@@ -13,6 +13,7 @@ from typing import Any
 
 from dpjax import metrics
 from dpjax.bundled import BUNDLED_MODEL
+from dpjax.compilation import default_cache_dir
 from dpjax.flagdefs import setting
 from dpjax.pruning import CRITERIA, PHASE_SELECTIONS
 from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
@@ -23,7 +24,8 @@ METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Settings that cannot change a result (resuming does not require them equal).
-_NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk")
+_NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
+                      "compilation_cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,9 @@ class Settings:
   model_axis: int = setting(1, "Devices along the mesh's model axis (weights split across "
                             "them); the rest form the data axis.")
   restart: bool = setting(False, "Discard saved state in --output_dir and start over.")
+  compilation_cache_dir: str = setting(default_cache_dir(), "JAX's persistent compilation "
+                                       "cache (a second identical run compiles nothing); empty: "
+                                       "off. JAX_COMPILATION_CACHE_DIR in the environment wins.")
 
   def __post_init__(self):
     if not self.methods and self.calibration_items:

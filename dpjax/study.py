@@ -170,6 +170,7 @@ def _add_collapse_points(results: StudyResults) -> None:
 def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   """The whole study; returns what it wrote to `results.json` (as typed records)."""
   s = settings
+  compilation.enable_persistent_cache(s.compilation_cache_dir)
   counter = compilation.CompileCounter()
   timings: dict[str, float] = {}
   clock = time.perf_counter()
@@ -195,7 +196,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(readout, ctx.evaluation, s)
   model_info, task_info = _describe(ctx)
-  results = StudyResults(model=model_info, task=task_info, settings=dataclasses.asdict(s),
+  recorded = {k: v for k, v in dataclasses.asdict(s).items() if k != "compilation_cache_dir"}
+  results = StudyResults(model=model_info, task=task_info, settings=recorded,
                          full_model=full, timings=timings, ran_methods=bool(s.methods))
 
   if s.methods:

@@ -9,10 +9,11 @@ Every pruning method proposes masks and reads results; this module runs them.
   more block" candidate of a kept set, with prefix sharing: the current
   model's residual stream is computed once per item batch, and the candidate
   that drops block `kept[p]` starts from the stream at `kept[p]`'s input and
-  runs only `kept[p+1:]`. Candidates are grouped by how many blocks they still
-  run (rounded up to a shape bucket) and split into power-of-two vmapped
-  groups, so no dummy candidate is computed and the number of compiled
-  programs is bounded (buckets x log2 of the candidates), however many steps.
+  runs only `kept[p+1:]`. Every loop's trip count is data (see
+  `Transformer.scan_blocks`), so one program serves every step of a run;
+  candidates are grouped by how many blocks they still run (bucketed) and
+  vmapped in groups of `CANDIDATE_GROUP` (the rest one by one), so no dummy
+  candidate is computed and two programs serve every group.
   With `stop_early`, a candidate whose best possible accuracy (correct so far
   plus every item left) is already below the leader's guaranteed accuracy
   stops being evaluated; every candidate that could still tie is kept.
@@ -41,6 +42,10 @@ from dpjax.readout import DecisionReader, Lens, Readout, Reads, packing, unembed
 from dpjax.tasks import EncodedTask, batches
 
 
+# Drop-one candidates evaluated together in one vmapped program (the rest one by one).
+CANDIDATE_GROUP = 8
+
+
 class FinalStats(NamedTuple):
   """Per-candidate totals over the items evaluated so far."""
   correct: np.ndarray        # [C] int
@@ -52,7 +57,7 @@ class FinalStats(NamedTuple):
 @dataclasses.dataclass
 class Counters:
   """Work done, in block evaluations of one item row (filler rows included)."""
-  executed: int = 0          # blocks actually run (padding steps included)
+  executed: int = 0          # blocks actually run (a vmapped group runs its longest member's)
   minimum: int = 0           # blocks a prefix-shared evaluation without padding needs
   naive: int = 0             # blocks a fresh forward per candidate would run
   stopped_early: int = 0     # candidate evaluations skipped by the accuracy bound
@@ -115,16 +120,12 @@ def _tails(graphdef, lens, state, stream, starts, attention_mask, packed, reads,
   return jax.vmap(one)(h_start, block_index, block_valid)
 
 
-def _power_of_two_groups(members: Sequence[Any]) -> list[list[Any]]:
-  """Splits `members` into groups whose sizes are distinct powers of two (largest first)."""
-  groups, start, n = [], 0, len(members)
-  size = 1 << max(n.bit_length() - 1, 0)
-  while start < n:
-    while size > n - start:
-      size >>= 1
-    groups.append(list(members[start:start + size]))
-    start += size
-  return groups
+def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
+  """`members` in groups of exactly `size`, then the rest one by one: two group shapes,
+  so two compiled programs, however many members."""
+  full = len(members) - len(members) % size
+  return ([list(members[i:i + size]) for i in range(0, full, size)]
+          + [[m] for m in members[full:]])
 
 
 class Sweep:
@@ -182,8 +183,8 @@ class Sweep:
     if (counts == 0).any():
       raise ValueError(f"mask {int(np.flatnonzero(counts == 0)[0])} removes every block; keep "
                        "at least one block.")
-    # Masks that scan the same number of steps (shape bucket) run together, so a
-    # chunk is never padded to a longer mask's length.
+    # Masks of similar kept counts (one bucket) run together: a vmapped loop runs
+    # as long as its longest member.
     bucket_of = np.array([bucket_size(int(k), self.num_layers) for k in counts])
     order = np.argsort(bucket_of, kind="stable")
     n, k = len(self.encoded.items), self.encoded.num_option_columns
@@ -193,10 +194,7 @@ class Sweep:
     rows = len(self.batches) * self.batch_size
     for bucket in np.unique(bucket_of):
       members = order[bucket_of[order] == bucket]
-      full = len(members) - len(members) % self.mask_chunk
-      chunks = [members[i:i + self.mask_chunk] for i in range(0, full, self.mask_chunk)]
-      chunks += [np.array(g) for g in _power_of_two_groups(list(members[full:]))]
-      for chunk in chunks:
+      for chunk in map(np.array, fixed_groups(list(members), self.mask_chunk)):
         out = self.reader.run(self.encoded, masks[chunk], batch_size=self.batch_size,
                               pad_id=self.pad_id, progress=self.progress,
                               description=description, prepared=self.batches,
@@ -205,7 +203,8 @@ class Sweep:
         normalizers[chunk] = out.log_normalizer
         if logprobs is not None:
           logprobs[chunk] = out.option_logprob
-        self.counters.executed += int(bucket) * len(chunk) * rows
+        # A vmapped loop runs as long as its longest member.
+        self.counters.executed += int(counts[chunk].max()) * len(chunk) * rows
         self.counters.minimum += int(counts[chunk].sum()) * rows
         self.counters.naive += int(counts[chunk].sum()) * rows
     return Readout(options, normalizers, logprobs)
@@ -232,9 +231,7 @@ class Sweep:
       raise ValueError(f"candidates {unknown} are not in the kept set {kept}.")
     position = {b: p for p, b in enumerate(kept)}
     n_kept = plan.num_kept
-    # The current model's stream, padded to a shape bucket so that every step of
-    # a pruning run reuses a few compiled programs (padding steps are identity).
-    stream_steps = plan.bucket
+    # One shape for every step of a pruning run: the loops' trip counts are data.
     stream_index, stream_valid = plan.steps()
 
     alive = list(candidates)
@@ -248,22 +245,24 @@ class Sweep:
       packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
       stream = self._timed("stream", self._stream_fn, self.model.state,
                            self._put(batch.input_ids), mask, packed, stream_index, stream_valid)
-      self.counters.executed += stream_steps * self.batch_size
+      self.counters.executed += n_kept * self.batch_size
       self.counters.minimum += n_kept * self.batch_size
-      # Group the live candidates by the (bucketed) number of blocks they still run.
+      # Group the live candidates by the (bucketed) number of blocks they still run, so a
+      # vmapped group's members run loops of similar length.
       by_steps: dict[int, list[int]] = {}
       for c in alive:
         remaining = n_kept - 1 - position[c]
         by_steps.setdefault(bucket_size(remaining, self.num_layers), []).append(c)
         self.counters.minimum += remaining * self.batch_size
         self.counters.naive += (n_kept - 1) * self.batch_size
-      for steps, members in sorted(by_steps.items()):
-        for group in _power_of_two_groups(members):
-          index, valid = stacked_steps([plan.tail(position[c]) for c in group], steps)
+      for _, members in sorted(by_steps.items()):
+        for group in fixed_groups(members, CANDIDATE_GROUP):
+          tails = [plan.tail(position[c]) for c in group]
+          index, valid = stacked_steps(tails, self.num_layers)
           starts = np.array([position[c] for c in group], np.int32)
           out = self._timed("candidates", self._tails_fn, self.model.state, stream, starts,
                             mask, packed, reads, index, valid)
-          self.counters.executed += steps * len(group) * self.batch_size
+          self.counters.executed += max(map(len, tails)) * len(group) * self.batch_size
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
           stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
                               answer, logprob)
