@@ -16,6 +16,7 @@ from dpjax.results import FullProfile, MethodResult, PhaseExperiment
 from dpjax.tasks import LETTERS
 
 MARGIN_FIGURE = "decision_margin.png"
+LENSES_FIGURE = "decision_margin_lenses.png"
 SUBJECT_FIGURE = "decision_margin_by_subject.png"
 FREQUENCY_FIGURE = "option_frequency.png"
 CURVES_FIGURE = "pruning_curves.png"
@@ -23,7 +24,7 @@ PHASE_FIGURE = "phase_comparison.png"
 HEATMAP_FIGURE = "iterative_heatmap.png"
 REMOVED_FIGURE = "removed_blocks.png"
 # Figures in the order the HTML summary shows them.
-FIGURES = (MARGIN_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE, PHASE_FIGURE,
+FIGURES = (MARGIN_FIGURE, LENSES_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE, PHASE_FIGURE,
            HEATMAP_FIGURE, REMOVED_FIGURE)
 LAYER_AXIS = "layer (0 = embeddings, l = after block l)"
 
@@ -63,6 +64,33 @@ def plot_decision_margin(path: str, full: FullProfile, headline: str, title: str
   ax.set_ylabel("Decision Margin")
   ax.set_title(title)
   ax.legend(fontsize=8, loc="upper left")
+  save_figure(fig, path)
+
+
+def plot_lenses(path: str, tuned: FullProfile, logit: FullProfile, headline: str,
+                title: str) -> None:
+  """Mean Decision Margin and layer accuracy per layer under both lenses, each transition
+  marked: does the Silent Phase survive a better-calibrated reading?"""
+  plt = pyplot()
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+  layers = np.array(tuned.layers)
+  for name, prof, colour in (("tuned lens", tuned, "tab:purple"), ("logit lens", logit,
+                                                                   "tab:blue")):
+    top.plot(layers, np.asarray(prof.decision_margin[headline].mean, float), marker="o", ms=3,
+             color=colour, label=f"{name} (l* = {prof.transition_block})")
+    bottom.plot(layers, np.asarray(prof.accuracy, float), marker="o", ms=3, color=colour,
+                label=name)
+    if prof.transition_block is not None:
+      top.axvline(prof.transition_block, color=colour, ls="--", lw=1)
+  top.axhline(0, color="black", lw=0.5)
+  bottom.axhline(tuned.chance, color="black", ls=":", lw=1, label="chance")
+  top.set_ylabel(f"mean Decision Margin ({headline})")
+  bottom.set_ylabel("accuracy")
+  bottom.set_xlabel(LAYER_AXIS)
+  bottom.xaxis.set_major_locator(_integer_ticks())
+  top.legend(fontsize=8, loc="upper left")
+  bottom.legend(fontsize=8, loc="upper left")
+  top.set_title(title + ": tuned lens and logit lens")
   save_figure(fig, path)
 
 

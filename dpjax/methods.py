@@ -42,6 +42,8 @@ class Context:
   fewshot_split: str | None = None
   state: resume.RunState | None = None
   calibration_transition: int | None = None  # l* of the unpruned model, calibration items
+  lens_record: dict[str, Any] | None = None  # the tuned lens's, when one is used
+  logit_eval_sweep: Sweep | None = None      # the logit lens beside a tuned one
 
   @property
   def num_layers(self) -> int:

@@ -295,8 +295,9 @@ class Transformer(nnx.Module):
         the loop runs exactly as many steps as there are valid ones (a trip
         count that is data, so one compiled program serves every kept count).
         Mask form: a False step is the identity.
-      readout: optional function of the residual stream `[B, T, d]` applied
-        after every step; its results come back stacked.
+      readout: optional function `readout(h, layer)` of the residual stream
+        `[B, T, d]` after every step and of its layer (`1 + block index`, a
+        traced int); its results come back stacked.
 
     Returns:
       The final residual `[B, T, d]` and the stacked readouts `[n, ...]` (None
@@ -313,23 +314,24 @@ class Transformer(nnx.Module):
 
     if block_index is None:
       def body(h, x):
-        state, valid, sliding = x
+        state, valid, sliding, layer = x
         h = jnp.where(valid, run(h, state, sliding), h)
-        return h, (None if readout is None else readout(h))
-      return jax.lax.scan(body, h, (block_state, block_valid, is_sliding))
+        return h, (None if readout is None else readout(h, layer))
+      layers = jnp.arange(1, self.cfg.num_layers + 1, dtype=jnp.int32)
+      return jax.lax.scan(body, h, (block_state, block_valid, is_sliding, layers))
 
     steps = block_index.shape[0]
     outs = None
     if readout is not None:
       outs = jax.tree.map(lambda v: jnp.zeros((steps, *v.shape), v.dtype),
-                          jax.eval_shape(readout, h))
+                          jax.eval_shape(readout, h, jnp.int32(0)))
 
     def loop(s, carry):
       h, outs = carry
       index = block_index[s]
       h = run(h, jax.tree.map(lambda w: w[index], block_state), is_sliding[index])
       if readout is not None:
-        outs = jax.tree.map(lambda buf, v: buf.at[s].set(v), outs, readout(h))
+        outs = jax.tree.map(lambda buf, v: buf.at[s].set(v), outs, readout(h, index + 1))
       return h, outs
 
     count = jnp.sum(block_valid.astype(jnp.int32))
@@ -341,13 +343,13 @@ class Transformer(nnx.Module):
     """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`;
     `positions`, `segments`: see `attention_context`).
 
-    Returns the final residual `[B, T, d]`, `readout(h_0)`, and the stacked
+    Returns the final residual `[B, T, d]`, `readout(h_0, 0)`, and the stacked
     readouts after each step `[n, ...]` (both None without a readout).
     """
     h0 = self.embed_tokens(input_ids)
     ctx = self.attention_context(attention_mask, positions, segments)
     h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout)
-    return h, (None if readout is None else readout(h0)), per_step
+    return h, (None if readout is None else readout(h0, jnp.int32(0))), per_step
 
 
 class AttentionContext(NamedTuple):
@@ -379,7 +381,7 @@ def _forward(graphdef, state, input_ids, attention_mask, block_index, block_vali
     h, _, _ = model.run_blocks(input_ids, attention_mask, block_index, block_valid)
     return model.unembed(h)
   _, h0, per_block = model.run_blocks(input_ids, attention_mask, block_index, block_valid,
-                                      readout=lambda h: h)
+                                      readout=lambda h, layer: h)
   # Residual stream after every original block: [h_0, outputs of the steps...]
   # re-indexed so that a removed block repeats its input.
   stream = jnp.concatenate([h0[None], per_block], axis=0)

@@ -6,6 +6,9 @@ what the lens reads at the positions the format names:
     z_l = W_U · norm_f(h_l)      (the model's own final norm and unembedding, and its
                                   final soft-capping when it has one)
 
+or, through the tuned lens, `W_U · norm_f(h_l + A_l h_l + b_l)` with trained
+translators (`dpjax.tuned_lens`).
+
 * letter: at the answer position (the last column: batches are left-padded),
   the option letters' logits `z_l[c_k]` and the log-normalizer
   `logsumexp_v z_l[v]`.
@@ -44,6 +47,7 @@ from dpjax.plan import KeepPlan, layers_from_steps, stacked_steps
 from dpjax.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches
 from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
+from dpjax.tuned_lens import Translators, translate
 
 # Vocabulary rows reduced at a time when many positions are read (bounds the
 # `[positions, chunk]` logits block).
@@ -97,9 +101,10 @@ def unembedding_f32(module: Transformer) -> jax.Array:
   return module.lm_head[...].astype(jnp.float32).T
 
 
-def _normed(module: Transformer, h: jax.Array) -> jax.Array:
+def _normed(module: Transformer, h: jax.Array, layer=None, translators=None) -> jax.Array:
+  """The final norm of `h` in float32 (after the layer's translator, for the tuned lens)."""
   cfg = module.cfg
-  return rms_norm(h.astype(jnp.float32), module.final_norm[...].astype(jnp.float32),
+  return rms_norm(translate(translators, h, layer), module.final_norm[...].astype(jnp.float32),
                   cfg.rms_norm_eps, cfg.norm_kind)
 
 
@@ -134,17 +139,17 @@ def vocab_logsumexp(module: Transformer, x: jax.Array, unembed: jax.Array,
   return top + jnp.log(total)
 
 
-def letter_lens(module, unembed, h, reads: Reads) -> Readout:
+def letter_lens(module, unembed, h, reads: Reads, layer=None, translators=None) -> Readout:
   """Option letters' logits `[B, K]` and the normalizer `[B]` at the last column."""
-  z = _logits(module, _normed(module, h[:, -1]), unembed)
+  z = _logits(module, _normed(module, h[:, -1], layer, translators), unembed)
   options = jnp.take_along_axis(z, jnp.maximum(reads.ids, 0), axis=-1)
   return Readout(jnp.where(reads.ids >= 0, options, -jnp.inf), jax.nn.logsumexp(z, axis=-1))
 
 
-def open_lens(module, unembed, h, reads: Reads) -> Readout:
+def open_lens(module, unembed, h, reads: Reads, layer=None, translators=None) -> Readout:
   """The best gold first token's logit and the best other token's, `[B, 2]`, at the
   last column, and the normalizer `[B]`."""
-  z = _logits(module, _normed(module, h[:, -1]), unembed)
+  z = _logits(module, _normed(module, h[:, -1], layer, translators), unembed)
   ids = reads.ids
   gold = jnp.max(jnp.where(ids >= 0, jnp.take_along_axis(z, jnp.maximum(ids, 0), axis=-1),
                            -jnp.inf), axis=-1)
@@ -153,10 +158,12 @@ def open_lens(module, unembed, h, reads: Reads) -> Readout:
   return Readout(jnp.stack([gold, rival], axis=-1), jax.nn.logsumexp(z, axis=-1))
 
 
-def cloze_lens(module, unembed, h, reads: Reads, cloze_norm: str) -> Readout:
+def cloze_lens(module, unembed, h, reads: Reads, cloze_norm: str, layer=None,
+               translators=None) -> Readout:
   """Option scores `[B, K]` from the continuation tokens' log-probabilities."""
   b, r = reads.read_index.shape
-  x = _normed(module, jnp.take_along_axis(h, reads.read_index[..., None], axis=1))  # [B, R, d]
+  x = _normed(module, jnp.take_along_axis(h, reads.read_index[..., None], axis=1), layer,
+              translators)  # [B, R, d]
   target = soft_cap(jnp.einsum("brd,brd->br", x, jnp.take(unembed, reads.read_target, axis=0),
                                precision=jax.lax.Precision.HIGHEST),
                     module.cfg.final_logit_softcap)
@@ -181,24 +188,34 @@ class Lens:
     if self.cloze_norm not in CLOZE_NORMS:
       raise ValueError(f"cloze_norm={self.cloze_norm!r}; use one of {CLOZE_NORMS}.")
 
-  def __call__(self, module, unembed, h, reads: Reads) -> Readout:
+  def __call__(self, module, unembed, h, reads: Reads, layer=None,
+               translators=None) -> Readout:
+    """The readout of residuals `h` `[B, T, d]` at `layer` (the tuned lens applies that
+    layer's translator; `translators` None: the logit lens)."""
     if self.format == "cloze":
-      return cloze_lens(module, unembed, h, reads, self.cloze_norm)
+      return cloze_lens(module, unembed, h, reads, self.cloze_norm, layer, translators)
     if self.format == "open":
-      return open_lens(module, unembed, h, reads)
-    return letter_lens(module, unembed, h, reads)
+      return open_lens(module, unembed, h, reads, layer, translators)
+    return letter_lens(module, unembed, h, reads, layer, translators)
+
+
+def last_layer(block_index, block_valid):
+  """The layer of a plan's last kept block (`1 + index`), traced."""
+  count = jnp.sum(block_valid.astype(jnp.int32))
+  return block_index[jnp.maximum(count - 1, 0)] + 1
 
 
 def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
-                     packed, block_index, block_valid) -> Readout:
+                     packed, translators, block_index, block_valid) -> Readout:
   """Readouts `[L+1, B, K]` / `[L+1, B]` of one mask given as steps.
 
   `block_index` `[n]` and `block_valid` `[n]`: the blocks to run in order (see
   `Transformer.run_blocks`); layer `1 + block_index[s]` is filled for valid
   steps, every other block layer is NaN. `packed`: (positions, segments).
+  `translators`: the tuned lens's (None: the logit lens).
   """
   unembed = unembedding_f32(module)
-  readout = lambda h: lens(module, unembed, h, reads)
+  readout = lambda h, layer: lens(module, unembed, h, reads, layer, translators)
   _, first, per_step = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                                          readout=readout, positions=packed[0],
                                          segments=packed[1])
@@ -206,19 +223,20 @@ def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask,
 
 
 def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
-                  packed, block_index, block_valid) -> Readout:
+                  packed, translators, block_index, block_valid) -> Readout:
   """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once."""
   unembed = unembedding_f32(module)
   h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                               positions=packed[0], segments=packed[1])
-  return lens(module, unembed, h, reads)
+  return lens(module, unembed, h, reads, last_layer(block_index, block_valid), translators)
 
 
-def _readout_masks(graphdef, lens, final_only, state, input_ids, attention_mask, reads, packed,
-                   block_index, block_valid) -> Readout:
+def _readout_masks(graphdef, lens, final_only, state, translators, input_ids, attention_mask,
+                   reads, packed, block_index, block_valid) -> Readout:
   module = nnx.merge(graphdef, state)
   fn = final_readout if final_only else decision_readout
-  one = functools.partial(fn, module, lens, input_ids, attention_mask, reads, packed)
+  one = functools.partial(fn, module, lens, input_ids, attention_mask, reads, packed,
+                          translators)
   return jax.vmap(one)(block_index, block_valid)
 
 
@@ -236,9 +254,11 @@ def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DecisionReader:
   """Runs the readout of a task's items under a batch of masks, batch by batch."""
 
-  def __init__(self, model: DecoderModel, placement=None, lens: Lens = Lens()):
+  def __init__(self, model: DecoderModel, placement=None, lens: Lens = Lens(),
+               translators: Translators | None = None):
     self.model = model
     self.lens = lens
+    self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
     self._fns = {final_only: jax.jit(functools.partial(_readout_masks, model.graphdef, lens,
                                                        final_only))
@@ -251,7 +271,7 @@ class DecisionReader:
     chex.assert_shape(masks, (None, self.model.num_layers))
     index, valid = mask_steps(masks)
     put = (lambda x: x) if self.placement is None else self.placement.items
-    return self._fns[final_only](self.model.state, put(batch.input_ids),
+    return self._fns[final_only](self.model.state, self.translators, put(batch.input_ids),
                                  put(batch.attention_mask), Reads.of(batch, put),
                                  packing(batch, put), index, valid)
 

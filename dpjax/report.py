@@ -100,6 +100,9 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
            + ("" if settings.format == "letter" else f" ({settings.format})"))
   path = lambda name: os.path.join(out, name)
   figures.plot_decision_margin(path(figures.MARGIN_FIGURE), full, settings.normalization, title)
+  if results.full_model_logit_lens is not None:
+    figures.plot_lenses(path(figures.LENSES_FIGURE), full, results.full_model_logit_lens,
+                        settings.normalization, title)
   labels = ("gold", "other token") if encoded.format == "open" else None
   figures.plot_option_frequency(path(figures.FREQUENCY_FIGURE), full, title, labels)
   if len(full.by_subject) > 1:

@@ -286,6 +286,8 @@ class StudyResults:
   phase_experiment: PhaseExperiment | None = None
   engine: EngineCounters | None = None
   ran_methods: bool = False
+  lens: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "logit"})
+  full_model_logit_lens: FullProfile | None = None  # beside a tuned-lens profile
 
   @property
   def num_layers(self) -> int:
@@ -299,10 +301,13 @@ class StudyResults:
     """The content of results.json (plain JSON types, NaN as null)."""
     out: dict[str, Any] = {
         "model": self.model, "task": self.task, "settings": self.settings,
+        "lens": self.lens,
         "full_model": self.full_model.to_json(),
         "methods": {name: m.to_json() for name, m in self.methods.items()},
         "timings": self.timings,
     }
+    if self.full_model_logit_lens is not None:
+      out["full_model_logit_lens"] = self.full_model_logit_lens.to_json()
     if self.ran_methods:
       out["calibration_transition_block"] = self.calibration_transition_block
       if self.block_influence is not None:

@@ -17,6 +17,7 @@ from dpjax.compilation import default_cache_dir
 from dpjax.flagdefs import setting
 from dpjax.pruning import CRITERIA, PHASE_SELECTIONS
 from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
+from dpjax.tuned_lens import lens_spec
 
 # The pruning methods a study can run, in the order it runs them (see `dpjax.methods`).
 METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse", "random",
@@ -42,6 +43,9 @@ class Settings:
                         "cloze (each option's text scored as a continuation, lm-eval's "
                         "multiple-choice scoring) or open (the gold answers' first tokens).",
                         choices=FORMATS)
+  lens: str = setting("logit", "The lens every layer is read through: logit (the model's own "
+                      "final norm and unembedding) or tuned:PATH (a tuned lens trained with "
+                      "dpjax-train-lens; the report then shows both).")
   cloze_norm: str = setting("none", "Cloze scores: the summed log-probability (none, lm-eval's "
                             "acc) or that sum over the option's length in bytes (bytes, "
                             "acc_norm).", choices=CLOZE_NORMS)
@@ -110,6 +114,7 @@ class Settings:
       object.__setattr__(self, "calibration_items", 0)  # nothing to calibrate
     for name in ("methods", "criteria", "phase_selections"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    lens_spec(self.lens)  # refuses a malformed --lens by name
     if self.format not in FORMATS:
       raise ValueError(f"format={self.format!r}; use one of {FORMATS}.")
     if self.cloze_norm not in CLOZE_NORMS:

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from dpjax import compilation, metrics, pruning, report, resume, tasks
+import jax
+
+from dpjax import compilation, metrics, pruning, report, resume, tasks, tuned_lens
 from dpjax.distributed import Placement, is_main_process
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
@@ -102,12 +104,21 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   encoded_eval, encoded_cal = encode(evaluation), encode(calibration)
   lens = Lens(s.format, s.cloze_norm)
-  sweep = lambda enc: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
-                            mask_chunk=s.mask_chunk, progress=s.progress, placement=placement,
-                            lens=lens)
-  return Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
-                 sweep(encoded_eval), sweep(encoded_cal) if encoded_cal else None,
-                 split=split, fewshot_split=fewshot_split if s.k_shot else None)
+  translators, lens_record = None, None
+  if tuned_lens.lens_spec(s.lens):
+    translators, lens_record = tuned_lens.load(tuned_lens.lens_spec(s.lens), model)
+    translators = tuned_lens.Translators(*(jax.numpy.asarray(a) for a in translators))
+  sweep = lambda enc, tr: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
+                                mask_chunk=s.mask_chunk, progress=s.progress,
+                                placement=placement, lens=lens, translators=tr)
+  ctx = Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
+                sweep(encoded_eval, translators),
+                sweep(encoded_cal, translators) if encoded_cal else None,
+                split=split, fewshot_split=fewshot_split if s.k_shot else None)
+  ctx.lens_record = lens_record
+  if translators is not None:  # the logit lens too, for the side-by-side profile
+    ctx.logit_eval_sweep = sweep(encoded_eval, None)
+  return ctx
 
 
 def subject_profiles(readout: Readout, encoded: tasks.EncodedTask,
@@ -159,6 +170,16 @@ def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
   return model, task
 
 
+def lens_info(ctx: Context) -> dict[str, Any]:
+  """Which lens every number of the study was read through."""
+  if ctx.lens_record is None:
+    return {"kind": "logit"}
+  record = ctx.lens_record
+  return {"kind": "tuned", "path": tuned_lens.lens_spec(ctx.settings.lens),
+          "trained_on": record.get("model"), "corpus": record.get("corpus"),
+          "heldout_kl": record.get("heldout_kl")}
+
+
 def _add_collapse_points(results: StudyResults) -> None:
   full = results.full_model
   for result in results.curves().values():
@@ -195,10 +216,15 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   timings["full_profile_seconds"] = time.perf_counter() - clock
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(readout, ctx.evaluation, s)
+  logit_full = None
+  if ctx.logit_eval_sweep is not None:
+    _, logit_prof = full_profile(ctx, sweep=ctx.logit_eval_sweep)
+    logit_full = FullProfile.from_metrics(logit_prof, ctx.num_layers)
   model_info, task_info = _describe(ctx)
   recorded = {k: v for k, v in dataclasses.asdict(s).items() if k != "compilation_cache_dir"}
   results = StudyResults(model=model_info, task=task_info, settings=recorded,
-                         full_model=full, timings=timings, ran_methods=bool(s.methods))
+                         full_model=full, timings=timings, ran_methods=bool(s.methods),
+                         lens=lens_info(ctx), full_model_logit_lens=logit_full)
 
   if s.methods:
     clock = time.perf_counter()

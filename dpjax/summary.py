@@ -62,6 +62,21 @@ def findings(results: StudyResults) -> list[str]:
   return out
 
 
+def lens_line(results: StudyResults) -> str:
+  """Which lens every number below came from."""
+  task = results.task
+  fmt = task.get("format", "letter")
+  fmt_text = fmt + (f", {task['cloze_norm']} normalization" if fmt == "cloze" else "")
+  if results.lens.get("kind") != "tuned":
+    return f"Every number is read through the logit lens; answer format: {fmt_text}."
+  logit = results.full_model_logit_lens
+  beside = ("" if logit is None else
+            f" The logit lens on the same items: final accuracy {logit.final_accuracy:.3f}, "
+            f"transition block {logit.transition_block}.")
+  return (f"Every number is read through the tuned lens at `{results.lens['path']}` (trained "
+          f"on {results.lens.get('trained_on')}); answer format: {fmt_text}.{beside}")
+
+
 def summary_markdown(results: StudyResults) -> str:
   """What a person reads first."""
   full, model, task = results.full_model, results.model, results.task
@@ -71,6 +86,7 @@ def summary_markdown(results: StudyResults) -> str:
            f"- {n} blocks ({model['architecture']}); {task['num_items']} evaluation items "
            f"({task['num_calibration_items']} calibration), {task['k_shot']}-shot.",
            f"- Unpruned accuracy {full.final_accuracy:.3f} (chance {full.chance:.3f}).",
+           f"- {lens_line(results)}",
            ]
   l_star = full.transition_block
   if l_star is None:

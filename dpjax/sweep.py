@@ -94,14 +94,14 @@ def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, blo
   module = nnx.merge(graphdef, state)
   h0 = module.embed_tokens(input_ids)
   ctx = module.attention_context(attention_mask, *packed)
-  _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h: h)
+  _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h, layer: h)
   stream = jnp.concatenate([h0[None], per_step], axis=0)
   missing = module.cfg.num_layers + 1 - stream.shape[0]
   return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
-def _tails(graphdef, lens, state, stream, starts, attention_mask, packed, reads, block_index,
-           block_valid):
+def _tails(graphdef, lens, state, translators, stream, starts, final_layers, attention_mask,
+           packed, reads, block_index, block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
   Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
@@ -113,11 +113,11 @@ def _tails(graphdef, lens, state, stream, starts, attention_mask, packed, reads,
   ctx = module.attention_context(attention_mask, *packed)
   unembed = unembedding_f32(module)
 
-  def one(h, index, valid):
+  def one(h, layer, index, valid):
     h, _ = module.scan_blocks(h, ctx, index, valid)
-    return lens(module, unembed, h, reads)
+    return lens(module, unembed, h, reads, layer, translators)
 
-  return jax.vmap(one)(h_start, block_index, block_valid)
+  return jax.vmap(one)(h_start, final_layers, block_index, block_valid)
 
 
 def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
@@ -133,7 +133,8 @@ class Sweep:
 
   def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
-               placement=None, time_phases: bool = False, lens: Lens | None = None):
+               placement=None, time_phases: bool = False, lens: Lens | None = None,
+               translators=None):
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -145,7 +146,9 @@ class Sweep:
     self.placement = placement  # dpjax.distributed.Placement or None
     self.batches = batches(encoded, batch_size, pad_id)
     self.lens = lens or Lens(encoded.format)
-    self.reader = DecisionReader(model, placement=placement, lens=self.lens)
+    self.translators = translators  # the tuned lens's, or None (the logit lens)
+    self.reader = DecisionReader(model, placement=placement, lens=self.lens,
+                                 translators=translators)
     self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
     self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens))
     self.counters = Counters()
@@ -260,8 +263,13 @@ class Sweep:
           tails = [plan.tail(position[c]) for c in group]
           index, valid = stacked_steps(tails, self.num_layers)
           starts = np.array([position[c] for c in group], np.int32)
-          out = self._timed("candidates", self._tails_fn, self.model.state, stream, starts,
-                            mask, packed, reads, index, valid)
+          # Each candidate's last readout layer: its last block's, or (dropping the last
+          # kept block) the layer of the block before the dropped one.
+          final_layers = np.array([tail[-1] + 1 if tail else (kept[position[c] - 1] + 1
+                                                              if position[c] else 0)
+                                   for c, tail in zip(group, tails)], np.int32)
+          out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
+                            stream, starts, final_layers, mask, packed, reads, index, valid)
           self.counters.executed += max(map(len, tails)) * len(group) * self.batch_size
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
           stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],

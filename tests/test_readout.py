@@ -131,7 +131,7 @@ def test_readout_never_builds_full_vocab_logits_over_tokens(setup, fmt):
   module = model.module()
   lens = Lens(fmt)
   jaxpr = jax.make_jaxpr(lambda ids, mask, reads, packed, idx, valid: decision_readout(
-      module, lens, ids, mask, reads, packed, idx, valid))(
+      module, lens, ids, mask, reads, packed, None, idx, valid))(
           batch.input_ids, batch.attention_mask, Reads.of(batch), packing(batch),
           np.arange(n, dtype=np.int32), np.ones(n, bool))
   shapes = set()
