@@ -21,7 +21,8 @@ from dpjax import metrics, pruning, resume, serve, settings as settings_lib, tas
 from dpjax.tasks import scoring
 from dpjax.distributed import Placement, is_main_process
 from dpjax.readout import Readout
-from dpjax.results import ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread, StudyResults
+from dpjax.results import (ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread,
+                           StudyResults, bootstrap_ci)
 from dpjax.settings import Settings
 from dpjax.sweep import FinalStats, Sweep
 
@@ -140,6 +141,7 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
         transition_block=None if l_star == metrics.NO_TRANSITION or not per_layer else l_star,
         layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
         layer_accuracy=np.asarray(prof.accuracy[m]),
+        item_correct=np.asarray(prof.top[m, last]) == answer,
         exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
   return points
 
@@ -285,11 +287,13 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
       for k in range(1, max_k + 1):
         chosen = [p for p, (a, kk) in zip(points, where) if a == arm and kk == k]
         accs = [p.accuracy for p in chosen]
+        per_item = np.mean([p.item_correct for p in chosen], axis=0)  # over seeds
         arms[arm].append(ArmPoint(
             k=k, removed_sets=[[b for b in range(1, L + 1) if b not in p.kept] for p in chosen],
             accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
             mean_final_dm={norm: float(np.mean([p.mean_final_dm[norm] for p in chosen]))
-                           for norm in metrics.NORMALIZATIONS}))
+                           for norm in metrics.NORMALIZATIONS},
+            accuracy_ci95=bootstrap_ci(per_item)))
     experiment.arms[selection] = arms
   out.phase_experiment = experiment
 

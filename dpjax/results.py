@@ -78,6 +78,7 @@ class FullProfile:
   sharpness_rise: float
   sharpness_block: int
   by_subject: dict[str, SubjectProfile] = dataclasses.field(default_factory=dict)
+  final_accuracy_ci95: tuple[float, float] | None = None  # bootstrap over items
 
   @classmethod
   def from_metrics(cls, prof: metrics.Profile, num_layers: int) -> "FullProfile":
@@ -126,6 +127,8 @@ class FullProfile:
         "sharpness": {"rise": self.sharpness_rise, "block": self.sharpness_block},
     }
     out["by_subject"] = {name: sub.to_json() for name, sub in self.by_subject.items()}
+    if self.final_accuracy_ci95 is not None:
+      out["final_accuracy_ci95"] = list(self.final_accuracy_ci95)
     return out
 
 
@@ -151,6 +154,7 @@ class CurvePoint:
   layer_accuracy: np.ndarray | None = None
   spread: Spread | None = None
   exact_match: float | None = None  # open format: greedy generation against the golds
+  item_correct: np.ndarray | None = None  # [N] bool, per evaluation item (not serialized)
 
   @property
   def export_keep(self) -> str:
@@ -229,15 +233,27 @@ class MethodResult:
 
 @dataclasses.dataclass
 class ArmPoint:
-  """One arm of the phase experiment after removing `k` blocks (mean over seeds)."""
+  """One arm of the phase experiment after removing `k` blocks (mean over seeds), with a
+  95% bootstrap interval of the accuracy over evaluation items."""
   k: int
   removed_sets: list[list[int]]
   accuracy: float
   accuracy_std: float
   mean_final_dm: dict[str, float]
+  accuracy_ci95: tuple[float, float] | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def bootstrap_ci(per_item: np.ndarray, resamples: int = 2000, seed: int = 0
+                 ) -> tuple[float, float]:
+  """95% percentile bootstrap interval of the mean of `per_item` `[N]` over items."""
+  per_item = np.asarray(per_item, np.float64)
+  rng = np.random.default_rng([seed, 95])
+  means = per_item[rng.integers(len(per_item), size=(resamples, len(per_item)))].mean(1)
+  low, high = np.quantile(means, [0.025, 0.975])
+  return float(low), float(high)
 
 
 @dataclasses.dataclass

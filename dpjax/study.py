@@ -33,7 +33,8 @@ from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
 from dpjax.methods import METHODS, Context, profile_of
 from dpjax.readout import Lens, Readout
-from dpjax.results import EngineCounters, FullProfile, StudyResults, SubjectProfile
+from dpjax.results import (EngineCounters, FullProfile, StudyResults, SubjectProfile,
+                           bootstrap_ci)
 from dpjax.settings import Settings
 from dpjax.sweep import Sweep
 
@@ -157,6 +158,7 @@ def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
   """The model and task records of results.json."""
   s, cfg = ctx.settings, ctx.model.config
   model = {"path": s.model, "architecture": cfg.architecture, "num_layers": ctx.num_layers,
+           "fingerprint": tuned_lens.fingerprint(ctx.model),
            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
            "param_dtype": cfg.param_dtype, "compute_dtype": str(ctx.model.compute_dtype)}
   task = {"spec": s.task, "split": ctx.split, "k_shot": s.k_shot,
@@ -216,6 +218,7 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   timings["full_profile_seconds"] = time.perf_counter() - clock
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(readout, ctx.evaluation, s)
+  full.final_accuracy_ci95 = bootstrap_ci(np.asarray(prof.top[-1]) == ctx.evaluation.answer)
   logit_full = None
   if ctx.logit_eval_sweep is not None:
     _, logit_prof = full_profile(ctx, sweep=ctx.logit_eval_sweep)

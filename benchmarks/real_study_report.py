@@ -1,0 +1,227 @@
+"""The report across the real-model runs: tables, two figures, the relations the paper implies.
+
+`write_report(out_dir, runs)` reads `out_dir/runs/<name>/results.json` of every
+finished run and writes `out_dir/REPORT.md` (per model and task: accuracy
+against chance with its 95% interval, l* as a fraction of depth, sharpness,
+both arms of the phase experiment with intervals, each method's collapse
+point; l* against Iterative Pruning's collapse; the phase-aware method against
+Iterative Pruning and block influence at equal blocks removed) and
+`dm_by_relative_depth.png`, `silent_vs_decisive.png`,
+`transition_vs_collapse.png`. The verdict in words is written by hand at the
+end of REPORT.md (`VERDICT.md` beside it, kept across rewrites).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from dpjax import metrics
+from dpjax.fileio import atomic_write_text, save_figure
+
+
+def _load(out_dir, runs):
+  found = []
+  for run in runs:
+    path = os.path.join(out_dir, "runs", run.name, "results.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        found.append((run, json.load(f)))
+  return found
+
+
+def _fmt(x, digits=3):
+  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _label(run, results):
+  lens = results.get("lens", {}).get("kind", "logit")
+  shots = results["task"].get("k_shot", 0)
+  return (f"{run.model} / {run.task} / {run.format}" + (f" {shots}-shot" if shots else "")
+          + (" / tuned lens" if lens == "tuned" else ""))
+
+
+def _phase_rows(results):
+  phase = results.get("phase_experiment") or {}
+  if "selections" not in phase:
+    return [], phase.get("skipped")
+  rows = []
+  max_k = phase["max_k"]
+  for rule, arms in phase["selections"].items():
+    for k in sorted({1, 2, 4, max_k}):
+      if k > max_k:
+        continue
+      s, d = arms["silent"][k - 1], arms["decisive"][k - 1]
+      rows.append((rule, k, s, d))
+  return rows, None
+
+
+def _shape(full, normalization):
+  mean = np.array([np.nan if v is None else v for v in
+                   full["decision_margin"][normalization]["mean"]], float)
+  shape = metrics.transition_shape(mean, full["sharpness"]["rise"])
+  return shape
+
+
+def _correlation(x, y):
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    return None
+  pearson = float(np.corrcoef(x, y)[0, 1])
+  rank = lambda v: np.argsort(np.argsort(v)).astype(float)
+  spearman = float(np.corrcoef(rank(x), rank(y))[0, 1])
+  return pearson, spearman
+
+
+def write_report(out_dir: str, runs) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  found = _load(out_dir, runs)
+  lines = ["# dpjax on real pretrained models: does the Silent/Decisive asymmetry hold?", ""]
+  if not found:
+    lines.append("No run has finished yet.")
+    atomic_write_text(os.path.join(out_dir, "REPORT.md"), "\n".join(lines) + "\n")
+    return "\n".join(lines)
+  lines += ["Every number below comes from the runs in `runs/` (one dpjax study each; "
+            "`python -m benchmarks.real_study` reproduces them). Accuracy intervals are 95% "
+            "bootstrap intervals over evaluation items.", ""]
+
+  # 1. Per model and task.
+  lines += ["## Per model and task", "",
+            "| run | items | accuracy [95% CI] | chance | l* / L | sharpest rise (share) | "
+            "collapse points (iterative / phase-aware / block influence / reverse / random) |",
+            "|---|---|---|---|---|---|---|"]
+  for run, r in found:
+    full, L = r["full_model"], r["model"]["num_layers"]
+    ci = full.get("final_accuracy_ci95") or [None, None]
+    l_star = full["transition_block"]
+    norm = r["settings"]["normalization"]
+    shape = _shape(full, norm)
+    methods = r["methods"]
+    cp = lambda name: (methods.get(name, {}).get("collapse_point", "-")
+                       if "skipped" not in methods.get(name, {}) else "skipped")
+    lines.append(
+        f"| {_label(run, r)} | {r['task']['num_items']} | {_fmt(full['accuracy'][-1])} "
+        f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(full['chance'])} | "
+        f"{'none' if l_star is None else f'{l_star}/{L} = {l_star / L:.2f}'} | "
+        f"{full['sharpness']['rise']:+.4f} at {full['sharpness']['block']} "
+        f"({_fmt(shape.share, 2)}: {'sharp' if shape.sharp else 'gradual'}) | "
+        f"{cp('iterative_accuracy')} / {cp('phase_aware')} / {cp('block_influence')} / "
+        f"{cp('reverse')} / {cp('random')} of {L} |")
+
+  # 2. The phase experiment.
+  lines += ["", "## Silent arm against Decisive arm", "",
+            "Accuracy after removing k blocks inside each phase (l* from the calibration items), "
+            "with 95% bootstrap intervals over evaluation items.", "",
+            "| run | rule | k | Silent arm [CI] | Decisive arm [CI] | unpruned |",
+            "|---|---|---|---|---|---|"]
+  points = []
+  for run, r in found:
+    rows, skipped = _phase_rows(r)
+    if skipped:
+      lines.append(f"| {_label(run, r)} | skipped: {skipped} | | | | |")
+    for rule, k, s, d in rows:
+      sc, dc = s.get("accuracy_ci95") or [None, None], d.get("accuracy_ci95") or [None, None]
+      lines.append(f"| {_label(run, r)} | {rule} | {k} | {_fmt(s['accuracy'])} "
+                   f"[{_fmt(sc[0])}, {_fmt(sc[1])}] | {_fmt(d['accuracy'])} "
+                   f"[{_fmt(dc[0])}, {_fmt(dc[1])}] | {_fmt(r['full_model']['accuracy'][-1])} |")
+      if k == max(kk for rr, kk, _, _ in rows if rr == rule):
+        points.append((_label(run, r), rule, k, s, d))
+
+  # 3. l* against the collapse of Iterative Pruning.
+  pairs = []
+  lines += ["", "## Does l* of the unpruned model predict where Iterative Pruning collapses?", "",
+            "| run | l* / L | collapse / L | blocks left at collapse | Decisive Phase size |",
+            "|---|---|---|---|---|"]
+  for run, r in found:
+    L = r["model"]["num_layers"]
+    l_star = r.get("calibration_transition_block", r["full_model"]["transition_block"])
+    it = r["methods"].get("iterative_accuracy", {})
+    collapse = it.get("collapse_point")
+    if l_star is None or collapse is None:
+      lines.append(f"| {_label(run, r)} | {'none' if l_star is None else l_star / L:.2} | "
+                   f"{'none' if collapse is None else collapse / L:.2} | - | - |")
+      continue
+    pairs.append((l_star / L, collapse / L, L - collapse, L - l_star + 1))
+    lines.append(f"| {_label(run, r)} | {l_star / L:.2f} | {collapse / L:.2f} | {L - collapse} | "
+                 f"{L - l_star + 1} |")
+  corr = _correlation([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+  lines += ["", (f"Across {len(pairs)} runs: Pearson r = {corr[0]:+.2f}, Spearman rho = "
+                 f"{corr[1]:+.2f} between l*/L and collapse/L." if corr else
+                 f"Too few runs with both a transition and a collapse ({len(pairs)}) for a "
+                 "correlation.")]
+
+  # 4. Phase-aware against Iterative Pruning and block influence.
+  lines += ["", "## The phase-aware method against Iterative Pruning and block influence", "",
+            "Accuracy at equal blocks removed (n = 1, 2, 4, 8, and L/4, L/2).", "",
+            "| run | n | iterative | phase-aware | block influence |", "|---|---|---|---|---|"]
+  wins = {"iterative": 0, "phase_aware": 0, "block_influence": 0}
+  for run, r in found:
+    L = r["model"]["num_layers"]
+    curves = {name: {p["removed"]: p["accuracy"] for p in r["methods"].get(key, {}).get("curve", [])}
+              for name, key in (("iterative", "iterative_accuracy"), ("phase_aware", "phase_aware"),
+                                ("block_influence", "block_influence"))}
+    for n in sorted({1, 2, 4, 8, L // 4, L // 2}):
+      accs = {name: c.get(n) for name, c in curves.items()}
+      if any(a is None for a in accs.values()):
+        continue
+      best = max(accs.values())
+      for name, a in accs.items():
+        wins[name] += int(a == best)
+      lines.append(f"| {_label(run, r)} | {n} | {_fmt(accs['iterative'])} | "
+                   f"{_fmt(accs['phase_aware'])} | {_fmt(accs['block_influence'])} |")
+  lines += ["", "Rows where each method keeps the most accuracy (ties count for each): "
+            + ", ".join(f"{k} {v}" for k, v in wins.items()) + "."]
+
+  # Figures.
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for run, r in found:
+    full, L = r["full_model"], r["model"]["num_layers"]
+    mean = [np.nan if v is None else v for v in full["decision_margin"]["options"]["mean"]]
+    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2, label=_label(run, r))
+  ax.axhline(0, color="black", lw=0.5)
+  ax.set_xlabel("relative depth (layer / L)")
+  ax.set_ylabel("mean Decision Margin (options normalization)")
+  ax.set_title("Decision Margin by relative depth, every model and task")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  save_figure(fig, os.path.join(out_dir, "dm_by_relative_depth.png"))
+
+  fig, ax = plt.subplots(figsize=(6, 6))
+  markers = {"adjacent": "o", "redundant": "s", "random": "^"}
+  for label, rule, k, s, d in points:
+    sc, dc = s.get("accuracy_ci95"), d.get("accuracy_ci95")
+    xerr = None if sc is None else [[s["accuracy"] - sc[0]], [sc[1] - s["accuracy"]]]
+    yerr = None if dc is None else [[d["accuracy"] - dc[0]], [dc[1] - d["accuracy"]]]
+    ax.errorbar(s["accuracy"], d["accuracy"], xerr=xerr, yerr=yerr, fmt=markers[rule], ms=5,
+                capsize=2, label=f"{label} ({rule}, k={k})")
+  ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("Silent arm accuracy (k Silent-Phase blocks removed)")
+  ax.set_ylabel("Decisive arm accuracy (k Decisive-Phase blocks removed)")
+  ax.set_title("Above the diagonal: Silent-Phase pruning hurts more (the paper's claim)")
+  ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  save_figure(fig, os.path.join(out_dir, "silent_vs_decisive.png"))
+
+  if pairs:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([p[0] for p in pairs], [p[1] for p in pairs])
+    ax.set_xlabel("l* / L (unpruned model)")
+    ax.set_ylabel("Iterative Pruning collapse / L")
+    ax.set_title("Does the transition predict the collapse?")
+    save_figure(fig, os.path.join(out_dir, "transition_vs_collapse.png"))
+
+  lines += ["", "![mean DM by relative depth](dm_by_relative_depth.png)", "",
+            "![Silent arm against Decisive arm](silent_vs_decisive.png)", ""]
+  verdict = os.path.join(out_dir, "VERDICT.md")
+  if os.path.isfile(verdict):
+    with open(verdict) as f:
+      lines += ["", f.read().strip()]
+  text = "\n".join(lines) + "\n"
+  atomic_write_text(os.path.join(out_dir, "REPORT.md"), text)
+  return text
