@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
@@ -33,6 +34,19 @@ from dpjax.config import ModelConfig
 from dpjax.plan import KeepPlan
 
 Array = jax.Array
+
+# Float32 dots on the CPU sum each output in chunks of at most this many products,
+# adding the chunk sums in order (`chunked_dot`). XLA:CPU hands float32 dots to
+# YNNPACK, whose kernel sums each output in one FMA chain per block of 512 inputs
+# (a 576-wide input: 512, then 64); oneDNN/MKL, which PyTorch uses on the CPU, sums
+# chunks of 192. Rounding error grows with the chain's length, and a model with
+# massive activations amplifies it (SmolLM2-135M builds |h| = 22,500 out of
+# |h| = 100 in one block), which left dpjax's hidden states up to 9x further from a
+# float64 run than HF's own float32 run. With chunks of 192 the float32 linear
+# layers come out bit for bit as PyTorch's (AVX-512, >= 64 rows), at about 12-17%
+# more time on the CPU. The environment variable DPJAX_CPU_DOT_CHUNK sets the
+# chunk (0: one dot, as the backend likes it); other backends are not chunked.
+CPU_DOT_CHUNK = int(os.environ.get("DPJAX_CPU_DOT_CHUNK", "192")) or None
 
 
 # ----------------------------------------------------------------------------
@@ -48,7 +62,11 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
   dim = cfg.head_dim
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
   theta = cfg.local_rope_theta if local else cfg.rope_theta
-  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+  # theta ** exponent rounded once to float32, as torch's pow gives it (numpy's
+  # float32 power is off by an ulp for some exponents, which turns the angle at
+  # position p by p ulps against HF's).
+  powers = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+  inv_freq = (np.float32(1.0) / powers).astype(np.float32)
   if local or cfg.rope_type == "default":
     return inv_freq
   if cfg.rope_type == "linear":
@@ -108,8 +126,26 @@ def soft_cap(x: Array, cap: float | None) -> Array:
 
 def mlp_activation(x: Array, kind: str) -> Array:
   if kind == "gelu_tanh":
-    return jax.nn.gelu(x, approximate=True)
+    # 0.5 x (1 + tanh(z)) written as x / (1 + exp(-2z)): XLA:CPU's float32 tanh is up
+    # to ~4.5 ulp off (torch's <= 1), its exp ~1 ulp, and Gemma 3's massive activations
+    # carried that to 4x HF float32's distance from float64; this form is within 1.4x.
+    z = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+    return x / (1.0 + jnp.exp(-2.0 * z))
   return jax.nn.silu(x)
+
+
+def chunked_dot(x: Array, w: Array, precision, chunk: int | None) -> Array:
+  """`x @ w` over the last axis of `x` (`w` `[in, out]`); with `chunk`, the sum of the
+  products over consecutive slices of at most `chunk` inputs, added in order."""
+  k = x.shape[-1]
+  if chunk is None or k <= chunk:
+    return jnp.einsum("...i,io->...o", x, w, precision=precision)
+  y = None
+  for start in range(0, k, chunk):
+    part = jnp.einsum("...i,io->...o", x[..., start:start + chunk], w[start:start + chunk],
+                      precision=precision)
+    y = part if y is None else y + part
+  return y
 
 
 def _param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, init: str) -> nnx.Param:
@@ -128,9 +164,11 @@ class Block(nnx.Module):
   (`checkpoints_convert.architectures`). Linear weights are stored `[in, out]`.
   """
 
-  def __init__(self, cfg: ModelConfig, *, precision, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, precision, dot_chunk: int | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.precision = precision
+    self.dot_chunk = dot_chunk
     d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
     pd = jnp.dtype(cfg.param_dtype)
@@ -160,7 +198,7 @@ class Block(nnx.Module):
     return rms_norm(x, w[...], self.cfg.rms_norm_eps, self.cfg.norm_kind)
 
   def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
-    y = jnp.einsum("...i,io->...o", x, w[...].astype(x.dtype), precision=self.precision)
+    y = chunked_dot(x, w[...].astype(x.dtype), self.precision, self.dot_chunk)
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
@@ -206,18 +244,23 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """Embedding, the stacked blocks (leading axis = layer), final norm, unembedding."""
 
-  def __init__(self, cfg: ModelConfig, *, compute_dtype=None, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, compute_dtype=None, dot_chunk: int | None | str = "auto",
+               rngs: nnx.Rngs):
+    """`dot_chunk`: see `CPU_DOT_CHUNK`; "auto" chunks float32 blocks on the CPU backend."""
     self.cfg = cfg
     self.compute_dtype = jnp.dtype(compute_dtype or cfg.param_dtype)
     self.precision = (jax.lax.Precision.HIGHEST if self.compute_dtype == jnp.float32
                       else jax.lax.Precision.DEFAULT)
+    if dot_chunk == "auto":
+      dot_chunk = (CPU_DOT_CHUNK if self.compute_dtype == jnp.float32
+                   and jax.default_backend() == "cpu" else None)
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), pd, "normal")
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, precision=self.precision, rngs=rngs)
+      return Block(cfg, precision=self.precision, dot_chunk=dot_chunk, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = _param(rngs, (cfg.hidden_size,), pd,

@@ -120,3 +120,65 @@ def test_real_model_pruned_greedy_decoding_equals_hf_generate(key):
                       do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
   _hf_with(loaded, np.ones(model.num_layers, bool))
   np.testing.assert_array_equal(got[0], out[0, ids.shape[1]:].numpy())
+
+
+PRECISION_PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "developed a system of movable metal type that made books far cheaper to produce and helped "
+    "spread literacy across Europe.",
+    "To bake a simple loaf of bread, mix flour, water, salt and yeast, knead the dough for ten "
+    "minutes, let it rise until doubled, shape it, and bake it in a hot oven until the crust is "
+    "golden brown.",
+    "Photosynthesis is the process by which green plants use sunlight to turn carbon dioxide and "
+    "water into sugar and oxygen.",
+    "When I was a child, my grandmother told me stories about the small fishing village where she "
+    "grew up, the storms that came in from the sea every winter, and the neighbours who helped one "
+    "another rebuild.",
+]
+
+
+def _hf_states(hf, ids, mask):
+  """Every hidden state before the final norm `[L+1, B, T, d]` and the logits, float64."""
+  captured = {}
+  hook = hf.model.norm.register_forward_hook(lambda m, args, out: captured.update(pre=args[0]))
+  positions = torch.clamp(torch.as_tensor(mask).cumsum(-1) - 1, min=0)
+  with torch.no_grad():
+    out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+             position_ids=positions, output_hidden_states=True, use_cache=False)
+  hook.remove()
+  hidden = torch.stack(list(out.hidden_states[:-1]) + [captured["pre"]])
+  return hidden.double().numpy(), out.logits.double().numpy()
+
+
+@pytest.mark.parametrize("removed", [(), (10, 15)])
+def test_smollm2_float32_is_as_close_to_float64_as_hf_float32(removed):
+  """Real weights carry massive activations (|h| = 22,500 from block 12 on), where float32
+  rounding shows. With an HF float64 run of the same weights as the oracle, dpjax's
+  float32 hidden states (every layer) and logits are within 3x of HF float32's own
+  distance, all blocks kept and with blocks 11 and 16 (1-based) removed."""
+  import copy
+  loaded = Loaded.get("smollm2")
+  model = loaded.model
+  keep = np.array([b not in removed for b in range(model.num_layers)])
+  tokenizer = loaded.tokenizer
+  rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PRECISION_PROMPTS]
+  length = max(map(len, rows))
+  ids = np.zeros((len(rows), length), np.int64)
+  mask = np.zeros_like(ids)
+  for r, row in enumerate(rows):
+    ids[r, length - len(row):], mask[r, length - len(row):] = row, 1
+  hf32 = _hf_with(loaded, keep)
+  want32 = _hf_states(hf32, ids, mask)
+  hf64 = copy.deepcopy(hf32).double()
+  oracle = _hf_states(hf64, ids, mask)
+  _hf_with(loaded, np.ones(model.num_layers, bool))
+  ours_hidden = np.asarray(model.hidden_states(ids, keep=keep, attention_mask=mask),
+                           np.float64)[np.concatenate([[True], keep])]
+  ours_logits = np.asarray(model.logits(ids, keep=keep, attention_mask=mask), np.float64)
+  real = mask.astype(bool)
+  for layer in range(oracle[0].shape[0]):
+    hf_error = np.abs(want32[0][layer] - oracle[0][layer])[real].max()
+    our_error = np.abs(ours_hidden[layer] - oracle[0][layer])[real].max()
+    assert our_error <= 3 * hf_error, (layer, our_error, hf_error)
+  hf_error = np.abs(want32[1] - oracle[1])[real].max()
+  assert np.abs(ours_logits - oracle[1])[real].max() <= 3 * hf_error
