@@ -254,6 +254,11 @@ def _hf_model(model):
   """The same weights in HF PyTorch (exported in memory through the architecture table)."""
   import tempfile
   import transformers
+  try:
+    import torch  # noqa: F401  (HF PyTorch is optional: only this comparison needs it)
+  except ImportError as e:
+    raise ValueError("the token check and --reference=hf run HF PyTorch: pip install torch, "
+                     "or pass --nocheck_tokens without --reference=hf.") from e
   from dpjax.checkpoints.convert import load_checkpoint
   from dpjax.checkpoints.export import write_hf_checkpoint
   loaded = load_checkpoint(model.source)

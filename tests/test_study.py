@@ -98,7 +98,7 @@ def test_bad_task_is_a_clear_error(synthetic_model_dir, tmp_path):
        "--task=mystery:file", f"--output_dir={tmp_path / 'out'}"],
       capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "dpjax: error: task 'mystery:file': unknown format 'mystery'" in result.stderr
+  assert "dpjax: error: task 'mystery:file': unknown task or format 'mystery'" in result.stderr
 
 
 def test_settings_are_validated():
