@@ -10,8 +10,10 @@ within 1e-5 of it, unpruned, with blocks removed, and after export.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,8 @@ import transformers
 import dpjax
 from benchmarks import real_models, reference
 from dpjax import serve
-from dpjax.checkpoints.export import export
+from dpjax.checkpoints.convert import open_source, save_tokenizer_of
+from dpjax.checkpoints.export import write_hf_checkpoint
 
 PROMPTS = ["The capital of France is",
            "Question: Which gas do plants take in from the air to make food?\nAnswer:",
@@ -30,25 +33,33 @@ REMOVED = {"smollm2": (3, 10, 15, 27), "gemma3": (2, 7, 12), "qwen25": (4, 11, 1
 RELATIVE = 1e-5
 
 
+@dataclasses.dataclass
 class Loaded:
-  """One real model at a time (they are large): the GGUF path, dpjax's model, HF's."""
-  key: str | None = None
+  """One real model: the GGUF path, dpjax's model, HF's (transformers loading the file)."""
+  key: str
+  path: str
+  model: object
+  hf: object
+  tokenizer: object
+  hf_layers: list
+  hf_layer_types: list | None
 
-  @classmethod
-  def get(cls, key: str):
-    if cls.key != key:
-      cls.key = None
-      cls.model = cls.hf = None  # free the previous model first
-      cls.path = real_models.fetch(key)
-      cls.model = dpjax.load_model(cls.path)
-      directory, name = os.path.dirname(cls.path), os.path.basename(cls.path)
-      cls.hf = transformers.AutoModelForCausalLM.from_pretrained(
-          directory, gguf_file=name, dtype=torch.float32).eval()
-      cls.hf_layers = list(cls.hf.model.layers)
-      cls.hf_layer_types = getattr(cls.hf.config, "layer_types", None)
-      cls.tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-      cls.key = key
-    return cls
+
+def load(key: str) -> Loaded:
+  path = real_models.fetch(key)
+  model = dpjax.load_model(path)
+  directory, name = os.path.dirname(path), os.path.basename(path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                         dtype=torch.float32).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+  return Loaded(key, path, model, hf, tokenizer, list(hf.model.layers),
+                getattr(hf.config, "layer_types", None))
+
+
+@pytest.fixture(scope="module", params=sorted(real_models.MODELS))
+def loaded(request):
+  """Each real model once (pytest runs every test of one model before loading the next)."""
+  yield load(request.param)
 
 
 def _batch(tokenizer):
@@ -68,10 +79,8 @@ def _hf_with(loaded, keep):
                                  layer_types=loaded.hf_layer_types)
 
 
-@pytest.mark.parametrize("key", sorted(real_models.MODELS))
-def test_real_model_logits_equal_transformers_with_and_without_blocks(key):
-  loaded = Loaded.get(key)
-  model = loaded.model
+def test_real_model_logits_equal_transformers_with_and_without_blocks(loaded):
+  key, model = loaded.key, loaded.model
   spec = real_models.MODELS[key]
   assert model.config.architecture == spec.architecture
   assert model.num_layers == spec.num_layers
@@ -88,12 +97,17 @@ def test_real_model_logits_equal_transformers_with_and_without_blocks(key):
   _hf_with(loaded, np.ones(model.num_layers, bool))
 
 
-@pytest.mark.parametrize("key", sorted(real_models.MODELS))
-def test_real_model_pruned_export_loads_in_transformers_and_matches(key, tmp_path):
-  loaded = Loaded.get(key)
-  model = loaded.model
+def test_real_model_pruned_export_loads_in_transformers_and_matches(loaded, tmp_path):
+  """The exporter's checkpoint of a GGUF-sourced model (written from the weights already
+  dequantized; `export()` of a GGUF file end to end is in test_gguf.py)."""
+  key, model = loaded.key, loaded.model
   kept = [b for b in range(model.num_layers) if b not in REMOVED[key]]
-  out = export(loaded.path, str(tmp_path / "pruned"), kept_blocks=kept)
+  source = open_source(loaded.path)
+  out = str(tmp_path / "pruned")
+  os.makedirs(out)
+  params = jax.tree.map(np.asarray, model.params())
+  write_hf_checkpoint(out, model.config, source.raw_config, params, kept,
+                      lambda directory: save_tokenizer_of(source, directory))
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert len(hf.model.layers) == len(kept)
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -106,10 +120,8 @@ def test_real_model_pruned_export_loads_in_transformers_and_matches(key, tmp_pat
   assert np.abs(got - want)[real].max() <= RELATIVE * np.abs(want[real]).max()
 
 
-@pytest.mark.parametrize("key", sorted(real_models.MODELS))
-def test_real_model_pruned_greedy_decoding_equals_hf_generate(key):
-  loaded = Loaded.get(key)
-  model = loaded.model
+def test_real_model_pruned_greedy_decoding_equals_hf_generate(loaded):
+  key, model = loaded.key, loaded.model
   keep = dpjax.keep_mask([b for b in range(model.num_layers) if b not in REMOVED[key]],
                          model.num_layers)
   ids = np.array([loaded.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]])
@@ -150,14 +162,19 @@ def _hf_states(hf, ids, mask):
   return hidden.double().numpy(), out.logits.double().numpy()
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+  return load("smollm2")
+
+
 @pytest.mark.parametrize("removed", [(), (10, 15)])
-def test_smollm2_float32_is_as_close_to_float64_as_hf_float32(removed):
+def test_smollm2_float32_is_as_close_to_float64_as_hf_float32(smollm2, removed):
   """Real weights carry massive activations (|h| = 22,500 from block 12 on), where float32
   rounding shows. With an HF float64 run of the same weights as the oracle, dpjax's
   float32 hidden states (every layer) and logits are within 3x of HF float32's own
   distance, all blocks kept and with blocks 11 and 16 (1-based) removed."""
   import copy
-  loaded = Loaded.get("smollm2")
+  loaded = smollm2
   model = loaded.model
   keep = np.array([b not in removed for b in range(model.num_layers)])
   tokenizer = loaded.tokenizer
