@@ -35,7 +35,7 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report from fi
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the plan and stop.")
 
 # Files of a finished run that are kept in the repository (not the state, not the arrays).
-KEPT_FILES = ("summary.md", "results.json", "decision_margin.png", "decision_margin_lenses.png",
+KEPT_FILES = ("summary.md", "results.json", "hf_check.json", "decision_margin.png", "decision_margin_lenses.png",
               "pruning_curves.png", "phase_comparison.png", "iterative_heatmap.png",
               "removed_blocks.png", "option_frequency.png")
 
@@ -76,6 +76,11 @@ TUNED_RUNS = (
 )
 
 
+# The run whose numbers are recomputed with HF PyTorch before the report is written.
+HF_CHECKED = "smollm2_arc_easy_cloze"
+HF_CHECK_STEPS = 3
+
+
 def work_dir() -> str:
   if _WORK.value:
     return os.path.abspath(_WORK.value)
@@ -109,21 +114,106 @@ def train_lens(work: str, key: str) -> str:
   return path
 
 
+def _settings(work: str, run: Run, output: str):
+  from dpjax.settings import Settings
+  lens = "logit" if run.lens == "logit" else f"tuned:{train_lens(work, run.lens)}"
+  return Settings(model=_model_link(work, run.model), task=run.task, format=run.format,
+                  output_dir=output, lens=lens, **dict(COMMON), **dict(run.settings))
+
+
+def hf_check(work: str, run: Run, output: str) -> dict:
+  """The run's final-layer accuracy on its evaluation items and the calibration accuracy
+  of its first Iterative Pruning variants, recomputed with HF PyTorch.
+
+  transformers loads the same GGUF file; blocks are deleted from `model.model.layers`
+  (`benchmarks.reference.delete_blocks`); every option is scored as lm-eval scores a
+  cloze request (`reference.lm_eval_cloze_scores`: context and continuation encoded
+  apart, the whole sequence alone, the continuation's log-probabilities summed). The
+  items are the run's own (`dpjax.study.select_items`). Raises when HF and dpjax
+  disagree by more than one item (a near tie may fall either way between float32
+  implementations) or by more than 1% in mean Decision Margin; otherwise returns the figures, also written to `hf_check.json`.
+  """
+  import json
+
+  import numpy as np
+  import torch
+  import transformers
+
+  from benchmarks import reference
+  from dpjax import study, tasks
+  from dpjax.fileio import atomic_write_text
+  settings = _settings(work, run, output)
+  if settings.format != "cloze" or settings.k_shot or settings.cloze_norm != "none":
+    raise ValueError(f"the HF check scores 0-shot cloze runs; {run.name} is not one.")
+  with open(os.path.join(work, output, "results.json")) as f:
+    results = json.load(f)
+  _, _, _, calibration, evaluation = study.select_items(settings)
+  path = os.path.realpath(settings.model)
+  where, name = os.path.dirname(path), os.path.basename(path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      where, gguf_file=name, dtype=torch.float32, attn_implementation="eager").eval()
+  layers, types = list(hf.model.layers), getattr(hf.config, "layer_types", None)
+
+  def scores(items, keep) -> tuple[float, float]:
+    """Accuracy and mean Decision Margin (vocab: exp of the summed log-probabilities)."""
+    reference.delete_blocks(hf, keep, all_layers=layers, layer_types=types)
+    correct, margin = 0, 0.0
+    for item in items:
+      s, _ = reference.lm_eval_cloze_scores(hf, tokenizer, tasks.cloze_requests(item))
+      correct += int(np.argmax(s)) == item.answer  # ties to the lower option
+      p = np.exp(s)
+      margin += p[item.answer] - np.delete(p, item.answer).max()
+    return correct / len(items), margin / len(items)
+
+  started = time.perf_counter()
+  keep = np.ones(len(layers), bool)
+  full = results["full_model"]
+  rows = [{"variant": "unpruned", "items": "evaluation", "n": len(evaluation),
+           "dpjax": full["accuracy"][-1], "dpjax_dm": full["decision_margin"]["vocab"]["mean"][-1]}]
+  rows[0]["hf"], rows[0]["hf_dm"] = scores(evaluation, keep)
+  iterative = results["methods"]["iterative_accuracy"]
+  for step in range(HF_CHECK_STEPS):
+    removed = iterative["removed_order"][step]
+    keep[removed - 1] = False
+    rows.append({"variant": f"step {step + 1}: block {removed} removed",
+                 "items": "calibration", "n": len(calibration),
+                 "dpjax": iterative["calibration"][step]["accuracy"],
+                 "dpjax_dm": iterative["calibration"][step]["mean_final_dm_vocab"]})
+    rows[-1]["hf"], rows[-1]["hf_dm"] = scores(calibration, keep)
+  check = {"run": run.name, "rows": rows, "seconds": time.perf_counter() - started,
+           "reference": "transformers (PyTorch, float32) on the same GGUF, blocks deleted, "
+                        "lm-eval cloze scoring"}
+  for row in rows:
+    print(f"HF check {row['variant']} ({row['items']}, {row['n']} items): dpjax "
+          f"{row['dpjax']:.4f}, HF {row['hf']:.4f}; mean DM (vocab) dpjax "
+          f"{row['dpjax_dm']:.5e}, HF {row['hf_dm']:.5e}", flush=True)
+  atomic_write_text(os.path.join(work, output, "hf_check.json"), json.dumps(check, indent=2))
+  worst = max(abs(r["dpjax"] - r["hf"]) * r["n"] for r in rows)
+  # The vocab margin of a multi-token continuation is a product of probabilities (often
+  # below 1e-4), so it is compared relatively.
+  worst_dm = max(abs(r["dpjax_dm"] - r["hf_dm"]) / max(abs(r["hf_dm"]), 1e-12) for r in rows)
+  if worst > 1 + 1e-9 or worst_dm > 1e-2:
+    raise RuntimeError(f"{run.name}: dpjax and HF PyTorch differ by {worst:.0f} items and "
+                       f"{worst_dm:.1e} (relative) in mean DM (see hf_check.json); the report is not "
+                       "written.")
+  return check
+
+
 def run_one(work: str, run: Run, out_dir: str) -> None:
   from dpjax import study
-  from dpjax.settings import Settings
   output = os.path.join("runs", run.name)
   if os.path.isfile(os.path.join(work, output, "results.json")):
     print(f"{run.name}: done before", flush=True)
   else:
-    lens = "logit" if run.lens == "logit" else f"tuned:{train_lens(work, run.lens)}"
-    settings = Settings(model=_model_link(work, run.model), task=run.task, format=run.format,
-                        output_dir=output, lens=lens, **dict(COMMON), **dict(run.settings))
+    settings = _settings(work, run, output)
     started = time.perf_counter()
     results = study.run(settings)
     print(f"{run.name}: {time.perf_counter() - started:.0f} s; accuracy "
           f"{results.full_model.final_accuracy:.3f}, l* {results.full_model.transition_block}",
           flush=True)
+  if run.name == HF_CHECKED and not os.path.isfile(os.path.join(work, output, "hf_check.json")):
+    hf_check(work, run, output)
   kept = os.path.join(out_dir, "runs", run.name)
   os.makedirs(kept, exist_ok=True)
   for name in KEPT_FILES:

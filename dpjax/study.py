@@ -56,17 +56,10 @@ def _split_items(items: list[tasks.Item], s: Settings) -> tuple[list, list]:
   return calibration, (rest[:s.num_items] if s.num_items else rest)
 
 
-def prepare(settings: Settings, placement: Placement | None = None) -> Context:
-  s = settings
-  model = load_model(s.model, dtype=s.dtype, compute_dtype=s.compute_dtype)
-  if placement is not None:
-    placement.check_batch_size(s.batch_size)
-    model.place(placement)
-  tokenizer = load_tokenizer(model.source)
-  info = tasks.resolve_task(s.task)
-  if s.format not in info.formats:
-    raise ValueError(f"task {s.task!r} does not support --format={s.format}; it supports "
-                     f"{', '.join(info.formats)}.")
+def select_items(s: Settings, info: tasks.TaskInfo | None = None):
+  """The study's items: `(split, fewshot_split, shots pool, calibration, evaluation)`,
+  exactly as `prepare` takes them (for checks that recompute a run elsewhere)."""
+  info = info or tasks.resolve_task(s.task)
   split = s.split or info.split
   fewshot_split = s.fewshot_split or info.fewshot_split
   total = s.num_items + s.calibration_items if s.num_items else 0
@@ -85,6 +78,21 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   if not items:
     raise ValueError(f"task {s.task!r} split {split!r} has no items.")
   calibration, evaluation = _split_items(items, s)
+  return split, fewshot_split, dev, calibration, evaluation
+
+
+def prepare(settings: Settings, placement: Placement | None = None) -> Context:
+  s = settings
+  model = load_model(s.model, dtype=s.dtype, compute_dtype=s.compute_dtype)
+  if placement is not None:
+    placement.check_batch_size(s.batch_size)
+    model.place(placement)
+  tokenizer = load_tokenizer(model.source)
+  info = tasks.resolve_task(s.task)
+  if s.format not in info.formats:
+    raise ValueError(f"task {s.task!r} does not support --format={s.format}; it supports "
+                     f"{', '.join(info.formats)}.")
+  split, fewshot_split, dev, calibration, evaluation = select_items(s, info)
   max_length = s.max_length or model.config.max_position_embeddings
   options = dict(max_length=max_length, truncation=s.truncation,
                  add_special_tokens=s.add_special_tokens)
