@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from dpjax import metrics, pruning, resume, serve, settings as settings_lib, tasks
@@ -80,14 +81,14 @@ class Context:
 
 def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> metrics.Profile:
   """Every metric of readouts `[..., L+1, N, K]`, with the transition rule `s` asks for."""
-  prof = metrics.profile(readout.option_logits, readout.log_normalizer, encoded.answer,
+  prof = metrics.profile_jit(readout.option_logits, readout.log_normalizer, encoded.answer,
                          encoded.num_options, normalization=s.normalization,
                          tau=s.transition_tau, delta=s.accuracy_delta,
                          option_logprob=readout.option_logprob,
                          chance=0.0 if encoded.format == "open" else None)
   if s.transition_rule == "accuracy":
     prof = prof._replace(transition=prof.accuracy_transition)
-  return prof
+  return jax.device_get(prof)  # numpy: indexing device arrays compiles a program per shape
 
 
 # New tokens generated for the open format's exact match (lm-eval stops at a newline).
