@@ -10,8 +10,10 @@ is frozen. Hidden states are computed batch by batch and never all kept.
 
 The corpus (`--corpus`): `text:FILE` (any text file), `task:SPEC` (a task's
 questions with their correct answers, in the cloze layout for multiple-choice
-tasks: `task:arc_easy`, `task:sciq`, `task:nq_open`, `task:synthetic`, ...), or
-`synthetic` (the synthetic suite's training split). It is tokenized as one
+tasks: `task:arc_easy`, `task:sciq`, `task:nq_open`, `task:synthetic`, ...; the
+task's default split, or another with `@SPLIT`, as `task:arc_easy@test`, so that
+a lens is not trained on the items a study then evaluates), or `synthetic` (the
+synthetic suite's training split). It is tokenized as one
 stream (documents joined by the end-of-text token), cut into windows of
 `--seq_len` tokens, shuffled by the seed; the last `--heldout_fraction` of the
 windows is held out. Training saves its state with Orbax every `--eval_every`
@@ -49,8 +51,8 @@ class LensSettings:
   model: str = setting(help="The model: a dpjax checkpoint, an HF directory or a GGUF file.",
                        required=True)
   output_dir: str = setting(help="Where the lens goes (and its training state).", required=True)
-  corpus: str = setting("synthetic", "text:FILE | task:SPEC (a task's questions and correct "
-                        "answers) | synthetic (the synthetic suite's training split).")
+  corpus: str = setting("synthetic", "text:FILE | task:SPEC[@SPLIT] (a task's questions and "
+                        "correct answers) | synthetic (the synthetic suite's training split).")
   data_dir: str = setting("", "Where benchmark tasks are read (see dpjax --data_dir).")
   corpus_items: int = setting(4000, "Most items (or synthetic items) a task corpus takes.")
   seq_len: int = setting(128, "Tokens per window.")
@@ -93,7 +95,8 @@ def corpus_texts(spec: str, data_dir: str = "", limit: int = 4000) -> list[str]:
     return synthetic.training_text(synthetic.generate("train", limit))
   if kind != "task" or not rest:
     raise ValueError(f"corpus={spec!r}; use text:FILE, task:SPEC or synthetic.")
-  items = tasks.load_task(rest, "", num_items=limit, data_dir=data_dir)
+  rest, _, split = rest.partition("@")
+  items = tasks.load_task(rest, split, num_items=limit, data_dir=data_dir)
   texts = []
   for item in items:
     if item.is_open:

@@ -123,3 +123,18 @@ def test_the_study_reads_through_the_tuned_lens_and_shows_both(trained_lens, tmp
   assert os.path.getsize(tmp_path / "study" / "decision_margin_lenses.png") > 1000
   summary = (tmp_path / "study" / "summary.md").read_text()
   assert "read through the tuned lens" in summary and "The logit lens on the same items" in summary
+
+
+def test_task_corpus_takes_a_split():
+  """`task:SPEC@SPLIT` reads another split than the task's default: a lens can learn from
+  items that the study does not evaluate."""
+  from dpjax import tasks
+  from dpjax.tasks import synthetic
+  from dpjax.train_lens import corpus_texts
+  default = corpus_texts("task:synthetic", limit=50)
+  dev = corpus_texts("task:synthetic@dev", limit=50)
+  assert len(default) == len(dev) == 50
+  assert default != dev
+  item = synthetic.generate("dev", 1)[0]
+  context, continuation = tasks.cloze_requests(item)[item.answer]
+  assert dev[0] == context + continuation
