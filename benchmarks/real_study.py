@@ -26,7 +26,8 @@ import time
 from absl import app
 from absl import flags
 
-_ONLY = flags.DEFINE_string("only", "", "Run only the plan entries whose name holds this.")
+_ONLY = flags.DEFINE_string("only", "", "Run only this plan entry (its exact name), or the "
+                            "entries whose name holds this.")
 _WORK = flags.DEFINE_string("work_dir", "", "Where runs and their state live (default: "
                             "~/.cache/dpjax/real_study).")
 _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -55,18 +56,29 @@ class Run:
 # selection rules. One-shot baselines read their last block only (--curve_layers=iterative).
 COMMON = (("num_items", 300), ("calibration_items", 64), ("curve_layers", "iterative"),
           ("random_seeds", 3), ("batch_size", 16))
+# Cloze runs read the Decision Margin with the options normalization (a softmax over the
+# options' summed log-probabilities). Under the vocab normalization a multi-token
+# option's probability is the product of its tokens' (SmolLM2 on ARC-Easy: mean DM of
+# order 1e-3 at the last layer), so the mean DM, and with it l*, is decided by the few
+# items with the shortest options: in the first run below the calibration items' mean
+# DM was negative at the last block, no transition was found, and the phase experiment
+# and the phase-aware method were skipped. That run is kept (its pruning curves do not
+# depend on the normalization); its companion `_options` run adds what depends on l*.
+CLOZE = (("normalization", "options"),)
+PHASE_ONLY = (("methods", ("phase", "phase_aware")),)
 PLAN = (
-    Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze"),
-    Run("smollm2_sciq_cloze", "smollm2", "sciq", "cloze"),
-    Run("smollm2_piqa_cloze", "smollm2", "piqa", "cloze"),
-    Run("gemma3_arc_easy_cloze", "gemma3", "arc_easy", "cloze"),
-    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze"),
+    Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", (("normalization", "vocab"),)),
+    Run("smollm2_arc_easy_cloze_options", "smollm2", "arc_easy", "cloze", CLOZE + PHASE_ONLY),
+    Run("smollm2_sciq_cloze", "smollm2", "sciq", "cloze", CLOZE),
+    Run("smollm2_piqa_cloze", "smollm2", "piqa", "cloze", CLOZE),
+    Run("gemma3_arc_easy_cloze", "gemma3", "arc_easy", "cloze", CLOZE),
+    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", CLOZE),
     Run("qwen25_arc_easy_letter_5shot", "qwen25", "arc_easy", "letter", (("k_shot", 5),)),
     Run("smollm2_nq_open", "smollm2", "nq_open", "open"),
-    Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze"),
-    Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze"),
-    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze"),
-    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze"),
+    Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze", CLOZE),
+    Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze", CLOZE),
+    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", CLOZE),
+    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze", CLOZE),
 )
 # Tuned lenses (dpjax-train-lens), and the runs read through them.
 # The lens learns from ARC-Easy's test split; the runs evaluate its validation split.
@@ -75,14 +87,16 @@ LENSES = {"smollm2_arc_easy": dict(model="smollm2", corpus="task:arc_easy@test",
 # phase-aware method (block influence, angular distance, reverse order and Iterative
 # Pruning's accuracy criterion read no intermediate layer), so only those run.
 TUNED_RUNS = (
-    Run("smollm2_arc_easy_cloze_tuned", "smollm2", "arc_easy", "cloze",
-        (("methods", ("phase", "phase_aware")),), lens="smollm2_arc_easy"),
+    Run("smollm2_arc_easy_cloze_tuned", "smollm2", "arc_easy", "cloze", CLOZE + PHASE_ONLY,
+        lens="smollm2_arc_easy"),
 )
 
 
-# The run whose numbers are recomputed with HF PyTorch before the report is written.
-HF_CHECKED = "smollm2_arc_easy_cloze"
-HF_CHECK_STEPS = 3
+def select(only: str) -> list[Run]:
+  """The runs `--only` names: one run by its exact name, else every run whose name holds it."""
+  every = PLAN + TUNED_RUNS
+  exact = [r for r in every if r.name == only]
+  return exact or [r for r in every if only in r.name]
 
 
 def work_dir() -> str:
@@ -115,6 +129,9 @@ def train_lens(work: str, key: str) -> str:
     train(LensSettings(model=_model_link(work, spec["model"]), output_dir=path,
                        corpus=spec["corpus"], steps=spec["steps"]))
     print(f"lens {key}: {time.perf_counter() - started:.0f} s", flush=True)
+  kept = os.path.join(_OUT.value, "lenses")
+  os.makedirs(kept, exist_ok=True)  # the lens's record (held-out KL per layer), not its weights
+  shutil.copy2(os.path.join(work, path, tuned_lens.LENS_FILE), os.path.join(kept, f"{key}.json"))
   return path
 
 
@@ -231,7 +248,7 @@ def main(argv):
   work = work_dir()
   os.makedirs(work, exist_ok=True)
   os.chdir(work)  # models, lenses and runs are recorded relative to it
-  runs = [r for r in PLAN + TUNED_RUNS if _ONLY.value in r.name]
+  runs = select(_ONLY.value)
   if _DRY_RUN.value:
     for r in runs:
       print(r)

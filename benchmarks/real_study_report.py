@@ -40,7 +40,9 @@ def _fmt(x, digits=3):
 def _label(run, results):
   lens = results.get("lens", {}).get("kind", "logit")
   shots = results["task"].get("k_shot", 0)
+  norm = results["settings"].get("normalization", "vocab")
   return (f"{run.model} / {run.task} / {run.format}" + (f" {shots}-shot" if shots else "")
+          + (f" / {norm} DM" if run.format == "cloze" else "")
           + (" / tuned lens" if lens == "tuned" else ""))
 
 
@@ -91,6 +93,33 @@ def write_report(out_dir: str, runs) -> str:
             "`python -m benchmarks.real_study` reproduces them). Accuracy intervals are 95% "
             "bootstrap intervals over evaluation items.", ""]
 
+  # 0. What ran, and for how long.
+  lines += ["## The runs", "",
+            "| run | normalization | methods | wall time on two cores |", "|---|---|---|---|"]
+  for run, r in found:
+    t = r.get("timings", {})
+    seconds = t.get("prepare_seconds", 0) + t.get("full_profile_seconds", 0) + t.get(
+        "methods_seconds", 0)
+    ran = [name for name, m in r["methods"].items() if "skipped" not in m]
+    if r.get("phase_experiment") and "skipped" not in r["phase_experiment"]:
+      ran.append("phase experiment")
+    lines.append(f"| {run.name} | {r['settings']['normalization']} | {', '.join(ran) or '-'} | "
+                 f"{seconds / 60:.0f} min |")
+  for run, r in found:
+    path = os.path.join(out_dir, "runs", run.name, "hf_check.json")
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      check = json.load(f)
+    lines += ["", f"Checked against HF PyTorch before this report ({run.name}; "
+              f"{check['reference']}):", "",
+              "| variant | items | dpjax accuracy | HF accuracy | dpjax mean DM (vocab) | "
+              "HF mean DM (vocab) |", "|---|---|---|---|---|---|"]
+    for row in check["rows"]:
+      lines.append(f"| {row['variant']} | {row['items']} ({row['n']}) | {row['dpjax']:.4f} | "
+                   f"{row['hf']:.4f} | {row['dpjax_dm']:.4e} | {row['hf_dm']:.4e} |")
+  lines.append("")
+
   # 1. Per model and task.
   lines += ["## Per model and task", "",
             "| run | items | accuracy [95% CI] | chance | l* / L | sharpest rise (share) | "
@@ -136,11 +165,14 @@ def write_report(out_dir: str, runs) -> str:
   # 3. l* against the collapse of Iterative Pruning.
   pairs = []
   lines += ["", "## Does l* of the unpruned model predict where Iterative Pruning collapses?", "",
+            "l* here is the unpruned model's transition on the evaluation items; the "
+            "collapse is Iterative Pruning's (accuracy criterion, chosen on the calibration "
+            "items, measured on the evaluation items).", "",
             "| run | l* / L | collapse / L | blocks left at collapse | Decisive Phase size |",
             "|---|---|---|---|---|"]
   for run, r in found:
     L = r["model"]["num_layers"]
-    l_star = r.get("calibration_transition_block", r["full_model"]["transition_block"])
+    l_star = r["full_model"]["transition_block"]  # on the evaluation items
     it = r["methods"].get("iterative_accuracy", {})
     collapse = it.get("collapse_point")
     if l_star is None or collapse is None:
@@ -161,11 +193,24 @@ def write_report(out_dir: str, runs) -> str:
             "Accuracy at equal blocks removed (n = 1, 2, 4, 8, and L/4, L/2).", "",
             "| run | n | iterative | phase-aware | block influence |", "|---|---|---|---|---|"]
   wins = {"iterative": 0, "phase_aware": 0, "block_influence": 0}
+  # A run's curves, completed by its siblings (same model, task, format and lens: the
+  # pruning curves of one and the phase-aware curve of another).
+  family = lambda run, r: (run.model, run.task, run.format, r.get("lens", {}).get("kind"),
+                           r["task"].get("k_shot", 0))
   for run, r in found:
+    if "skipped" in r["methods"].get("phase_aware", {"skipped": ""}):
+      continue
     L = r["model"]["num_layers"]
-    curves = {name: {p["removed"]: p["accuracy"] for p in r["methods"].get(key, {}).get("curve", [])}
-              for name, key in (("iterative", "iterative_accuracy"), ("phase_aware", "phase_aware"),
-                                ("block_influence", "block_influence"))}
+    curves = {}
+    for name, key in (("iterative", "iterative_accuracy"), ("phase_aware", "phase_aware"),
+                      ("block_influence", "block_influence")):
+      for other_run, other in [(run, r)] + found:
+        method = other["methods"].get(key, {})
+        if family(other_run, other) == family(run, r) and "curve" in method:
+          curves[name] = {p["removed"]: p["accuracy"] for p in method["curve"]}
+          break
+      else:
+        curves[name] = {}
     for n in sorted({1, 2, 4, 8, L // 4, L // 2}):
       accs = {name: c.get(n) for name, c in curves.items()}
       if any(a is None for a in accs.values()):
@@ -215,6 +260,31 @@ def write_report(out_dir: str, runs) -> str:
     ax.set_ylabel("Iterative Pruning collapse / L")
     ax.set_title("Does the transition predict the collapse?")
     save_figure(fig, os.path.join(out_dir, "transition_vs_collapse.png"))
+
+  lens_dir = os.path.join(out_dir, "lenses")
+  for name in sorted(os.listdir(lens_dir)) if os.path.isdir(lens_dir) else []:
+    with open(os.path.join(lens_dir, name)) as f:
+      lens = json.load(f)
+    key = name.removesuffix(".json")
+    kl = lens["heldout_kl"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for which in ("logit", "tuned"):
+      ax.plot(np.arange(len(kl[which])), kl[which], marker="o", ms=3, label=f"{which} lens")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("held-out KL to the final distribution (nats)")
+    ax.set_title(f"{lens['model']}: logit lens against tuned lens")
+    ax.legend()
+    save_figure(fig, os.path.join(out_dir, f"lens_kl_{key}.png"))
+    lines += ["", f"## The tuned lens `{key}`", "",
+              f"Trained on `{lens['corpus']}` for {lens['steps_run']} steps "
+              f"({lens['train_seconds']:.0f} s). Held-out KL to the model's final next-token "
+              "distribution, per layer:", "",
+              "| layer | " + " | ".join(str(i) for i in range(len(kl["logit"]))) + " |",
+              "|---" * (len(kl["logit"]) + 1) + "|",
+              "| logit | " + " | ".join(f"{v:.2f}" for v in kl["logit"]) + " |",
+              "| tuned | " + " | ".join(f"{v:.2f}" for v in kl["tuned"]) + " |", "",
+              f"![held-out KL per layer](lens_kl_{key}.png)"]
 
   lines += ["", "![mean DM by relative depth](dm_by_relative_depth.png)", "",
             "![Silent arm against Decisive arm](silent_vs_decisive.png)", ""]
