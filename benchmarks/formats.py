@@ -25,7 +25,6 @@ import time
 
 from absl import app
 from absl import flags
-import numpy as np
 
 _ITEMS = flags.DEFINE_integer("items", 500, "Items per format in the timing (ARC-Easy has 570).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
