@@ -215,7 +215,11 @@ def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask,
   `translators`: the tuned lens's (None: the logit lens).
   """
   unembed = unembedding_f32(module)
-  readout = lambda h, layer: lens(module, unembed, h, reads, layer, translators)
+  # The variant's last layer is its own output: read through the model's head, never a
+  # translator (row L of the translators is zero), whichever lens reads the others.
+  last, own = last_layer(block_index, block_valid), module.cfg.num_layers
+  readout = lambda h, layer: lens(module, unembed, h, reads, jnp.where(layer == last, own, layer),
+                                  translators)
   _, first, per_step = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                                          readout=readout, positions=packed[0],
                                          segments=packed[1])
@@ -228,7 +232,8 @@ def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, re
   unembed = unembedding_f32(module)
   h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                               positions=packed[0], segments=packed[1])
-  return lens(module, unembed, h, reads, last_layer(block_index, block_valid), translators)
+  # The variant's own output: the model's head, not a translator (row L is zero).
+  return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
 
 
 def _readout_masks(graphdef, lens, final_only, state, translators, input_ids, attention_mask,

@@ -114,8 +114,9 @@ def _tails(graphdef, lens, state, translators, stream, starts, final_layers, att
   unembed = unembedding_f32(module)
 
   def one(h, layer, index, valid):
+    del layer  # a candidate's final readout is its own output: the model's head (row L)
     h, _ = module.scan_blocks(h, ctx, index, valid)
-    return lens(module, unembed, h, reads, layer, translators)
+    return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
 
   return jax.vmap(one)(h_start, final_layers, block_index, block_valid)
 

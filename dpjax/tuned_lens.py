@@ -92,7 +92,11 @@ def load(directory: str, model=None) -> tuple[Translators, dict[str, Any]]:
         f"{fingerprint(model)[:12]}...); train a lens for this model with dpjax-train-lens.")
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(os.path.join(os.path.abspath(directory), TRANSLATORS_DIR))
-  return Translators(np.asarray(tree["weight"]), np.asarray(tree["bias"])), record
+  weight, bias = np.array(tree["weight"]), np.array(tree["bias"])
+  # Row L is the final layer: a model's (or a pruned variant's) own output, read through
+  # its head alone. Readouts send every variant's last layer there.
+  weight[-1], bias[-1] = 0.0, 0.0
+  return Translators(weight, bias), record
 
 
 def lens_spec(spec: str) -> str | None:

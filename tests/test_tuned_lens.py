@@ -65,6 +65,36 @@ def test_translators_in_the_scan_equal_numpy_from_hf_hidden_states(synthetic_mod
   assert np.isnan(out.option_logits[0, 2]).all()  # block 2 removed
 
 
+def test_a_pruned_variant_is_read_through_its_own_head_under_a_tuned_lens(synthetic_model_dir,
+                                                                           letter_items):
+  """With the last block removed, the variant's last layer is its output: the model's head
+  alone (HF with the block deleted), not the unpruned model's translator for that layer;
+  the layers before it are still translated. The same for final-only readouts and for
+  the sweep's candidates (Iterative Pruning reads no translator)."""
+  from dpjax.sweep import Sweep
+  model = dpjax.load_model(synthetic_model_dir)
+  translators = _random_translators(model.num_layers, model.config.hidden_size, seed=1)
+  keep = dpjax.keep_mask([0, 1, 2], model.num_layers)  # block 4 (the last) removed
+  tuned = DecisionReader(model, translators=translators).run(letter_items, keep[None],
+                                                             batch_size=4, progress=False)
+  logit = DecisionReader(model).run(letter_items, keep[None], batch_size=4, progress=False)
+  hf = reference.delete_blocks(reference.load_hf(synthetic_model_dir), keep)
+  for i, ids in enumerate(letter_items.tokens):
+    with torch.no_grad():
+      own = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].numpy()
+    np.testing.assert_allclose(tuned.option_logits[0, 3, i], own[letter_items.letter_ids[i]],
+                               atol=1e-4)
+  np.testing.assert_allclose(tuned.option_logits[0, 3], logit.option_logits[0, 3], atol=1e-5)
+  assert np.abs(tuned.option_logits[0, 2] - logit.option_logits[0, 2]).max() > 1e-2
+  final = DecisionReader(model, translators=translators).run(
+      letter_items, keep[None], batch_size=4, progress=False, final_only=True)
+  np.testing.assert_allclose(final.option_logits[0, 3], logit.option_logits[0, 3], atol=1e-5)
+  stats = [Sweep(model, letter_items, batch_size=4, progress=False, translators=t)
+           .drop_one(list(range(model.num_layers)), [3])[3] for t in (translators, None)]
+  assert stats[0].correct == stats[1].correct
+  np.testing.assert_allclose(stats[0].margin_sum, stats[1].margin_sum, atol=1e-5)
+
+
 def test_zero_translators_are_the_logit_lens_exactly(synthetic_model_dir, letter_items):
   model = dpjax.load_model(synthetic_model_dir)
   zero = tuned_lens.zero_translators(model.num_layers, model.config.hidden_size)
