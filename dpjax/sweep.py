@@ -100,8 +100,8 @@ def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, blo
   return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
-def _tails(graphdef, lens, state, translators, stream, starts, final_layers, attention_mask,
-           packed, reads, block_index, block_valid):
+def _tails(graphdef, lens, state, translators, stream, starts, attention_mask, packed, reads,
+           block_index, block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
   Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
@@ -113,12 +113,12 @@ def _tails(graphdef, lens, state, translators, stream, starts, final_layers, att
   ctx = module.attention_context(attention_mask, *packed)
   unembed = unembedding_f32(module)
 
-  def one(h, layer, index, valid):
-    del layer  # a candidate's final readout is its own output: the model's head (row L)
+  def one(h, index, valid):
     h, _ = module.scan_blocks(h, ctx, index, valid)
+    # A candidate's final readout is its own output: the model's head (translator row L).
     return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
 
-  return jax.vmap(one)(h_start, final_layers, block_index, block_valid)
+  return jax.vmap(one)(h_start, block_index, block_valid)
 
 
 def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
@@ -264,13 +264,8 @@ class Sweep:
           tails = [plan.tail(position[c]) for c in group]
           index, valid = stacked_steps(tails, self.num_layers)
           starts = np.array([position[c] for c in group], np.int32)
-          # Each candidate's last readout layer: its last block's, or (dropping the last
-          # kept block) the layer of the block before the dropped one.
-          final_layers = np.array([tail[-1] + 1 if tail else (kept[position[c] - 1] + 1
-                                                              if position[c] else 0)
-                                   for c, tail in zip(group, tails)], np.int32)
           out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
-                            stream, starts, final_layers, mask, packed, reads, index, valid)
+                            stream, starts, mask, packed, reads, index, valid)
           self.counters.executed += max(map(len, tails)) * len(group) * self.batch_size
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
           stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
