@@ -71,19 +71,26 @@ CLOZE = (("normalization", "options"),)
 # it out; where the Decisive Phase is the last block its first step is the Decisive
 # arm's k = 1 of the phase experiment.
 PHASE_ONLY = (("methods", ("phase",)),)
+# Qwen2.5-Coder-0.5B's blocks cost 4.2x SmolLM2's (hidden 896, MLP 4864; 24 blocks): its
+# whole study would take about 3 hours per task on two cores (5-shot letter prompts: about
+# 3x more again). Its runs read the profile and the phase experiment, the test of the
+# claim, at k = 1, 2, 4, ... and the smaller phase's size (--phase_ks=doublings); its
+# pruning curves are left to a machine with an accelerator.
+QWEN = CLOZE + PHASE_ONLY + (("phase_ks", "doublings"),)
 PLAN = (
     Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", (("normalization", "vocab"),)),
     Run("smollm2_arc_easy_cloze_options", "smollm2", "arc_easy", "cloze", CLOZE + PHASE_ONLY),
     Run("smollm2_sciq_cloze", "smollm2", "sciq", "cloze", CLOZE),
     Run("smollm2_piqa_cloze", "smollm2", "piqa", "cloze", CLOZE),
     Run("gemma3_arc_easy_cloze", "gemma3", "arc_easy", "cloze", CLOZE),
-    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", CLOZE),
-    Run("qwen25_arc_easy_letter_5shot", "qwen25", "arc_easy", "letter", (("k_shot", 5),)),
+    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", QWEN),
+    Run("qwen25_arc_easy_letter_5shot", "qwen25", "arc_easy", "letter",
+        (("k_shot", 5),) + PHASE_ONLY + (("phase_ks", "doublings"),)),
     Run("smollm2_nq_open", "smollm2", "nq_open", "open"),
     Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze", CLOZE),
     Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze", CLOZE),
-    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", CLOZE),
-    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze", CLOZE),
+    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", QWEN),
+    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze", QWEN),
 )
 # Tuned lenses (dpjax-train-lens), and the runs read through them.
 # The lens learns from ARC-Easy's test split; the runs evaluate its validation split.

@@ -259,6 +259,14 @@ def run_random(ctx: Context, out: StudyResults) -> None:
       per_seed_curves=[[unpruned] + p for p in per_seed])
 
 
+def phase_ks(max_k: int, which: str) -> list[int]:
+  """The k values of the phase experiment: every k up to `max_k` ("all"), or 1, 2, 4, ...
+  below it and `max_k` itself ("doublings")."""
+  if which == "all":
+    return list(range(1, max_k + 1))
+  return sorted({2 ** i for i in range(max_k.bit_length()) if 2 ** i < max_k} | {max_k})
+
+
 def run_phase(ctx: Context, out: StudyResults) -> None:
   """Silent arm against Decisive arm, `k` blocks each, per selection rule."""
   s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
@@ -271,13 +279,14 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
   if s.phase_max_k:
     max_k = min(max_k, s.phase_max_k)
   experiment = PhaseExperiment(transition_block=l_star, max_k=max_k, num_layers=L)
+  ks = phase_ks(max_k, s.phase_ks)
   for selection in s.phase_selections:
     seeds = list(range(s.random_seeds)) if selection == "random" else [0]
     masks, where = [], []
     for seed in seeds:
       orders = pruning.phase_removals(l_star, L, selection, ctx.influence, seed)
       for arm, order in orders.items():
-        for k in range(1, max_k + 1):
+        for k in ks:
           mask = np.ones(L, bool)
           mask[order[:k]] = False
           masks.append(mask)
@@ -285,7 +294,7 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
     points = one_shot_curve(ctx, np.array(masks), f"phase {selection}")
     arms: dict[str, list[ArmPoint]] = {"silent": [], "decisive": []}
     for arm in arms:
-      for k in range(1, max_k + 1):
+      for k in ks:
         chosen = [p for p, (a, kk) in zip(points, where) if a == arm and kk == k]
         accs = [p.accuracy for p in chosen]
         per_item = np.mean([p.item_correct for p in chosen], axis=0)  # over seeds

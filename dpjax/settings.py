@@ -23,10 +23,12 @@ from dpjax.tuned_lens import lens_spec
 METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse", "random",
            "phase", "phase_aware")
 DTYPES = ("float32", "bfloat16", "float16")
+PHASE_KS = ("all", "doublings")
 
-# Settings that cannot change a result (resuming does not require them equal).
+# Settings that cannot change a result, or only results no saved state holds (the phase
+# experiment keeps none): resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
-                      "compilation_cache_dir")
+                      "compilation_cache_dir", "phase_ks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,9 @@ class Settings:
                                               flag="phase_selection")
   phase_max_k: int = setting(0, "Most blocks removed per phase arm (0: the smaller phase's "
                              "size).")
+  phase_ks: str = setting("all", "Which k the phase experiment runs: all (1 to its largest "
+                          "k), or doublings (1, 2, 4, ... and its largest k: far fewer "
+                          "variants on a deep model).", choices=PHASE_KS)
   curve_layers: str = setting("all", "Which pruning-curve points read every layer: all, or "
                               "iterative (Iterative Pruning's and the phase-aware method's; the "
                               "one-shot baselines' points read their last block only, which "
@@ -140,6 +145,8 @@ class Settings:
       raise ValueError("the pruning methods need calibration items; set calibration_items >= 1.")
     if self.min_layers < 1:
       raise ValueError(f"min_layers={self.min_layers} must be at least 1.")
+    if self.phase_ks not in PHASE_KS:
+      raise ValueError(f"phase_ks={self.phase_ks!r}; use one of {PHASE_KS}.")
     if self.random_seeds < 1:
       raise ValueError(f"random_seeds={self.random_seeds} must be at least 1.")
     for name in ("dtype", "compute_dtype"):

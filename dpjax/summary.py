@@ -42,7 +42,7 @@ def findings(results: StudyResults) -> list[str]:
     k = phase.max_k
     said = {True: "collapses", False: "does not collapse"}
     for selection, arms in phase.arms.items():
-      silent, decisive = arms["silent"][k - 1].accuracy, arms["decisive"][k - 1].accuracy
+      silent, decisive = arms["silent"][-1].accuracy, arms["decisive"][-1].accuracy
       out.append(f"- Silent vs Decisive ({selection}, {k} blocks removed from each phase): "
                  f"Silent-Phase pruning {said[silent < threshold]} ({silent:.3f}), "
                  f"Decisive-Phase pruning {said[decisive < threshold]} ({decisive:.3f}); "
@@ -125,8 +125,8 @@ def summary_markdown(results: StudyResults) -> str:
                    "calibration items), accuracy after removing k blocks:")
       k = phase.max_k
       for selection, arms in phase.arms.items():
-        lines.append(f"    - {selection}: k={k}: Silent arm {arms['silent'][k - 1].accuracy:.3f}, "
-                     f"Decisive arm {arms['decisive'][k - 1].accuracy:.3f}.")
+        lines.append(f"    - {selection}: k={k}: Silent arm {arms['silent'][-1].accuracy:.3f}, "
+                     f"Decisive arm {arms['decisive'][-1].accuracy:.3f}.")
   lines += findings(results)
   engine = results.engine
   if engine is not None:

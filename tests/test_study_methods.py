@@ -190,3 +190,52 @@ def test_bad_pruning_flags(synthetic_model_dir, tmp_path):
   result = _run(synthetic_model_dir, str(tmp_path / "c"), "--batch_size=6", check=False,
                 env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
   assert result.returncode != 0 and "batch_size=6 is not a multiple of the 4 devices" in result.stderr
+
+
+def test_phase_experiment_doublings_are_the_same_points_as_all(monkeypatch):
+  """--phase_ks=doublings runs k = 1, 2, 4, ... and the largest k, and each of its points is
+  the point the full run gives for that k (same blocks removed, same accuracy)."""
+  import types
+
+  from dpjax import methods
+  from dpjax.results import StudyResults
+  from dpjax.settings import Settings
+
+  assert methods.phase_ks(1, "doublings") == [1]
+  assert methods.phase_ks(4, "doublings") == [1, 2, 4]
+  assert methods.phase_ks(11, "doublings") == [1, 2, 4, 8, 11]
+  assert methods.phase_ks(11, "all") == list(range(1, 12))
+  with pytest.raises(ValueError, match="phase_ks='some'"):
+    Settings(phase_ks="some")
+
+  L, l_star, n_items = 24, 12, 5
+  influence = np.random.default_rng(0).random(L)
+
+  def fake_curve(ctx, masks, name):
+    """A point per mask whose accuracy encodes which blocks the mask removes."""
+    points = []
+    for mask in masks:
+      removed = np.flatnonzero(~mask)
+      acc = float(np.sum(2.0 ** -(removed + 1)))
+      points.append(types.SimpleNamespace(
+          accuracy=acc, kept=[b + 1 for b in np.flatnonzero(mask)],
+          item_correct=np.full(n_items, acc), mean_final_dm={"vocab": acc, "options": -acc}))
+    return points
+
+  monkeypatch.setattr(methods, "one_shot_curve", fake_curve)
+  arms = {}
+  for which in ("all", "doublings"):
+    ctx = types.SimpleNamespace(settings=Settings(phase_ks=which, random_seeds=2),
+                                model=types.SimpleNamespace(num_layers=L),
+                                num_layers=L, calibration_transition=l_star, influence=influence)
+    out = StudyResults.__new__(StudyResults)
+    methods.run_phase(ctx, out)
+    assert out.phase_experiment.max_k == l_star - 1
+    arms[which] = out.phase_experiment.arms
+  for rule, by_arm in arms["doublings"].items():
+    for arm, points in by_arm.items():
+      assert [p.k for p in points] == [1, 2, 4, 8, 11]
+      every = {p.k: p for p in arms["all"][rule][arm]}
+      for p in points:
+        assert p.removed_sets == every[p.k].removed_sets and len(p.removed_sets[0]) == p.k
+        assert p.accuracy == every[p.k].accuracy
