@@ -38,11 +38,15 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from benchmarks.flops import block_row_flops
+
 _QUICK = flags.DEFINE_bool("quick", False, "Small models and few items: a smoke run of every "
                            "measurement and check (a few minutes).")
 _OUT_DIR = flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
                                "Where RESULTS.md and results.json go.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each short measurement.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite RESULTS.md from the "
+                                  "results.json in --out_dir (no measurement).")
 _MODEL = flags.DEFINE_string("bundled_model", None, "The bundled model's directory (default: the "
                              "one installed with dpjax); empty: skip it.")
 
@@ -128,16 +132,6 @@ def matmul_gflops(n: int, repeats: int) -> dict[str, float]:
   f = jax.jit(lambda x, y: x @ y)
   t = timed(lambda: f(a, b).block_until_ready(), max(repeats, 5))
   return {"n": n, "gflops": 2 * n**3 / t["median"] / 1e9, "seconds": t}
-
-
-def block_row_flops(cfg, tokens: int) -> float:
-  """FLOPs of one block on one item row of `tokens` tokens (matmuls; attention over all
-  `tokens` keys, as the masked implementation computes it)."""
-  d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  projections = 2 * tokens * (d * (q + 2 * kv) + q * d + 3 * d * f)
-  attention = 2 * 2 * tokens * tokens * q
-  return float(projections + attention)
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +385,36 @@ def scaling(directory: str, tokenizer, quick: bool, repeats: int) -> dict[str, A
     by_items.append(measure(16, num))
     print(f"scaling: {num} items: {by_items[-1]['seconds']['median']:.2f} s", flush=True)
   return {"layers": n, "hidden": model.config.hidden_size, "vocab": model.config.vocab_size,
-          "by_masks": by_masks, "by_items": by_items}
+          "by_masks": by_masks, "by_items": by_items,
+          "program_memory": program_memory(model, encoded_all.subset(range(16)),
+                                           tokenizer.pad_token_id or 0)}
+
+
+def program_memory(model, encoded, pad_id: int, chunks=(1, 4, 16)) -> list[dict[str, Any]]:
+  """XLA's own count of the working memory (temporaries) of the vmapped readout program,
+  per number of masks it runs together (`--mask_chunk`), for one batch of 16 items.
+
+  A sweep runs masks `mask_chunk` at a time, so its peak above the result arrays is one
+  such program's temporaries, whatever the number of masks: this is the figure that sets
+  it, free of the allocator's and the sampler's noise.
+  """
+  from dpjax.readout import DecisionReader, Reads, mask_steps, packing
+  from dpjax.tasks import batches
+  reader = DecisionReader(model)
+  batch = batches(encoded, 16, pad_id)[0]
+  rows = []
+  for m in chunks:
+    index, valid = mask_steps(np.ones((m, model.num_layers), bool))
+    for final_only in (False, True):
+      compiled = reader._fns[final_only].lower(
+          model.state, None, batch.input_ids, batch.attention_mask, Reads.of(batch),
+          packing(batch), index, valid).compile()
+      analysis = compiled.memory_analysis()
+      rows.append({"masks_per_program": m, "final_only": final_only,
+                   "tokens": list(batch.input_ids.shape),
+                   "temp_mb": analysis.temp_size_in_bytes / 2**20,
+                   "output_mb": analysis.output_size_in_bytes / 2**20})
+  return rows
 
 
 # ----------------------------------------------------------------------------
@@ -476,7 +499,22 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"| {row['masks']} | {row['items']} | {row['total_kept_blocks']} | {t['median']:.3f} "
         f"({t['spread']:.3f}) | {row['microseconds_per_kept_block_row']:.1f} | "
         f"{row['peak_memory_added_mb']:.1f} / {row['peak_memory_added_mb_first_call']:.1f} | "
-        f"{row['compiled_programs']} | {row['compile_seconds']:.1f} |")
+        f"{row['compiled_programs']} | "
+        f"{row.get('compile_seconds', row.get('compile_seconds_estimate', float('nan'))):.1f} |")
+  memory = sc.get("program_memory")
+  if memory:
+    tokens = memory[0]["tokens"]
+    lines += ["", "The peak above the results is one vmapped program's working memory, set by "
+              "how many masks run together (`--mask_chunk`, 16 by default) and the item batch, "
+              "not by the number of masks; XLA's count of its temporaries (batch "
+              f"{tokens[0]} x {tokens[1]} tokens):", "",
+              "| masks per program | every layer read MB | last layer only MB |", "|---|---|---|"]
+    by = {(r["masks_per_program"], r["final_only"]): r["temp_mb"] for r in memory}
+    for m in sorted({r["masks_per_program"] for r in memory}):
+      lines.append(f"| {m} | {by[(m, False)]:.1f} | {by[(m, True)]:.1f} |")
+  if {c["case"] for c in r["iterative"]} >= {"bundled model", "random Llama"}:
+    from benchmarks import cost_model
+    lines += ["", cost_model.markdown(r).rstrip()]
   return "\n".join(lines) + "\n"
 
 
@@ -488,6 +526,10 @@ def main(argv):
   from dpjax.bundled import BUNDLED_MODEL
   import transformers
 
+  if _REPORT_ONLY.value:
+    with open(os.path.join(_OUT_DIR.value, RESULTS_JSON)) as f:
+      atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_MD), results_markdown(json.load(f)))
+    return
   quick, repeats = _QUICK.value, (1 if _QUICK.value else _REPEATS.value)
   torch.set_num_threads(os.cpu_count() or 1)
   bundled = BUNDLED_MODEL if _MODEL.value is None else _MODEL.value

@@ -28,7 +28,7 @@ PHASE_KS = ("all", "doublings")
 # Settings that cannot change a result, or only results no saved state holds (the phase
 # experiment keeps none): resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
-                      "compilation_cache_dir", "phase_ks")
+                      "masks_in_flight", "compilation_cache_dir", "phase_ks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +105,9 @@ class Settings:
                               "costs one lens instead of one per layer).",
                               choices=("all", "iterative"))
   mask_chunk: int = setting(16, "Masks evaluated together in one vmapped call.")
+  masks_in_flight: int = setting(0, "Masks (or drop-one candidates) whose activations are live "
+                                 "at once inside one call; 0: one on the CPU, all of them on "
+                                 "an accelerator. Lower it to bound memory.")
   output_dir: str = setting("dpjax_out", "Where the report goes.")
   progress: bool = setting(True, "Show progress bars with an ETA.")
   model_axis: int = setting(1, "Devices along the mesh's model axis (weights split across "
@@ -145,6 +148,8 @@ class Settings:
       raise ValueError("the pruning methods need calibration items; set calibration_items >= 1.")
     if self.min_layers < 1:
       raise ValueError(f"min_layers={self.min_layers} must be at least 1.")
+    if self.masks_in_flight < 0:
+      raise ValueError(f"masks_in_flight={self.masks_in_flight} must be >= 0 (0: automatic).")
     if self.phase_ks not in PHASE_KS:
       raise ValueError(f"phase_ks={self.phase_ks!r}; use one of {PHASE_KS}.")
     if self.random_seeds < 1:

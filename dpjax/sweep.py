@@ -38,7 +38,8 @@ from dpjax.distributed import fetch
 from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
-from dpjax.readout import DecisionReader, Lens, Readout, Reads, packing, unembedding_f32
+from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, map_masks,
+                           packing, unembedding_f32)
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -100,8 +101,8 @@ def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, blo
   return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
-def _tails(graphdef, lens, state, translators, stream, starts, attention_mask, packed, reads,
-           block_index, block_valid):
+def _tails(graphdef, lens, in_flight, state, translators, stream, starts, attention_mask, packed,
+           reads, block_index, block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
   Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
@@ -118,7 +119,16 @@ def _tails(graphdef, lens, state, translators, stream, starts, attention_mask, p
     # A candidate's final readout is its own output: the model's head (translator row L).
     return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
 
-  return jax.vmap(one)(h_start, block_index, block_valid)
+  return map_masks(one, in_flight, h_start, block_index, block_valid)
+
+
+def executed_steps(lengths: Sequence[int], in_flight: int | None) -> int:
+  """Steps a program runs for members of these loop lengths: a vmapped set runs as long as
+  its longest member, and `in_flight` members are vmapped at a time (None: all of them)."""
+  lengths = list(lengths)
+  size = len(lengths) if in_flight is None else in_flight
+  return sum(max(lengths[i:i + size]) * len(lengths[i:i + size])
+             for i in range(0, len(lengths), max(size, 1)))
 
 
 def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
@@ -135,7 +145,9 @@ class Sweep:
   def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
                placement=None, time_phases: bool = False, lens: Lens | None = None,
-               translators=None):
+               translators=None, in_flight: int | None | str = "auto"):
+    """`in_flight`: masks (or drop-one candidates) whose activations are live at once in
+    one program ("auto": `readout.default_in_flight`); see `readout.map_masks`."""
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -148,10 +160,12 @@ class Sweep:
     self.batches = batches(encoded, batch_size, pad_id)
     self.lens = lens or Lens(encoded.format)
     self.translators = translators  # the tuned lens's, or None (the logit lens)
+    self.in_flight = default_in_flight() if in_flight == "auto" else in_flight
     self.reader = DecisionReader(model, placement=placement, lens=self.lens,
-                                 translators=translators)
+                                 translators=translators, in_flight=self.in_flight)
     self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
-    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens))
+    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens,
+                                               self.in_flight))
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).
@@ -207,8 +221,7 @@ class Sweep:
         normalizers[chunk] = out.log_normalizer
         if logprobs is not None:
           logprobs[chunk] = out.option_logprob
-        # A vmapped loop runs as long as its longest member.
-        self.counters.executed += int(counts[chunk].max()) * len(chunk) * rows
+        self.counters.executed += executed_steps(counts[chunk].tolist(), self.in_flight) * rows
         self.counters.minimum += int(counts[chunk].sum()) * rows
         self.counters.naive += int(counts[chunk].sum()) * rows
     return Readout(options, normalizers, logprobs)
@@ -266,7 +279,8 @@ class Sweep:
           starts = np.array([position[c] for c in group], np.int32)
           out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
                             stream, starts, mask, packed, reads, index, valid)
-          self.counters.executed += max(map(len, tails)) * len(group) * self.batch_size
+          self.counters.executed += executed_steps(list(map(len, tails)),
+                                                   self.in_flight) * self.batch_size
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
           stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
                               answer, logprob)

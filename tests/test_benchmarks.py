@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from benchmarks.reference import HFIterativeReference
 from benchmarks import reference
@@ -33,8 +34,16 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
     assert case["block_evaluations"]["executed"] >= case["block_evaluations"]["minimum"]
   assert [r["blocks_removed"] for r in results["serving"]["rows"]] == [0, 1, 2]
   assert [r["masks"] for r in results["scaling"]["by_masks"]] == [1, 4, 16]
+  # A program's working memory grows with the masks it runs together (each brings its own
+  # activations), which is what bounds a sweep's peak whatever the number of masks.
+  temp = {(r["masks_per_program"], r["final_only"]): r["temp_mb"]
+          for r in results["scaling"]["program_memory"]}
+  for final_only in (False, True):
+    assert 0 < temp[(1, final_only)] < temp[(4, final_only)] < temp[(16, final_only)]
+    assert temp[(16, final_only)] < 16 * temp[(1, final_only)] + 1
   markdown = (tmp_path / "RESULTS.md").read_text()
   assert "Iterative Pruning against HF PyTorch" in markdown and "random Llama" in markdown
+  assert "| masks per program |" in markdown
 
 
 def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
@@ -63,3 +72,37 @@ def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
   lens[-1] = logits[:, -1]
   want = np.take_along_axis(lens, batch.letter_ids[None], axis=-1)
   np.testing.assert_allclose(z[:, :4], want, atol=1e-4)
+
+
+def test_cost_model_counts_what_the_engine_runs(synthetic_model_dir):
+  """The cost model's Iterative Pruning work is what the sweep engine counts when it prunes
+  a model to one block, and its check reproduces the utilization it is given."""
+  import dpjax
+  import transformers
+  from benchmarks import cost_model
+  from dpjax import pruning
+  from dpjax.sweep import Sweep
+  tokenizer = transformers.AutoTokenizer.from_pretrained(synthetic_model_dir)
+  items = synthetic.generate("test", 16)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+  sweep = Sweep(dpjax.load_model(synthetic_model_dir), encoded, batch_size=8)
+  pruning.iterative_prune(sweep, criterion="margin")
+  rows = len(sweep.batches) * 8
+  assert cost_model.iterative_block_rows(4) == 19
+  assert sweep.counters.minimum == cost_model.iterative_block_rows(4) * rows
+
+  case = lambda name, hidden, seconds, executed: {
+      "case": name, "layers": 16, "hidden": hidden, "vocab": 1000, "padded_tokens": 64,
+      "dpjax_seconds": seconds, "block_evaluations": {"executed": executed}}
+  big = case("random Llama", 512, 100.0, 10_000)
+  flops = 10_000 * cost_model.block_row_flops(cost_model._dims_of(big), 64)
+  results = {"matmul": {"gflops": 2 * flops / 100.0 / 1e9},
+             "iterative": [case("bundled model", 64, 10.0, 1000), big]}
+  for c in results["iterative"]:
+    c["sweep_gflops"] = c["block_evaluations"]["executed"] * cost_model.block_row_flops(
+        cost_model._dims_of(c), 64) / c["dpjax_seconds"] / 1e9
+  utilization, checks = cost_model.check_against_measured(results)
+  assert utilization == pytest.approx(0.5)
+  assert checks[1]["ratio"] == pytest.approx(1.0)
+  text = cost_model.markdown(results)
+  assert "Llama-3-70B" in text and "| (2, 4) |" in text

@@ -220,3 +220,37 @@ def test_compiled_programs_do_not_grow_with_pruning_steps():
   assert pruning.iterative_prune(sweep) == first
   assert again.programs == 0
   assert sweep.counters.executed == sweep.counters.minimum  # L=8: every bucket exact
+
+
+def test_masks_in_flight_change_the_memory_not_the_results(setup):
+  """Masks run one at a time (or three) inside a call give the vmapped results; the
+  program's working memory is one mask's, not the group's; and the work counted is each
+  mask's own loop (one at a time: exactly the minimum)."""
+  from dpjax.readout import Reads, mask_steps, packing
+  from dpjax.sweep import executed_steps
+  model, encoded, _ = setup
+  rng = np.random.default_rng(3)
+  masks = rng.random((9, 4)) < 0.6
+  masks[:, 0] |= ~masks.any(1)
+  sweeps = {k: Sweep(model, encoded, batch_size=8, mask_chunk=8, in_flight=k) for k in (None, 1, 3)}
+  outs = {k: s.readouts(masks) for k, s in sweeps.items()}
+  drops = {k: s.drop_one([0, 1, 3]) for k, s in sweeps.items()}
+  for k in (1, 3):
+    for want, got in zip(outs[None], outs[k]):
+      if want is not None:
+        np.testing.assert_allclose(got, want, atol=2e-5, equal_nan=True)
+    for block, stats in drops[None].items():
+      assert drops[k][block].correct == stats.correct
+      assert drops[k][block].margin_sum == pytest.approx(stats.margin_sum, abs=1e-4)
+  assert executed_steps([3, 1, 2, 2], None) == 12 and executed_steps([3, 1, 2, 2], 1) == 8
+  assert executed_steps([3, 1, 2, 2], 3) == 9 + 2
+  one = sweeps[1].counters
+  assert one.executed == one.minimum <= sweeps[None].counters.executed
+
+  batch = sweeps[1].batches[0]
+  index, valid = mask_steps(np.ones((8, 4), bool))
+  args = (model.state, None, batch.input_ids, batch.attention_mask, Reads.of(batch),
+          packing(batch), index, valid)
+  temp = {k: s.reader._fns[False].lower(*args).compile().memory_analysis().temp_size_in_bytes
+          for k, s in sweeps.items()}
+  assert temp[1] * 4 < temp[None], temp
