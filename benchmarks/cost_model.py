@@ -8,7 +8,7 @@ profile; Iterative Pruning to the end with prefix sharing; its curve and the
 one-shot baselines' curves on the evaluation items; the random baseline over
 its seeds; the phase experiment; the phase-aware method), turns them into
 FLOPs with the same per-block formula the benchmarks use
-(`benchmarks.flops.block_row_flops`), and divides by a device count, the
+(`benchmarks.common.block_row_flops`), and divides by a device count, the
 device's dense bf16 peak and a utilization. It is checked first against the
 Iterative Pruning runs this machine measured (two model sizes), with the
 utilization measured on the larger one.
@@ -26,7 +26,7 @@ import json
 import os
 from typing import Any
 
-from benchmarks.flops import block_row_flops
+from benchmarks.common import block_row_flops
 
 
 @dataclasses.dataclass(frozen=True)

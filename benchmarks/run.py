@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -38,7 +37,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from benchmarks.flops import block_row_flops
+from benchmarks.common import block_row_flops, machine
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small models and few items: a smoke run of every "
                            "measurement and check (a few minutes).")
@@ -111,16 +110,6 @@ class PeakMemory:
   @property
   def added_mb(self) -> float:
     return max(self.peak - self.start, 0) / 2**20
-
-
-def machine() -> dict[str, Any]:
-  import jax
-  import torch
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "jax_backend": jax.default_backend(),
-          "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
-          "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def matmul_gflops(n: int, repeats: int) -> dict[str, float]:

@@ -323,7 +323,8 @@ class Transformer(nnx.Module):
     return AttentionContext(cos, sin, full_mask, sliding_mask, cos_local, sin_local)
 
   def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
-                  block_valid: Array, readout: Callable[[Array], Any] | None = None):
+                  block_valid: Array, readout: Callable[[Array], Any] | None = None,
+                  rows: Array | None = None):
     """Runs blocks on the residual stream `h` `[B, T, d]` as one loop.
 
     Args:
@@ -341,10 +342,16 @@ class Transformer(nnx.Module):
       readout: optional function `readout(h, layer)` of the residual stream
         `[B, T, d]` after every step and of its layer (`1 + block index`, a
         traced int); its results come back stacked.
+      rows: optional `[B, R]` positions, the only ones read after the last step
+        (gather form, no readout): the last block computes keys and values at
+        every position but its attention output and MLP only at these, and the
+        final residual comes back as `[B, R, d]` (exactly those rows of the
+        whole computation).
 
     Returns:
-      The final residual `[B, T, d]` and the stacked readouts `[n, ...]` (None
-      without a readout; gather form: entries past the valid steps are zeros).
+      The final residual `[B, T, d]` (`[B, R, d]` with `rows`) and the stacked
+      readouts `[n, ...]` (None without a readout; gather form: entries past the
+      valid steps are zeros).
     """
     graphdef, block_state = nnx.split(self.blocks)
     is_sliding = jnp.asarray(self.cfg.layer_is_sliding)
@@ -378,20 +385,38 @@ class Transformer(nnx.Module):
       return h, outs
 
     count = jnp.sum(block_valid.astype(jnp.int32))
-    return jax.lax.fori_loop(0, count, loop, (h, outs))
+    if rows is None:
+      return jax.lax.fori_loop(0, count, loop, (h, outs))
+    if readout is not None:
+      raise ValueError("rows= reads the last step only; it takes no per-step readout.")
+    h, _ = jax.lax.fori_loop(0, jnp.maximum(count - 1, 0), loop, (h, outs))
+
+    def take(x):  # rows of `x` [B, T, ...] -> [B, R, ...]
+      return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def last_block(h):
+      index = block_index[count - 1]
+      block = nnx.merge(graphdef, jax.tree.map(lambda w: w[index], block_state))
+      mask, cos, sin = ctx.for_block(is_sliding[index], local_rope)
+      q, k, v = block.project(h, cos, sin)
+      return block.attend_and_mlp(take(h), take(q), k, v, take(mask))
+
+    # A drop-one candidate may have no step left (it dropped the last block).
+    return jax.lax.cond(count > 0, last_block, take, h), None
 
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
                  block_valid: Array, readout: Callable[[Array], Any] | None = None,
-                 positions: Array | None = None, segments: Array | None = None):
-    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`;
-    `positions`, `segments`: see `attention_context`).
+                 positions: Array | None = None, segments: Array | None = None,
+                 rows: Array | None = None):
+    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`, also for
+    `rows`; `positions`, `segments`: see `attention_context`).
 
     Returns the final residual `[B, T, d]`, `readout(h_0, 0)`, and the stacked
     readouts after each step `[n, ...]` (both None without a readout).
     """
     h0 = self.embed_tokens(input_ids)
     ctx = self.attention_context(attention_mask, positions, segments)
-    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout)
+    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout, rows=rows)
     return h, (None if readout is None else readout(h0, jnp.int32(0))), per_step
 
 

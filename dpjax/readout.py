@@ -226,14 +226,30 @@ def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask,
   return layers_from_steps(first, per_step, block_index, block_valid, module.cfg.num_layers)
 
 
+def read_rows(lens: Lens, reads: Reads, input_ids) -> tuple[jax.Array, Reads]:
+  """The positions `lens` reads, `[B, R]` (the last column in the letter and open formats,
+  the continuation positions in the cloze format), and `reads` re-indexed into those rows,
+  for a forward that returns only them (`Transformer.scan_blocks(rows=...)`)."""
+  b, t = input_ids.shape
+  if lens.format != "cloze":
+    return jnp.full((b, 1), t - 1, jnp.int32), reads
+  r = reads.read_index.shape[1]
+  return reads.read_index, reads._replace(
+      read_index=jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (b, r)))
+
+
 def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
-                  packed, translators, block_index, block_valid) -> Readout:
-  """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once."""
+                  packed, translators, block_index, block_valid,
+                  last_at_reads: bool = True) -> Readout:
+  """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once, and
+  (`last_at_reads`) the last block's attention output and MLP run only at the positions
+  the lens reads."""
   unembed = unembedding_f32(module)
+  rows, reads_in_rows = read_rows(lens, reads, input_ids) if last_at_reads else (None, reads)
   h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
-                              positions=packed[0], segments=packed[1])
+                              positions=packed[0], segments=packed[1], rows=rows)
   # The variant's own output: the model's head, not a translator (row L is zero).
-  return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
+  return lens(module, unembed, h, reads_in_rows, module.cfg.num_layers, translators)
 
 
 def default_in_flight() -> int | None:
@@ -251,10 +267,12 @@ def map_masks(fn, in_flight: int | None, *xs):
   return jax.lax.map(lambda x: fn(*x), xs, batch_size=in_flight)
 
 
-def _readout_masks(graphdef, lens, final_only, in_flight, state, translators, input_ids,
-                   attention_mask, reads, packed, block_index, block_valid) -> Readout:
+def _readout_masks(graphdef, lens, final_only, in_flight, last_at_reads, state, translators,
+                   input_ids, attention_mask, reads, packed, block_index,
+                   block_valid) -> Readout:
   module = nnx.merge(graphdef, state)
-  fn = final_readout if final_only else decision_readout
+  fn = (functools.partial(final_readout, last_at_reads=last_at_reads) if final_only
+        else decision_readout)
   one = functools.partial(fn, module, lens, input_ids, attention_mask, reads, packed,
                           translators)
   return map_masks(one, in_flight, block_index, block_valid)
@@ -275,15 +293,17 @@ class DecisionReader:
   """Runs the readout of a task's items under a batch of masks, batch by batch."""
 
   def __init__(self, model: DecoderModel, placement=None, lens: Lens = Lens(),
-               translators: Translators | None = None, in_flight: int | None = None):
+               translators: Translators | None = None, in_flight: int | None = None,
+               last_at_reads: bool = True):
     """`in_flight`: masks whose activations are live at once (None: every mask of a call,
-    vmapped together); see `map_masks`."""
+    vmapped together); see `map_masks`. `last_at_reads`: final-only readouts run the last
+    block's attention output and MLP only where the lens reads (see `final_readout`)."""
     self.model = model
     self.lens = lens
     self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
     self._fns = {final_only: jax.jit(functools.partial(_readout_masks, model.graphdef, lens,
-                                                       final_only, in_flight))
+                                                       final_only, in_flight, last_at_reads))
                  for final_only in (False, True)}
 
   def readout_batch(self, batch: Batch, masks: np.ndarray, final_only: bool = False) -> Readout:

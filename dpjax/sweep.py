@@ -39,7 +39,7 @@ from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
 from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, map_masks,
-                           packing, unembedding_f32)
+                           packing, read_rows, unembedding_f32)
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -101,8 +101,8 @@ def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, blo
   return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
 
-def _tails(graphdef, lens, in_flight, state, translators, stream, starts, attention_mask, packed,
-           reads, block_index, block_valid):
+def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream, starts,
+           attention_mask, packed, reads, block_index, block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
   Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
@@ -114,10 +114,13 @@ def _tails(graphdef, lens, in_flight, state, translators, stream, starts, attent
   ctx = module.attention_context(attention_mask, *packed)
   unembed = unembedding_f32(module)
 
+  rows, reads_in_rows = (read_rows(lens, reads, attention_mask) if last_at_reads
+                         else (None, reads))
+
   def one(h, index, valid):
-    h, _ = module.scan_blocks(h, ctx, index, valid)
+    h, _ = module.scan_blocks(h, ctx, index, valid, rows=rows)
     # A candidate's final readout is its own output: the model's head (translator row L).
-    return lens(module, unembed, h, reads, module.cfg.num_layers, translators)
+    return lens(module, unembed, h, reads_in_rows, module.cfg.num_layers, translators)
 
   return map_masks(one, in_flight, h_start, block_index, block_valid)
 
@@ -145,9 +148,12 @@ class Sweep:
   def __init__(self, model: DecoderModel, encoded: EncodedTask, *, batch_size: int = 16,
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
                placement=None, time_phases: bool = False, lens: Lens | None = None,
-               translators=None, in_flight: int | None | str = "auto"):
+               translators=None, in_flight: int | None | str = "auto",
+               last_at_reads: bool = True):
     """`in_flight`: masks (or drop-one candidates) whose activations are live at once in
-    one program ("auto": `readout.default_in_flight`); see `readout.map_masks`."""
+    one program ("auto": `readout.default_in_flight`); see `readout.map_masks`.
+    `last_at_reads`: final readouts run the last block's attention output and MLP only at
+    the positions the lens reads (`Transformer.scan_blocks(rows=...)`)."""
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -162,10 +168,11 @@ class Sweep:
     self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.in_flight = default_in_flight() if in_flight == "auto" else in_flight
     self.reader = DecisionReader(model, placement=placement, lens=self.lens,
-                                 translators=translators, in_flight=self.in_flight)
+                                 translators=translators, in_flight=self.in_flight,
+                                 last_at_reads=last_at_reads)
     self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
     self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens,
-                                               self.in_flight))
+                                               self.in_flight, last_at_reads))
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).

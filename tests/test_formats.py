@@ -236,3 +236,41 @@ def test_cloze_choices_on_smollm2_equal_lm_eval(data_dir):
     assert out.option_logits[0, -1].argmax(-1).tolist() == scores.argmax(-1).tolist()
     real = np.isfinite(want)
     assert np.abs(out.option_logprob[0, -1][real] - want[real]).max() <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_last_block_at_the_read_positions_only_changes_nothing(random_model, tmp_path, family):
+  """Final readouts whose last block runs its attention output and MLP only where the lens
+  reads equal the whole computation, in every format, for plain masks and for drop-one
+  candidates (whose tail may be empty), on Llama and on Gemma 3 (sliding windows, local
+  rope, soft-capping)."""
+  model, tokenizer, _ = random_model
+  if family == "gemma3":
+    config = dict(reference.VARIANTS["gemma3_qk_norm_local_rope"].config,
+                  vocab_size=len(tokenizer), max_position_embeddings=256)
+    reference.build_hf_model("gemma3_text", config, seed=4).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = dpjax.load_model(str(tmp_path))
+  items, shots = _cloze_items()
+  letter_items = items[:-1]
+  opens = [tasks.Item(f"q{i}", f"What is {a} + 1?", (), -1, golds=(str(a + 1),),
+                      cloze_contexts=(f"Q: What is {a} + 1?\nA:",))
+           for i, a in enumerate(range(10, 16))]
+  encoded = {
+      "letter": tasks.encode(tokenizer, letter_items, [tasks.prompt(i) for i in letter_items]),
+      "cloze": tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(item, sh)
+                                                     for item, sh in zip(items, shots)]),
+      "open": tasks.encode_open(tokenizer, opens, [tasks.open_prompt(i) for i in opens]),
+  }
+  masks = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 1, 0]], bool)
+  for fmt, enc in encoded.items():
+    runs = {at: Sweep(model, enc, batch_size=4, last_at_reads=at) for at in (True, False)}
+    fast, full = (runs[at].readouts(masks, final_only=True) for at in (True, False))
+    for a, b in zip(fast, full):
+      if b is not None:
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, equal_nan=True, err_msg=fmt)
+    fast, full = (runs[at].drop_one([0, 2, 3]) for at in (True, False))
+    for block, stats in full.items():
+      assert fast[block].correct == stats.correct, (fmt, block)
+      assert fast[block].margin_sum == pytest.approx(stats.margin_sum, abs=1e-5)
+      assert fast[block].nll_sum == pytest.approx(stats.nll_sum, abs=1e-4)

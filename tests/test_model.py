@@ -194,3 +194,29 @@ def test_rms_norm_matches_hf_in_bfloat16():
   import jax.numpy as jnp
   got = np.asarray(rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), 1e-6))
   np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_tied_sharded", "mistral_window_head_dim",
+                                     "gemma2_softcap_window", "gemma3_qk_norm_local_rope"])
+def test_last_block_at_some_rows_gives_those_rows_of_the_whole(loaded, variant):
+  """`rows=`: the last block's attention output and MLP at those positions only equal the
+  same rows of the whole forward (windows, local rope, padding included); with no step to
+  run, the rows of the input."""
+  import jax.numpy as jnp
+
+  from dpjax.plan import stacked_steps
+  model, _ = loaded(variant)
+  module, L = model.module(), model.num_layers
+  ids, mask = reference.random_batch(model.config.vocab_size, 3, 12, seed=6, padding="left")
+  rows = np.array([[11, 5, 7], [11, 8, 9], [11, 10, 6]], np.int32)
+  take = lambda h: np.take_along_axis(np.asarray(h), rows[..., None], axis=1)
+  for kept in ([0, 1, 2, 3], [0, 2], [3], [1, 2]):
+    index, valid = (jnp.asarray(a[0]) for a in stacked_steps([kept], L))
+    whole, _, _ = module.run_blocks(ids, mask, index, valid)
+    part, _, _ = module.run_blocks(ids, mask, index, valid, rows=rows)
+    assert part.shape == (3, 3, model.config.hidden_size)
+    np.testing.assert_allclose(part, take(whole), atol=1e-5, rtol=1e-5, err_msg=str(kept))
+  h0 = module.embed_tokens(ids)
+  ctx = module.attention_context(mask)
+  none, _ = module.scan_blocks(h0, ctx, index, jnp.zeros_like(valid), rows=rows)
+  np.testing.assert_array_equal(none, take(h0))
