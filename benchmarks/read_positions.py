@@ -88,8 +88,9 @@ def main(argv):
       out["rows"].append(row)
       print(f"{fmt} / {name}: {row['every_position_s']:.2f} s -> {row['read_positions_s']:.2f} s "
             f"({row['speedup']:.2f}x)", flush=True)
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  atomic_write_text(_OUT.value, json.dumps(out, indent=2))
+      # After every measurement, so a run that is stopped keeps what it has.
+      os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+      atomic_write_text(_OUT.value, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
