@@ -428,8 +428,27 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  """The `dpjax-throughput` program. It leaves without the interpreter's teardown: JAX's
+  CPU client, destroyed there, can wait forever on one of its own threads after an early
+  refusal, and everything this program writes is already written (atomically) by then."""
+  import sys
+  import traceback
   flagdefs.define_flags(ThroughputSettings)
-  app.run(main)
+  try:
+    app.run(main)
+    code = 0
+  except SystemExit as exit_:
+    code = exit_.code
+    if isinstance(code, str):
+      print(code, file=sys.stderr)
+      code = 1
+    code = 0 if code is None else int(code)
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":
