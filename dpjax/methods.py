@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -118,8 +120,34 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
   """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile
   (and, `with_exact_match`, the open format's exact match of greedy generation).
   Without `per_layer`, only the last kept block is read: the per-layer profile is
-  NaN but there, and the point has no transition block."""
+  NaN but there, and the point has no transition block. In a run with saved state
+  a finished curve is saved, and a resumed run restores it instead of evaluating
+  it again."""
   masks = np.asarray(masks, bool)
+  key = _curve_key(masks, per_layer, with_exact_match)
+  record = f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}"
+  saved = ctx.state.load(record) if ctx.state is not None else None
+  if saved is not None and saved["key"] == key:
+    if is_main_process():
+      print(f"{description}: curve of {len(masks)} variants restored from the saved state",
+            flush=True)
+    return [CurvePoint.from_state(p) for p in saved["points"]]
+  points = _evaluate_curve(ctx, masks, description, with_exact_match, per_layer)
+  if ctx.state is not None:  # a finished curve is kept: a resumed run does not repeat it
+    step = 1 if saved is None else saved["step"] + 1
+    ctx.state.save(record, step, {"key": key, "step": step,
+                                  "points": [p.to_state() for p in points]})
+  return points
+
+
+def _curve_key(masks: np.ndarray, per_layer: bool, with_exact_match: bool) -> str:
+  """What a saved curve must match to be reused (the settings are checked by RunState)."""
+  digest = hashlib.sha256(np.packbits(masks).tobytes() + str(masks.shape).encode())
+  return f"{digest.hexdigest()}:{int(per_layer)}{int(with_exact_match)}"
+
+
+def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exact_match: bool,
+                    per_layer: bool) -> list[CurvePoint]:
   readout = ctx.eval_sweep.readouts(masks, description=description, final_only=not per_layer)
   prof = profile_of(readout, ctx.evaluation, ctx.settings)
   answer = ctx.evaluation.answer
@@ -229,9 +257,13 @@ def run_angular(ctx: Context, out: StudyResults) -> None:
 
 
 def run_single_layer(ctx: Context, out: StudyResults) -> None:
-  drop = ctx.cal_sweep.drop_one(list(range(ctx.num_layers)))
-  out.methods["single_layer"] = one_shot_result(ctx, "single_layer",
-                                                pruning.single_layer_ranking(drop))
+  saved = ctx.state.load("single_layer_ranking") if ctx.state is not None else None
+  if saved is None:
+    drop = ctx.cal_sweep.drop_one(list(range(ctx.num_layers)))
+    saved = {"ranking": [int(b) for b in pruning.single_layer_ranking(drop)]}
+    if ctx.state is not None:
+      ctx.state.save("single_layer_ranking", 1, saved)
+  out.methods["single_layer"] = one_shot_result(ctx, "single_layer", saved["ranking"])
 
 
 def run_reverse(ctx: Context, out: StudyResults) -> None:

@@ -177,6 +177,40 @@ class CurvePoint:
       out["exact_match"] = self.exact_match
     return out
 
+  def to_state(self) -> dict[str, Any]:
+    """Everything, per-item correctness included, for a run's saved state (JSON)."""
+    def array(a):  # NaN as None (strict JSON); the dtype kept, so a restored point is equal
+      if a is None:
+        return None
+      a = np.asarray(a)
+      return {"dtype": a.dtype.name,
+              "values": [None if math.isnan(v) else v for v in a.astype(float).tolist()]}
+    return {"removed": self.removed, "accuracy": self.accuracy,
+            "mean_final_dm": dict(self.mean_final_dm),
+            "kept": None if self.kept is None else list(self.kept), "nll": self.nll,
+            "transition_block": self.transition_block,
+            "layer_mean_dm": array(self.layer_mean_dm),
+            "layer_accuracy": array(self.layer_accuracy),
+            "exact_match": self.exact_match,
+            "item_correct": None if self.item_correct is None
+                            else np.asarray(self.item_correct, int).tolist()}
+
+  @classmethod
+  def from_state(cls, saved: dict[str, Any]) -> "CurvePoint":
+    """The inverse of `to_state` (a point with no spread)."""
+    def array(saved_array):
+      return None if saved_array is None else np.array(
+          [np.nan if v is None else v for v in saved_array["values"]], saved_array["dtype"])
+    return cls(removed=int(saved["removed"]), accuracy=float(saved["accuracy"]),
+               mean_final_dm={k: float(v) for k, v in saved["mean_final_dm"].items()},
+               kept=None if saved["kept"] is None else tuple(int(b) for b in saved["kept"]),
+               nll=saved["nll"], transition_block=saved["transition_block"],
+               layer_mean_dm=array(saved["layer_mean_dm"]),
+               layer_accuracy=array(saved["layer_accuracy"]),
+               exact_match=saved["exact_match"],
+               item_correct=None if saved["item_correct"] is None
+                            else np.asarray(saved["item_correct"], bool))
+
 
 @dataclasses.dataclass
 class MethodResult:

@@ -128,6 +128,24 @@ def test_killed_run_resumes_to_identical_results(full_run, synthetic_model_dir, 
   assert after["methods"]["iterative_accuracy"] == uninterrupted["methods"]["iterative_accuracy"]
 
 
+def test_a_rerun_restores_every_finished_curve(full_run, synthetic_model_dir, tmp_path):
+  """A finished curve is saved with the run's state: rerunning a finished run (as after a
+  kill between two methods) evaluates no pruned variant again and writes the same results."""
+  import shutil
+  out = str(tmp_path / "rerun")
+  shutil.copytree(full_run, out)
+  rerun = _run(synthetic_model_dir, out, CURVE_METHODS)
+  for name in ("unpruned", "iterative_accuracy", "block_influence", "angular", "reverse",
+               "random", "single_layer"):
+    assert f"{name}: curve of " in rerun.stdout and "restored from the saved state" in rerun.stdout
+  assert "iterative_accuracy: step" not in rerun.stdout
+  before, after = _results(full_run), _results(out)
+  assert _comparable(after) == _comparable(before)
+  # Only the unpruned profiles (evaluation and calibration) and block influence ran again.
+  assert after["engine"]["block_evaluations_executed"] < (
+      before["engine"]["block_evaluations_executed"] / 2)
+
+
 def test_resume_with_other_flags_is_refused(full_run, synthetic_model_dir):
   result = _run(synthetic_model_dir, full_run, "--criteria=margin", check=False)
   assert result.returncode != 0
