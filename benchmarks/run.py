@@ -504,6 +504,11 @@ def results_markdown(r: dict[str, Any]) -> str:
   if {c["case"] for c in r["iterative"]} >= {"bundled model", "random Llama"}:
     from benchmarks import cost_model
     lines += ["", cost_model.markdown(r).rstrip()]
+  from benchmarks import bf16
+  side = bf16.markdown(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    "bf16.json"))
+  if side:
+    lines += ["", side.rstrip()]
   return "\n".join(lines) + "\n"
 
 

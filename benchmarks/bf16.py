@@ -1,0 +1,156 @@
+"""bfloat16 against float32 compute on a real model: speed and agreement.
+
+    python -m benchmarks.bf16            # SmolLM2-135M, ARC-Easy cloze, 64 items, 4 steps
+
+The same GGUF loaded twice: float32 weights and activations (the default, at
+HIGHEST matmul precision) and bfloat16 weights and activations
+(`--dtype=bfloat16`, as a study would run on an accelerator). On the first
+`--items` ARC-Easy validation items in the cloze format:
+
+* the unpruned model's per-layer readout: its time (median of `--repeats` after
+  a warm-up), the largest per-item Decision Margin difference at any layer
+  under both normalizations, the largest difference of the per-layer mean DM,
+  the final accuracy and the share of items whose top option agrees, and the
+  transition block l* of each;
+* the first `--steps` steps of Iterative Pruning (accuracy criterion) on the
+  same items: the removal order of each, whether they agree, and the time.
+
+Writes `benchmarks/results/bf16.json` after every measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_ITEMS = flags.DEFINE_integer("items", 64, "ARC-Easy validation items.")
+_STEPS = flags.DEFINE_integer("steps", 4, "Iterative Pruning steps in each dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats of the unpruned readout.")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results", "bf16.json"), "Output file.")
+
+DTYPES = ("float32", "bfloat16")
+
+
+def main(argv):
+  del argv
+  import jax
+  import transformers
+
+  import dpjax
+  from benchmarks import real_models
+  from benchmarks.common import machine
+  from dpjax import metrics, pruning, tasks
+  from dpjax.fileio import atomic_write_text
+  from dpjax.sweep import Sweep
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+
+  path = real_models.fetch("smollm2")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                         gguf_file=os.path.basename(path))
+  fetch_benchmarks(default_data_dir(), ["arc_easy"])
+  items = tasks.load_task("arc_easy", "validation", num_items=_ITEMS.value,
+                          data_dir=default_data_dir())
+  encoded = tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items])
+  out = {"model": "SmolLM2-135M-Instruct (GGUF)", "task": "arc_easy validation, cloze",
+         "items": len(items), "machine": machine(), "jax": jax.__version__}
+
+  def save():
+    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+    atomic_write_text(_OUT.value, json.dumps(out, indent=2) + "\n")
+
+  sweeps, profiles = {}, {}
+  for dtype in DTYPES:
+    model = dpjax.load_model(path, dtype=dtype)
+    sweeps[dtype] = sweep = Sweep(model, encoded, batch_size=16)
+    L = model.num_layers
+    unpruned = np.ones((1, L), bool)
+    readout = sweep.readouts(unpruned)  # warm-up (compiles)
+    times = []
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      readout = jax.block_until_ready(sweep.readouts(unpruned))
+      times.append(time.perf_counter() - start)
+    profiles[dtype] = jax.device_get(metrics.profile_jit(
+        readout.option_logits, readout.log_normalizer, encoded.answer, encoded.num_options,
+        normalization="options", option_logprob=readout.option_logprob))
+    out[f"readout_seconds_{dtype}"] = float(np.median(times))
+    print(f"{dtype}: unpruned per-layer readout {np.median(times):.2f} s", flush=True)
+  a, b = profiles["float32"], profiles["bfloat16"]
+  for norm in metrics.NORMALIZATIONS:
+    out[f"max_item_dm_difference_{norm}"] = float(np.nanmax(np.abs(a.margin[norm] - b.margin[norm])))
+    out[f"max_mean_dm_difference_{norm}"] = float(np.nanmax(np.abs(
+        a.margin_summary[norm].mean - b.margin_summary[norm].mean)))
+    out[f"mean_dm_final_{norm}"] = {d: float(p.margin_summary[norm].mean[0, -1])
+                                    for d, p in profiles.items()}
+  out["final_accuracy"] = {d: float(p.accuracy[0, -1]) for d, p in profiles.items()}
+  out["top_option_agreement_final"] = float(np.mean(a.top[0, -1] == b.top[0, -1]))
+  out["top_option_agreement_all_layers"] = float(np.mean(a.top[0] == b.top[0]))
+  out["transition_block_options"] = {d: int(p.transition[0]) for d, p in profiles.items()}
+  out["readout_speed_ratio_bf16_over_f32"] = (out["readout_seconds_float32"]
+                                              / out["readout_seconds_bfloat16"])
+  save()
+
+  orders = {}
+  for dtype, sweep in sweeps.items():
+    steps = []
+    start = time.perf_counter()
+    order = pruning.iterative_prune(
+        sweep, min_layers=sweep.num_layers - _STEPS.value,
+        on_step=lambda block, kept, stats: steps.append(stats.correct))
+    out[f"iterative_seconds_{dtype}"] = time.perf_counter() - start
+    orders[dtype] = [b + 1 for b in order]
+    out[f"iterative_correct_{dtype}"] = [int(c) for c in steps]
+    print(f"{dtype}: Iterative Pruning removes {orders[dtype]} "
+          f"({out[f'iterative_seconds_{dtype}']:.1f} s)", flush=True)
+    out["iterative_removed_order"] = orders
+    save()
+  out["iterative_orders_agree"] = orders["float32"] == orders["bfloat16"]
+  out["iterative_speed_ratio_bf16_over_f32"] = (out["iterative_seconds_float32"]
+                                                / out["iterative_seconds_bfloat16"])
+  save()
+  print(json.dumps(out, indent=2))
+
+
+def markdown(path: str) -> str:
+  """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    r = json.load(f)
+  m = r["machine"]
+  lines = [f"## bfloat16 against float32 (`benchmarks/bf16.py`)", "",
+           f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
+           f"{m['jax']} on the {m['jax_backend']} backend. Iterative Pruning times include "
+           "compilation. l* = -1: no transition.", "",
+           "| | float32 | bfloat16 |", "|---|---|---|",
+           f"| unpruned per-layer readout, s | {r['readout_seconds_float32']:.2f} | "
+           f"{r['readout_seconds_bfloat16']:.2f} |",
+           f"| final accuracy | {r['final_accuracy']['float32']:.3f} | "
+           f"{r['final_accuracy']['bfloat16']:.3f} |",
+           f"| mean DM at the last layer (options) | {r['mean_dm_final_options']['float32']:.4f} | "
+           f"{r['mean_dm_final_options']['bfloat16']:.4f} |",
+           f"| l* (options) | {r['transition_block_options']['float32']} | "
+           f"{r['transition_block_options']['bfloat16']} |"]
+  if "iterative_orders_agree" in r:
+    order = r["iterative_removed_order"]
+    lines.append(f"| Iterative Pruning, first {len(order['float32'])} removals | "
+                 f"{order['float32']} ({r['iterative_seconds_float32']:.0f} s) | "
+                 f"{order['bfloat16']} ({r['iterative_seconds_bfloat16']:.0f} s) |")
+  lines += ["", f"Largest per-item DM difference at any layer: "
+            f"{r['max_item_dm_difference_options']:.4f} (options normalization), "
+            f"{r['max_item_dm_difference_vocab']:.2e} (vocab); of the per-layer mean DM: "
+            f"{r['max_mean_dm_difference_options']:.4f} / {r['max_mean_dm_difference_vocab']:.2e}. "
+            f"Top option agrees on {100 * r['top_option_agreement_final']:.1f}% of items at the "
+            f"last layer, {100 * r['top_option_agreement_all_layers']:.1f}% over every layer."]
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  app.run(main)
