@@ -209,7 +209,7 @@ class HFIterativeReference:
     self.model = model.eval()
     self.layers = list(model.model.layers)
     self.layer_types = getattr(model.config, "layer_types", None)
-    self.batches = list(batches)
+    self.batches = [b.unshared() for b in batches]  # whole prompts, shots included
     self.block_rows = 0
     # transformers 5 collects hidden states with hooks it installs on the blocks
     # present at the first call: make that call with every block (also a warm-up).

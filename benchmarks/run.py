@@ -387,7 +387,7 @@ def program_memory(model, encoded, pad_id: int, chunks=(1, 4, 16)) -> list[dict[
   such program's temporaries, whatever the number of masks: this is the figure that sets
   it, free of the allocator's and the sampler's noise.
   """
-  from dpjax.readout import DecisionReader, Reads, mask_steps, packing
+  from dpjax.readout import DecisionReader, Reads, mask_steps, packing, shared_prefix
   from dpjax.tasks import batches
   reader = DecisionReader(model)
   batch = batches(encoded, 16, pad_id)[0]
@@ -397,7 +397,7 @@ def program_memory(model, encoded, pad_id: int, chunks=(1, 4, 16)) -> list[dict[
     for final_only in (False, True):
       compiled = reader._fns[final_only].lower(
           model.state, None, batch.input_ids, batch.attention_mask, Reads.of(batch),
-          packing(batch), index, valid).compile()
+          packing(batch), shared_prefix(batch), index, valid).compile()
       analysis = compiled.memory_analysis()
       rows.append({"masks_per_program": m, "final_only": final_only,
                    "tokens": list(batch.input_ids.shape),
@@ -504,11 +504,12 @@ def results_markdown(r: dict[str, Any]) -> str:
   if {c["case"] for c in r["iterative"]} >= {"bundled model", "random Llama"}:
     from benchmarks import cost_model
     lines += ["", cost_model.markdown(r).rstrip()]
-  from benchmarks import bf16
-  side = bf16.markdown(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    "bf16.json"))
-  if side:
-    lines += ["", side.rstrip()]
+  from benchmarks import measured
+  where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  for side in (measured.shared_prefix_markdown(os.path.join(where, "shared_prefix.json")),
+               measured.bf16_markdown(os.path.join(where, "bf16.json"))):
+    if side:
+      lines += ["", side.rstrip()]
   return "\n".join(lines) + "\n"
 
 

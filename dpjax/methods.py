@@ -67,6 +67,7 @@ class Context:
 
     def hidden():
       for batch in self.cal_sweep.batches:
+        batch = batch.unshared()  # whole prompts: every token counts, shots included
         states = np.asarray(self.model.hidden_states(batch.input_ids,
                                                      attention_mask=batch.attention_mask))
         rows = batch.index >= 0
@@ -106,6 +107,7 @@ def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
   articles = ctx.settings.task == "nq_open"
   hits = 0
   for batch in ctx.eval_sweep.batches:
+    batch = batch.unshared()  # generation runs whole prompts
     rows = batch.index >= 0
     tokens = np.asarray(server.generate(batch.input_ids, batch.attention_mask,
                                         max_new_tokens=OPEN_NEW_TOKENS))

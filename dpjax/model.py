@@ -291,7 +291,8 @@ class Transformer(nnx.Module):
     return soft_cap(logits, self.cfg.final_logit_softcap)
 
   def attention_context(self, attention_mask: Array, positions: Array | None = None,
-                        segments: Array | None = None) -> "AttentionContext":
+                        segments: Array | None = None,
+                        prefix_mask: Array | None = None) -> "AttentionContext":
     """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token).
 
     `positions` `[B, T]` default to counting real tokens only, so a left-padded
@@ -299,9 +300,33 @@ class Transformer(nnx.Module):
     (packed cloze sequences): a token attends to earlier tokens of segment 0
     and of its own segment only. Sliding windows count positions, which for a
     left-padded row is the same as counting columns.
+
+    `prefix_mask` `[P]` (1 = token; left-padded): every row continues one shared
+    prefix of that many tokens, run once as its own row (`ctx.prefix`); a row's
+    positions start after it, and its masks `[B, T, P + T]` let every token
+    attend to the whole prefix first (within a sliding window, by position).
     """
     cfg = self.cfg
     attention_mask = attention_mask.astype(bool)
+    if prefix_mask is not None:
+      if segments is not None:
+        raise ValueError("a shared prefix cannot be combined with packed segments.")
+      prefix_mask = prefix_mask.astype(bool)
+      prefix = self.attention_context(prefix_mask[None])
+      shared = jnp.sum(prefix_mask.astype(jnp.int32))
+      positions = shared + jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      own = self.attention_context(attention_mask, positions)
+      b = attention_mask.shape[0]
+      prefix_positions = jnp.maximum(jnp.cumsum(prefix_mask) - 1, 0)
+      to_prefix = jnp.broadcast_to(prefix_mask[None, None, :], (b, *own.full_mask.shape[1:2],
+                                                                prefix_mask.shape[0]))
+      full = jnp.concatenate([to_prefix, own.full_mask], axis=-1)
+      sliding = full
+      if cfg.sliding_window is not None:
+        keys = jnp.concatenate([jnp.broadcast_to(prefix_positions, (b, prefix_mask.shape[0])),
+                                positions], axis=-1)
+        sliding = full & ((positions[:, :, None] - keys[:, None, :]) < cfg.sliding_window)
+      return own._replace(full_mask=full, sliding_mask=sliding, prefix=prefix)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
@@ -328,7 +353,9 @@ class Transformer(nnx.Module):
     """Runs blocks on the residual stream `h` `[B, T, d]` as one loop.
 
     Args:
-      h: the residual stream the first step reads.
+      h: the residual stream the first step reads; with a shared prefix
+        (`ctx.prefix`, gather form only), the pair (rows `[B, T, d]`, prefix
+        `[1, P, d]`), which every step and readout sees and the loop returns.
       ctx: from `attention_context`.
       block_index: `[n]` int indices of the blocks to run, in order (gather
         form: step `s` slices block `block_index[s]` out of the stacked
@@ -344,9 +371,9 @@ class Transformer(nnx.Module):
         traced int); its results come back stacked.
       rows: optional `[B, R]` positions, the only ones read after the last step
         (gather form, no readout): the last block computes keys and values at
-        every position but its attention output and MLP only at these, and the
-        final residual comes back as `[B, R, d]` (exactly those rows of the
-        whole computation).
+        every position (the prefix's too) but its attention output and MLP only
+        at these, and the final residual comes back as `[B, R, d]` (exactly
+        those rows of the whole computation).
 
     Returns:
       The final residual `[B, T, d]` (`[B, R, d]` with `rows`) and the stacked
@@ -360,7 +387,22 @@ class Transformer(nnx.Module):
     def run(h, state, sliding):
       block = nnx.merge(graphdef, state)
       mask, cos, sin = ctx.for_block(sliding, local_rope)
-      return block(h, cos, sin, mask)
+      if ctx.prefix is None:
+        return block(h, cos, sin, mask)
+      h, hp = h  # the rows, and the shared prefix `[1, P, d]` they continue
+      kp, vp, hp = prefix_step(block, hp, sliding, True)
+      q, k, v = block.project(h, cos, sin)
+      return block.attend_and_mlp(h, q, *with_prefix(kp, vp, k, v), mask), hp
+
+    def prefix_step(block, hp, sliding, whole):
+      """The prefix's keys and values in `block`, and (`whole`) its output."""
+      mask, cos, sin = ctx.prefix.for_block(sliding, local_rope)
+      q, k, v = block.project(hp, cos, sin)
+      return k, v, (block.attend_and_mlp(hp, q, k, v, mask) if whole else hp)
+
+    def with_prefix(kp, vp, k, v):  # the prefix's keys first, for every row
+      grow = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (x.shape[0], *p.shape[1:])), x], 1)
+      return grow(kp, k), grow(vp, v)
 
     if block_index is None:
       def body(h, x):
@@ -370,6 +412,8 @@ class Transformer(nnx.Module):
       layers = jnp.arange(1, self.cfg.num_layers + 1, dtype=jnp.int32)
       return jax.lax.scan(body, h, (block_state, block_valid, is_sliding, layers))
 
+    if ctx.prefix is not None and block_index is None:
+      raise ValueError("a shared prefix runs in the gather form only (give block_index).")
     steps = block_index.shape[0]
     outs = None
     if readout is not None:
@@ -398,25 +442,41 @@ class Transformer(nnx.Module):
       index = block_index[count - 1]
       block = nnx.merge(graphdef, jax.tree.map(lambda w: w[index], block_state))
       mask, cos, sin = ctx.for_block(is_sliding[index], local_rope)
+      if ctx.prefix is not None:  # the prefix gives its keys and values only
+        h, hp = h
+        kp, vp, _ = prefix_step(block, hp, is_sliding[index], False)
       q, k, v = block.project(h, cos, sin)
+      if ctx.prefix is not None:
+        k, v = with_prefix(kp, vp, k, v)
       return block.attend_and_mlp(take(h), take(q), k, v, take(mask))
 
+    def rows_only(h):
+      return take(h if ctx.prefix is None else h[0])
+
     # A drop-one candidate may have no step left (it dropped the last block).
-    return jax.lax.cond(count > 0, last_block, take, h), None
+    return jax.lax.cond(count > 0, last_block, rows_only, h), None
 
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
                  block_valid: Array, readout: Callable[[Array], Any] | None = None,
                  positions: Array | None = None, segments: Array | None = None,
-                 rows: Array | None = None):
+                 rows: Array | None = None, prefix: tuple[Array, Array] | None = None):
     """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`, also for
-    `rows`; `positions`, `segments`: see `attention_context`).
+    `rows`; `positions`, `segments`: see `attention_context`). `prefix`: (ids, mask)
+    `[P]` of a prefix every row continues, computed once (the readout then sees the
+    pair (rows, prefix), see `scan_blocks`).
 
-    Returns the final residual `[B, T, d]`, `readout(h_0, 0)`, and the stacked
-    readouts after each step `[n, ...]` (both None without a readout).
+    Returns the final residual of the rows `[B, T, d]`, `readout(h_0, 0)`, and the
+    stacked readouts after each step `[n, ...]` (both None without a readout).
     """
     h0 = self.embed_tokens(input_ids)
-    ctx = self.attention_context(attention_mask, positions, segments)
+    if prefix is not None:
+      ctx = self.attention_context(attention_mask, positions, segments, prefix_mask=prefix[1])
+      h0 = (h0, self.embed_tokens(prefix[0][None]))
+    else:
+      ctx = self.attention_context(attention_mask, positions, segments)
     h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout, rows=rows)
+    if prefix is not None and rows is None:
+      h = h[0]
     return h, (None if readout is None else readout(h0, jnp.int32(0))), per_step
 
 
@@ -428,6 +488,8 @@ class AttentionContext(NamedTuple):
   sliding_mask: Array  # [B, T, T] bool, the same within the sliding window
   cos_local: Array    # [B, T, head_dim] the sliding blocks' rope (Gemma 3), else = cos
   sin_local: Array
+  # A shared prefix's own context ([1, P, ...]); the masks above are then [B, T, P + T].
+  prefix: "AttentionContext | None" = None
 
   def for_block(self, sliding, local_rope: bool):
     """The mask and rope tables of a block (`sliding`: a traced bool)."""

@@ -205,24 +205,30 @@ def last_layer(block_index, block_valid):
   return block_index[jnp.maximum(count - 1, 0)] + 1
 
 
+def residual_rows(h):
+  """The rows' residual of a scan's state (without the shared prefix, when there is one)."""
+  return h[0] if isinstance(h, tuple) else h
+
+
 def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
-                     packed, translators, block_index, block_valid) -> Readout:
+                     packed, translators, block_index, block_valid, prefix=None) -> Readout:
   """Readouts `[L+1, B, K]` / `[L+1, B]` of one mask given as steps.
 
   `block_index` `[n]` and `block_valid` `[n]`: the blocks to run in order (see
   `Transformer.run_blocks`); layer `1 + block_index[s]` is filled for valid
   steps, every other block layer is NaN. `packed`: (positions, segments).
-  `translators`: the tuned lens's (None: the logit lens).
+  `translators`: the tuned lens's (None: the logit lens). `prefix`: (ids, mask) `[P]`
+  of the prefix every row continues (`Batch.prefix_ids`), or None.
   """
   unembed = unembedding_f32(module)
   # The variant's last layer is its own output: read through the model's head, never a
   # translator (row L of the translators is zero), whichever lens reads the others.
   last, own = last_layer(block_index, block_valid), module.cfg.num_layers
-  readout = lambda h, layer: lens(module, unembed, h, reads, jnp.where(layer == last, own, layer),
-                                  translators)
+  readout = lambda h, layer: lens(module, unembed, residual_rows(h), reads,
+                                  jnp.where(layer == last, own, layer), translators)
   _, first, per_step = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                                          readout=readout, positions=packed[0],
-                                         segments=packed[1])
+                                         segments=packed[1], prefix=prefix)
   return layers_from_steps(first, per_step, block_index, block_valid, module.cfg.num_layers)
 
 
@@ -239,7 +245,7 @@ def read_rows(lens: Lens, reads: Reads, input_ids) -> tuple[jax.Array, Reads]:
 
 
 def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, reads: Reads,
-                  packed, translators, block_index, block_valid,
+                  packed, translators, block_index, block_valid, prefix=None,
                   last_at_reads: bool = True) -> Readout:
   """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once, and
   (`last_at_reads`) the last block's attention output and MLP run only at the positions
@@ -247,7 +253,7 @@ def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, re
   unembed = unembedding_f32(module)
   rows, reads_in_rows = read_rows(lens, reads, input_ids) if last_at_reads else (None, reads)
   h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
-                              positions=packed[0], segments=packed[1], rows=rows)
+                              positions=packed[0], segments=packed[1], rows=rows, prefix=prefix)
   # The variant's own output: the model's head, not a translator (row L is zero).
   return lens(module, unembed, h, reads_in_rows, module.cfg.num_layers, translators)
 
@@ -262,20 +268,27 @@ def default_in_flight() -> int | None:
 def map_masks(fn, in_flight: int | None, *xs):
   """`fn` over the leading (mask) axis of `xs`: vmapped all at once (`in_flight` None), or
   `in_flight` masks at a time in a loop, so only that many masks' activations are live."""
-  if in_flight is None or in_flight >= xs[0].shape[0]:
+  if in_flight is None or in_flight >= jax.tree.leaves(xs[0])[0].shape[0]:
     return jax.vmap(fn)(*xs)
   return jax.lax.map(lambda x: fn(*x), xs, batch_size=in_flight)
 
 
 def _readout_masks(graphdef, lens, final_only, in_flight, last_at_reads, state, translators,
-                   input_ids, attention_mask, reads, packed, block_index,
+                   input_ids, attention_mask, reads, packed, prefix, block_index,
                    block_valid) -> Readout:
   module = nnx.merge(graphdef, state)
   fn = (functools.partial(final_readout, last_at_reads=last_at_reads) if final_only
         else decision_readout)
-  one = functools.partial(fn, module, lens, input_ids, attention_mask, reads, packed,
-                          translators)
+  one = lambda index, valid: fn(module, lens, input_ids, attention_mask, reads, packed,
+                                translators, index, valid, prefix)
   return map_masks(one, in_flight, block_index, block_valid)
+
+
+def shared_prefix(batch: Batch) -> tuple | None:
+  """The batch's shared prefix as (ids, mask) `[P]`, or None (replicated on every device)."""
+  if batch.prefix_ids is None:
+    return None
+  return batch.prefix_ids, batch.prefix_mask
 
 
 def mask_steps(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +328,7 @@ class DecisionReader:
     put = (lambda x: x) if self.placement is None else self.placement.items
     return self._fns[final_only](self.model.state, self.translators, put(batch.input_ids),
                                  put(batch.attention_mask), Reads.of(batch, put),
-                                 packing(batch, put), index, valid)
+                                 packing(batch, put), shared_prefix(batch), index, valid)
 
   def run(self, encoded: EncodedTask, masks: np.ndarray | None = None, *, batch_size: int = 16,
           pad_id: int = 0, progress: bool = True, description: str = "readout",

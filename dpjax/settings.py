@@ -25,10 +25,10 @@ METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
 DTYPES = ("float32", "bfloat16", "float16")
 PHASE_KS = ("all", "doublings")
 
-# Settings that cannot change a result, or only results no saved state holds (the phase
-# experiment keeps none): resuming does not require them equal.
+# Settings that cannot change a result beyond float rounding, or only which variants run
+# (a saved curve is keyed by its masks): resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
-                      "masks_in_flight", "compilation_cache_dir", "phase_ks")
+                      "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,10 @@ class Settings:
   masks_in_flight: int = setting(0, "Masks (or drop-one candidates) whose activations are live "
                                  "at once inside one call; 0: one on the CPU, all of them on "
                                  "an accelerator. Lower it to bound memory.")
+  share_prefix: bool = setting(True, "Items whose prompts begin with the same 64 tokens or "
+                               "more (few-shot shots of one subject) run that prefix once per "
+                               "batch (letter and open formats; the same results up to float "
+                               "rounding).")
   output_dir: str = setting("dpjax_out", "Where the report goes.")
   progress: bool = setting(True, "Show progress bars with an ETA.")
   model_axis: int = setting(1, "Devices along the mesh's model axis (weights split across "

@@ -120,7 +120,8 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   sweep = lambda enc, tr: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
                                 mask_chunk=s.mask_chunk, progress=s.progress,
                                 placement=placement, lens=lens, translators=tr,
-                                in_flight=s.masks_in_flight or "auto")
+                                in_flight=s.masks_in_flight or "auto",
+                                share_prefix=s.share_prefix)
   ctx = Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
                 sweep(encoded_eval, translators),
                 sweep(encoded_cal, translators) if encoded_cal else None,

@@ -39,7 +39,7 @@ from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
 from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, map_masks,
-                           packing, read_rows, unembedding_f32)
+                           packing, read_rows, residual_rows, shared_prefix, unembedding_f32)
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -86,32 +86,45 @@ def final_stats(option_logits: np.ndarray, log_normalizer: np.ndarray,
       nll_sum=(-correct_logp).sum(-1), items=np.full(len(z), len(answer)))
 
 
-def _stream(graphdef, state, input_ids, attention_mask, packed, block_index, block_valid):
-  """The residual stream `[L+1, B, T, d]`: h_0 and the output of every step.
+def _context(module, attention_mask, packed, prefix):
+  return module.attention_context(attention_mask, *packed,
+                                  prefix_mask=None if prefix is None else prefix[1])
+
+
+def _stream(graphdef, state, input_ids, attention_mask, packed, prefix, block_index,
+            block_valid):
+  """The residual stream `[L+1, B, T, d]`: h_0 and the output of every step (with a
+  shared prefix, the pair of it and the prefix's `[L+1, 1, P, d]`).
 
   Zero-padded to `L+1` entries whatever the number of steps, so the candidates'
   program that reads it has one shape for every pruning step.
   """
   module = nnx.merge(graphdef, state)
   h0 = module.embed_tokens(input_ids)
-  ctx = module.attention_context(attention_mask, *packed)
+  if prefix is not None:
+    h0 = (h0, module.embed_tokens(prefix[0][None]))
+  ctx = _context(module, attention_mask, packed, prefix)
   _, per_step = module.scan_blocks(h0, ctx, block_index, block_valid, readout=lambda h, layer: h)
-  stream = jnp.concatenate([h0[None], per_step], axis=0)
-  missing = module.cfg.num_layers + 1 - stream.shape[0]
-  return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
+
+  def stacked(first, steps):
+    stream = jnp.concatenate([first[None], steps], axis=0)
+    missing = module.cfg.num_layers + 1 - stream.shape[0]
+    return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
+
+  return jax.tree.map(stacked, h0, per_step)
 
 
 def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream, starts,
-           attention_mask, packed, reads, block_index, block_valid):
+           attention_mask, packed, prefix, reads, block_index, block_valid):
   """Final lens readouts of candidates resuming from the current model's stream.
 
   Candidate `c` starts from `stream[starts[c]]` (`stream` `[n+1, B, T, d]`)
   and runs the steps `block_index[c]` `[C, n]`. Returns the `Readout` of each,
   `[C, B, K]` / `[C, B]`.
   """
-  h_start = jnp.take(stream, starts, axis=0)
+  h_start = jax.tree.map(lambda s: jnp.take(s, starts, axis=0), stream)
   module = nnx.merge(graphdef, state)
-  ctx = module.attention_context(attention_mask, *packed)
+  ctx = _context(module, attention_mask, packed, prefix)
   unembed = unembedding_f32(module)
 
   rows, reads_in_rows = (read_rows(lens, reads, attention_mask) if last_at_reads
@@ -119,6 +132,7 @@ def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream,
 
   def one(h, index, valid):
     h, _ = module.scan_blocks(h, ctx, index, valid, rows=rows)
+    h = residual_rows(h)
     # A candidate's final readout is its own output: the model's head (translator row L).
     return lens(module, unembed, h, reads_in_rows, module.cfg.num_layers, translators)
 
@@ -149,11 +163,13 @@ class Sweep:
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
                placement=None, time_phases: bool = False, lens: Lens | None = None,
                translators=None, in_flight: int | None | str = "auto",
-               last_at_reads: bool = True):
+               last_at_reads: bool = True, share_prefix: bool = True):
     """`in_flight`: masks (or drop-one candidates) whose activations are live at once in
     one program ("auto": `readout.default_in_flight`); see `readout.map_masks`.
     `last_at_reads`: final readouts run the last block's attention output and MLP only at
-    the positions the lens reads (`Transformer.scan_blocks(rows=...)`)."""
+    the positions the lens reads (`Transformer.scan_blocks(rows=...)`). `share_prefix`:
+    items whose prompts begin alike (few-shot shots) run that prefix once per batch
+    (`tasks.batches`)."""
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -163,7 +179,7 @@ class Sweep:
     self.mask_chunk = mask_chunk
     self.progress = progress
     self.placement = placement  # dpjax.distributed.Placement or None
-    self.batches = batches(encoded, batch_size, pad_id)
+    self.batches = batches(encoded, batch_size, pad_id, share_prefix=share_prefix)
     self.lens = lens or Lens(encoded.format)
     self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.in_flight = default_in_flight() if in_flight == "auto" else in_flight
@@ -267,8 +283,10 @@ class Sweep:
       answer = batch.answer[rows]
       mask = self._put(batch.attention_mask)
       packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
+      prefix = shared_prefix(batch)
       stream = self._timed("stream", self._stream_fn, self.model.state,
-                           self._put(batch.input_ids), mask, packed, stream_index, stream_valid)
+                           self._put(batch.input_ids), mask, packed, prefix, stream_index,
+                           stream_valid)
       self.counters.executed += n_kept * self.batch_size
       self.counters.minimum += n_kept * self.batch_size
       # Group the live candidates by the (bucketed) number of blocks they still run, so a
@@ -285,7 +303,7 @@ class Sweep:
           index, valid = stacked_steps(tails, self.num_layers)
           starts = np.array([position[c] for c in group], np.int32)
           out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
-                            stream, starts, mask, packed, reads, index, valid)
+                            stream, starts, mask, packed, prefix, reads, index, valid)
           self.counters.executed += executed_steps(list(map(len, tails)),
                                                    self.in_flight) * self.batch_size
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]

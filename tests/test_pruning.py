@@ -226,7 +226,7 @@ def test_masks_in_flight_change_the_memory_not_the_results(setup):
   """Masks run one at a time (or three) inside a call give the vmapped results; the
   program's working memory is one mask's, not the group's; and the work counted is each
   mask's own loop (one at a time: exactly the minimum)."""
-  from dpjax.readout import Reads, mask_steps, packing
+  from dpjax.readout import Reads, mask_steps, packing, shared_prefix
   from dpjax.sweep import executed_steps
   model, encoded, _ = setup
   rng = np.random.default_rng(3)
@@ -250,7 +250,7 @@ def test_masks_in_flight_change_the_memory_not_the_results(setup):
   batch = sweeps[1].batches[0]
   index, valid = mask_steps(np.ones((8, 4), bool))
   args = (model.state, None, batch.input_ids, batch.attention_mask, Reads.of(batch),
-          packing(batch), index, valid)
+          packing(batch), shared_prefix(batch), index, valid)
   temp = {k: s.reader._fns[False].lower(*args).compile().memory_analysis().temp_size_in_bytes
           for k, s in sweeps.items()}
   assert temp[1] * 4 < temp[None], temp

@@ -270,6 +270,29 @@ class Batch:
   read_target: np.ndarray | None = None
   read_option: np.ndarray | None = None
   option_bytes: np.ndarray | None = None
+  # A prefix every row continues (`[P]`, left-padded; mask 1 = token), run once for the
+  # whole batch: the rows then hold only what follows it.
+  prefix_ids: np.ndarray | None = None
+  prefix_mask: np.ndarray | None = None
+
+  def unshared(self) -> "Batch":
+    """The same rows with the shared prefix written into each (left-padded), for code
+    that runs whole prompts (generation, block influence); itself when there is none."""
+    if self.prefix_ids is None:
+      return self
+    prefix = self.prefix_ids[self.prefix_mask.astype(bool)]
+    rows = [np.concatenate([prefix, ids[m.astype(bool)]])
+            for ids, m in zip(self.input_ids, self.attention_mask)]
+    length = self.input_ids.shape[1] + self.prefix_ids.shape[0]
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    pad = self.input_ids[self.attention_mask == 0]
+    ids[:] = pad[0] if len(pad) else 0
+    for r, row in enumerate(rows):
+      ids[r, length - len(row):] = row
+      mask[r, length - len(row):] = 1
+    return dataclasses.replace(self, input_ids=ids, attention_mask=mask, prefix_ids=None,
+                               prefix_mask=None)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -283,8 +306,37 @@ def _common(values: list[int], multiple: int) -> int | None:
   return None
 
 
+# Items whose prompts start with at least this many equal tokens (few-shot prompts of one
+# subject) share them as a batch prefix.
+MIN_SHARED_PREFIX = 64
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(differ[0]) if len(differ) else n
+
+
+def prefix_groups(tokens: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
+                  ) -> tuple[list[list[int]], list[int]]:
+  """Items whose token sequences share their first `min_shared` tokens or more, in groups
+  (each in token order, so that any run of a group shares a prefix at least that long),
+  and the items that share with none."""
+  order = sorted(range(len(tokens)), key=lambda i: list(tokens[i]))
+  groups, alone, current = [], [], order[:1]
+  for prev, i in zip(order, order[1:]):
+    if _common_prefix(tokens[prev], tokens[i]) >= min_shared:
+      current.append(i)
+      continue
+    (groups.append(current) if len(current) > 1 else alone.extend(current))
+    current = [i]
+  (groups.append(current) if len(current) > 1 else alone.extend(current))
+  return groups, sorted(alone)
+
+
 def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
-            length_multiple: int = 32, reads_multiple: int = 16) -> list[Batch]:
+            length_multiple: int = 32, reads_multiple: int = 16,
+            share_prefix: bool = False) -> list[Batch]:
   """Left-padded batches of items of similar length (sorted by length).
 
   Lengths are rounded up to a multiple of `length_multiple` (and the cloze
@@ -292,9 +344,28 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
   for a few shapes only; every batch has exactly `batch_size` rows. When the
   longest is at most 1.5 times the median, every batch gets the same size:
   one shape to compile, at a small padding cost.
+
+  With `share_prefix` (letter and open formats), items whose prompts begin with
+  the same `MIN_SHARED_PREFIX` tokens or more (few-shot prompts of one subject)
+  are batched together, and the tokens every row of a batch begins with go to
+  `Batch.prefix_ids`, computed once per batch instead of once per row; each row
+  keeps at least its last token. The computation is the same up to float
+  rounding. Code that runs the rows itself must then run `Batch.unshared()` (the
+  sweep engine, `dpjax.sweep.Sweep`, shares by default).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+  if share_prefix and encoded.format != "cloze":
+    groups, alone = prefix_groups(encoded.tokens)
+    if groups:
+      out = [b for group in groups for b in _prefix_batches(encoded, group, batch_size, pad_id,
+                                                            length_multiple)]
+      if alone:
+        out += batches(encoded.subset(alone), batch_size, pad_id, length_multiple,
+                       reads_multiple, share_prefix=False)
+        for batch in out[len(out) - _count_batches(len(alone), batch_size):]:
+          batch.index = np.where(batch.index >= 0, np.asarray(alone)[batch.index], -1)
+      return out
   order = sorted(range(len(encoded.tokens)), key=lambda i: len(encoded.tokens[i]))
   answer = encoded.answer
   common = _common([len(t) for t in encoded.tokens], length_multiple)
@@ -340,4 +411,43 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
           batch.read_option[r, j] = option
         batch.option_bytes[r] = encoded.option_bytes[i]
     out.append(batch)
+  return out
+
+
+def _count_batches(items: int, batch_size: int) -> int:
+  return -(-items // batch_size)
+
+
+def _prefix_batches(encoded: EncodedTask, group: list[int], batch_size: int, pad_id: int,
+                    length_multiple: int) -> list[Batch]:
+  """Batches of one prefix group (in its token order): each batch's common leading tokens
+  (all but every row's last one at most) as its prefix, the rest left-padded as rows."""
+  tokens, answer = encoded.tokens, encoded.answer
+  width = encoded.letter_ids.shape[1]
+  out = []
+  for start in range(0, len(group), batch_size):
+    rows = group[start:start + batch_size]
+    shared = min(min(_common_prefix(tokens[rows[0]], tokens[i]) for i in rows),
+                 min(len(tokens[i]) for i in rows) - 1)
+    size = _round_up(max(shared, 1), length_multiple)
+    prefix_ids = np.full(size, pad_id, np.int32)
+    prefix_mask = np.zeros(size, np.int32)
+    prefix_ids[size - shared:] = tokens[rows[0]][:shared]
+    prefix_mask[size - shared:] = 1
+    length = _round_up(max(len(tokens[i]) - shared for i in rows), length_multiple)
+    ids = np.full((batch_size, length), pad_id, dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    letters = np.full((batch_size, width), -1, dtype=np.int32)
+    answers = np.zeros(batch_size, dtype=np.int32)
+    index = np.full(batch_size, -1, dtype=np.int32)
+    mask[:, -1] = 1  # filler rows: one token, never read
+    for r, i in enumerate(rows):
+      rest = tokens[i][shared:]
+      ids[r, length - len(rest):] = rest
+      mask[r, length - len(rest):] = 1
+      letters[r] = encoded.letter_ids[i]
+      answers[r] = answer[i]
+      index[r] = i
+    out.append(Batch(ids, mask, letters, answers, index, prefix_ids=prefix_ids,
+                     prefix_mask=prefix_mask))
   return out

@@ -1,0 +1,70 @@
+"""RESULTS.md's sections on the side measurements (`benchmarks/bf16.py`,
+`benchmarks/shared_prefix.py`), from the JSON files they write.
+
+Kept apart from those scripts so that `benchmarks.run` can import it without their flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def shared_prefix_markdown(path: str) -> str:
+  """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
+  if not os.path.exists(path) or "reference_s" not in json.load(open(path)):
+    return ""
+  with open(path) as f:
+    r = json.load(f)
+  m = r["machine"]
+  return "\n".join([
+      "## Shared few-shot prefixes (`benchmarks/shared_prefix.py`)", "",
+      f"{r['model']}; {r['work']}; {m['cpu_count']} CPU cores, JAX {m['jax']} on the "
+      f"{m['jax_backend']} backend. Prompts average {r['mean_prompt_tokens']:.0f} tokens; the "
+      f"batches hold {r['batch_tokens_shared']:,} token positions with the prefix shared, "
+      f"{r['batch_tokens_unshared']:,} without.", "",
+      "| | seconds (first call, compilation included) | seconds (warm) | reference / dpjax "
+      "(first call) | (warm) |", "|---|---|---|---|---|",
+      f"| dpjax, shared prefix | {r['dpjax_shared_first_call_s']:.1f} | {r['dpjax_shared_s']:.1f} | "
+      f"{r['ratio_shared_with_compilation']:.1f}x | {r['ratio_shared_warm']:.1f}x |",
+      f"| dpjax, whole prompts | {r['dpjax_unshared_first_call_s']:.1f} | "
+      f"{r['dpjax_unshared_s']:.1f} | {r['ratio_unshared_with_compilation']:.1f}x | "
+      f"{r['ratio_unshared_warm']:.1f}x |",
+      f"| HF PyTorch reference | {r['reference_s']:.1f} | | | |", "",
+      f"Largest option-logit difference, shared against whole prompts: "
+      f"{r['shared_vs_unshared_max_logit_difference']:.1e}; against the reference: "
+      f"{r['reference_max_logit_difference']:.1e}.", ""])
+
+
+def bf16_markdown(path: str) -> str:
+  """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    r = json.load(f)
+  m = r["machine"]
+  lines = [f"## bfloat16 against float32 (`benchmarks/bf16.py`)", "",
+           f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
+           f"{m['jax']} on the {m['jax_backend']} backend. Iterative Pruning times include "
+           "compilation. l* = -1: no transition.", "",
+           "| | float32 | bfloat16 |", "|---|---|---|",
+           f"| unpruned per-layer readout, s | {r['readout_seconds_float32']:.2f} | "
+           f"{r['readout_seconds_bfloat16']:.2f} |",
+           f"| final accuracy | {r['final_accuracy']['float32']:.3f} | "
+           f"{r['final_accuracy']['bfloat16']:.3f} |",
+           f"| mean DM at the last layer (options) | {r['mean_dm_final_options']['float32']:.4f} | "
+           f"{r['mean_dm_final_options']['bfloat16']:.4f} |",
+           f"| l* (options) | {r['transition_block_options']['float32']} | "
+           f"{r['transition_block_options']['bfloat16']} |"]
+  if "iterative_orders_agree" in r:
+    order = r["iterative_removed_order"]
+    lines.append(f"| Iterative Pruning, first {len(order['float32'])} removals | "
+                 f"{order['float32']} ({r['iterative_seconds_float32']:.0f} s) | "
+                 f"{order['bfloat16']} ({r['iterative_seconds_bfloat16']:.0f} s) |")
+  lines += ["", f"Largest per-item DM difference at any layer: "
+            f"{r['max_item_dm_difference_options']:.4f} (options normalization), "
+            f"{r['max_item_dm_difference_vocab']:.2e} (vocab); of the per-layer mean DM: "
+            f"{r['max_mean_dm_difference_options']:.4f} / {r['max_mean_dm_difference_vocab']:.2e}. "
+            f"Top option agrees on {100 * r['top_option_agreement_final']:.1f}% of items at the "
+            f"last layer, {100 * r['top_option_agreement_all_layers']:.1f}% over every layer."]
+  return "\n".join(lines) + "\n"

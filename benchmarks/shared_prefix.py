@@ -1,0 +1,139 @@
+"""Few-shot prompts that share their shots: dpjax with and without the shared prefix,
+against the HF-PyTorch reference, on a real model.
+
+    python -m benchmarks.shared_prefix     # SmolLM2-135M, MMLU 5-shot, 2 subjects x 16 items
+
+MMLU-shaped work: the first `--per_subject` test items of the first `--subjects`
+subjects (alphabetical), each prompt the subject's five dev-split shots and the
+question (lm-eval's layout), in the letter format. The work is the per-layer lens
+readout of `--masks` variants (the unpruned model, then 1, 2, ... blocks removed
+in reverse order), as a pruning curve reads them. Three implementations on the
+same items and masks:
+
+* dpjax with the shared prefix (`Sweep(share_prefix=True)`, the default): each
+  batch of one subject runs its shots once;
+* dpjax without it (every row its whole prompt);
+* the reference: HF transformers (PyTorch, float32, eager attention), blocks
+  deleted, `output_hidden_states` through the final norm and the head, one
+  forward per variant on the unshared batches.
+
+Checked before any time is reported: the shared readouts equal the unshared
+ones within 1e-4 (logits), and the reference's within 1e-3. dpjax's times are
+the first call (compilation included) and the median of `--repeats` after it;
+the reference's is one pass (it compiles nothing). Writes
+`benchmarks/results/shared_prefix.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_SUBJECTS = flags.DEFINE_integer("subjects", 2, "MMLU subjects (the first, alphabetically).")
+_PER_SUBJECT = flags.DEFINE_integer("per_subject", 16, "Test items per subject.")
+_K_SHOT = flags.DEFINE_integer("k_shot", 5, "Shots per prompt (the subject's dev items).")
+_MASKS = flags.DEFINE_integer("masks", 3, "Variants read: unpruned, then reverse order.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of dpjax after its first call.")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results", "shared_prefix.json"), "Output file.")
+
+
+def main(argv):
+  del argv
+  import jax
+  import torch
+  import transformers
+
+  import dpjax
+  from benchmarks import real_models, reference
+  from benchmarks.common import machine
+  from dpjax import tasks
+  from dpjax.fileio import atomic_write_text
+  from dpjax.sweep import Sweep
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+
+  path = real_models.fetch("smollm2")
+  where, name = os.path.dirname(path), os.path.basename(path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+  fetch_benchmarks(default_data_dir(), ["mmlu"])
+  test = tasks.load_task("mmlu", "test", data_dir=default_data_dir())
+  dev = tasks.load_task("mmlu", "dev", data_dir=default_data_dir())
+  subjects = sorted({item.subject for item in test})[:_SUBJECTS.value]
+  items = [item for s in subjects for item in [i for i in test if i.subject == s][
+      :_PER_SUBJECT.value]]
+  shots = tasks.shots_for(items, dev, _K_SHOT.value)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i, s) for i, s in zip(items, shots)])
+  model = dpjax.load_model(path)
+  L = model.num_layers
+  masks = np.ones((_MASKS.value, L), bool)
+  for m in range(1, _MASKS.value):
+    masks[m, L - m:] = False
+  pad = tokenizer.pad_token_id or 0
+  sweeps = {share: Sweep(model, encoded, batch_size=16, pad_id=pad, share_prefix=share)
+            for share in (True, False)}
+  tokens = {share: int(sum(b.input_ids.size + (0 if b.prefix_ids is None else b.prefix_ids.size)
+                           for b in s.batches)) for share, s in sweeps.items()}
+  out = {"model": "SmolLM2-135M-Instruct (GGUF)",
+         "work": f"MMLU {_K_SHOT.value}-shot, letter format, {len(items)} test items of "
+                 f"{len(subjects)} subjects ({', '.join(subjects)}); per-layer readouts of "
+                 f"{len(masks)} variants (unpruned, then blocks removed from the last)",
+         "items": len(items), "masks": len(masks), "machine": machine(),
+         "mean_prompt_tokens": float(np.mean([len(t) for t in encoded.tokens])),
+         "batch_tokens_shared": tokens[True], "batch_tokens_unshared": tokens[False]}
+
+  def save():
+    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+    atomic_write_text(_OUT.value, json.dumps(out, indent=2) + "\n")
+
+  readouts = {}
+  for share, sweep in sweeps.items():
+    key = "shared" if share else "unshared"
+    start = time.perf_counter()
+    readouts[share] = jax.block_until_ready(sweep.readouts(masks))
+    out[f"dpjax_{key}_first_call_s"] = time.perf_counter() - start
+    times = []
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      jax.block_until_ready(sweep.readouts(masks))
+      times.append(time.perf_counter() - start)
+    out[f"dpjax_{key}_s"] = float(np.median(times))
+    print(f"dpjax {key}: {out[f'dpjax_{key}_first_call_s']:.1f} s first call, "
+          f"{out[f'dpjax_{key}_s']:.1f} s after", flush=True)
+    save()
+  worst = float(np.nanmax(np.abs(readouts[True].option_logits - readouts[False].option_logits)))
+  out["shared_vs_unshared_max_logit_difference"] = worst
+  if worst > 1e-4:
+    raise SystemExit(f"shared and unshared readouts differ by {worst}.")
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      where, gguf_file=name, dtype=torch.float32, attn_implementation="eager")
+  ref = reference.HFIterativeReference(hf, sweeps[False].batches)
+  start = time.perf_counter()
+  worst_ref = 0.0
+  order = np.concatenate([b.index[b.index >= 0] for b in sweeps[False].batches])
+  for m, mask in enumerate(masks):
+    kept = [int(b) for b in np.flatnonzero(mask)]
+    options, _, _ = ref.readouts(kept)  # [n+1, N, K] over kept layers, in batch order
+    ours = readouts[True].option_logits[m][[0] + [b + 1 for b in kept]][:, order]
+    live = np.isfinite(options)
+    worst_ref = max(worst_ref, float(np.abs(options[live] - ours[live]).max()))
+  out["reference_s"] = time.perf_counter() - start
+  out["reference_max_logit_difference"] = worst_ref
+  if worst_ref > 1e-3:
+    raise SystemExit(f"dpjax and the reference differ by {worst_ref} in option logits.")
+  for key in ("shared", "unshared"):
+    out[f"ratio_{key}_warm"] = out["reference_s"] / out[f"dpjax_{key}_s"]
+    out[f"ratio_{key}_with_compilation"] = out["reference_s"] / out[f"dpjax_{key}_first_call_s"]
+  save()
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
