@@ -309,8 +309,9 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     attention_mask = attention_mask.astype(bool)
     if prefix_mask is not None:
-      if segments is not None:
-        raise ValueError("a shared prefix cannot be combined with packed segments.")
+      if segments is not None or positions is not None:
+        raise ValueError("a shared prefix sets the rows' positions itself; it cannot be "
+                         "combined with given positions or packed segments.")
       prefix_mask = prefix_mask.astype(bool)
       prefix = self.attention_context(prefix_mask[None])
       shared = jnp.sum(prefix_mask.astype(jnp.int32))
@@ -404,6 +405,8 @@ class Transformer(nnx.Module):
       grow = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (x.shape[0], *p.shape[1:])), x], 1)
       return grow(kp, k), grow(vp, v)
 
+    if ctx.prefix is not None and block_index is None:
+      raise ValueError("a shared prefix runs in the gather form only (give block_index).")
     if block_index is None:
       def body(h, x):
         state, valid, sliding, layer = x
@@ -412,8 +415,6 @@ class Transformer(nnx.Module):
       layers = jnp.arange(1, self.cfg.num_layers + 1, dtype=jnp.int32)
       return jax.lax.scan(body, h, (block_state, block_valid, is_sliding, layers))
 
-    if ctx.prefix is not None and block_index is None:
-      raise ValueError("a shared prefix runs in the gather form only (give block_index).")
     steps = block_index.shape[0]
     outs = None
     if readout is not None:

@@ -90,6 +90,10 @@ def test_a_prefix_that_is_not_the_rows_own_changes_the_result(models):
   shared, _, _ = module.run_blocks(ids, mask, index, valid, prefix=(other, pmask))
   live = mask.astype(bool)
   assert np.abs(np.asarray(shared)[live] - np.asarray(whole)[:, 9:][live]).max() > 1e-3
+  with pytest.raises(ValueError, match="gather form"):
+    module.run_blocks(ids, mask, None, jnp.ones(4, bool), prefix=(pids, pmask))
+  with pytest.raises(ValueError, match="positions"):
+    module.attention_context(mask, positions=jnp.zeros_like(mask), prefix_mask=pmask)
 
 
 def _few_shot_task(tokenizer, k_shot: int):
