@@ -22,7 +22,7 @@ def shared_prefix_markdown(path: str) -> str:
       f"{r['model']}; {r['work']}; {m['cpu_count']} CPU cores, JAX {m['jax']} on the "
       f"{m['jax_backend']} backend. Prompts average {r['mean_prompt_tokens']:.0f} tokens; the "
       f"batches hold {r['batch_tokens_shared']:,} token positions with the prefix shared, "
-      f"{r['batch_tokens_unshared']:,} without.", "",
+      f"{r['batch_tokens_unshared']:,} without (batches of {r.get('batch_size', 16)} items).", "",
       "| | seconds (first call, compilation included) | seconds (warm) | reference / dpjax "
       "(first call) | (warm) |", "|---|---|---|---|---|",
       f"| dpjax, shared prefix | {r['dpjax_shared_first_call_s']:.1f} | {r['dpjax_shared_s']:.1f} | "

@@ -3,8 +3,8 @@ against the HF-PyTorch reference, on a real model.
 
     python -m benchmarks.shared_prefix     # SmolLM2-135M, MMLU 5-shot, 2 subjects x 16 items
 
-MMLU-shaped work: the first `--per_subject` test items of the first `--subjects`
-subjects (alphabetical), each prompt the subject's five dev-split shots and the
+MMLU-shaped work: the first `--per_subject` test items of `--subjects` subjects
+(evenly spaced in alphabetical order), each prompt the subject's five dev-split shots and the
 question (lm-eval's layout), in the letter format. The work is the per-layer lens
 readout of `--masks` variants (the unpruned model, then 1, 2, ... blocks removed
 in reverse order), as a pruning curve reads them. Three implementations on the
@@ -34,7 +34,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_SUBJECTS = flags.DEFINE_integer("subjects", 2, "MMLU subjects (the first, alphabetically).")
+_SUBJECTS = flags.DEFINE_integer("subjects", 2, "MMLU subjects, evenly spaced in alphabetical "
+                                  "order (the first, then every 57/n-th).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Items per batch.")
 _PER_SUBJECT = flags.DEFINE_integer("per_subject", 16, "Test items per subject.")
 _K_SHOT = flags.DEFINE_integer("k_shot", 5, "Shots per prompt (the subject's dev items).")
 _MASKS = flags.DEFINE_integer("masks", 3, "Variants read: unpruned, then reverse order.")
@@ -64,7 +66,8 @@ def main(argv):
   fetch_benchmarks(default_data_dir(), ["mmlu"])
   test = tasks.load_task("mmlu", "test", data_dir=default_data_dir())
   dev = tasks.load_task("mmlu", "dev", data_dir=default_data_dir())
-  subjects = sorted({item.subject for item in test})[:_SUBJECTS.value]
+  every = sorted({item.subject for item in test})
+  subjects = every[::max(1, len(every) // _SUBJECTS.value)][:_SUBJECTS.value]
   items = [item for s in subjects for item in [i for i in test if i.subject == s][
       :_PER_SUBJECT.value]]
   shots = tasks.shots_for(items, dev, _K_SHOT.value)
@@ -75,7 +78,7 @@ def main(argv):
   for m in range(1, _MASKS.value):
     masks[m, L - m:] = False
   pad = tokenizer.pad_token_id or 0
-  sweeps = {share: Sweep(model, encoded, batch_size=16, pad_id=pad, share_prefix=share)
+  sweeps = {share: Sweep(model, encoded, batch_size=_BATCH.value, pad_id=pad, share_prefix=share)
             for share in (True, False)}
   tokens = {share: int(sum(b.input_ids.size + (0 if b.prefix_ids is None else b.prefix_ids.size)
                            for b in s.batches)) for share, s in sweeps.items()}
@@ -83,7 +86,8 @@ def main(argv):
          "work": f"MMLU {_K_SHOT.value}-shot, letter format, {len(items)} test items of "
                  f"{len(subjects)} subjects ({', '.join(subjects)}); per-layer readouts of "
                  f"{len(masks)} variants (unpruned, then blocks removed from the last)",
-         "items": len(items), "masks": len(masks), "machine": machine(),
+         "items": len(items), "masks": len(masks), "batch_size": _BATCH.value,
+         "machine": machine(),
          "mean_prompt_tokens": float(np.mean([len(t) for t in encoded.tokens])),
          "batch_tokens_shared": tokens[True], "batch_tokens_unshared": tokens[False]}
 
