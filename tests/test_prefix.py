@@ -11,7 +11,7 @@ from benchmarks import reference
 from dpjax import tasks
 from dpjax.plan import stacked_steps
 from dpjax.sweep import Sweep
-from dpjax.tasks.encoding import MIN_SHARED_PREFIX, batches, prefix_groups
+from dpjax.tasks.encoding import MIN_SHARED_PREFIX, PREFIX_MULTIPLE, batches, prefix_groups
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,9 @@ def test_few_shot_items_are_batched_by_their_shots(synthetic_model_dir):
   assert all(b.prefix_ids is None for b in batches(encoded, 8))  # off unless asked
   out = batches(encoded, 8, share_prefix=True)
   assert sorted(int(i) for b in out for i in b.index if i >= 0) == list(range(len(encoded.items)))
+  # One prefix per subject, padded coarsely: few shapes to compile.
+  assert len({b.prefix_ids.tobytes() for b in out}) == len(groups)
+  assert all(b.prefix_ids.shape[0] % PREFIX_MULTIPLE == 0 for b in out)
   for batch in out:
     shared = int(batch.prefix_mask.sum())
     assert shared >= MIN_SHARED_PREFIX
@@ -128,6 +131,8 @@ def test_few_shot_items_are_batched_by_their_shots(synthetic_model_dir):
         assert whole.input_ids[r][whole.attention_mask[r].astype(bool)].tolist() == list(
             encoded.tokens[i])
         assert whole.attention_mask[r, -1] == 1
+    assert whole.input_ids.shape[1] == -(-max(len(encoded.tokens[i]) for i in batch.index
+                                              if i >= 0) // 32) * 32  # no wider than needed
   # Zero-shot prompts share only their header: batched as before.
   zero = _few_shot_task(tokenizer, 0)
   assert all(b.prefix_ids is None for b in batches(zero, 8, share_prefix=True))

@@ -283,7 +283,7 @@ class Batch:
     prefix = self.prefix_ids[self.prefix_mask.astype(bool)]
     rows = [np.concatenate([prefix, ids[m.astype(bool)]])
             for ids, m in zip(self.input_ids, self.attention_mask)]
-    length = self.input_ids.shape[1] + self.prefix_ids.shape[0]
+    length = _round_up(max(len(row) for row in rows), 32)  # no wider than it must be
     ids = np.zeros((len(rows), length), np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     pad = self.input_ids[self.attention_mask == 0]
@@ -347,9 +347,10 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
 
   With `share_prefix` (letter and open formats), items whose prompts begin with
   the same `MIN_SHARED_PREFIX` tokens or more (few-shot prompts of one subject)
-  are batched together, and the tokens every row of a batch begins with go to
-  `Batch.prefix_ids`, computed once per batch instead of once per row; each row
-  keeps at least its last token. The computation is the same up to float
+  are batched together, and the tokens every item of the group begins with go to
+  `Batch.prefix_ids` (padded to a multiple of `PREFIX_MULTIPLE`, so that many
+  subjects compile few shapes), computed once per batch instead of once per row;
+  each row keeps at least its last token. The computation is the same up to float
   rounding. Code that runs the rows itself must then run `Batch.unshared()` (the
   sweep engine, `dpjax.sweep.Sweep`, shares by default).
   """
@@ -358,8 +359,7 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
   if share_prefix and encoded.format != "cloze":
     groups, alone = prefix_groups(encoded.tokens)
     if groups:
-      out = [b for group in groups for b in _prefix_batches(encoded, group, batch_size, pad_id,
-                                                            length_multiple)]
+      out = _prefix_batches(encoded, groups, batch_size, pad_id, length_multiple)
       if alone:
         out += batches(encoded.subset(alone), batch_size, pad_id, length_multiple,
                        reads_multiple, share_prefix=False)
@@ -418,23 +418,35 @@ def _count_batches(items: int, batch_size: int) -> int:
   return -(-items // batch_size)
 
 
-def _prefix_batches(encoded: EncodedTask, group: list[int], batch_size: int, pad_id: int,
+# Shared prefixes are padded to a multiple of this: a prefix is one row, so coarse sizes
+# cost little and keep the number of compiled shapes small across many subjects.
+PREFIX_MULTIPLE = 128
+
+
+def _prefix_batches(encoded: EncodedTask, groups: list[list[int]], batch_size: int, pad_id: int,
                     length_multiple: int) -> list[Batch]:
-  """Batches of one prefix group (in its token order): each batch's common leading tokens
-  (all but every row's last one at most) as its prefix, the rest left-padded as rows."""
+  """Batches of prefix groups (each in its token order). A batch's prefix is what its
+  whole group begins with (the shots and header: one size per group, whichever batch),
+  leaving every row its last token at least; the rest is left-padded as rows, one length
+  for every batch when the longest is at most 1.5 times the median."""
   tokens, answer = encoded.tokens, encoded.answer
   width = encoded.letter_ids.shape[1]
+  planned = []  # (rows, shared)
+  for group in groups:
+    common = min(_common_prefix(tokens[group[0]], tokens[i]) for i in group)
+    for start in range(0, len(group), batch_size):
+      rows = group[start:start + batch_size]
+      planned.append((rows, min(common, min(len(tokens[i]) for i in rows) - 1)))
+  rest = _common([len(tokens[i]) - shared for rows, shared in planned for i in rows],
+                 length_multiple)
   out = []
-  for start in range(0, len(group), batch_size):
-    rows = group[start:start + batch_size]
-    shared = min(min(_common_prefix(tokens[rows[0]], tokens[i]) for i in rows),
-                 min(len(tokens[i]) for i in rows) - 1)
-    size = _round_up(max(shared, 1), length_multiple)
+  for rows, shared in planned:
+    size = _round_up(max(shared, 1), PREFIX_MULTIPLE)
     prefix_ids = np.full(size, pad_id, np.int32)
     prefix_mask = np.zeros(size, np.int32)
     prefix_ids[size - shared:] = tokens[rows[0]][:shared]
     prefix_mask[size - shared:] = 1
-    length = _round_up(max(len(tokens[i]) - shared for i in rows), length_multiple)
+    length = rest or _round_up(max(len(tokens[i]) - shared for i in rows), length_multiple)
     ids = np.full((batch_size, length), pad_id, dtype=np.int32)
     mask = np.zeros((batch_size, length), dtype=np.int32)
     letters = np.full((batch_size, width), -1, dtype=np.int32)
@@ -442,9 +454,9 @@ def _prefix_batches(encoded: EncodedTask, group: list[int], batch_size: int, pad
     index = np.full(batch_size, -1, dtype=np.int32)
     mask[:, -1] = 1  # filler rows: one token, never read
     for r, i in enumerate(rows):
-      rest = tokens[i][shared:]
-      ids[r, length - len(rest):] = rest
-      mask[r, length - len(rest):] = 1
+      rest_ids = tokens[i][shared:]
+      ids[r, length - len(rest_ids):] = rest_ids
+      mask[r, length - len(rest_ids):] = 1
       letters[r] = encoded.letter_ids[i]
       answers[r] = answer[i]
       index[r] = i
