@@ -187,7 +187,7 @@ def markdown(results: dict[str, Any], w: Workload = Workload()) -> str:
             "this machine's (measured) and 40% (a common figure for dense transformer work). "
             "The FLOPs count every prompt whole: with the shots shared (`--share_prefix`, on "
             "by default) a batch of one subject runs its five shots once, not once per item, "
-            "which removes most of the work the items repeat (3.0x fewer token positions, 2.8x "
+            "which removes most of the work the items repeat (2.9x fewer token positions, 2.8x "
             "fewer seconds on SmolLM2, MMLU 5-shot at batch 16; see the section on shared "
             "prefixes), "
             "so these hours are an upper bound."]
