@@ -367,31 +367,16 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
           batch.index = np.where(batch.index >= 0, np.asarray(alone)[batch.index], -1)
       return out
   order = sorted(range(len(encoded.tokens)), key=lambda i: len(encoded.tokens[i]))
-  answer = encoded.answer
   common = _common([len(t) for t in encoded.tokens], length_multiple)
   cloze = encoded.format == "cloze"
   common_reads = _common([len(lay.reads) for lay in encoded.layouts], reads_multiple) \
       if cloze else None
-  width = encoded.letter_ids.shape[1]
   out = []
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     longest = max(len(encoded.tokens[i]) for i in rows)
     length = common or _round_up(longest, length_multiple)
-    ids = np.full((batch_size, length), pad_id, dtype=np.int32)
-    mask = np.zeros((batch_size, length), dtype=np.int32)
-    letters = np.full((batch_size, width), -1, dtype=np.int32)
-    answers = np.zeros(batch_size, dtype=np.int32)
-    index = np.full(batch_size, -1, dtype=np.int32)
-    mask[:, -1] = 1  # filler rows: one token, never read
-    for r, i in enumerate(rows):
-      toks = encoded.tokens[i]
-      ids[r, length - len(toks):] = toks
-      mask[r, length - len(toks):] = 1
-      letters[r] = encoded.letter_ids[i]
-      answers[r] = answer[i]
-      index[r] = i
-    batch = Batch(ids, mask, letters, answers, index)
+    batch = _rows_batch(encoded, rows, batch_size, length, pad_id)
     if cloze:
       reads = common_reads or _round_up(max(len(encoded.layouts[i].reads) for i in rows),
                                         reads_multiple)
@@ -429,8 +414,7 @@ def _prefix_batches(encoded: EncodedTask, groups: list[list[int]], batch_size: i
   whole group begins with (the shots and header: one size per group, whichever batch),
   leaving every row its last token at least; the rest is left-padded as rows, one length
   for every batch when the longest is at most 1.5 times the median."""
-  tokens, answer = encoded.tokens, encoded.answer
-  width = encoded.letter_ids.shape[1]
+  tokens = encoded.tokens
   planned = []  # (rows, shared)
   for group in groups:
     common = min(_common_prefix(tokens[group[0]], tokens[i]) for i in group)
@@ -447,19 +431,27 @@ def _prefix_batches(encoded: EncodedTask, groups: list[list[int]], batch_size: i
     prefix_ids[size - shared:] = tokens[rows[0]][:shared]
     prefix_mask[size - shared:] = 1
     length = rest or _round_up(max(len(tokens[i]) - shared for i in rows), length_multiple)
-    ids = np.full((batch_size, length), pad_id, dtype=np.int32)
-    mask = np.zeros((batch_size, length), dtype=np.int32)
-    letters = np.full((batch_size, width), -1, dtype=np.int32)
-    answers = np.zeros(batch_size, dtype=np.int32)
-    index = np.full(batch_size, -1, dtype=np.int32)
-    mask[:, -1] = 1  # filler rows: one token, never read
-    for r, i in enumerate(rows):
-      rest_ids = tokens[i][shared:]
-      ids[r, length - len(rest_ids):] = rest_ids
-      mask[r, length - len(rest_ids):] = 1
-      letters[r] = encoded.letter_ids[i]
-      answers[r] = answer[i]
-      index[r] = i
-    out.append(Batch(ids, mask, letters, answers, index, prefix_ids=prefix_ids,
-                     prefix_mask=prefix_mask))
+    batch = _rows_batch(encoded, rows, batch_size, length, pad_id, skip=shared)
+    batch.prefix_ids, batch.prefix_mask = prefix_ids, prefix_mask
+    out.append(batch)
   return out
+
+
+def _rows_batch(encoded: EncodedTask, rows: Sequence[int], batch_size: int, length: int,
+                pad_id: int, skip: int = 0) -> Batch:
+  """A left-padded batch of items `rows` (their tokens after the first `skip`), filled up
+  to `batch_size` rows with filler rows (index -1)."""
+  ids = np.full((batch_size, length), pad_id, dtype=np.int32)
+  mask = np.zeros((batch_size, length), dtype=np.int32)
+  letters = np.full((batch_size, encoded.letter_ids.shape[1]), -1, dtype=np.int32)
+  answers = np.zeros(batch_size, dtype=np.int32)
+  index = np.full(batch_size, -1, dtype=np.int32)
+  mask[:, -1] = 1  # filler rows: one token, never read
+  for r, i in enumerate(rows):
+    toks = encoded.tokens[i][skip:]
+    ids[r, length - len(toks):] = toks
+    mask[r, length - len(toks):] = 1
+    letters[r] = encoded.letter_ids[i]
+    answers[r] = encoded.answer[i]
+    index[r] = i
+  return Batch(ids, mask, letters, answers, index)
