@@ -40,7 +40,6 @@ DTYPES = ("float32", "bfloat16")
 def main(argv):
   del argv
   import jax
-  import transformers
 
   import dpjax
   from benchmarks import real_models
@@ -52,8 +51,7 @@ def main(argv):
   from dpjax.tasks.fetch import fetch_benchmarks
 
   path = real_models.fetch("smollm2")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                         gguf_file=os.path.basename(path))
+  tokenizer = real_models.tokenizer(path)
   fetch_benchmarks(default_data_dir(), ["arc_easy"])
   items = tasks.load_task("arc_easy", "validation", num_items=_ITEMS.value,
                           data_dir=default_data_dir())

@@ -57,7 +57,6 @@ def _profile(model, encoded, lens, batch_size=16):
 
 def main(argv):
   del argv
-  import transformers
   import dpjax
   from benchmarks import real_models
   from dpjax import tasks
@@ -68,8 +67,7 @@ def main(argv):
   fetch_benchmarks(data_dir, ["arc_easy", "nq_open"])
   path = real_models.fetch("smollm2")
   model = dpjax.load_model(path)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                         gguf_file=os.path.basename(path))
+  tokenizer = real_models.tokenizer(path)
   arc = tasks.load_task("arc_easy", "validation", data_dir=data_dir)
   shots, items = arc[:5], arc[5:5 + _ITEMS.value]
   results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "task": "arc_easy validation",

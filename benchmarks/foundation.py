@@ -217,7 +217,7 @@ def real_model_rows(quick: bool, repeats: int) -> list[dict]:
                convert_seconds=probe["seconds"],
                convert_peak_added_mb=(probe["rss_peak"] - probe["rss_before"]) / 1e6,
                convert_peak_over_float32=(probe["rss_peak"] - probe["rss_before"]) / f32_bytes)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer = real_models.tokenizer(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                                            dtype=torch.float32).eval()
     rows_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]

@@ -43,7 +43,7 @@ def bf16_markdown(path: str) -> str:
   with open(path) as f:
     r = json.load(f)
   m = r["machine"]
-  lines = [f"## bfloat16 against float32 (`benchmarks/bf16.py`)", "",
+  lines = ["## bfloat16 against float32 (`benchmarks/bf16.py`)", "",
            f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
            f"{m['jax']} on the {m['jax_backend']} backend. Iterative Pruning times include "
            "compilation. l* = -1: no transition.", "",

@@ -31,7 +31,6 @@ _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(_
 def main(argv):
   del argv
   import jax
-  import transformers
 
   import dpjax
   from benchmarks import real_models
@@ -44,8 +43,7 @@ def main(argv):
 
   path = real_models.fetch("smollm2")
   model = dpjax.load_model(path)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                         gguf_file=os.path.basename(path))
+  tokenizer = real_models.tokenizer(path)
   fetch_benchmarks(default_data_dir(), ["arc_easy"])
   items = tasks.load_task("arc_easy", "validation", num_items=_ITEMS.value,
                           data_dir=default_data_dir())

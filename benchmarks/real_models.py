@@ -121,6 +121,13 @@ def fetch(key: str, directory: str | None = None) -> str:
   return path
 
 
+def tokenizer(path: str):
+  """The tokenizer stored in the GGUF file at `path` (as transformers reads it)."""
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                    gguf_file=os.path.basename(path))
+
+
 def main() -> None:
   """`python -m benchmarks.real_models`: fetch all three and print their paths."""
   for key in MODELS:

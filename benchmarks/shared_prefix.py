@@ -62,7 +62,7 @@ def main(argv):
 
   path = real_models.fetch("smollm2")
   where, name = os.path.dirname(path), os.path.basename(path)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+  tokenizer = real_models.tokenizer(path)
   fetch_benchmarks(default_data_dir(), ["mmlu"])
   test = tasks.load_task("mmlu", "test", data_dir=default_data_dir())
   dev = tasks.load_task("mmlu", "dev", data_dir=default_data_dir())
