@@ -57,7 +57,8 @@ class FinalStats(NamedTuple):
 
 @dataclasses.dataclass
 class Counters:
-  """Work done, in block evaluations of one item row (filler rows included)."""
+  """Work done, in block evaluations of one row (filler rows included; a batch's shared
+  prefix, run once as a row of its own, counts as one row in `executed` and `minimum`)."""
   executed: int = 0          # blocks actually run (a vmapped group runs its longest member's)
   minimum: int = 0           # blocks a prefix-shared evaluation without padding needs
   naive: int = 0             # blocks a fresh forward per candidate would run
@@ -233,6 +234,7 @@ class Sweep:
     normalizers = np.empty((len(masks), self.num_layers + 1, n), np.float32)
     logprobs = options.copy() if self.encoded.format == "cloze" else None
     rows = len(self.batches) * self.batch_size
+    run_rows = rows + sum(batch.prefix_ids is not None for batch in self.batches)
     for bucket in np.unique(bucket_of):
       members = order[bucket_of[order] == bucket]
       for chunk in map(np.array, fixed_groups(list(members), self.mask_chunk)):
@@ -244,8 +246,9 @@ class Sweep:
         normalizers[chunk] = out.log_normalizer
         if logprobs is not None:
           logprobs[chunk] = out.option_logprob
-        self.counters.executed += executed_steps(counts[chunk].tolist(), self.in_flight) * rows
-        self.counters.minimum += int(counts[chunk].sum()) * rows
+        self.counters.executed += executed_steps(counts[chunk].tolist(),
+                                                 self.in_flight) * run_rows
+        self.counters.minimum += int(counts[chunk].sum()) * run_rows
         self.counters.naive += int(counts[chunk].sum()) * rows
     return Readout(options, normalizers, logprobs)
 
@@ -284,18 +287,19 @@ class Sweep:
       mask = self._put(batch.attention_mask)
       packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
       prefix = shared_prefix(batch)
+      run_rows = self.batch_size + (batch.prefix_ids is not None)
       stream = self._timed("stream", self._stream_fn, self.model.state,
                            self._put(batch.input_ids), mask, packed, prefix, stream_index,
                            stream_valid)
-      self.counters.executed += n_kept * self.batch_size
-      self.counters.minimum += n_kept * self.batch_size
+      self.counters.executed += n_kept * run_rows
+      self.counters.minimum += n_kept * run_rows
       # Group the live candidates by the (bucketed) number of blocks they still run, so a
       # vmapped group's members run loops of similar length.
       by_steps: dict[int, list[int]] = {}
       for c in alive:
         remaining = n_kept - 1 - position[c]
         by_steps.setdefault(bucket_size(remaining, self.num_layers), []).append(c)
-        self.counters.minimum += remaining * self.batch_size
+        self.counters.minimum += remaining * run_rows
         self.counters.naive += (n_kept - 1) * self.batch_size
       for _, members in sorted(by_steps.items()):
         for group in fixed_groups(members, CANDIDATE_GROUP):
@@ -305,7 +309,7 @@ class Sweep:
           out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
                             stream, starts, mask, packed, prefix, reads, index, valid)
           self.counters.executed += executed_steps(list(map(len, tails)),
-                                                   self.in_flight) * self.batch_size
+                                                   self.in_flight) * run_rows
           logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
           stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
                               answer, logprob)
