@@ -215,9 +215,12 @@ class Sweep:
   # Plain evaluation of masks.
 
   def readouts(self, masks: np.ndarray, description: str = "sweep",
-               final_only: bool = False) -> Readout:
+               final_only: bool = False, resume: bool = True) -> Readout:
     """Full per-layer readouts `[M, L+1, N, K]` of `masks` `[M, L]`, in chunks of masks
-    (`final_only`: only each mask's last kept block is read, the other layers NaN)."""
+    (`final_only`: only each mask's last kept block is read, the other layers NaN).
+
+    Final-only readouts (`resume`) share the blocks every mask runs before its first
+    removed block: see `_final_readouts`."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != self.num_layers:
       raise ValueError(f"masks must be [M, {self.num_layers}] booleans, got shape {masks.shape}.")
@@ -225,6 +228,10 @@ class Sweep:
     if (counts == 0).any():
       raise ValueError(f"mask {int(np.flatnonzero(counts == 0)[0])} removes every block; keep "
                        "at least one block.")
+    if final_only and resume:
+      first_removed = np.where(masks.all(1), self.num_layers, np.argmin(masks, axis=1))
+      if first_removed.sum() > first_removed.max():  # the shared blocks outweigh the trunk
+        return self._final_readouts(masks, first_removed, description)
     # Masks of similar kept counts (one bucket) run together: a vmapped loop runs
     # as long as its longest member.
     bucket_of = np.array([bucket_size(int(k), self.num_layers) for k in counts])
@@ -250,6 +257,61 @@ class Sweep:
                                                  self.in_flight) * run_rows
         self.counters.minimum += int(counts[chunk].sum()) * run_rows
         self.counters.naive += int(counts[chunk].sum()) * rows
+    return Readout(options, normalizers, logprobs)
+
+  def _final_readouts(self, masks: np.ndarray, first_removed: np.ndarray,
+                      description: str) -> Readout:
+    """Final readouts of `masks`, resuming from the unpruned model's stream.
+
+    Up to its first removed block `first_removed[m]`, mask `m` runs the unpruned
+    model's blocks, so per item batch the unpruned stream is computed once, through
+    the last block any mask shares (the trunk), and each mask runs only its kept
+    blocks after its first removed one (its tail), as drop-one candidates do. Exact:
+    the same blocks on the same inputs as a fresh forward per mask.
+    """
+    L = self.num_layers
+    n, k = len(self.encoded.items), self.encoded.num_option_columns
+    options = np.full((len(masks), L + 1, n, k), np.nan, np.float32)
+    normalizers = np.full((len(masks), L + 1, n), np.nan, np.float32)
+    logprobs = options.copy() if self.encoded.format == "cloze" else None
+    last = np.array([int(np.flatnonzero(mask)[-1]) + 1 for mask in masks])
+    trunk = KeepPlan.from_kept(range(int(first_removed.max())), L)
+    stream_index, stream_valid = trunk.steps()
+    tails = [tuple(int(b) for b in np.flatnonzero(mask) if b > d)
+             for mask, d in zip(masks, first_removed)]
+    by_steps: dict[int, list[int]] = {}
+    for m, tail in enumerate(tails):
+      by_steps.setdefault(bucket_size(len(tail), L), []).append(m)
+    groups = [group for _, members in sorted(by_steps.items())
+              for group in fixed_groups(members, CANDIDATE_GROUP)]
+    bar = Progress(len(self.batches), description, enabled=self.progress)
+    for batch in self.batches:
+      rows = batch.index >= 0
+      items = batch.index[rows]
+      run_rows = self.batch_size + (batch.prefix_ids is not None)
+      mask = self._put(batch.attention_mask)
+      packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
+      prefix = shared_prefix(batch)
+      stream = self._stream_fn(self.model.state, self._put(batch.input_ids), mask, packed,
+                               prefix, stream_index, stream_valid)
+      self.counters.executed += trunk.num_kept * run_rows
+      self.counters.minimum += trunk.num_kept * run_rows
+      for group in groups:
+        index, valid = stacked_steps([tails[m] for m in group], L)
+        out = self._tails_fn(self.model.state, self.translators, stream,
+                             first_removed[group].astype(np.int32), mask, packed, prefix,
+                             reads, index, valid)
+        self.counters.executed += executed_steps([len(tails[m]) for m in group],
+                                                 self.in_flight) * run_rows
+        self.counters.minimum += sum(len(tails[m]) for m in group) * run_rows
+        self.counters.naive += int(masks[group].sum()) * self.batch_size
+        at = (np.array(group)[:, None], last[group][:, None], items[None, :])
+        options[at] = fetch(out.option_logits)[:, rows][..., :k]
+        normalizers[at] = fetch(out.log_normalizer)[:, rows]
+        if logprobs is not None:
+          logprobs[at] = fetch(out.option_logprob)[:, rows][..., :k]
+      bar.update()
+    bar.close()
     return Readout(options, normalizers, logprobs)
 
   # --------------------------------------------------------------------------

@@ -59,6 +59,43 @@ def test_iterative_pruning_picks_the_brute_force_sequence(setup, criterion):
   assert sorted(order) == sorted(set(order)) and len(order) == model.num_layers - 1
 
 
+def _every_mask(num_layers):
+  """Every mask that keeps at least one block, `[2^L - 1, L]`."""
+  return np.array([[(m >> b) & 1 for b in range(num_layers)]
+                   for m in range(1, 2 ** num_layers)], bool)
+
+
+@pytest.mark.parametrize("answer_format", ["letter", "cloze"])
+def test_resumed_final_readouts_equal_fresh_ones(setup, answer_format):
+  """Final-only readouts that resume from the unpruned stream (each mask runs only its
+  blocks after its first removed one) equal a fresh forward per mask, for every mask
+  (cloze: over packed sequences, log-probabilities too); they run fewer blocks."""
+  model, encoded, directory = setup
+  if answer_format == "cloze":
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    items = synthetic.generate("test", 11)
+    encoded = tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items])
+  masks = _every_mask(model.num_layers)
+  resumed = Sweep(model, encoded, batch_size=4)
+  fresh = Sweep(model, encoded, batch_size=4)
+  a = resumed.readouts(masks, final_only=True)
+  b = fresh.readouts(masks, final_only=True, resume=False)
+  assert (a.option_logprob is None) == (answer_format == "letter")
+  for got, want in zip(a, b):
+    if want is not None:
+      np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  last = [int(np.flatnonzero(m)[-1]) + 1 for m in masks]
+  assert not any(np.isnan(a.option_logits[m, last[m]]).any() for m in range(len(masks)))
+  # Per batch row: the trunk (the unpruned model's 4 blocks: the unpruned mask removes
+  # none), then each mask's kept blocks after its first removed one (17 in all).
+  first = [int(np.argmin(m)) if not m.all() else 4 for m in masks]
+  tails = sum(int(m[d + 1:].sum()) for m, d in zip(masks, first))
+  rows = len(resumed.batches) * 4
+  assert resumed.counters.minimum == (max(first) + tails) * rows == 21 * rows
+  assert fresh.counters.minimum == resumed.counters.naive == int(masks.sum()) * rows == 32 * rows
+
+
 def test_prefix_shared_candidates_equal_plain_masked_evaluation(setup):
   model, encoded, _ = setup
   sweep = Sweep(model, encoded, batch_size=8)
