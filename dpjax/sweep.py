@@ -4,7 +4,11 @@ Every pruning method proposes masks and reads results; this module runs them.
 
 * `Sweep.readouts(masks)`: full per-layer readouts `[M, L+1, N, K]` of any
   masks, streamed through the vmapped gather-form readout in chunks of masks
-  and batches of items (memory bounded by the chunk, not by M or N).
+  and batches of items (memory bounded by the chunk, not by M or N). Masks
+  that keep the same first blocks share them: per item batch the unpruned
+  model's stream is computed once, and each mask resumes from it at its first
+  removed block (a pruning curve, the phase experiment's arms, a baseline's
+  ranking: most masks keep the model's first blocks).
 * `Sweep.drop_one(kept, candidates)`: the final readouts of every "remove one
   more block" candidate of a kept set, with prefix sharing: the current
   model's residual stream is computed once per item batch, and the candidate
@@ -38,8 +42,9 @@ from dpjax.distributed import fetch
 from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
-from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, map_masks,
-                           packing, read_rows, residual_rows, shared_prefix, unembedding_f32)
+from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, last_layer,
+                           map_masks, packing, read_rows, residual_rows, shared_prefix,
+                           unembedding_f32)
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -140,6 +145,37 @@ def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream,
   return map_masks(one, in_flight, h_start, block_index, block_valid)
 
 
+def _stream_layers(graphdef, lens, state, translators, stream, reads) -> Readout:
+  """Per-layer readouts `[n, B, K]` of the stream's first `n` entries (layer `j` read
+  through translator row `j`, as the unpruned model's profile reads it)."""
+  module = nnx.merge(graphdef, state)
+  unembed = unembedding_f32(module)
+  layers = jnp.arange(jax.tree.leaves(stream)[0].shape[0], dtype=jnp.int32)
+  one = lambda h, layer: lens(module, unembed, residual_rows(h), reads, layer, translators)
+  return jax.lax.map(lambda x: one(*x), (stream, layers))
+
+
+def _tails_layers(graphdef, lens, in_flight, state, translators, stream, starts,
+                  attention_mask, packed, prefix, reads, block_index, block_valid):
+  """As `_tails`, read at every step: `[C, n, B, K]`, step `s` being layer
+  `1 + block_index[c, s]`, the last valid step read through the model's head. Every
+  tail runs at least one block."""
+  h_start = jax.tree.map(lambda s: jnp.take(s, starts, axis=0), stream)
+  module = nnx.merge(graphdef, state)
+  ctx = _context(module, attention_mask, packed, prefix)
+  unembed = unembedding_f32(module)
+  own = module.cfg.num_layers
+
+  def one(h, index, valid):
+    last = last_layer(index, valid)
+    readout = lambda h, layer: lens(module, unembed, residual_rows(h), reads,
+                                    jnp.where(layer == last, own, layer), translators)
+    _, per_step = module.scan_blocks(h, ctx, index, valid, readout=readout)
+    return per_step
+
+  return map_masks(one, in_flight, h_start, block_index, block_valid)
+
+
 def executed_steps(lengths: Sequence[int], in_flight: int | None) -> int:
   """Steps a program runs for members of these loop lengths: a vmapped set runs as long as
   its longest member, and `in_flight` members are vmapped at a time (None: all of them)."""
@@ -190,6 +226,10 @@ class Sweep:
     self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
     self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens,
                                                self.in_flight, last_at_reads))
+    self._tails_layers_fn = jax.jit(functools.partial(_tails_layers, model.graphdef, self.lens,
+                                                      self.in_flight))
+    self._stream_layers_fn = jax.jit(functools.partial(_stream_layers, model.graphdef,
+                                                       self.lens))
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).
@@ -219,8 +259,8 @@ class Sweep:
     """Full per-layer readouts `[M, L+1, N, K]` of `masks` `[M, L]`, in chunks of masks
     (`final_only`: only each mask's last kept block is read, the other layers NaN).
 
-    Final-only readouts (`resume`) share the blocks every mask runs before its first
-    removed block: see `_final_readouts`."""
+    With `resume`, the masks share the blocks each runs before its first removed block
+    (and, per layer, their readouts): see `_resumed_readouts`."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != self.num_layers:
       raise ValueError(f"masks must be [M, {self.num_layers}] booleans, got shape {masks.shape}.")
@@ -228,10 +268,10 @@ class Sweep:
     if (counts == 0).any():
       raise ValueError(f"mask {int(np.flatnonzero(counts == 0)[0])} removes every block; keep "
                        "at least one block.")
-    if final_only and resume:
+    if resume:
       first_removed = np.where(masks.all(1), self.num_layers, np.argmin(masks, axis=1))
       if first_removed.sum() > first_removed.max():  # the shared blocks outweigh the trunk
-        return self._final_readouts(masks, first_removed, description)
+        return self._resumed_readouts(masks, first_removed, description, final_only)
     # Masks of similar kept counts (one bucket) run together: a vmapped loop runs
     # as long as its longest member.
     bucket_of = np.array([bucket_size(int(k), self.num_layers) for k in counts])
@@ -259,30 +299,37 @@ class Sweep:
         self.counters.naive += int(counts[chunk].sum()) * rows
     return Readout(options, normalizers, logprobs)
 
-  def _final_readouts(self, masks: np.ndarray, first_removed: np.ndarray,
-                      description: str) -> Readout:
-    """Final readouts of `masks`, resuming from the unpruned model's stream.
+  def _resumed_readouts(self, masks: np.ndarray, first_removed: np.ndarray, description: str,
+                        final_only: bool) -> Readout:
+    """Readouts of `masks` resuming from the unpruned model's stream.
 
-    Up to its first removed block `first_removed[m]`, mask `m` runs the unpruned
-    model's blocks, so per item batch the unpruned stream is computed once, through
-    the last block any mask shares (the trunk), and each mask runs only its kept
-    blocks after its first removed one (its tail), as drop-one candidates do. Exact:
-    the same blocks on the same inputs as a fresh forward per mask.
+    Up to its first removed block `d = first_removed[m]`, mask `m` runs the unpruned
+    model's blocks. So per item batch the unpruned stream is computed once, through the
+    last block any mask shares (the trunk), and each mask runs only its kept blocks
+    after `d` (its tail), as drop-one candidates do. Per layer, layers 0..d are the
+    trunk's readouts, read once for every mask, and the tail is read at every step.
+    A mask's last kept layer is read through the model's head, as everywhere. Exact: the
+    same blocks on the same inputs as a fresh forward per mask.
     """
     L = self.num_layers
     n, k = len(self.encoded.items), self.encoded.num_option_columns
     options = np.full((len(masks), L + 1, n, k), np.nan, np.float32)
     normalizers = np.full((len(masks), L + 1, n), np.nan, np.float32)
     logprobs = options.copy() if self.encoded.format == "cloze" else None
+    targets = lambda: [(options, "option_logits"), (normalizers, "log_normalizer"),
+                       (logprobs, "option_logprob")]
     last = np.array([int(np.flatnonzero(mask)[-1]) + 1 for mask in masks])
-    trunk = KeepPlan.from_kept(range(int(first_removed.max())), L)
+    shared = int(first_removed.max())
+    trunk = KeepPlan.from_kept(range(shared), L)
     stream_index, stream_valid = trunk.steps()
+    # The trunk's layers read per layer: 0..shared, in a bucketed count of entries.
+    read_layers = min(L + 1, bucket_size(shared, L) + 1)
     tails = [tuple(int(b) for b in np.flatnonzero(mask) if b > d)
              for mask, d in zip(masks, first_removed)]
     by_steps: dict[int, list[int]] = {}
     for m, tail in enumerate(tails):
       by_steps.setdefault(bucket_size(len(tail), L), []).append(m)
-    groups = [group for _, members in sorted(by_steps.items())
+    groups = [(size, group) for size, members in sorted(by_steps.items())
               for group in fixed_groups(members, CANDIDATE_GROUP)]
     bar = Progress(len(self.batches), description, enabled=self.progress)
     for batch in self.batches:
@@ -296,20 +343,39 @@ class Sweep:
                                prefix, stream_index, stream_valid)
       self.counters.executed += trunk.num_kept * run_rows
       self.counters.minimum += trunk.num_kept * run_rows
-      for group in groups:
+      if not final_only:
+        head = jax.tree.map(lambda s: s[:read_layers], stream)
+        trunk_out = self._stream_layers_fn(self.model.state, self.translators, head, reads)
+        for target, field in targets():
+          if target is not None:
+            value = fetch(getattr(trunk_out, field))[:, rows]
+            for m, d in enumerate(first_removed):
+              target[m, :d + 1, items] = np.moveaxis(value[:d + 1], 0, 1)[..., :k] \
+                  if value.ndim == 3 else value[:d + 1].T
+      for size, group in groups:
         index, valid = stacked_steps([tails[m] for m in group], L)
-        out = self._tails_fn(self.model.state, self.translators, stream,
-                             first_removed[group].astype(np.int32), mask, packed, prefix,
-                             reads, index, valid)
+        starts = first_removed[group].astype(np.int32)
+        per_layer = not final_only and size > 0
+        fn = self._tails_layers_fn if per_layer else self._tails_fn
+        out = fn(self.model.state, self.translators, stream, starts, mask, packed, prefix,
+                 reads, index, valid)
         self.counters.executed += executed_steps([len(tails[m]) for m in group],
                                                  self.in_flight) * run_rows
         self.counters.minimum += sum(len(tails[m]) for m in group) * run_rows
         self.counters.naive += int(masks[group].sum()) * self.batch_size
-        at = (np.array(group)[:, None], last[group][:, None], items[None, :])
-        options[at] = fetch(out.option_logits)[:, rows][..., :k]
-        normalizers[at] = fetch(out.log_normalizer)[:, rows]
-        if logprobs is not None:
-          logprobs[at] = fetch(out.option_logprob)[:, rows][..., :k]
+        for target, field in targets():
+          if target is None:
+            continue
+          value = fetch(getattr(out, field))[..., rows, :] if field != "log_normalizer" \
+              else fetch(getattr(out, field))[..., rows]
+          if field != "log_normalizer":
+            value = value[..., :k]
+          if per_layer:  # value [C, n, B(, K)]: step s of member g is layer 1 + index[g, s]
+            for g, m in enumerate(group):
+              layers = 1 + index[g][valid[g]]
+              target[m, layers[:, None], items[None, :]] = value[g, :len(layers)]
+          else:  # the member's final readout, at its last kept layer
+            target[np.array(group)[:, None], last[group][:, None], items[None, :]] = value
       bar.update()
     bar.close()
     return Readout(options, normalizers, logprobs)

@@ -65,11 +65,13 @@ def _every_mask(num_layers):
                    for m in range(1, 2 ** num_layers)], bool)
 
 
+@pytest.mark.parametrize("final_only", [True, False])
 @pytest.mark.parametrize("answer_format", ["letter", "cloze"])
-def test_resumed_final_readouts_equal_fresh_ones(setup, answer_format):
-  """Final-only readouts that resume from the unpruned stream (each mask runs only its
-  blocks after its first removed one) equal a fresh forward per mask, for every mask
-  (cloze: over packed sequences, log-probabilities too); they run fewer blocks."""
+def test_resumed_readouts_equal_fresh_ones(setup, answer_format, final_only):
+  """Readouts that resume from the unpruned stream (each mask runs only its blocks after
+  its first removed one; per layer, the layers before it are read once for all) equal a
+  fresh forward per mask, for every mask (cloze: over packed sequences,
+  log-probabilities too); they run fewer blocks."""
   model, encoded, directory = setup
   if answer_format == "cloze":
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -78,15 +80,19 @@ def test_resumed_final_readouts_equal_fresh_ones(setup, answer_format):
   masks = _every_mask(model.num_layers)
   resumed = Sweep(model, encoded, batch_size=4)
   fresh = Sweep(model, encoded, batch_size=4)
-  a = resumed.readouts(masks, final_only=True)
-  b = fresh.readouts(masks, final_only=True, resume=False)
+  a = resumed.readouts(masks, final_only=final_only)
+  b = fresh.readouts(masks, final_only=final_only, resume=False)
   assert (a.option_logprob is None) == (answer_format == "letter")
   for got, want in zip(a, b):
     if want is not None:
       np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  last = [int(np.flatnonzero(m)[-1]) + 1 for m in masks]
-  assert not any(np.isnan(a.option_logits[m, last[m]]).any() for m in range(len(masks)))
+  read = np.isfinite(a.log_normalizer).all(-1)  # [M, L+1]: the layers read
+  want = np.zeros_like(read)
+  for m, mask in enumerate(masks):
+    want[m, [int(np.flatnonzero(mask)[-1]) + 1] if final_only else
+         [0] + [b + 1 for b in np.flatnonzero(mask)]] = True
+  np.testing.assert_array_equal(read, want)
   # Per batch row: the trunk (the unpruned model's 4 blocks: the unpruned mask removes
   # none), then each mask's kept blocks after its first removed one (17 in all).
   first = [int(np.argmin(m)) if not m.all() else 4 for m in masks]

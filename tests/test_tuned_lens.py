@@ -19,6 +19,7 @@ from benchmarks import reference
 from dpjax import tasks, tuned_lens
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.readout import DecisionReader
+from dpjax.sweep import Sweep
 from dpjax.tasks import synthetic
 from dpjax.train_lens import LensSettings, train
 
@@ -71,7 +72,6 @@ def test_a_pruned_variant_is_read_through_its_own_head_under_a_tuned_lens(synthe
   alone (HF with the block deleted), not the unpruned model's translator for that layer;
   the layers before it are still translated. The same for final-only readouts and for
   the sweep's candidates (Iterative Pruning reads no translator)."""
-  from dpjax.sweep import Sweep
   model = dpjax.load_model(synthetic_model_dir)
   translators = _random_translators(model.num_layers, model.config.hidden_size, seed=1)
   keep = dpjax.keep_mask([0, 1, 2], model.num_layers)  # block 4 (the last) removed
@@ -168,3 +168,21 @@ def test_task_corpus_takes_a_split():
   item = synthetic.generate("dev", 1)[0]
   context, continuation = tasks.cloze_requests(item)[item.answer]
   assert dev[0] == context + continuation
+
+
+@pytest.mark.parametrize("final_only", [True, False])
+def test_resumed_readouts_through_translators_equal_fresh_ones(synthetic_model_dir,
+                                                               letter_items, final_only):
+  """Every mask's readouts resumed from the unpruned stream equal fresh ones through a
+  tuned lens too: the layers before a mask's first removed block through their
+  translators, its last kept layer through the model's head even where that layer is
+  read from the shared trunk."""
+  model = dpjax.load_model(synthetic_model_dir)
+  translators = _random_translators(model.num_layers, model.config.hidden_size, seed=2)
+  masks = np.array([[(m >> b) & 1 for b in range(model.num_layers)]
+                    for m in range(1, 2 ** model.num_layers)], bool)
+  got, want = (Sweep(model, letter_items, batch_size=4, translators=translators)
+               .readouts(masks, final_only=final_only, resume=resume) for resume in (True, False))
+  np.testing.assert_array_equal(np.isnan(got.log_normalizer), np.isnan(want.log_normalizer))
+  np.testing.assert_allclose(got.option_logits, want.option_logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got.log_normalizer, want.log_normalizer, atol=1e-5, rtol=1e-5)
