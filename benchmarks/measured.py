@@ -1,5 +1,5 @@
 """RESULTS.md's sections on the side measurements (`benchmarks/bf16.py`,
-`benchmarks/shared_prefix.py`), from the JSON files they write.
+`benchmarks/shared_prefix.py`, `benchmarks/resume.py`), from the JSON files they write.
 
 Kept apart from those scripts so that `benchmarks.run` can import it without their flags.
 """
@@ -67,4 +67,27 @@ def bf16_markdown(path: str) -> str:
             f"{r['max_mean_dm_difference_options']:.4f} / {r['max_mean_dm_difference_vocab']:.2e}. "
             f"Top option agrees on {100 * r['top_option_agreement_final']:.1f}% of items at the "
             f"last layer, {100 * r['top_option_agreement_all_layers']:.1f}% over every layer."]
+  return "\n".join(lines) + "\n"
+
+
+def resume_markdown(path: str) -> str:
+  """RESULTS.md's section on `benchmarks/resume.py`'s measurement (empty if not run)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    r = json.load(f)
+  m = r["machine"]
+  lines = ["## Masks resumed from the unpruned stream (`benchmarks/resume.py`)", "",
+           f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
+           f"{m['jax']} on the {m['jax_backend']} backend. Each mask set read by a fresh forward "
+           "per mask and resumed from the unpruned model's stream at the mask's first removed "
+           "block; block evaluations from the engine's counters (rows times blocks), times "
+           "after a warm-up.", "",
+           "| masks | readout | block evaluations, fresh / resumed | seconds, fresh / resumed "
+           "| speedup | largest difference |", "|---|---|---|---|---|---|"]
+  for row in r["rows"]:
+    lines.append(f"| {row['masks']} ({row['count']}) | {row['readout']} | "
+                 f"{row['fresh_block_rows']:,} / {row['resumed_block_rows']:,} | "
+                 f"{row['fresh_s']:.2f} / {row['resumed_s']:.2f} | {row['speedup']:.2f}x | "
+                 f"{row['max_difference']:.1e} |")
   return "\n".join(lines) + "\n"
