@@ -128,6 +128,17 @@ def tokenizer(path: str):
                                                     gguf_file=os.path.basename(path))
 
 
+def arc_easy_items(num_items: int):
+  """The first `num_items` ARC-Easy validation items (fetched on first use): the items the
+  side benchmarks measure SmolLM2 on."""
+  from dpjax import tasks
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+  fetch_benchmarks(default_data_dir(), ["arc_easy"])
+  return tasks.load_task("arc_easy", "validation", num_items=num_items,
+                         data_dir=default_data_dir())
+
+
 def main() -> None:
   """`python -m benchmarks.real_models`: fetch all three and print their paths."""
   for key in MODELS:

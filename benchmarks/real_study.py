@@ -82,6 +82,11 @@ QWEN = CLOZE + PHASE_ONLY + (("phase_ks", "doublings"),)
 # whole study over 2 hours per task. Its runs keep Iterative Pruning (its collapse point:
 # the l* relation) and the phase experiment at k = 1, 2, 4, ... (the claim's test).
 GEMMA = CLOZE + (("methods", ("iterative", "phase")), ("phase_ks", "doublings"))
+# NQ-open, the open format (the gold answers' first tokens against every other token):
+# the profile and the phase experiment, the question being whether an open answer shows
+# a transition at all. Iterative Pruning there scores every pruned variant by greedy
+# generation as well; it is left out for cost, as on Qwen2.5.
+OPEN = PHASE_ONLY + (("phase_ks", "doublings"),)
 PLAN = (
     Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", (("normalization", "vocab"),)),
     Run("smollm2_arc_easy_cloze_options", "smollm2", "arc_easy", "cloze", CLOZE + PHASE_ONLY),
@@ -91,7 +96,8 @@ PLAN = (
     Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", QWEN),
     Run("qwen25_arc_easy_letter_5shot", "qwen25", "arc_easy", "letter",
         (("k_shot", 5),) + PHASE_ONLY + (("phase_ks", "doublings"),)),
-    Run("smollm2_nq_open", "smollm2", "nq_open", "open"),
+    Run("smollm2_nq_open", "smollm2", "nq_open", "open", OPEN),
+    Run("qwen25_nq_open", "qwen25", "nq_open", "open", OPEN),
     Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze", GEMMA),
     Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze", GEMMA),
     Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", QWEN),

@@ -57,15 +57,11 @@ def main(argv):
   from dpjax import tasks
   from dpjax.fileio import atomic_write_text
   from dpjax.sweep import Sweep
-  from dpjax.tasks.benchmarks import default_data_dir
-  from dpjax.tasks.fetch import fetch_benchmarks
 
   path = real_models.fetch("smollm2")
   model = dpjax.load_model(path)
   tokenizer = real_models.tokenizer(path)
-  fetch_benchmarks(default_data_dir(), ["arc_easy"])
-  items = tasks.load_task("arc_easy", "validation", num_items=_ITEMS.value,
-                          data_dir=default_data_dir())
+  items = real_models.arc_easy_items(_ITEMS.value)
   encoded = tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items])
   out = {"model": "SmolLM2-135M-Instruct (GGUF)", "task": "ARC-Easy validation, cloze",
          "items": len(items), "machine": machine(), "rows": []}
