@@ -192,8 +192,8 @@ def write_report(out_dir: str, runs) -> str:
     it = r["methods"].get("iterative_accuracy", {})
     collapse = it.get("collapse_point")
     if l_star is None or collapse is None:
-      lines.append(f"| {_label(run, r)} | {'none' if l_star is None else l_star / L:.2} | "
-                   f"{'none' if collapse is None else collapse / L:.2} | - | - |")
+      share = lambda x: "none" if x is None else f"{x / L:.2f}"
+      lines.append(f"| {_label(run, r)} | {share(l_star)} | {share(collapse)} | - | - |")
       continue
     pairs.append((l_star / L, collapse / L, L - collapse, L - l_star + 1))
     lines.append(f"| {_label(run, r)} | {l_star / L:.2f} | {collapse / L:.2f} | {L - collapse} | "
