@@ -243,11 +243,14 @@ def write_report(out_dir: str, runs) -> str:
   fig, ax = plt.subplots(figsize=(8, 4.5))
   for run, r in found:
     full, L = r["full_model"], r["model"]["num_layers"]
-    mean = [np.nan if v is None else v for v in full["decision_margin"]["options"]["mean"]]
-    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2, label=_label(run, r))
+    # The open format's DM is the vocab one (gold first tokens against every other token).
+    norm = "vocab" if run.format == "open" else "options"
+    mean = [np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]]
+    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2,
+            label=_label(run, r) + (" / vocab DM" if run.format == "open" else ""))
   ax.axhline(0, color="black", lw=0.5)
   ax.set_xlabel("relative depth (layer / L)")
-  ax.set_ylabel("mean Decision Margin (options normalization)")
+  ax.set_ylabel("mean Decision Margin (options normalization; open: vocab)")
   ax.set_title("Decision Margin by relative depth, every model and task")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   save_figure(fig, os.path.join(out_dir, "dm_by_relative_depth.png"))
