@@ -82,7 +82,7 @@ def resume_markdown(path: str) -> str:
            f"{m['jax']} on the {m['jax_backend']} backend. Each mask set read by a fresh forward "
            "per mask and resumed from the unpruned model's stream at the mask's first removed "
            "block; block evaluations from the engine's counters (rows times blocks), times "
-           "after a warm-up.", "",
+           "after a warm-up." + (f" {r['note']}" if r.get("note") else ""), "",
            "| masks | readout | block evaluations, fresh / resumed | seconds, fresh / resumed "
            "| speedup | largest difference |", "|---|---|---|---|---|---|"]
   for row in r["rows"]:
