@@ -193,6 +193,18 @@ def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
           + [[m] for m in members[full:]])
 
 
+def step_groups(members: Sequence[Any], steps: Sequence[int], num_layers: int
+                ) -> list[tuple[int, list[Any]]]:
+  """`members` grouped by the bucketed number of blocks each still runs (`steps`), in
+  `fixed_groups` per bucket, smallest bucket first: a vmapped group's members run loops
+  of similar length. Returns (bucket, group) pairs."""
+  by_steps: dict[int, list[Any]] = {}
+  for member, n in zip(members, steps):
+    by_steps.setdefault(bucket_size(n, num_layers), []).append(member)
+  return [(size, group) for size, bucket in sorted(by_steps.items())
+          for group in fixed_groups(bucket, CANDIDATE_GROUP)]
+
+
 class Sweep:
   """Evaluates masks of one model on one item set (its token batches prepared once)."""
 
@@ -318,6 +330,9 @@ class Sweep:
     logprobs = options.copy() if self.encoded.format == "cloze" else None
     targets = lambda: [(options, "option_logits"), (normalizers, "log_normalizer"),
                        (logprobs, "option_logprob")]
+    # A field's values `[..., B(, K)]` at a batch's real rows and the task's option columns.
+    real_rows = lambda value, field, rows: (value[..., rows] if field == "log_normalizer"
+                                            else value[..., rows, :k])
     last = np.array([int(np.flatnonzero(mask)[-1]) + 1 for mask in masks])
     shared = int(first_removed.max())
     trunk = KeepPlan.from_kept(range(shared), L)
@@ -326,11 +341,7 @@ class Sweep:
     read_layers = min(L + 1, bucket_size(shared, L) + 1)
     tails = [tuple(int(b) for b in np.flatnonzero(mask) if b > d)
              for mask, d in zip(masks, first_removed)]
-    by_steps: dict[int, list[int]] = {}
-    for m, tail in enumerate(tails):
-      by_steps.setdefault(bucket_size(len(tail), L), []).append(m)
-    groups = [(size, group) for size, members in sorted(by_steps.items())
-              for group in fixed_groups(members, CANDIDATE_GROUP)]
+    groups = step_groups(range(len(masks)), [len(t) for t in tails], L)
     bar = Progress(len(self.batches), description, enabled=self.progress)
     for batch in self.batches:
       rows = batch.index >= 0
@@ -348,10 +359,9 @@ class Sweep:
         trunk_out = self._stream_layers_fn(self.model.state, self.translators, head, reads)
         for target, field in targets():
           if target is not None:
-            value = fetch(getattr(trunk_out, field))[:, rows]
-            for m, d in enumerate(first_removed):
-              target[m, :d + 1, items] = np.moveaxis(value[:d + 1], 0, 1)[..., :k] \
-                  if value.ndim == 3 else value[:d + 1].T
+            value = real_rows(fetch(getattr(trunk_out, field)), field, rows)
+            for m, d in enumerate(first_removed):  # [layers, B(, K)] -> [B, layers(, K)]
+              target[m, :d + 1, items] = np.swapaxes(value[:d + 1], 0, 1)
       for size, group in groups:
         index, valid = stacked_steps([tails[m] for m in group], L)
         starts = first_removed[group].astype(np.int32)
@@ -366,10 +376,7 @@ class Sweep:
         for target, field in targets():
           if target is None:
             continue
-          value = fetch(getattr(out, field))[..., rows, :] if field != "log_normalizer" \
-              else fetch(getattr(out, field))[..., rows]
-          if field != "log_normalizer":
-            value = value[..., :k]
+          value = real_rows(fetch(getattr(out, field)), field, rows)
           if per_layer:  # value [C, n, B(, K)]: step s of member g is layer 1 + index[g, s]
             for g, m in enumerate(group):
               layers = 1 + index[g][valid[g]]
@@ -423,29 +430,25 @@ class Sweep:
       self.counters.minimum += n_kept * run_rows
       # Group the live candidates by the (bucketed) number of blocks they still run, so a
       # vmapped group's members run loops of similar length.
-      by_steps: dict[int, list[int]] = {}
-      for c in alive:
-        remaining = n_kept - 1 - position[c]
-        by_steps.setdefault(bucket_size(remaining, self.num_layers), []).append(c)
-        self.counters.minimum += remaining * run_rows
-        self.counters.naive += (n_kept - 1) * self.batch_size
-      for _, members in sorted(by_steps.items()):
-        for group in fixed_groups(members, CANDIDATE_GROUP):
-          tails = [plan.tail(position[c]) for c in group]
-          index, valid = stacked_steps(tails, self.num_layers)
-          starts = np.array([position[c] for c in group], np.int32)
-          out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
-                            stream, starts, mask, packed, prefix, reads, index, valid)
-          self.counters.executed += executed_steps(list(map(len, tails)),
-                                                   self.in_flight) * run_rows
-          logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
-          stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
-                              answer, logprob)
-          for g, c in enumerate(group):
-            t = totals[c]
-            totals[c] = FinalStats(t.correct + int(stats.correct[g]),
-                                   t.margin_sum + float(stats.margin_sum[g]),
-                                   t.nll_sum + float(stats.nll_sum[g]), t.items + int(rows.sum()))
+      remaining = [n_kept - 1 - position[c] for c in alive]
+      self.counters.minimum += sum(remaining) * run_rows
+      self.counters.naive += len(alive) * (n_kept - 1) * self.batch_size
+      for _, group in step_groups(alive, remaining, self.num_layers):
+        tails = [plan.tail(position[c]) for c in group]
+        index, valid = stacked_steps(tails, self.num_layers)
+        starts = np.array([position[c] for c in group], np.int32)
+        out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
+                          stream, starts, mask, packed, prefix, reads, index, valid)
+        self.counters.executed += executed_steps(list(map(len, tails)),
+                                                 self.in_flight) * run_rows
+        logprob = None if out.option_logprob is None else fetch(out.option_logprob)[:, rows]
+        stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
+                            answer, logprob)
+        for g, c in enumerate(group):
+          t = totals[c]
+          totals[c] = FinalStats(t.correct + int(stats.correct[g]),
+                                 t.margin_sum + float(stats.margin_sum[g]),
+                                 t.nll_sum + float(stats.nll_sum[g]), t.items + int(rows.sum()))
       items_left -= int(rows.sum())
       bar.update()
       if stop_early and items_left > 0:
