@@ -88,7 +88,7 @@ def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> met
                          encoded.num_options, normalization=s.normalization,
                          tau=s.transition_tau, delta=s.accuracy_delta,
                          option_logprob=readout.option_logprob,
-                         chance=0.0 if encoded.format == "open" else None)
+                         chance=encoded.chance)
   if s.transition_rule == "accuracy":
     prof = prof._replace(transition=prof.accuracy_transition)
   return jax.device_get(prof)  # numpy: indexing device arrays compiles a program per shape

@@ -177,8 +177,9 @@ def profile(option_logits, log_normalizer, answer, num_options, *, normalization
             chance=None) -> Profile:
   """All metrics of readouts `[..., L1, N, K]` for items with `answer`, `num_options` `[N]`.
 
-  `chance` overrides the uniform guess's accuracy (the open format's is 0: its two
-  "options" are the gold set and everything else).
+  `chance` overrides the uniform guess's accuracy (the open format's is its best
+  constant guess, `EncodedTask.chance`: its two "options" are the gold set and
+  everything else).
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization={normalization!r}; use one of {NORMALIZATIONS}.")

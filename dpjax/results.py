@@ -79,6 +79,7 @@ class FullProfile:
   sharpness_block: int
   by_subject: dict[str, SubjectProfile] = dataclasses.field(default_factory=dict)
   final_accuracy_ci95: tuple[float, float] | None = None  # bootstrap over items
+  exact_match: float | None = None  # open format: greedy generation against the golds
 
   @classmethod
   def from_metrics(cls, prof: metrics.Profile, num_layers: int) -> "FullProfile":
@@ -129,6 +130,8 @@ class FullProfile:
     out["by_subject"] = {name: sub.to_json() for name, sub in self.by_subject.items()}
     if self.final_accuracy_ci95 is not None:
       out["final_accuracy_ci95"] = list(self.final_accuracy_ci95)
+    if self.exact_match is not None:
+      out["exact_match"] = self.exact_match
     return out
 
 

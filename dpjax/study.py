@@ -229,6 +229,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(readout, ctx.evaluation, s)
   full.final_accuracy_ci95 = bootstrap_ci(np.asarray(prof.top[-1]) == ctx.evaluation.answer)
+  if s.format == "open":  # the answer itself, beside its first token
+    full.exact_match = ctx.unpruned_point.exact_match
   logit_full = None
   if ctx.logit_eval_sweep is not None:
     _, logit_prof = full_profile(ctx, sweep=ctx.logit_eval_sweep)

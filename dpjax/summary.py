@@ -86,6 +86,9 @@ def summary_markdown(results: StudyResults) -> str:
            f"- {n} blocks ({model['architecture']}); {task['num_items']} evaluation items "
            f"({task['num_calibration_items']} calibration), {task['k_shot']}-shot.",
            f"- Unpruned accuracy {full.final_accuracy:.3f} (chance {full.chance:.3f}).",
+           *([f"- Open answers: accuracy is the gold first token's; chance is the best "
+              f"constant guess (one token for every item). Exact match of greedy "
+              f"generation: {full.exact_match:.3f}."] if full.exact_match is not None else []),
            f"- {lens_line(results)}",
            ]
   l_star = full.transition_block

@@ -115,13 +115,14 @@ def test_open_readout_margins_equal_numpy(random_model):
   model, tokenizer, hf = random_model
   items = [tasks.Item(f"q{i}", f"What is {a} + 1?", (), -1, golds=(str(a + 1), f"{a + 1}.0"),
                       cloze_contexts=(f"Q: What is {a} + 1?\nA:",))
-           for i, a in enumerate(range(10, 18))]
+           for i, a in enumerate((10, 11, 19, 20, 28, 29, 37, 38))]
   prompts = [tasks.open_prompt(item) for item in items]
   encoded = tasks.encode_open(tokenizer, items, prompts)
   out = DecisionReader(model, lens=Lens("open")).run(encoded, batch_size=4, progress=False)
   prof = metrics.profile(out.option_logits[0], out.log_normalizer[0], encoded.answer,
                          encoded.num_options, chance=0.0)
   import torch
+  golds = []
   for i, item in enumerate(items):
     ids = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -138,6 +139,13 @@ def test_open_readout_margins_equal_numpy(random_model):
     np.testing.assert_allclose(np.asarray(prof.margin["vocab"])[:, i], dm, atol=1e-5)
     top_in_gold = np.isin(logits.argmax(-1), gold)
     assert (np.asarray(prof.top)[:, i] == 0).tolist() == top_in_gold.tolist()
+    golds.append(gold)
+  # Chance is the best constant guess: the token that begins a gold answer most often.
+  best = max(sum(token in gold for gold in golds) for gold in golds for token in gold)
+  assert encoded.chance == pytest.approx(best / len(items))
+  first_two = encoded.subset([0, 1])
+  assert first_two.chance == (1.0 if set(golds[0]) & set(golds[1]) else 0.5)
+  assert tasks.encode(tokenizer, [synthetic.generate("test", 1)[0]], ["Q"]).chance is None
 
 
 def test_bad_input_in_the_new_formats_is_named(random_model):

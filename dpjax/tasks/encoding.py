@@ -72,6 +72,23 @@ class EncodedTask:
     return np.array([item.num_options for item in self.items], dtype=np.int32)
 
   @property
+  def chance(self) -> float | None:
+    """The accuracy of the best constant guess where it is not the uniform one's.
+
+    In the open format the two "options" are the gold set and everything else, so a
+    uniform guess means nothing; the baseline is the one token that is a gold first
+    token for the most items (on NQ-open a bare space, which begins every number in
+    SmolLM2's vocabulary, is one for 16% of items). Other formats: None (the uniform
+    guess, `metrics.chance_accuracy`).
+    """
+    if self.format != "open":
+      return None
+    ids = self.letter_ids[self.letter_ids >= 0]
+    if not ids.size:
+      return 0.0
+    return float(np.unique(ids, return_counts=True)[1].max() / len(self.items))
+
+  @property
   def num_option_columns(self) -> int:
     return 2 if self.format == "open" else int(self.num_options.max())
 
