@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NORMALIZATIONS = ("vocab", "options")
 NO_TRANSITION = -1
@@ -98,6 +99,37 @@ def transition_from(condition, present):
   candidate = holds_from & present & (layers >= 1)
   first = jnp.argmax(candidate, axis=-1)
   return jnp.where(candidate.any(axis=-1), first, NO_TRANSITION)
+
+
+def answered_profile(top, margin, chosen, tau: float = 0.0) -> dict:
+  """The open format's transition, read on the items the model answers.
+
+  With open answers most items are never answered, so the mean DM over all of them
+  stays negative at every layer and the margin rule finds no `l*`. Read instead on
+  `chosen` `[N]` (items the unpruned model answers, top token a gold first token at
+  its last layer): their mean DM by layer, `l*` by the margin rule on that mean, and
+  each item's own decision layer (the first layer from which its top token stays a
+  gold one).
+
+  Args: `top` `[L1, N]` (0 where the top token is a gold one), `margin` `[L1, N]`.
+  """
+  top, margin, chosen = np.asarray(top), np.asarray(margin), np.asarray(chosen, bool)
+  if not chosen.any():
+    return {"items": 0, "mean_margin": None, "transition_block": None,
+            "decision_layers": [], "median_decision_layer": None}
+
+  def first_of_last_run(holds):  # numpy's `transition_from` (nothing compiled per shape)
+    holds_from = np.flip(np.cumprod(np.flip(holds, -1), axis=-1), -1).astype(bool)
+    holds_from[..., 0] = False
+    return np.where(holds_from.any(-1), holds_from.argmax(-1), NO_TRANSITION)
+
+  mean = margin[:, chosen].mean(axis=1)
+  l_star = int(first_of_last_run(mean > tau))
+  layers = first_of_last_run(top[:, chosen].T == 0)
+  return {"items": int(chosen.sum()), "mean_margin": mean.tolist(),
+          "transition_block": None if l_star == NO_TRANSITION else l_star,
+          "decision_layers": layers.tolist(),
+          "median_decision_layer": float(np.median(layers))}
 
 
 def transition_block(mean_margin, tau: float = 0.0):

@@ -80,6 +80,7 @@ class FullProfile:
   by_subject: dict[str, SubjectProfile] = dataclasses.field(default_factory=dict)
   final_accuracy_ci95: tuple[float, float] | None = None  # bootstrap over items
   exact_match: float | None = None  # open format: greedy generation against the golds
+  answered: dict | None = None  # open format: `metrics.answered_profile`, and what it excludes
 
   @classmethod
   def from_metrics(cls, prof: metrics.Profile, num_layers: int) -> "FullProfile":
@@ -132,6 +133,8 @@ class FullProfile:
       out["final_accuracy_ci95"] = list(self.final_accuracy_ci95)
     if self.exact_match is not None:
       out["exact_match"] = self.exact_match
+    if self.answered is not None:
+      out["answered"] = self.answered
     return out
 
 

@@ -192,6 +192,21 @@ def lens_info(ctx: Context) -> dict[str, Any]:
           "heldout_kl": record.get("heldout_kl")}
 
 
+def answered_items(prof: metrics.Profile, encoded: tasks.EncodedTask, s: Settings) -> dict:
+  """The open format's transition on the items the unpruned model answers (its top token
+  at the last layer a gold first token), leaving out those the best constant guess
+  answers too: an early layer that reads out that token (a bare space before a
+  number) would look decided without having read the question."""
+  token, _ = encoded.constant_guess
+  constant = (encoded.letter_ids == token).any(axis=1)
+  answered = np.asarray(prof.top)[-1] == 0
+  out = metrics.answered_profile(prof.top, prof.margin["vocab"], answered & ~constant,
+                                 tau=s.transition_tau)
+  out.update(answered_at_last_layer=int(answered.sum()), constant_guess_token=token,
+             left_out_constant=int((answered & constant).sum()))
+  return out
+
+
 def _add_collapse_points(results: StudyResults) -> None:
   full = results.full_model
   for result in results.curves().values():
@@ -229,8 +244,9 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(readout, ctx.evaluation, s)
   full.final_accuracy_ci95 = bootstrap_ci(np.asarray(prof.top[-1]) == ctx.evaluation.answer)
-  if s.format == "open":  # the answer itself, beside its first token
-    full.exact_match = ctx.unpruned_point.exact_match
+  if s.format == "open":
+    full.exact_match = ctx.unpruned_point.exact_match  # the answer itself
+    full.answered = answered_items(prof, ctx.evaluation, s)
   logit_full = None
   if ctx.logit_eval_sweep is not None:
     _, logit_prof = full_profile(ctx, sweep=ctx.logit_eval_sweep)

@@ -89,6 +89,7 @@ def summary_markdown(results: StudyResults) -> str:
            *([f"- Open answers: accuracy is the gold first token's; chance is the best "
               f"constant guess (one token for every item). Exact match of greedy "
               f"generation: {full.exact_match:.3f}."] if full.exact_match is not None else []),
+           *([_answered_line(full.answered, n)] if full.answered is not None else []),
            f"- {lens_line(results)}",
            ]
   l_star = full.transition_block
@@ -162,3 +163,17 @@ def summary_html(text: str, directory: str, figures: Sequence[str]) -> str:
   return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dpjax study</title>"
           f"<style>{style}</style></head><body>\n{markdown_to_html(text)}\n"
           + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _answered_line(answered: dict, num_layers: int) -> str:
+  """The open format's transition on the items the model answers (`study.answered_items`)."""
+  head = (f"- On the {answered['items']} items the model answers (top token a gold first "
+          f"token at the last layer; {answered['left_out_constant']} more left out, which "
+          f"the best constant guess answers too): ")
+  if not answered["items"]:
+    return head + "none."
+  l_star = answered["transition_block"]
+  where = ("no transition by the margin rule" if l_star is None else
+           f"l* = {l_star} ({l_star / num_layers:.0%} of depth) by the margin rule")
+  return (head + f"{where}; the median item's top token becomes and stays a gold one at "
+          f"layer {answered['median_decision_layer']:g}.")

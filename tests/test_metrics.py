@@ -122,3 +122,27 @@ def test_profile_is_jittable_and_batched_over_masks():
   p = np.exp(z[0] - lse[0][..., None])
   want = p[..., np.arange(6), answer] - np.where(np.arange(4) == answer[:, None], -np.inf, p).max(-1)
   np.testing.assert_allclose(prof.margin["vocab"][0], want, atol=1e-6)
+
+
+def test_answered_profile_on_the_items_the_model_answers():
+  """Open answers: the mean DM of the chosen items and each one's decision layer, against
+  a plain loop; layer 0 (the embeddings) never counts as decided."""
+  rng = np.random.default_rng(3)
+  top = (rng.random((7, 12)) < 0.3).astype(np.int32)  # 0: the top token is a gold one
+  top[4:, :5] = 0   # five items decided from layer 4 on ...
+  top[3, :5] = 1
+  top[:, 5] = 0     # ... one from the embeddings on (decided at layer 1) ...
+  top[-1, 6:] = 1   # ... and the rest not answered at the last layer
+  margin = rng.normal(size=(7, 12)).astype(np.float32)
+  margin[4:, :6] += 3.0
+  chosen = top[-1] == 0
+  got = metrics.answered_profile(top, margin, chosen)
+  assert got["items"] == 6
+  np.testing.assert_allclose(got["mean_margin"], margin[:, :6].mean(1), rtol=1e-6)
+  mean = margin[:, :6].mean(1)
+  want = next(l for l in range(1, 7) if (mean[l:] > 0).all())
+  assert got["transition_block"] == want == int(metrics.transition_block(mean))
+  layers = [next(l for l in range(1, 7) if (top[l:, i] == 0).all()) for i in range(6)]
+  assert got["decision_layers"] == layers == [4, 4, 4, 4, 4, 1]
+  assert got["median_decision_layer"] == 4.0
+  assert metrics.answered_profile(top, margin, np.zeros(12, bool))["transition_block"] is None

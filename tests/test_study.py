@@ -215,6 +215,17 @@ def test_cloze_and_open_studies_from_the_command_line(synthetic_model_dir, tmp_p
   firsts = [set(it["gold_first_token_ids"]) for it in opens]
   best = max(sum(t in f for f in firsts) for t in set().union(*firsts)) / len(opens)
   assert results["full_model"]["chance"] == pytest.approx(best) and best > 0
+  # The answered items' profile, recomputed from the readouts.
+  arrays = np.load(nq / "readouts.npz")
+  constant = max(set().union(*firsts), key=lambda t: (sum(t in f for f in firsts), -t))
+  chosen = (arrays["top_option"][-1] == 0) & np.array([constant not in f for f in firsts])
+  answered = results["full_model"]["answered"]
+  assert answered["items"] == int(chosen.sum())
+  assert answered["answered_at_last_layer"] == int((arrays["top_option"][-1] == 0).sum())
+  assert answered["constant_guess_token"] == constant
+  if chosen.any():
+    np.testing.assert_allclose(answered["mean_margin"],
+                               arrays["decision_margin_vocab"][:, chosen].mean(1), atol=1e-6)
 
   refused = subprocess.run(common + [f"--output_dir={tmp_path / 'no'}", "--format=open"],
                            capture_output=True, text=True, timeout=300)

@@ -83,10 +83,17 @@ class EncodedTask:
     """
     if self.format != "open":
       return None
-    ids = self.letter_ids[self.letter_ids >= 0]
+    return self.constant_guess[1]
+
+  @property
+  def constant_guess(self) -> tuple[int, float]:
+    """The open format's best constant guess: `(token, share of items it answers)`
+    (`(-1, 0.0)` without items)."""
+    ids = self.letter_ids[self.letter_ids >= 0]  # an item's gold first tokens are distinct
     if not ids.size:
-      return 0.0
-    return float(np.unique(ids, return_counts=True)[1].max() / len(self.items))
+      return -1, 0.0
+    tokens, counts = np.unique(ids, return_counts=True)
+    return int(tokens[counts.argmax()]), float(counts.max() / len(self.items))
 
   @property
   def num_option_columns(self) -> int:
