@@ -159,6 +159,34 @@ def write_report(out_dir: str, runs) -> str:
         f"{cp('iterative_accuracy')} / {cp('phase_aware')} / {cp('block_influence')} / "
         f"{cp('reverse')} / {cp('random')} of {L} |")
 
+  # 1b. Open answers: the transition on the items the model answers.
+  opens = [(run, r) for run, r in found if run.format == "open"]
+  if opens:
+    lines += ["", "## Open-ended answers (NQ-open)", "",
+              "Accuracy here is the gold first token's (top token at the answer position); "
+              "chance is the best constant guess (the one token that begins a gold answer for "
+              "the most items: a bare space, which begins every number). Most items are never "
+              "answered, so the mean DM over all items stays negative and the margin rule finds "
+              "no l*; the transition is read instead on the items the unpruned model answers, "
+              "leaving out those the constant guess answers too. Each item's decision layer is "
+              "the first layer from which its top token stays a gold first token.", "",
+              "| run | items | first-token accuracy [CI] | chance | exact match | answered "
+              "(constant left out) | l* / L on them | median decision layer / L | decision "
+              "layers |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, r in opens:
+      full, L = r["full_model"], r["model"]["num_layers"]
+      ci = full.get("final_accuracy_ci95") or [None, None]
+      a = full.get("answered") or {}
+      l_star, median = a.get("transition_block"), a.get("median_decision_layer")
+      lines.append(
+          f"| {_label(run, r)} | {r['task']['num_items']} | {_fmt(full['accuracy'][-1])} "
+          f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(full['chance'])} | "
+          f"{_fmt(full.get('exact_match'))} | {a.get('items', '-')} "
+          f"({a.get('left_out_constant', '-')}) | "
+          f"{'none' if l_star is None else f'{l_star}/{L} = {l_star / L:.2f}'} | "
+          f"{'-' if median is None else f'{median:g}/{L} = {median / L:.2f}'} | "
+          f"{', '.join(str(x) for x in sorted(a.get('decision_layers', []))) or '-'} |")
+
   # 2. The phase experiment.
   lines += ["", "## Silent arm against Decisive arm", "",
             "Accuracy after removing k blocks inside each phase (l* from the calibration items), "
@@ -244,13 +272,19 @@ def write_report(out_dir: str, runs) -> str:
   for run, r in found:
     full, L = r["full_model"], r["model"]["num_layers"]
     # The open format's DM is the vocab one (gold first tokens against every other token).
-    norm = "vocab" if run.format == "open" else "options"
-    mean = [np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]]
-    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2,
-            label=_label(run, r) + (" / vocab DM" if run.format == "open" else ""))
+    # Open answers: on the items the model answers (the table above), where it is read.
+    answered = (full.get("answered") or {}).get("mean_margin")
+    if run.format == "open" and answered:
+      mean, extra = answered, f" / vocab DM, {full['answered']['items']} answered items"
+    else:
+      norm = "vocab" if run.format == "open" else "options"
+      mean = [np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]]
+      extra = " / vocab DM" if run.format == "open" else ""
+    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2, label=_label(run, r) + extra,
+            ls="--" if run.format == "open" else "-")
   ax.axhline(0, color="black", lw=0.5)
   ax.set_xlabel("relative depth (layer / L)")
-  ax.set_ylabel("mean Decision Margin (options normalization; open: vocab)")
+  ax.set_ylabel("mean Decision Margin (options normalization;\nopen: vocab, answered items)")
   ax.set_title("Decision Margin by relative depth, every model and task")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   save_figure(fig, os.path.join(out_dir, "dm_by_relative_depth.png"))
