@@ -269,8 +269,12 @@ def write_report(out_dir: str, runs) -> str:
 
   # Figures.
   fig, ax = plt.subplots(figsize=(8, 4.5))
+  plotted = set()
   for run, r in found:
     full, L = r["full_model"], r["model"]["num_layers"]
+    if family(run, r) in plotted:  # the same items and lens: the same curve
+      continue
+    plotted.add(family(run, r))
     # The open format's DM is the vocab one (gold first tokens against every other token).
     # Open answers: on the items the model answers (the table above), where it is read.
     answered = (full.get("answered") or {}).get("mean_margin")
@@ -280,7 +284,8 @@ def write_report(out_dir: str, runs) -> str:
       norm = "vocab" if run.format == "open" else "options"
       mean = [np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]]
       extra = " / vocab DM" if run.format == "open" else ""
-    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2, label=_label(run, r) + extra,
+    label = _label(run, r).replace(" / vocab DM", " / options DM")  # what is plotted
+    ax.plot(np.arange(L + 1) / L, mean, marker="o", ms=2, label=label + extra,
             ls="--" if run.format == "open" else "-")
   ax.axhline(0, color="black", lw=0.5)
   ax.set_xlabel("relative depth (layer / L)")
