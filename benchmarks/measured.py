@@ -91,3 +91,28 @@ def resume_markdown(path: str) -> str:
                  f"{row['fresh_s']:.2f} / {row['resumed_s']:.2f} | {row['speedup']:.2f}x | "
                  f"{row['max_difference']:.1e} |")
   return "\n".join(lines) + "\n"
+
+
+def end_to_end_markdown(path: str) -> str:
+  """RESULTS.md's section on `benchmarks/end_to_end.py`'s measurement (empty if not run)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    r = json.load(f)
+  m = r["machine"]
+  lines = ["## Iterative Pruning end to end, compilation included (`benchmarks/end_to_end.py`)",
+           "", f"{m['cpu_count']} CPU cores, JAX {m['jax']} on the {m['jax_backend']} backend; "
+           "a fresh process, no persistent compilation cache. Same sequence, accuracy and "
+           "Decision Margin as the reference at every step, checked before the times."
+           + (f" {r['note']}" if r.get("note") else ""), "",
+           "| model | items | steps | HF s | dpjax s with compilation (programs, compile s) "
+           "| speedup with compilation (goal >= 2x) | dpjax s compiled | speedup compiled |",
+           "|---|---|---|---|---|---|---|---|"]
+  for c in r["cases"]:
+    ratio = c["speedup_with_compilation"]
+    lines.append(f"| {c['case']} ({c['layers']} blocks) | {c['items']} | "
+                 f"{len(c['removed_order'])} | {c['hf_seconds']:.1f} | "
+                 f"{c['dpjax_seconds_with_compilation']:.1f} ({c['compiled_programs']}, "
+                 f"{c['compile_seconds']:.1f}) | {ratio:.2f}x ({'met' if ratio >= 2 else 'missed'})"
+                 f" | {c['dpjax_seconds']:.1f} | {c['speedup']:.2f}x |")
+  return "\n".join(lines) + "\n"

@@ -508,7 +508,8 @@ def results_markdown(r: dict[str, Any]) -> str:
   where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   for side in (measured.shared_prefix_markdown(os.path.join(where, "shared_prefix.json")),
                measured.bf16_markdown(os.path.join(where, "bf16.json")),
-               measured.resume_markdown(os.path.join(where, "resume.json"))):
+               measured.resume_markdown(os.path.join(where, "resume.json")),
+               measured.end_to_end_markdown(os.path.join(where, "end_to_end.json"))):
     if side:
       lines += ["", side.rstrip()]
   return "\n".join(lines) + "\n"
