@@ -10,12 +10,19 @@ import json
 import os
 
 
+
+def _read(path: str) -> dict | None:
+  """A measurement's JSON file, or None where it has not been run."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
 def shared_prefix_markdown(path: str) -> str:
   """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
-  if not os.path.exists(path) or "reference_s" not in json.load(open(path)):
+  r = _read(path)
+  if r is None or "reference_s" not in r:
     return ""
-  with open(path) as f:
-    r = json.load(f)
   m = r["machine"]
   return "\n".join([
       "## Shared few-shot prefixes (`benchmarks/shared_prefix.py`)", "",
@@ -38,10 +45,9 @@ def shared_prefix_markdown(path: str) -> str:
 
 def bf16_markdown(path: str) -> str:
   """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
-  if not os.path.exists(path):
+  r = _read(path)
+  if r is None:
     return ""
-  with open(path) as f:
-    r = json.load(f)
   m = r["machine"]
   lines = ["## bfloat16 against float32 (`benchmarks/bf16.py`)", "",
            f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
@@ -72,10 +78,9 @@ def bf16_markdown(path: str) -> str:
 
 def resume_markdown(path: str) -> str:
   """RESULTS.md's section on `benchmarks/resume.py`'s measurement (empty if not run)."""
-  if not os.path.exists(path):
+  r = _read(path)
+  if r is None:
     return ""
-  with open(path) as f:
-    r = json.load(f)
   m = r["machine"]
   lines = ["## Masks resumed from the unpruned stream (`benchmarks/resume.py`)", "",
            f"{r['model']}, {r['task']}, {r['items']} items; {m['cpu_count']} CPU cores, JAX "
@@ -95,10 +100,9 @@ def resume_markdown(path: str) -> str:
 
 def end_to_end_markdown(path: str) -> str:
   """RESULTS.md's section on `benchmarks/end_to_end.py`'s measurement (empty if not run)."""
-  if not os.path.exists(path):
+  r = _read(path)
+  if r is None:
     return ""
-  with open(path) as f:
-    r = json.load(f)
   m = r["machine"]
   lines = ["## Iterative Pruning end to end, compilation included (`benchmarks/end_to_end.py`)",
            "", f"{m['cpu_count']} CPU cores, JAX {m['jax']} on the {m['jax_backend']} backend; "
