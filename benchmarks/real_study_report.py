@@ -88,9 +88,35 @@ def _correlation(x, y):
   if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
     return None
   pearson = float(np.corrcoef(x, y)[0, 1])
-  rank = lambda v: np.argsort(np.argsort(v)).astype(float)
+  def rank(v):  # average ranks: tied values share the mean of their positions
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v), dtype=float)
+    for value in np.unique(v):
+      ranks[v == value] = ranks[v == value].mean()
+    return ranks
   spearman = float(np.corrcoef(rank(x), rank(y))[0, 1])
   return pearson, spearman
+
+
+def transition_collapse_rows(found) -> list[dict]:
+  """Per run with Iterative Pruning: l* by both rules and the collapse point, as
+  fractions of depth (None where there is none), and the blocks left at the collapse."""
+  rows = []
+  for run, r in found:
+    it = r["methods"].get("iterative_accuracy", {})
+    if "curve" not in it:
+      continue
+    L = r["model"]["num_layers"]
+    full = r["full_model"]
+    margin, accuracy = full["transition_block"], full.get("accuracy_transition_block")
+    collapse = it.get("collapse_point")
+    rows.append({"label": _label(run, r), "num_layers": L, "margin_block": margin,
+                 "margin": None if margin is None else margin / L,
+                 "accuracy": None if accuracy is None else accuracy / L,
+                 "collapse": None if collapse is None else collapse / L,
+                 "blocks_left": "-" if collapse is None else L - collapse})
+  return rows
 
 
 def write_report(out_dir: str, runs) -> str:
@@ -207,30 +233,29 @@ def write_report(out_dir: str, runs) -> str:
         points.append((_label(run, r), rule, k, s, d))
 
   # 3. l* against the collapse of Iterative Pruning.
-  pairs = []
+  rows = transition_collapse_rows(found)
   lines += ["", "## Does l* of the unpruned model predict where Iterative Pruning collapses?", "",
-            "l* here is the unpruned model's transition on the evaluation items; the "
-            "collapse is Iterative Pruning's (accuracy criterion, chosen on the calibration "
-            "items, measured on the evaluation items).", "",
-            "| run | l* / L | collapse / L | blocks left at collapse | Decisive Phase size |",
-            "|---|---|---|---|---|"]
-  for run, r in found:
-    L = r["model"]["num_layers"]
-    l_star = r["full_model"]["transition_block"]  # on the evaluation items
-    it = r["methods"].get("iterative_accuracy", {})
-    collapse = it.get("collapse_point")
-    if l_star is None or collapse is None:
-      share = lambda x: "none" if x is None else f"{x / L:.2f}"
-      lines.append(f"| {_label(run, r)} | {share(l_star)} | {share(collapse)} | - | - |")
-      continue
-    pairs.append((l_star / L, collapse / L, L - collapse, L - l_star + 1))
-    lines.append(f"| {_label(run, r)} | {l_star / L:.2f} | {collapse / L:.2f} | {L - collapse} | "
-                 f"{L - l_star + 1} |")
-  corr = _correlation([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
-  lines += ["", (f"Across {len(pairs)} runs: Pearson r = {corr[0]:+.2f}, Spearman rho = "
-                 f"{corr[1]:+.2f} between l*/L and collapse/L." if corr else
-                 f"Too few runs with both a transition and a collapse ({len(pairs)}) for a "
-                 "correlation.")]
+            "l* is the unpruned model's transition on the evaluation items, by the margin rule "
+            "(mean DM above 0 from l* on) and by the accuracy rule (layer accuracy above "
+            "chance + 0.1 from l* on); the collapse is Iterative Pruning's (accuracy "
+            "criterion, chosen on the calibration items, measured on the evaluation items): "
+            "the fewest blocks removed that leave accuracy below halfway between chance and "
+            "the unpruned model's. Only runs with Iterative Pruning appear.", "",
+            "| run | l* / L (margin) | l* / L (accuracy) | collapse / L | blocks left at "
+            "collapse | Decisive Phase size (margin) |", "|---|---|---|---|---|---|"]
+  share = lambda x: "none" if x is None else f"{x:.2f}"
+  for row in rows:
+    size = "-" if row["margin"] is None else str(row["num_layers"] - row["margin_block"] + 1)
+    lines.append(f"| {row['label']} | {share(row['margin'])} | {share(row['accuracy'])} | "
+                 f"{share(row['collapse'])} | {row['blocks_left']} | {size} |")
+  lines.append("")
+  for rule in ("margin", "accuracy"):
+    pairs = [(row[rule], row["collapse"]) for row in rows
+             if row[rule] is not None and row["collapse"] is not None]
+    corr = _correlation([p[0] for p in pairs], [p[1] for p in pairs])
+    lines.append(f"By the {rule} rule, across {len(pairs)} runs: " + (
+        f"Pearson r = {corr[0]:+.2f}, Spearman rho = {corr[1]:+.2f} between l*/L and "
+        "collapse/L." if corr else "too few runs (or no spread in l*) for a correlation."))
 
   # 4. Phase-aware against Iterative Pruning and block influence.
   lines += ["", "## The phase-aware method against Iterative Pruning and block influence", "",
@@ -311,12 +336,24 @@ def write_report(out_dir: str, runs) -> str:
   ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   save_figure(fig, os.path.join(out_dir, "silent_vs_decisive.png"))
 
-  if pairs:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter([p[0] for p in pairs], [p[1] for p in pairs])
-    ax.set_xlabel("l* / L (unpruned model)")
+  plotted_rows = [row for row in rows if row["collapse"] is not None]
+  if plotted_rows:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rule, marker in (("margin", "o"), ("accuracy", "x")):
+      points = [row for row in plotted_rows if row[rule] is not None]
+      ax.scatter([row[rule] for row in points], [row["collapse"] for row in points],
+                 marker=marker, label=f"l* by the {rule} rule")
+    for row in plotted_rows:  # one label per run, at its accuracy-rule point
+      x = row["accuracy"] if row["accuracy"] is not None else row["margin"]
+      if x is not None:
+        ax.annotate(row["label"].split(" / cloze")[0], (x, row["collapse"]), fontsize=6,
+                    xytext=(-4, -10), textcoords="offset points", ha="right")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("l* / L (unpruned model, evaluation items)")
     ax.set_ylabel("Iterative Pruning collapse / L")
     ax.set_title("Does the transition predict the collapse?")
+    ax.legend(fontsize=7)
     save_figure(fig, os.path.join(out_dir, "transition_vs_collapse.png"))
 
   lens_dir = os.path.join(out_dir, "lenses")
