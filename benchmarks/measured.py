@@ -110,13 +110,14 @@ def end_to_end_markdown(path: str) -> str:
            "Decision Margin as the reference at every step, checked before the times."
            + (f" {r['note']}" if r.get("note") else ""), "",
            "| model | items | steps | HF s | dpjax s with compilation (programs, compile s) "
-           "| speedup with compilation (goal >= 2x) | dpjax s compiled | speedup compiled |",
+           "| speedup with compilation (goal) | dpjax s compiled | speedup compiled |",
            "|---|---|---|---|---|---|---|---|"]
   for c in r["cases"]:
-    ratio = c["speedup_with_compilation"]
+    ratio, goal = c["speedup_with_compilation"], c.get("goal", 2.0)
     lines.append(f"| {c['case']} ({c['layers']} blocks) | {c['items']} | "
                  f"{len(c['removed_order'])} | {c['hf_seconds']:.1f} | "
                  f"{c['dpjax_seconds_with_compilation']:.1f} ({c['compiled_programs']}, "
-                 f"{c['compile_seconds']:.1f}) | {ratio:.2f}x ({'met' if ratio >= 2 else 'missed'})"
-                 f" | {c['dpjax_seconds']:.1f} | {c['speedup']:.2f}x |")
+                 f"{c['compile_seconds']:.1f}) | {ratio:.2f}x (>= {goal:g}x: "
+                 f"{'met' if ratio >= goal else 'missed'}) | {c['dpjax_seconds']:.1f} | "
+                 f"{c['speedup']:.2f}x |")
   return "\n".join(lines) + "\n"

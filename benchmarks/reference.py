@@ -264,24 +264,29 @@ class HFIterativeReference:
     rival = np.where(np.arange(z.shape[1]) == answer[:, None], -np.inf, p).max(-1)
     return float(np.mean(top == answer)), float(np.mean(p[rows, answer] - rival))
 
-  def iterative_prune(self, num_layers: int, min_layers: int = 1, on_step=None) -> list[dict]:
+  def iterative_prune(self, num_layers: int, min_layers: int = 1, on_step=None,
+                      follow: Sequence[int] | None = None) -> list[dict]:
     """Greedy removal by final accuracy (ties: higher mean DM, then the higher block).
 
-    Returns one record per step: `removed` (0-based block), `accuracy`, `margin`.
+    Returns one record per step: `removed` (0-based block), `accuracy`, `margin`, and
+    `choice`, `choice_accuracy`, `choice_margin`: the block this reference picks itself.
+    With `follow` (another implementation's order), every candidate is still evaluated
+    and the reference's own pick recorded, but the step removes `follow`'s block: two
+    candidates whose scores tie to float32 rounding cannot send the two runs apart.
     """
     kept = list(range(num_layers))
     steps = []
     while len(kept) > min_layers:
-      best = None
+      scores = {}
       for block in kept:
         candidate = [b for b in kept if b != block]
-        acc, margin = self.final_scores(*self.readouts(candidate))
-        key = (acc, margin, block)
-        if best is None or key > best[0]:
-          best = (key, block)
-      (acc, margin, _), block = best
+        scores[block] = self.final_scores(*self.readouts(candidate))
+      choice = max(kept, key=lambda b: (*scores[b], b))
+      block = choice if follow is None else int(follow[len(steps)])
       kept.remove(block)
-      steps.append({"removed": block, "accuracy": acc, "margin": margin})
+      steps.append({"removed": block, "accuracy": scores[block][0], "margin": scores[block][1],
+                    "choice": choice, "choice_accuracy": scores[choice][0],
+                    "choice_margin": scores[choice][1]})
       if on_step is not None:
         on_step(steps[-1])
     return steps
