@@ -98,7 +98,9 @@ OPEN = PHASE_ONLY + (("phase_ks", "doublings"),)
 # phase-aware method are left out. SciQ's cloze contexts carry the support paragraph,
 # several times ARC-Easy's prompt: one drop-one step of Iterative Pruning at 30 blocks
 # took about 6 minutes on two shared cores, and the whole study would take several hours
-# there. On PIQA the cut buys a third (l*, collapse) pair within about an hour.
+# there. PIQA's two solutions are long too: on shared cores the profile of 300 items took
+# 6 minutes and the first drop-one step on 64 items 9.5, so its run takes about two hours
+# (resumable: each Iterative Pruning step is saved).
 SMOLLM2_PAIR = CLOZE + (("methods", ("phase", "iterative")), ("phase_ks", "doublings"))
 PLAN = (
     Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", (("normalization", "vocab"),)),
