@@ -74,6 +74,31 @@ def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
   np.testing.assert_allclose(z[:, :4], want, atol=1e-4)
 
 
+def test_reference_following_another_order_still_scores_every_candidate():
+  """With `follow`, the reference removes the given blocks but records its own pick and
+  that pick's scores, which equal an unforced run's at the first step (same kept set)."""
+  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 200)),
+                                        300)
+  config = dict(reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer))
+  model = reference.build_hf_model("llama", config, seed=2).eval()
+  items = synthetic.generate("test", 8)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+  ref = HFIterativeReference(model, tasks.batches(encoded, 4, tokenizer.pad_token_id))
+  own = ref.iterative_prune(4, 1)
+  assert [s["removed"] for s in own] == [s["choice"] for s in own]
+  # Follow an order that starts with a block the reference does not pick first.
+  first = next(b for b in range(4) if b != own[0]["choice"])
+  follow = [first] + [b for b in range(4) if b != first][:2]
+  forced = ref.iterative_prune(4, 1, follow=follow)
+  assert [s["removed"] for s in forced] == follow
+  assert forced[0]["choice"] == own[0]["choice"] != forced[0]["removed"]
+  assert forced[0]["choice_accuracy"] == own[0]["accuracy"]
+  assert forced[0]["choice_margin"] == own[0]["margin"]
+  # The followed block's own scores: those of the kept set without it, read afresh.
+  acc, margin = ref.final_scores(*ref.readouts([b for b in range(4) if b != first]))
+  assert (forced[0]["accuracy"], forced[0]["margin"]) == (acc, margin)
+
+
 def test_cost_model_counts_what_the_engine_runs(synthetic_model_dir):
   """The cost model's Iterative Pruning work is what the sweep engine counts when it prunes
   a model to one block, and its check reproduces the utilization it is given."""
