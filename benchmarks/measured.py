@@ -120,4 +120,16 @@ def end_to_end_markdown(path: str) -> str:
                  f"{c['compile_seconds']:.1f}) | {ratio:.2f}x (>= {goal:g}x: "
                  f"{'met' if ratio >= goal else 'missed'}) | {c['dpjax_seconds']:.1f} | "
                  f"{c['speedup']:.2f}x |")
+  lines += ["", "Where the ratio comes from (block evaluations: blocks run times item rows; the "
+            "rest of the ratio is speed per block evaluation):", ""]
+  for c in r["cases"]:
+    b = c["block_evaluations"]
+    fewer = b["hf_reference"] / b["executed"]
+    lines.append(f"- {c['case']}: dpjax ran {b['executed']:,} block evaluations (executed / "
+                 f"minimum {b['executed_over_minimum']:.2f}), the reference {b['hf_reference']:,}"
+                 f": {fewer:.2f}x fewer; per block evaluation dpjax was "
+                 f"{c['speedup'] / fewer:.2f}x faster; candidate evaluations stopped early: "
+                 f"{c['candidates_stopped_early']}."
+                 + ("" if c.get("dpjax_seconds_all") else " Its compiled time is the cold run's "
+                    "less its compile time (no compiled rerun)."))
   return "\n".join(lines) + "\n"
