@@ -46,14 +46,19 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
   assert "| masks per program |" in markdown
 
 
+def _tiny_hf_llama():
+  """A synthetic-suite tokenizer, a random 4-block HF Llama over it and its config."""
+  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 200)),
+                                        300)
+  config = dict(reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer))
+  return tokenizer, config, reference.build_hf_model("llama", config, seed=2).eval()
+
+
 def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
   """The reference's lens equals HF's own logits at the last layer, and norm + lm_head of
   the returned hidden states elsewhere (computed here from `hf_forward`)."""
   import torch
-  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 200)),
-                                        300)
-  config = dict(reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer))
-  model = reference.build_hf_model("llama", config, seed=2).eval()
+  tokenizer, config, model = _tiny_hf_llama()
   items = synthetic.generate("test", 6)
   encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
   batch_list = tasks.batches(encoded, 4, tokenizer.pad_token_id)
@@ -77,10 +82,7 @@ def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
 def test_reference_following_another_order_still_scores_every_candidate():
   """With `follow`, the reference removes the given blocks but records its own pick and
   that pick's scores, which equal an unforced run's at the first step (same kept set)."""
-  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 200)),
-                                        300)
-  config = dict(reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer))
-  model = reference.build_hf_model("llama", config, seed=2).eval()
+  tokenizer, config, model = _tiny_hf_llama()
   items = synthetic.generate("test", 8)
   encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
   ref = HFIterativeReference(model, tasks.batches(encoded, 4, tokenizer.pad_token_id))
