@@ -291,6 +291,8 @@ def main(argv):
   del argv
   work = work_dir()
   os.makedirs(work, exist_ok=True)
+  # A relative --out_dir names a folder under the caller's directory, not the work one.
+  flags.FLAGS.out_dir = os.path.abspath(_OUT.value)
   os.chdir(work)  # models, lenses and runs are recorded relative to it
   runs = select(_ONLY.value)
   if _DRY_RUN.value:

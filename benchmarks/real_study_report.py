@@ -136,6 +136,8 @@ def write_report(out_dir: str, runs) -> str:
 
   # 0. What ran, and for how long.
   lines += ["## The runs", "",
+            "Wall time is the finishing process's: a run resumed from saved state (an "
+            "Iterative Pruning search, say) does not count its earlier processes' time.", "",
             "| run | normalization | methods | wall time on two cores |", "|---|---|---|---|"]
   for run, r in found:
     t = r.get("timings", {})
