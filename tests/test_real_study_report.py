@@ -45,3 +45,18 @@ def test_transition_collapse_rows_and_correlations_match_scipy():
   assert real_study_report._correlation([0.5, 1.0], [0.2, 0.3]) is None
   # Not a constant: the statistics differ on these points.
   assert abs(pearson - spearman) > 1e-3
+
+
+def test_relative_out_dir_is_the_callers_not_the_work_dirs(tmp_path):
+  """real_study moves into its work directory; a relative --out_dir still means the caller's."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  subprocess.run([sys.executable, "-m", "benchmarks.real_study", "--report_only",
+                  "--out_dir=report", f"--work_dir={tmp_path / 'work'}"],
+                 cwd=tmp_path, env=env, check=True, capture_output=True)
+  with open(tmp_path / "report" / "REPORT.md") as f:
+    assert "No run has finished yet." in f.read()
+  assert not os.path.exists(tmp_path / "work" / "report")
