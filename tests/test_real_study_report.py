@@ -60,3 +60,18 @@ def test_relative_out_dir_is_the_callers_not_the_work_dirs(tmp_path):
   with open(tmp_path / "report" / "REPORT.md") as f:
     assert "No run has finished yet." in f.read()
   assert not os.path.exists(tmp_path / "work" / "report")
+
+
+def test_a_run_cut_by_methods_is_not_finished(tmp_path):
+  """A first pass (`--methods=phase`) leaves the run's other methods for a later pass."""
+  import json
+  import os
+
+  from benchmarks import real_study
+  os.makedirs(tmp_path / "runs" / "r")
+  assert not real_study._finished(str(tmp_path), os.path.join("runs", "r"), ("phase",))
+  with open(tmp_path / "runs" / "r" / "results.json", "w") as f:
+    json.dump({"settings": {"methods": ["phase"]}}, f)
+  assert real_study._finished(str(tmp_path), os.path.join("runs", "r"), ("phase",))
+  assert not real_study._finished(str(tmp_path), os.path.join("runs", "r"),
+                                  ("phase", "iterative"))
