@@ -58,7 +58,9 @@ def _label(run, results):
   norm = results["settings"].get("normalization", "vocab")
   return (f"{run.model} / {run.task} / {run.format}" + (f" {shots}-shot" if shots else "")
           + (f" / {norm} DM" if run.format == "cloze" else "")
-          + (" / tuned lens" if lens == "tuned" else ""))
+          + (" / tuned lens" if lens == "tuned" else "")
+          + (" / accuracy rule" if results["settings"].get("transition_rule") == "accuracy"
+             else ""))
 
 
 def _phase_rows(results):

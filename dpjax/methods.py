@@ -305,7 +305,8 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
   """Silent arm against Decisive arm, `k` blocks each, per selection rule."""
   s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
   if l_star is None or l_star <= 1:
-    why = ("the unpruned model has no transition" if l_star is None
+    why = (f"the unpruned model has no transition on the calibration items "
+           f"({s.transition_rule} rule)" if l_star is None
            else "the Silent Phase is empty (transition at block 1)")
     out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
     return
@@ -348,7 +349,8 @@ def run_phase_aware(ctx: Context, out: StudyResults) -> None:
   l_star = ctx.calibration_transition
   if l_star is None:
     out.methods["phase_aware"] = MethodResult.skip(
-        "phase_aware", "the unpruned model has no transition", transition_block=None)
+        "phase_aware", "the unpruned model has no transition on the calibration items "
+        f"({ctx.settings.transition_rule} rule)", transition_block=None)
     return
   decisive = set(range(l_star - 1, ctx.num_layers))
 
