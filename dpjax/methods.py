@@ -307,7 +307,7 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
   if l_star is None or l_star <= 1:
     why = (f"the unpruned model has no transition on the calibration items "
            f"({s.transition_rule} rule)" if l_star is None
-           else "the Silent Phase is empty (transition at block 1)")
+           else "the Silent Phase is empty (transition at block 1 on the calibration items)")
     out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
     return
   max_k = min(l_star - 1, L - l_star + 1)
