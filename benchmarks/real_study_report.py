@@ -298,6 +298,7 @@ def write_report(out_dir: str, runs) -> str:
 
   # Figures.
   fig, ax = plt.subplots(figsize=(8, 4.5))
+  ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more runs than tab10's colours
   plotted = set()
   for run, r in found:
     full, L = r["full_model"], r["model"]["num_layers"]
@@ -325,12 +326,16 @@ def write_report(out_dir: str, runs) -> str:
 
   fig, ax = plt.subplots(figsize=(6, 6))
   markers = {"adjacent": "o", "redundant": "s", "random": "^"}
+  # One colour per run, one marker per selection rule.
+  runs_plotted = list(dict.fromkeys(label for label, *_ in points))
+  palette = plt.get_cmap("tab10" if len(runs_plotted) <= 10 else "tab20")
+  colour = {label: palette(i % palette.N) for i, label in enumerate(runs_plotted)}
   for label, rule, k, s, d in points:
     sc, dc = s.get("accuracy_ci95"), d.get("accuracy_ci95")
     xerr = None if sc is None else [[s["accuracy"] - sc[0]], [sc[1] - s["accuracy"]]]
     yerr = None if dc is None else [[d["accuracy"] - dc[0]], [dc[1] - d["accuracy"]]]
     ax.errorbar(s["accuracy"], d["accuracy"], xerr=xerr, yerr=yerr, fmt=markers[rule], ms=5,
-                capsize=2, label=f"{label} ({rule}, k={k})")
+                capsize=2, color=colour[label], label=f"{label} ({rule}, k={k})")
   ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
