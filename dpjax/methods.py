@@ -301,12 +301,16 @@ def phase_ks(max_k: int, which: str) -> list[int]:
   return sorted({2 ** i for i in range(max_k.bit_length()) if 2 ** i < max_k} | {max_k})
 
 
+def _no_transition(s) -> str:
+  """Why a phase method skips: l* is read on the calibration items, under the run's rule."""
+  return f"the unpruned model has no transition on the calibration items ({s.transition_rule} rule)"
+
+
 def run_phase(ctx: Context, out: StudyResults) -> None:
   """Silent arm against Decisive arm, `k` blocks each, per selection rule."""
   s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
   if l_star is None or l_star <= 1:
-    why = (f"the unpruned model has no transition on the calibration items "
-           f"({s.transition_rule} rule)" if l_star is None
+    why = (_no_transition(s) if l_star is None
            else "the Silent Phase is empty (transition at block 1 on the calibration items)")
     out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
     return
@@ -349,8 +353,7 @@ def run_phase_aware(ctx: Context, out: StudyResults) -> None:
   l_star = ctx.calibration_transition
   if l_star is None:
     out.methods["phase_aware"] = MethodResult.skip(
-        "phase_aware", "the unpruned model has no transition on the calibration items "
-        f"({ctx.settings.transition_rule} rule)", transition_block=None)
+        "phase_aware", _no_transition(ctx.settings), transition_block=None)
     return
   decisive = set(range(l_star - 1, ctx.num_layers))
 
