@@ -25,14 +25,16 @@ from dpjax.flagdefs import setting
 
 DATA, MODEL = "data", "model"
 
-# Which axis of each stacked weight the model axis splits (Megatron-style:
-# column-parallel in, row-parallel out). Leading axis of block weights = layer.
+# Which axis of each weight the model axis splits (Megatron-style: column-parallel in,
+# row-parallel out; the embedding and the unembedding along the vocabulary). The leading
+# axis of block weights is the layer, which is never split.
 _MODEL_AXIS_RULES = {
     "q": 2, "k": 2, "v": 2, "gate": 2, "up": 2,
     "q_bias": 1, "k_bias": 1, "v_bias": 1, "gate_bias": 1, "up_bias": 1,
     "o": 1, "down": 1,
-    "lm_head": 1,
+    "embed": 0, "lm_head": 1,
 }
+BLOCK_AXIS = 0  # the layer axis of stacked block weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,11 @@ class Placement:
       raise ValueError(f"--model_axis={model_axis} must divide the {len(devices)} devices.")
     return cls(Mesh(devices.reshape(-1, model_axis), (DATA, MODEL)))
 
+  @classmethod
+  def single(cls) -> "Placement":
+    """The first local device alone (a 1 x 1 mesh)."""
+    return cls(Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), (DATA, MODEL)))
+
   @property
   def data_size(self) -> int:
     return self.mesh.shape[DATA]
@@ -87,20 +94,47 @@ class Placement:
     sharding = NamedSharding(self.mesh, P(DATA, *([None] * (array.ndim - 1))))
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
+  @property
+  def model_size(self) -> int:
+    return self.mesh.shape[MODEL]
+
+  def spec_for(self, key: str, shape: tuple[int, ...], drop_leading: bool = False) -> P:
+    """The weight `key`'s partition: split along `model` by the rules above when that
+    axis divides evenly, else replicated. `drop_leading`: the spec of one block's slice
+    of a stacked weight (its layer axis dropped)."""
+    full = (1, *shape) if drop_leading else tuple(shape)
+    axis = _MODEL_AXIS_RULES.get(key)
+    spec = [None] * len(full)
+    if (self.model_size > 1 and axis is not None and axis < len(full)
+        and full[axis] % self.model_size == 0):
+      spec[axis] = MODEL
+    return P(*(spec[1:] if drop_leading else spec))
+
+  def sharding_for(self, key: str, shape: tuple[int, ...],
+                   drop_leading: bool = False) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec_for(key, shape, drop_leading))
+
+  def residuals(self, x: jax.Array) -> jax.Array:
+    """Under jit: residual streams `[n, B, T, d]` kept across programs, placed with their
+    rows along `data` and their hidden size along `model` (a shared prefix's `[n, 1, P, d]`
+    along `model` only)."""
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, self.residual_spec(x.shape)))
+
+  def residual_spec(self, shape: tuple[int, ...]) -> P:
+    rows = DATA if shape[1] % self.data_size == 0 and shape[1] > 1 else None
+    hidden = MODEL if shape[-1] % self.model_size == 0 else None
+    return P(None, rows, *([None] * (len(shape) - 3)), hidden)
+
   def params(self, tree: dict[str, Any]) -> dict[str, Any]:
-    """The model's weights: replicated, or split along `model` by the rules above."""
+    """Host weights placed by the rules above, each device given only its slice."""
     out = {}
     for key, value in tree.items():
       if isinstance(value, dict):
         out[key] = self.params(value)
         continue
       value = np.asarray(value)
-      axis = _MODEL_AXIS_RULES.get(key)
-      spec = [None] * value.ndim
-      model_size = self.mesh.shape[MODEL]
-      if model_size > 1 and axis is not None and axis < value.ndim and value.shape[axis] % model_size == 0:
-        spec[axis] = MODEL
-      sharding = NamedSharding(self.mesh, P(*spec))
+      sharding = self.sharding_for(key, value.shape)
       out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
     return out
 

@@ -95,10 +95,106 @@ def packing(batch: Batch, put=lambda x: x) -> tuple:
 
 
 def unembedding_f32(module: Transformer) -> jax.Array:
-  """`[V, d]` float32 unembedding (tied: the embedding)."""
+  """`[V, d]` float32 unembedding (tied: the embedding). A copy when the weights are not
+  float32: the sweep's lenses read through `Unembedding` instead, which never makes one."""
   if module.lm_head is None:
     return module.embed[...].astype(jnp.float32)
   return module.lm_head[...].astype(jnp.float32).T
+
+
+def vocab_chunk(hidden_size: int, dtype) -> int:
+  """Vocabulary rows reduced at a time: `VOCAB_CHUNK`, fewer for wide models whose
+  float32 copy of a chunk would pass 64 MB (bf16 weights are upcast a chunk at a time)."""
+  return int(min(VOCAB_CHUNK, max(1024, (64 << 20) // (4 * hidden_size))))
+
+
+class LensLogits(NamedTuple):
+  """What a lens reads of `N` normed residuals in one pass over the vocabulary."""
+  at_ids: jax.Array            # [N, K] the logits of the asked ids
+  log_normalizer: jax.Array    # [N] logsumexp over the vocabulary
+  rival: jax.Array | None      # [N] the largest logit outside the asked ids (open format)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unembedding:
+  """The unembedding as the lens reads it: one pass over the vocabulary, a chunk of rows
+  at a time, gives the logits of the ids asked for, the log-normalizer and (open format)
+  the best logit outside the ids, so neither a float32 copy of `[V, d]` nor `[N, V]`
+  logits exist when `V` is large (a vocabulary that fits one chunk is one matmul, as
+  `x @ W.T`). With the vocabulary split over `shards` devices (the mesh's model axis),
+  each device reduces its own rows and only `[shards, N]` partials are combined. Built
+  under jit: `weight` is the stored `[V, d]` embedding (tied) or `[d, V]` head.
+  """
+  weight: jax.Array
+  vocab_axis: int  # 0: [V, d], 1: [d, V]
+  softcap: float | None
+  shards: int = 1
+
+  @classmethod
+  def of(cls, module: Transformer, shards: int = 1) -> "Unembedding":
+    if module.lm_head is None:
+      weight, axis = module.embed[...], 0
+    else:
+      weight, axis = module.lm_head[...], 1
+    if weight.shape[axis] % shards:
+      shards = 1
+    return cls(weight, axis, module.cfg.final_logit_softcap, shards)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.weight.shape[self.vocab_axis]
+
+  def read(self, x: jax.Array, ids: jax.Array, rival: bool = False) -> LensLogits:
+    """Normed residuals `x` `[N, d]` (float32) and token `ids` `[N, K]` (-1: none) ->
+    `LensLogits`."""
+    w = self.weight
+    split = self.shards > 1
+    if self.vocab_axis == 1:
+      d, v = w.shape
+      w = w.reshape(d, self.shards, v // self.shards) if split else w
+      spec, axis = ("nd,dsc->snc", 2) if split else ("nd,dc->nc", 1)
+    else:
+      v, d = w.shape
+      w = w.reshape(self.shards, v // self.shards, d) if split else w
+      spec, axis = ("nd,scd->snc", 1) if split else ("nd,cd->nc", 0)
+    per_shard = v // self.shards
+    chunk = min(per_shard, vocab_chunk(d, w.dtype))
+    # The last chunk is moved back to end at the shard's last row; the rows it repeats
+    # are left out of the sums (they were counted by the chunk before).
+    starts = np.minimum(np.arange(0, per_shard, chunk), per_shard - chunk).astype(np.int32)
+    fresh = np.maximum(np.arange(0, per_shard, chunk), starts) - starts
+    lead = (self.shards,) if split else ()
+    base = (jnp.arange(self.shards, dtype=jnp.int32) * per_shard).reshape(
+        (self.shards, 1, 1)) if split else jnp.int32(0)
+    n, k = ids.shape
+
+    def body(carry, start_fresh):
+      top, total, found, best_other = carry
+      start, first_new = start_fresh
+      rows = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=axis).astype(jnp.float32)
+      z = soft_cap(jnp.einsum(spec, x, rows, precision=jax.lax.Precision.HIGHEST), self.softcap)
+      z = jnp.where(jnp.arange(chunk) >= first_new, z, -jnp.inf)  # [..., N, C]
+      new_top = jnp.maximum(top, z.max(-1))
+      total = total * jnp.exp(top - new_top) + jnp.exp(z - new_top[..., None]).sum(-1)
+      local = ids - (base + start)  # [..., N, K]: where each id falls in this chunk
+      inside = (local >= 0) & (local < chunk) & (ids >= 0)
+      value = jnp.take_along_axis(z, jnp.clip(local, 0, chunk - 1), axis=-1)
+      found = jnp.maximum(found, jnp.where(inside, value, -jnp.inf))
+      if rival:
+        asked = (jnp.arange(chunk)[None, :, None] == local[..., :, None, :]).any(-1)
+        best_other = jnp.maximum(best_other, jnp.where(asked, -jnp.inf, z).max(-1))
+      return (new_top, total, found, best_other), None
+
+    init = (jnp.full((*lead, n), -jnp.inf, jnp.float32), jnp.zeros((*lead, n), jnp.float32),
+            jnp.full((*lead, n, k), -jnp.inf, jnp.float32),
+            jnp.full((*lead, n), -jnp.inf, jnp.float32))
+    (top, total, found, best_other), _ = jax.lax.scan(
+        body, init, (jnp.asarray(starts), jnp.asarray(fresh)))
+    if not split:
+      return LensLogits(found, top + jnp.log(total), best_other if rival else None)
+    best = top.max(0)  # the shards' partial sums, combined
+    lse = best + jnp.log(jnp.sum(total * jnp.exp(top - best), axis=0))
+    return LensLogits(found.max(0), lse, best_other.max(0) if rival else None)
 
 
 def _normed(module: Transformer, h: jax.Array, layer=None, translators=None) -> jax.Array:
@@ -108,69 +204,33 @@ def _normed(module: Transformer, h: jax.Array, layer=None, translators=None) -> 
                   cfg.rms_norm_eps, cfg.norm_kind)
 
 
-def _logits(module: Transformer, x: jax.Array, unembed: jax.Array) -> jax.Array:
-  z = jnp.einsum("...d,vd->...v", x, unembed, precision=jax.lax.Precision.HIGHEST)
-  return soft_cap(z, module.cfg.final_logit_softcap)  # as the model's own logits
-
-
-def vocab_logsumexp(module: Transformer, x: jax.Array, unembed: jax.Array,
-                    chunk: int = VOCAB_CHUNK) -> jax.Array:
-  """`logsumexp_v z[v]` of normed residuals `x` `[N, d]`, the vocabulary reduced
-  `chunk` rows at a time (the last chunk overlaps the one before and skips the
-  overlap), so no `[N, V]` block is made."""
-  vocab = unembed.shape[0]
-  if vocab <= chunk:
-    return jax.nn.logsumexp(_logits(module, x, unembed), axis=-1)
-  starts = np.minimum(np.arange(0, vocab, chunk), vocab - chunk).astype(np.int32)
-  fresh = np.maximum(np.arange(0, vocab, chunk), starts) - starts  # first new row of a chunk
-
-  def body(carry, start_fresh):
-    top, total = carry
-    start, first_new = start_fresh
-    rows = jax.lax.dynamic_slice_in_dim(unembed, start, chunk, axis=0)
-    z = _logits(module, x, rows)
-    z = jnp.where(jnp.arange(chunk) >= first_new, z, -jnp.inf)
-    new_top = jnp.maximum(top, z.max(-1))
-    total = total * jnp.exp(top - new_top) + jnp.exp(z - new_top[:, None]).sum(-1)
-    return (new_top, total), None
-
-  init = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
-  (top, total), _ = jax.lax.scan(body, init, (jnp.asarray(starts), jnp.asarray(fresh)))
-  return top + jnp.log(total)
-
-
-def letter_lens(module, unembed, h, reads: Reads, layer=None, translators=None) -> Readout:
+def letter_lens(module, unembed: Unembedding, h, reads: Reads, layer=None,
+                translators=None) -> Readout:
   """Option letters' logits `[B, K]` and the normalizer `[B]` at the last column."""
-  z = _logits(module, _normed(module, h[:, -1], layer, translators), unembed)
-  options = jnp.take_along_axis(z, jnp.maximum(reads.ids, 0), axis=-1)
-  return Readout(jnp.where(reads.ids >= 0, options, -jnp.inf), jax.nn.logsumexp(z, axis=-1))
+  out = unembed.read(_normed(module, h[:, -1], layer, translators), reads.ids)
+  return Readout(jnp.where(reads.ids >= 0, out.at_ids, -jnp.inf), out.log_normalizer)
 
 
-def open_lens(module, unembed, h, reads: Reads, layer=None, translators=None) -> Readout:
+def open_lens(module, unembed: Unembedding, h, reads: Reads, layer=None,
+              translators=None) -> Readout:
   """The best gold first token's logit and the best other token's, `[B, 2]`, at the
   last column, and the normalizer `[B]`."""
-  z = _logits(module, _normed(module, h[:, -1], layer, translators), unembed)
-  ids = reads.ids
-  gold = jnp.max(jnp.where(ids >= 0, jnp.take_along_axis(z, jnp.maximum(ids, 0), axis=-1),
-                           -jnp.inf), axis=-1)
-  in_gold = (jnp.arange(z.shape[-1])[None, None, :] == ids[:, :, None]).any(axis=1)
-  rival = jnp.max(jnp.where(in_gold, -jnp.inf, z), axis=-1)
-  return Readout(jnp.stack([gold, rival], axis=-1), jax.nn.logsumexp(z, axis=-1))
+  out = unembed.read(_normed(module, h[:, -1], layer, translators), reads.ids, rival=True)
+  gold = jnp.max(out.at_ids, axis=-1)  # -inf at the -1 padding
+  return Readout(jnp.stack([gold, out.rival], axis=-1), out.log_normalizer)
 
 
-def cloze_lens(module, unembed, h, reads: Reads, cloze_norm: str, layer=None,
+def cloze_lens(module, unembed: Unembedding, h, reads: Reads, cloze_norm: str, layer=None,
                translators=None) -> Readout:
   """Option scores `[B, K]` from the continuation tokens' log-probabilities."""
   b, r = reads.read_index.shape
   x = _normed(module, jnp.take_along_axis(h, reads.read_index[..., None], axis=1), layer,
-              translators)  # [B, R, d]
-  target = soft_cap(jnp.einsum("brd,brd->br", x, jnp.take(unembed, reads.read_target, axis=0),
-                               precision=jax.lax.Precision.HIGHEST),
-                    module.cfg.final_logit_softcap)
-  lse = vocab_logsumexp(module, x.reshape(b * r, -1), unembed).reshape(b, r)
+              translators).reshape(b * r, -1)  # [B R, d]
+  out = unembed.read(x, reads.read_target.reshape(b * r, 1))
+  logprob = (out.at_ids[:, 0] - out.log_normalizer).reshape(b, r)
   k = reads.option_bytes.shape[-1]
   member = reads.read_option[:, None, :] == jnp.arange(k)[None, :, None]  # [B, K, R]
-  total = jnp.sum(jnp.where(member, (target - lse)[:, None, :], 0.0), axis=-1)
+  total = jnp.sum(jnp.where(member, logprob[:, None, :], 0.0), axis=-1)
   total = jnp.where(member.any(-1), total, -jnp.inf)  # past an item's own options
   scores = total / reads.option_bytes if cloze_norm == "bytes" else total
   return Readout(scores, jnp.zeros((b,), jnp.float32), total)
@@ -181,6 +241,7 @@ class Lens:
   """The lens of one answer format (static: part of the compiled program)."""
   format: str = "letter"
   cloze_norm: str = "none"
+  vocab_shards: int = 1  # devices the unembedding's vocabulary is split over (`Unembedding`)
 
   def __post_init__(self):
     if self.format not in FORMATS:
@@ -188,7 +249,10 @@ class Lens:
     if self.cloze_norm not in CLOZE_NORMS:
       raise ValueError(f"cloze_norm={self.cloze_norm!r}; use one of {CLOZE_NORMS}.")
 
-  def __call__(self, module, unembed, h, reads: Reads, layer=None,
+  def unembedding(self, module: Transformer) -> Unembedding:
+    return Unembedding.of(module, self.vocab_shards)
+
+  def __call__(self, module, unembed: Unembedding, h, reads: Reads, layer=None,
                translators=None) -> Readout:
     """The readout of residuals `h` `[B, T, d]` at `layer` (the tuned lens applies that
     layer's translator; `translators` None: the logit lens)."""
@@ -220,7 +284,7 @@ def decision_readout(module: Transformer, lens: Lens, input_ids, attention_mask,
   `translators`: the tuned lens's (None: the logit lens). `prefix`: (ids, mask) `[P]`
   of the prefix every row continues (`Batch.prefix_ids`), or None.
   """
-  unembed = unembedding_f32(module)
+  unembed = lens.unembedding(module)
   # The variant's last layer is its own output: read through the model's head, never a
   # translator (row L of the translators is zero), whichever lens reads the others.
   last, own = last_layer(block_index, block_valid), module.cfg.num_layers
@@ -250,7 +314,7 @@ def final_readout(module: Transformer, lens: Lens, input_ids, attention_mask, re
   """The last kept block's readout only (`[B, K]` / `[B]`): the lens runs once, and
   (`last_at_reads`) the last block's attention output and MLP run only at the positions
   the lens reads."""
-  unembed = unembedding_f32(module)
+  unembed = lens.unembedding(module)
   rows, reads_in_rows = read_rows(lens, reads, input_ids) if last_at_reads else (None, reads)
   h, _, _ = module.run_blocks(input_ids, attention_mask, block_index, block_valid,
                               positions=packed[0], segments=packed[1], rows=rows, prefix=prefix)
@@ -315,9 +379,14 @@ class DecisionReader:
     self.lens = lens
     self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.placement = placement  # dpjax.distributed.Placement, or None for the default device
-    self._fns = {final_only: jax.jit(functools.partial(_readout_masks, model.graphdef, lens,
-                                                       final_only, in_flight, last_at_reads))
-                 for final_only in (False, True)}
+    self._fns = self.programs(model.graphdef, lens, in_flight, last_at_reads)
+
+  @staticmethod
+  def programs(graphdef, lens: Lens, in_flight: int | None, last_at_reads: bool) -> dict:
+    """The jitted readouts of a chunk of masks, per-layer (False) and final-only (True)."""
+    return {final_only: jax.jit(functools.partial(_readout_masks, graphdef, lens, final_only,
+                                                  in_flight, last_at_reads))
+            for final_only in (False, True)}
 
   def readout_batch(self, batch: Batch, masks: np.ndarray, final_only: bool = False) -> Readout:
     """Readouts `[M, L+1, B, K]` of one token batch under `masks` `[M, L]` (`final_only`:

@@ -318,7 +318,10 @@ class PhaseExperiment:
 
 @dataclasses.dataclass
 class EngineCounters:
-  compiled_programs: int
+  """What the engine did: XLA compilations and persistent-cache hits (apart: a second
+  identical run compiles nothing), and block evaluations."""
+  xla_compilations: int
+  cache_hits: int
   block_evaluations_executed: int
   block_evaluations_minimum: int
   block_evaluations_naive: int

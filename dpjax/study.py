@@ -83,10 +83,9 @@ def select_items(s: Settings, info: tasks.TaskInfo | None = None):
 
 def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   s = settings
-  model = load_model(s.model, dtype=s.dtype, compute_dtype=s.compute_dtype)
   if placement is not None:
     placement.check_batch_size(s.batch_size)
-    model.place(placement)
+  model = load_model(s.model, dtype=s.dtype, compute_dtype=s.compute_dtype, placement=placement)
   tokenizer = load_tokenizer(model.source)
   info = tasks.resolve_task(s.task)
   if s.format not in info.formats:
@@ -273,7 +272,7 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
     timings["methods_seconds"] = time.perf_counter() - clock
     counters = ctx.eval_sweep.counters, ctx.cal_sweep.counters
     results.engine = EngineCounters(
-        compiled_programs=counter.programs,
+        xla_compilations=counter.compiled, cache_hits=counter.cache_hits,
         block_evaluations_executed=sum(c.executed for c in counters),
         block_evaluations_minimum=sum(c.minimum for c in counters),
         block_evaluations_naive=sum(c.naive for c in counters),

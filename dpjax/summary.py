@@ -134,7 +134,8 @@ def summary_markdown(results: StudyResults) -> str:
   lines += findings(results)
   engine = results.engine
   if engine is not None:
-    lines += ["", f"- Engine: {engine.compiled_programs} compiled programs; "
+    lines += ["", f"- Engine: {engine.xla_compilations} XLA compilations "
+              f"({engine.cache_hits} more programs from the persistent cache); "
               f"{engine.block_evaluations_executed} block evaluations executed against "
               f"{engine.block_evaluations_minimum} needed "
               f"({engine.block_evaluations_naive} without prefix sharing)."]

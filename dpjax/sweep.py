@@ -43,8 +43,7 @@ from dpjax.model import DecoderModel
 from dpjax.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.progress import Progress
 from dpjax.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, last_layer,
-                           map_masks, packing, read_rows, residual_rows, shared_prefix,
-                           unembedding_f32)
+                           map_masks, packing, read_rows, residual_rows, shared_prefix)
 from dpjax.tasks import EncodedTask, batches
 
 
@@ -97,13 +96,15 @@ def _context(module, attention_mask, packed, prefix):
                                   prefix_mask=None if prefix is None else prefix[1])
 
 
-def _stream(graphdef, state, input_ids, attention_mask, packed, prefix, block_index,
+def _stream(graphdef, constrain, state, input_ids, attention_mask, packed, prefix, block_index,
             block_valid):
   """The residual stream `[L+1, B, T, d]`: h_0 and the output of every step (with a
   shared prefix, the pair of it and the prefix's `[L+1, 1, P, d]`).
 
   Zero-padded to `L+1` entries whatever the number of steps, so the candidates'
-  program that reads it has one shape for every pruning step.
+  program that reads it has one shape for every pruning step. `constrain` places it
+  (`Placement.residuals`: rows along the data axis, the hidden size along the model
+  axis), so the memory it holds falls with every device added.
   """
   module = nnx.merge(graphdef, state)
   h0 = module.embed_tokens(input_ids)
@@ -117,7 +118,7 @@ def _stream(graphdef, state, input_ids, attention_mask, packed, prefix, block_in
     missing = module.cfg.num_layers + 1 - stream.shape[0]
     return jnp.pad(stream, [(0, missing)] + [(0, 0)] * (stream.ndim - 1))
 
-  return jax.tree.map(stacked, h0, per_step)
+  return jax.tree.map(lambda a, b: constrain(stacked(a, b)), h0, per_step)
 
 
 def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream, starts,
@@ -131,7 +132,7 @@ def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream,
   h_start = jax.tree.map(lambda s: jnp.take(s, starts, axis=0), stream)
   module = nnx.merge(graphdef, state)
   ctx = _context(module, attention_mask, packed, prefix)
-  unembed = unembedding_f32(module)
+  unembed = lens.unembedding(module)
 
   rows, reads_in_rows = (read_rows(lens, reads, attention_mask) if last_at_reads
                          else (None, reads))
@@ -149,7 +150,7 @@ def _stream_layers(graphdef, lens, state, translators, stream, reads) -> Readout
   """Per-layer readouts `[n, B, K]` of the stream's first `n` entries (layer `j` read
   through translator row `j`, as the unpruned model's profile reads it)."""
   module = nnx.merge(graphdef, state)
-  unembed = unembedding_f32(module)
+  unembed = lens.unembedding(module)
   layers = jnp.arange(jax.tree.leaves(stream)[0].shape[0], dtype=jnp.int32)
   one = lambda h, layer: lens(module, unembed, residual_rows(h), reads, layer, translators)
   return jax.lax.map(lambda x: one(*x), (stream, layers))
@@ -163,7 +164,7 @@ def _tails_layers(graphdef, lens, in_flight, state, translators, stream, starts,
   h_start = jax.tree.map(lambda s: jnp.take(s, starts, axis=0), stream)
   module = nnx.merge(graphdef, state)
   ctx = _context(module, attention_mask, packed, prefix)
-  unembed = unembedding_f32(module)
+  unembed = lens.unembedding(module)
   own = module.cfg.num_layers
 
   def one(h, index, valid):
@@ -205,6 +206,38 @@ def step_groups(members: Sequence[Any], steps: Sequence[int], num_layers: int
           for group in fixed_groups(bucket, CANDIDATE_GROUP)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The engine's compiled programs (jitted; the model's graph, the lens and how many
+  masks are in flight are baked in), named as the planner and the fit step name them:
+
+  * `readout`, `readout_final`: per-layer / final readouts of a chunk of masks
+    (`readout.DecisionReader`);
+  * `stream`: the current model's residual stream, kept for the tails;
+  * `tails`, `tails_layers`: final / per-layer readouts of candidates resuming from it;
+  * `stream_layers`: per-layer readouts of the stream's first entries (a trunk).
+  """
+  readout: Any
+  readout_final: Any
+  stream: Any
+  tails: Any
+  tails_layers: Any
+  stream_layers: Any
+
+  @classmethod
+  def build(cls, graphdef, lens: Lens, in_flight: int | None, last_at_reads: bool = True,
+            placement=None, reader: DecisionReader | None = None) -> "Programs":
+    constrain = (lambda x: x) if placement is None else placement.residuals
+    readout_fns = (reader._fns if reader is not None else
+                   DecisionReader.programs(graphdef, lens, in_flight, last_at_reads))
+    return cls(
+        readout=readout_fns[False], readout_final=readout_fns[True],
+        stream=jax.jit(functools.partial(_stream, graphdef, constrain)),
+        tails=jax.jit(functools.partial(_tails, graphdef, lens, in_flight, last_at_reads)),
+        tails_layers=jax.jit(functools.partial(_tails_layers, graphdef, lens, in_flight)),
+        stream_layers=jax.jit(functools.partial(_stream_layers, graphdef, lens)))
+
+
 class Sweep:
   """Evaluates masks of one model on one item set (its token batches prepared once)."""
 
@@ -230,18 +263,15 @@ class Sweep:
     self.placement = placement  # dpjax.distributed.Placement or None
     self.batches = batches(encoded, batch_size, pad_id, share_prefix=share_prefix)
     self.lens = lens or Lens(encoded.format)
+    if placement is not None:  # the unembedding is split along the model axis
+      self.lens = dataclasses.replace(self.lens, vocab_shards=placement.model_size)
     self.translators = translators  # the tuned lens's, or None (the logit lens)
     self.in_flight = default_in_flight() if in_flight == "auto" else in_flight
     self.reader = DecisionReader(model, placement=placement, lens=self.lens,
                                  translators=translators, in_flight=self.in_flight,
                                  last_at_reads=last_at_reads)
-    self._stream_fn = jax.jit(functools.partial(_stream, model.graphdef))
-    self._tails_fn = jax.jit(functools.partial(_tails, model.graphdef, self.lens,
-                                               self.in_flight, last_at_reads))
-    self._tails_layers_fn = jax.jit(functools.partial(_tails_layers, model.graphdef, self.lens,
-                                                      self.in_flight))
-    self._stream_layers_fn = jax.jit(functools.partial(_stream_layers, model.graphdef,
-                                                       self.lens))
+    self.programs = Programs.build(model.graphdef, self.lens, self.in_flight, last_at_reads,
+                                   placement, self.reader)
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).
@@ -350,13 +380,13 @@ class Sweep:
       mask = self._put(batch.attention_mask)
       packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
       prefix = shared_prefix(batch)
-      stream = self._stream_fn(self.model.state, self._put(batch.input_ids), mask, packed,
+      stream = self.programs.stream(self.model.state, self._put(batch.input_ids), mask, packed,
                                prefix, stream_index, stream_valid)
       self.counters.executed += trunk.num_kept * run_rows
       self.counters.minimum += trunk.num_kept * run_rows
       if not final_only:
         head = jax.tree.map(lambda s: s[:read_layers], stream)
-        trunk_out = self._stream_layers_fn(self.model.state, self.translators, head, reads)
+        trunk_out = self.programs.stream_layers(self.model.state, self.translators, head, reads)
         for target, field in targets():
           if target is not None:
             value = real_rows(fetch(getattr(trunk_out, field)), field, rows)
@@ -366,7 +396,7 @@ class Sweep:
         index, valid = stacked_steps([tails[m] for m in group], L)
         starts = first_removed[group].astype(np.int32)
         per_layer = not final_only and size > 0
-        fn = self._tails_layers_fn if per_layer else self._tails_fn
+        fn = self.programs.tails_layers if per_layer else self.programs.tails
         out = fn(self.model.state, self.translators, stream, starts, mask, packed, prefix,
                  reads, index, valid)
         self.counters.executed += executed_steps([len(tails[m]) for m in group],
@@ -423,7 +453,7 @@ class Sweep:
       packed, reads = packing(batch, self._put), Reads.of(batch, self._put)
       prefix = shared_prefix(batch)
       run_rows = self.batch_size + (batch.prefix_ids is not None)
-      stream = self._timed("stream", self._stream_fn, self.model.state,
+      stream = self._timed("stream", self.programs.stream, self.model.state,
                            self._put(batch.input_ids), mask, packed, prefix, stream_index,
                            stream_valid)
       self.counters.executed += n_kept * run_rows
@@ -437,7 +467,7 @@ class Sweep:
         tails = [plan.tail(position[c]) for c in group]
         index, valid = stacked_steps(tails, self.num_layers)
         starts = np.array([position[c] for c in group], np.int32)
-        out = self._timed("candidates", self._tails_fn, self.model.state, self.translators,
+        out = self._timed("candidates", self.programs.tails, self.model.state, self.translators,
                           stream, starts, mask, packed, prefix, reads, index, valid)
         self.counters.executed += executed_steps(list(map(len, tails)),
                                                  self.in_flight) * run_rows

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax.distributed import fetch
+
 LENS_FILE = "lens.json"
 TRANSLATORS_DIR = "translators"
 
@@ -53,8 +55,8 @@ def translate(translators: Translators | None, h: jax.Array, layer) -> jax.Array
 def fingerprint(model) -> str:
   """SHA256 of a model's config and every weight's bytes (as stored)."""
   digest = hashlib.sha256(model.config.to_json().encode())
-  for leaf in jax.tree.leaves(model.params()):
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  for leaf in jax.tree.leaves(model.params()):  # one leaf on the host at a time
+    digest.update(np.ascontiguousarray(fetch(leaf)).tobytes())
   return digest.hexdigest()
 
 

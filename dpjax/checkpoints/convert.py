@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpjax.checkpoints import architectures
+from dpjax.checkpoints import architectures, slices
 from dpjax.checkpoints import hf as hf_checkpoint
 from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
 from dpjax.checkpoints.hf import HFCheckpoint
@@ -122,6 +122,29 @@ def write_converted(directory: str, config: ModelConfig, raw_config: dict[str, A
     json.dump(raw_config, f, indent=2, sort_keys=True)
 
 
+def read_converted_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
+  """(config, raw HF config) of a converted checkpoint."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    config = ModelConfig.from_json(f.read())
+  with open(os.path.join(directory, HF_CONFIG_FILE)) as f:
+    return config, json.load(f)
+
+
+def restore_converted(directory: str, config: ModelConfig, placement) -> dict[str, Any]:
+  """A converted checkpoint's weights on `placement`'s devices in `config.param_dtype`:
+  Orbax restores into the target shardings, so each device (and each process) reads only
+  its own slices."""
+  abstract: dict[str, Any] = {}
+  dtype = hf_checkpoint.numpy_dtype(config.param_dtype)
+  for rule in architectures.tensor_rules(config):
+    shape = slices.param_shape(config, rule)
+    slices._set(abstract, rule.path, jax.ShapeDtypeStruct(
+        shape, dtype, sharding=placement.sharding_for(rule.path[-1], shape)))
+  path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract)
+
+
 def read_converted(directory: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
   """(config, params as numpy arrays, raw HF config) of a converted checkpoint."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
@@ -165,9 +188,8 @@ def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoi
 
     return LoadedCheckpoint(config, params, raw, directory, copy_tokenizer)
   checkpoint = open_source(path_or_id, dtype)
-  source = checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.directory
   return LoadedCheckpoint(checkpoint.config, checkpoint.read_params(), checkpoint.raw_config,
-                          source, lambda out: save_tokenizer_of(checkpoint, out))
+                          checkpoint.source, lambda out: save_tokenizer_of(checkpoint, out))
 
 
 def load_tokenizer(source: str):

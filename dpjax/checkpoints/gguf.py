@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from dpjax.checkpoints import architectures
-from dpjax.checkpoints.hf import (CheckpointError, allocate_params, check_tensor_names,
-                                  hf_tensor_shape, store_tensor)
+from dpjax.checkpoints import slices
+from dpjax.checkpoints.slices import CheckpointError
 from dpjax.config import ModelConfig
 
 GGUF_SUFFIX = ".gguf"
@@ -104,6 +104,11 @@ class GGUFCheckpoint:
   tensors: list[TensorInfo]
 
   @property
+  def source(self) -> str:
+    """Where the weights come from (what `DecoderModel.source` records)."""
+    return self.path
+
+  @property
   def directory(self) -> str:
     return os.path.dirname(self.path)
 
@@ -148,57 +153,19 @@ class GGUFCheckpoint:
     raw["architectures"] = [architectures.HF_CLASSES[config.architecture]]
     return cls(path, config, raw, hf_config, family, infos)
 
+  def reader(self) -> "GGUFReader":
+    return GGUFReader(self)
+
   def read_params(self) -> dict[str, Any]:
     """The weights as dpjax's nested param dict of numpy arrays in the config's dtype."""
-    cfg = self.config
-    by_name = {t.hf_name: t for t in self.tensors}
-    check_tensor_names(cfg, by_name, f"GGUF file {self.path}")
-    for info in self.tensors:
-      want = hf_tensor_shape(cfg, info.hf_name)
-      if info.shape != want:
-        raise CheckpointError(f"tensor {info.name} ({info.hf_name}) has shape {info.shape}, "
-                              f"expected {want} for this config.")
-    params = allocate_params(cfg)
-    with open(self.path, "rb") as f:
-      mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-      for info in self.tensors:
-        self._read_tensor(mapped, info, params)
-        # The pages read are clean file cache: drop them so they do not add to the peak.
-        mapped.madvise(mmap.MADV_DONTNEED)
-    finally:
-      try:
-        mapped.close()
-      except BufferError:  # a view still refers to it (after an error): the GC closes it
-        pass
-    return params
+    with self.reader() as reader:
+      return slices.host_params(self.config, reader)
 
-  def _read_tensor(self, mapped: mmap.mmap, info: TensorInfo, params: dict[str, Any]) -> None:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
-    qtype = GGMLQuantizationType[info.type_name]
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-    raw = raw.reshape(rows, info.shape[-1] // block * type_size)  # a block never spans rows
-
-    def dequantize(part: np.ndarray) -> np.ndarray:
-      if info.type_name in _FLOAT_TYPES:
-        return part.view(_FLOAT_TYPES[info.type_name]).astype(np.float32)
-      return quants.dequantize(part, qtype).astype(np.float32, copy=False)
-
-    cfg, family = self.config, self.family
-    whole = (family.permute_qk and (".attn_q." in info.name or ".attn_k." in info.name))
-    if whole or len(info.shape) == 1:  # small, or rows that move between each other
-      tensor = dequantize(raw).reshape(info.shape)
-      tensor = architectures.gguf_to_hf_values(tensor, info.name, family, self.hf_config)
-      store_tensor(params, cfg, info.hf_name, tensor)
-      return
-    step = max(1, _CHUNK_ELEMENTS // info.shape[-1])
-    for start in range(0, rows, step):
-      stop = min(rows, start + step)
-      part = dequantize(raw[start:stop]).reshape(stop - start, info.shape[-1])
-      part = architectures.gguf_to_hf_values(part, info.name, family, self.hf_config)
-      store_tensor(params, cfg, info.hf_name, part, rows=slice(start, stop))
+  def place_params(self, placement) -> dict[str, Any]:
+    """The weights on `placement`'s devices, each reading only its own slices, every
+    tensor dequantized a few rows at a time."""
+    with self.reader() as reader:
+      return slices.place_params(self.config, reader, placement)
 
   def tokenizer(self):
     """The tokenizer transformers builds from the file's vocabulary."""
@@ -209,6 +176,80 @@ class GGUFCheckpoint:
     except Exception as e:
       raise CheckpointError(f"cannot build a tokenizer from GGUF file {self.path}: "
                             f"{type(e).__name__}: {e}") from e
+
+
+class GGUFReader:
+  """A GGUF file's tensors as HF tensors (`slices.TensorReader`), dequantized on reading.
+
+  A slice of a quantized tensor is dequantized a few rows at a time (a quantization
+  block never spans rows), keeping only the slice's columns, and the file's pages are
+  released after every read, so reading holds about the slice itself. Tensors whose
+  rows move between each other on the way to HF's layout (the q/k rows llama.cpp
+  permuted) and vectors are dequantized whole, the last one kept for the next slice.
+  """
+
+  def __init__(self, checkpoint: GGUFCheckpoint):
+    self.checkpoint = checkpoint
+    self.source = f"GGUF file {checkpoint.path}"
+    self._by_name = {t.hf_name: t for t in checkpoint.tensors}
+    with open(checkpoint.path, "rb") as f:
+      self._mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    self._whole: tuple[str, np.ndarray] | None = None
+
+  def __enter__(self) -> "GGUFReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    self._whole = None
+    try:
+      self._mapped.close()
+    except BufferError:  # a view still refers to it (after an error): the GC closes it
+      pass
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: info.shape for name, info in self._by_name.items()}
+
+  def _raw(self, info: TensorInfo) -> np.ndarray:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[info.type_name]]
+    raw = np.frombuffer(self._mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    return raw.reshape(rows, info.shape[-1] // block * type_size)  # a block never spans rows
+
+  def _dequantize(self, info: TensorInfo, part: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+    if info.type_name in _FLOAT_TYPES:
+      return part.view(_FLOAT_TYPES[info.type_name]).astype(np.float32)
+    return quants.dequantize(part, GGMLQuantizationType[info.type_name]).astype(
+        np.float32, copy=False)
+
+  def read(self, name: str, index: slices.Index) -> np.ndarray:
+    info = self._by_name[name]
+    family, hf_config = self.checkpoint.family, self.checkpoint.hf_config
+    whole = (len(info.shape) == 1 or (family.permute_qk and (".attn_q." in info.name
+                                                            or ".attn_k." in info.name)))
+    if whole:
+      if self._whole is None or self._whole[0] != name:
+        tensor = self._dequantize(info, self._raw(info)).reshape(info.shape)
+        self._whole = (name, architectures.gguf_to_hf_values(tensor, info.name, family,
+                                                             hf_config))
+        self._mapped.madvise(mmap.MADV_DONTNEED)
+      return self._whole[1][index]
+    rows, cols = index[0], index[1:]
+    raw = self._raw(info)
+    out = np.empty((rows.stop - rows.start, *(c.stop - c.start for c in cols)), np.float32)
+    step = max(1, _CHUNK_ELEMENTS // info.shape[-1])
+    for start in range(rows.start, rows.stop, step):
+      stop = min(rows.stop, start + step)
+      part = self._dequantize(info, raw[start:stop]).reshape(stop - start, *info.shape[1:])
+      part = architectures.gguf_to_hf_values(part, info.name, family, hf_config)
+      out[start - rows.start:stop - rows.start] = part[(slice(None), *cols)]
+    # The pages read are clean file cache: drop them so they do not add to the peak.
+    self._mapped.madvise(mmap.MADV_DONTNEED)
+    return out
 
 
 def _hf_config(path: str):

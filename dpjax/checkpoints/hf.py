@@ -1,10 +1,12 @@
-"""Reading a Hugging Face checkpoint: find it, parse its config, stack its weights.
+"""Reading a Hugging Face checkpoint: find it, parse its config, read its weights.
 
-Weights are read tensor by tensor from memory-mapped safetensors files (one
-`model.safetensors` or the shards a `model.safetensors.index.json` names) into
-preallocated stacked arrays, so peak memory is about one copy of the weights.
-Every tensor is checked against the architecture table before anything is
-written: a missing, extra or mis-shaped tensor is an error that names it.
+Weights are read slice by slice from memory-mapped safetensors files (one
+`model.safetensors` or the shards a `model.safetensors.index.json` names),
+either straight onto the devices that hold each slice (`place_params`) or
+into stacked host arrays (`read_params`, for conversion and export); see
+`dpjax.checkpoints.slices`. Every tensor's name and shape is checked against
+the architecture table before anything is read: a missing, extra or
+mis-shaped tensor is an error that names it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from dpjax.checkpoints import architectures
+from dpjax.checkpoints import architectures, slices
+from dpjax.checkpoints.slices import CheckpointError, numpy_dtype  # re-exported
 from dpjax.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -29,10 +32,6 @@ TOKENIZER_FILES = (
     "chat_template.json", "generation_config.json",
 )
 _HUB_PATTERNS = ["config.json", "*.safetensors", WEIGHTS_INDEX_FILE, *TOKENIZER_FILES]
-
-
-class CheckpointError(ValueError):
-  """The checkpoint's files are missing, unreadable or inconsistent with its config."""
 
 
 def resolve(path_or_id: str) -> str:
@@ -113,6 +112,44 @@ def _open(path: str):
         "download or save it again.") from e
 
 
+class SafetensorsReader:
+  """The tensors of an HF checkpoint's safetensors files, read slice by slice from the
+  memory-mapped files (the pages read are clean file cache, not the process's own
+  memory)."""
+
+  def __init__(self, directory: str):
+    self.source = f"checkpoint {directory}"
+    self.files = weight_files(directory)
+    self._located: dict[str, str] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    self._handles: dict[str, Any] = {}
+    for path in self.files:
+      handle = self._handle(path)
+      for name in handle.keys():
+        self._located[name] = path
+        self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+  def _handle(self, path: str):
+    if path not in self._handles:
+      self._handles[path] = _open(path).__enter__()
+    return self._handles[path]
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return dict(self._shapes)
+
+  def read(self, name: str, index: slices.Index) -> np.ndarray:
+    path = self._located[name]
+    try:
+      return np.asarray(self._handle(path).get_slice(name)[index])
+    except Exception as e:
+      raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from e
+
+  def close(self) -> None:
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
+
 @dataclasses.dataclass
 class HFCheckpoint:
   """An HF checkpoint on disk, with its dpjax config."""
@@ -126,132 +163,30 @@ class HFCheckpoint:
     config, raw = parse_config(directory, dtype)
     return cls(directory, config, raw)
 
+  @property
+  def source(self) -> str:
+    """Where the weights come from (what `DecoderModel.source` records)."""
+    return self.directory
+
   def tokenizer_files(self) -> list[str]:
     return [os.path.join(self.directory, name) for name in TOKENIZER_FILES
             if os.path.isfile(os.path.join(self.directory, name))]
 
+  def reader(self) -> SafetensorsReader:
+    return SafetensorsReader(self.directory)
+
   def read_params(self) -> dict[str, Any]:
     """The weights as dpjax's nested param dict of numpy arrays, blocks stacked."""
-    files = weight_files(self.directory)
-    located: dict[str, str] = {}
-    for path in files:
-      with _open(path) as f:
-        for name in f.keys():
-          located[name] = path
-    handles: dict[str, Any] = {}
-
-    def read(name: str) -> np.ndarray:
-      path = located[name]
-      if path not in handles:
-        for other in list(handles):  # one file open at a time
-          handles.pop(other).__exit__(None, None, None)
-        handles[path] = _open(path).__enter__()
-      try:
-        return handles[path].get_tensor(name)
-      except Exception as e:
-        raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from e
-
-    # Read file by file, in the order the tensors are stored.
-    order = {path: n for n, path in enumerate(files)}
+    reader = self.reader()
     try:
-      return stack_params(self.config, located, read, f"checkpoint {self.directory}",
-                          order=lambda name: order[located[name]])
+      return slices.host_params(self.config, reader)
     finally:
-      for handle in handles.values():
-        handle.__exit__(None, None, None)
+      reader.close()
 
-
-def allocate_params(cfg: ModelConfig) -> dict[str, Any]:
-  """Empty dpjax parameter arrays (blocks stacked on a leading layer axis)."""
-  dtype = np.dtype(numpy_dtype(cfg.param_dtype))
-  params: dict[str, Any] = {}
-  for rule in architectures.tensor_rules(cfg):
-    shape = rule.shape(cfg)
-    if rule.per_layer:
-      shape = (cfg.num_layers, *shape)
-    _set(params, rule.path, np.empty(shape, dtype))
-  return params
-
-
-def check_tensor_names(cfg: ModelConfig, available, source: str) -> None:
-  """Refuses a checkpoint whose tensor names are not the table's (names the culprits)."""
-  expected = architectures.expected_hf_tensors(cfg)
-  missing = sorted(set(expected) - set(available))
-  extra = sorted(name for name in set(available) - set(expected)
-                 if not name.endswith(architectures.IGNORABLE_SUFFIXES))
-  # A tied checkpoint may still carry a copy of the embedding as lm_head.
-  if cfg.tie_word_embeddings and "lm_head.weight" in extra:
-    extra.remove("lm_head.weight")
-  if missing:
-    raise CheckpointError(f"{source} is missing tensors {missing[:8]}"
-                          f"{' and more' if len(missing) > 8 else ''}.")
-  if extra:
-    raise CheckpointError(
-        f"{source} has tensors the {cfg.architecture} table does not know: {extra[:8]}"
-        f"{' and more' if len(extra) > 8 else ''}. Its config may not describe its weights.")
-
-
-def store_tensor(params: dict[str, Any], cfg: ModelConfig, name: str, tensor: np.ndarray,
-                 rows: slice | None = None) -> None:
-  """Writes HF tensor `name` (or rows `rows` of it) into its dpjax parameters."""
-  for rule, layer in architectures.expected_hf_tensors(cfg)[name]:
-    target = _get(params, rule.path)
-    if layer is not None:
-      target = target[layer]
-    if rows is None:
-      target[...] = rule.from_hf(tensor, cfg)
-      continue
-    # A block of the HF tensor's rows: the matching part of this rule's rows.
-    start, stop, _ = rule.rows(cfg) if rule.rows else (0, rule.hf_shape(cfg)[0], None)
-    lo, hi = max(rows.start, start), min(rows.stop, stop)
-    if lo >= hi:
-      continue
-    part = tensor[lo - rows.start:hi - rows.start]
-    if rule.transpose:
-      target[:, lo - start:hi - start] = part.T
-    else:
-      target[lo - start:hi - start] = part
-
-
-def hf_tensor_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-  return architectures.expected_hf_tensors(cfg)[name][0][0].hf_shape(cfg)
-
-
-def stack_params(cfg: ModelConfig, available, read, source: str, order=None) -> dict[str, Any]:
-  """dpjax's parameters from HF-named tensors: `read(name)` returns one in HF layout.
-
-  Every name and shape is checked against the architecture table before its
-  values are written; a fused HF tensor fills several parameters.
-  """
-  check_tensor_names(cfg, available, source)
-  params = allocate_params(cfg)
-  names = sorted(architectures.expected_hf_tensors(cfg), key=order) if order else \
-      list(architectures.expected_hf_tensors(cfg))
-  for name in names:
-    tensor = read(name)
-    want = hf_tensor_shape(cfg, name)
-    if tuple(tensor.shape) != want:
-      raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected "
-                            f"{want} for this config.")
-    store_tensor(params, cfg, name, tensor)
-    del tensor
-  return params
-
-
-def numpy_dtype(name: str):
-  if name == "bfloat16":
-    import ml_dtypes
-    return ml_dtypes.bfloat16
-  return np.dtype(name)
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
+  def place_params(self, placement) -> dict[str, Any]:
+    """The weights on `placement`'s devices, each reading only its own slices."""
+    reader = self.reader()
+    try:
+      return slices.place_params(self.config, reader, placement)
+    finally:
+      reader.close()
