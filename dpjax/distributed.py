@@ -61,7 +61,7 @@ def initialize(coordinator_address: str | None, num_processes: int, process_id: 
                              num_processes=num_processes, process_id=process_id)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Placement:
   """Where arrays live: items along `data`, weights replicated or along `model`."""
   mesh: Mesh

@@ -82,16 +82,35 @@ class Context:
     return self.influence_and_angles[0]
 
 
+# Masks whose metrics are computed in one compiled call (the last chunk is padded), so a
+# study compiles its metrics once per item set, not once per curve length.
+PROFILE_CHUNK = 16
+
+
 def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> metrics.Profile:
-  """Every metric of readouts `[..., L+1, N, K]`, with the transition rule `s` asks for."""
-  prof = metrics.profile_jit(readout.option_logits, readout.log_normalizer, encoded.answer,
-                         encoded.num_options, normalization=s.normalization,
-                         tau=s.transition_tau, delta=s.accuracy_delta,
-                         option_logprob=readout.option_logprob,
-                         chance=encoded.chance)
+  """Every metric of readouts `[..., L+1, N, K]` (a mask axis or none), with the transition
+  rule `s` asks for."""
+  single = readout.option_logits.ndim == 3
+  fields = [readout.option_logits, readout.log_normalizer, readout.option_logprob]
+  if single:
+    fields = [None if f is None else f[None] for f in fields]
+  count = fields[0].shape[0]
+  parts = []
+  for start in range(0, count, PROFILE_CHUNK):
+    take = np.minimum(np.arange(start, start + PROFILE_CHUNK), count - 1)  # pad: the last
+    logits, normalizer, logprob = (None if f is None else np.asarray(f)[take] for f in fields)
+    parts.append(jax.device_get(metrics.profile_jit(
+        logits, normalizer, encoded.answer, encoded.num_options,
+        normalization=s.normalization, tau=s.transition_tau, delta=s.accuracy_delta,
+        option_logprob=logprob, chance=encoded.chance)))
+  # numpy from here: indexing device arrays compiles a program per shape
+  prof = jax.tree.map(lambda *xs: np.concatenate(xs)[:count] if np.ndim(xs[0]) else xs[0],
+                      *parts)
+  if single:
+    prof = jax.tree.map(lambda x: x[0] if np.ndim(x) else x, prof)
   if s.transition_rule == "accuracy":
     prof = prof._replace(transition=prof.accuracy_transition)
-  return jax.device_get(prof)  # numpy: indexing device arrays compiles a program per shape
+  return prof
 
 
 # New tokens generated for the open format's exact match (lm-eval stops at a newline).

@@ -118,11 +118,6 @@ def answered_profile(top, margin, chosen, tau: float = 0.0) -> dict:
     return {"items": 0, "mean_margin": None, "transition_block": None,
             "decision_layers": [], "median_decision_layer": None}
 
-  def first_of_last_run(holds):  # numpy's `transition_from` (nothing compiled per shape)
-    holds_from = np.flip(np.cumprod(np.flip(holds, -1), axis=-1), -1).astype(bool)
-    holds_from[..., 0] = False
-    return np.where(holds_from.any(-1), holds_from.argmax(-1), NO_TRANSITION)
-
   mean = margin[:, chosen].mean(axis=1)
   l_star = int(first_of_last_run(mean > tau))
   layers = first_of_last_run(top[:, chosen].T == 0)
@@ -130,6 +125,14 @@ def answered_profile(top, margin, chosen, tau: float = 0.0) -> dict:
           "transition_block": None if l_star == NO_TRANSITION else l_star,
           "decision_layers": layers.tolist(),
           "median_decision_layer": float(np.median(layers))}
+
+
+def first_of_last_run(holds: np.ndarray) -> np.ndarray:
+  """numpy's `transition_from` with every layer present (nothing compiled per shape): the
+  smallest `l >= 1` from which `holds` `[..., L1]` holds at every later layer."""
+  holds_from = np.flip(np.cumprod(np.flip(holds, -1), axis=-1), -1).astype(bool)
+  holds_from[..., 0] = False
+  return np.where(holds_from.any(-1), holds_from.argmax(-1), NO_TRANSITION)
 
 
 def transition_block(mean_margin, tau: float = 0.0):

@@ -382,8 +382,10 @@ class DecisionReader:
     self._fns = self.programs(model.graphdef, lens, in_flight, last_at_reads)
 
   @staticmethod
+  @functools.lru_cache(maxsize=64)
   def programs(graphdef, lens: Lens, in_flight: int | None, last_at_reads: bool) -> dict:
-    """The jitted readouts of a chunk of masks, per-layer (False) and final-only (True)."""
+    """The jitted readouts of a chunk of masks, per-layer (False) and final-only (True);
+    the same programs for the same arguments (readers of one model share compilations)."""
     return {final_only: jax.jit(functools.partial(_readout_masks, graphdef, lens, final_only,
                                                   in_flight, last_at_reads))
             for final_only in (False, True)}

@@ -131,24 +131,31 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   return ctx
 
 
-def subject_profiles(readout: Readout, encoded: tasks.EncodedTask,
+def subject_profiles(prof: metrics.Profile, encoded: tasks.EncodedTask,
                      s: Settings) -> dict[str, SubjectProfile]:
   """Per subject (task family): items, final accuracy, transition block and its fraction of
-  depth, from the same readouts as the whole profile."""
+  depth, from the whole profile's per-item margins and top options (the unpruned model: no
+  layer is missing), with the rule the study uses."""
   subjects = np.array([item.subject for item in encoded.items])
-  num_layers = readout.option_logits.shape[0] - 1
+  margin, top = np.asarray(prof.margin[s.normalization]), np.asarray(prof.top)
+  answer, num_options = encoded.answer, encoded.num_options
+  num_layers = top.shape[0] - 1
   out = {}
   for subject in sorted(set(subjects)):
     rows = np.flatnonzero(subjects == subject)
-    part = Readout(readout.option_logits[:, rows], readout.log_normalizer[:, rows],
-                   None if readout.option_logprob is None else readout.option_logprob[:, rows])
-    prof = profile_of(part, encoded.subset(rows), s)
-    l_star = int(prof.transition)
+    mean = margin[:, rows].mean(axis=1)
+    accuracy = (top[:, rows] == answer[rows]).mean(axis=1)
+    if s.transition_rule == "accuracy":
+      chance = (encoded.subset(rows).chance if encoded.format == "open"
+                else float(np.mean(1.0 / num_options[rows])))
+      l_star = int(metrics.first_of_last_run(accuracy > chance + s.accuracy_delta))
+    else:
+      l_star = int(metrics.first_of_last_run(mean > s.transition_tau))
     l_star = None if l_star == metrics.NO_TRANSITION else l_star
     out[str(subject)] = SubjectProfile(
-        num_items=len(rows), accuracy=float(prof.accuracy[-1]), transition_block=l_star,
+        num_items=len(rows), accuracy=float(accuracy[-1]), transition_block=l_star,
         transition_fraction=None if l_star is None else l_star / num_layers,
-        mean_decision_margin=[float(x) for x in prof.margin_summary[s.normalization].mean])
+        mean_decision_margin=[float(x) for x in mean])
   return out
 
 
@@ -241,7 +248,7 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   readout, prof = full_profile(ctx)
   timings["full_profile_seconds"] = time.perf_counter() - clock
   full = FullProfile.from_metrics(prof, ctx.num_layers)
-  full.by_subject = subject_profiles(readout, ctx.evaluation, s)
+  full.by_subject = subject_profiles(prof, ctx.evaluation, s)
   full.final_accuracy_ci95 = bootstrap_ci(np.asarray(prof.top[-1]) == ctx.evaluation.answer)
   if s.format == "open":
     full.exact_match = ctx.unpruned_point.exact_match  # the answer itself

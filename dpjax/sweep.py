@@ -146,14 +146,23 @@ def _tails(graphdef, lens, in_flight, last_at_reads, state, translators, stream,
   return map_masks(one, in_flight, h_start, block_index, block_valid)
 
 
-def _stream_layers(graphdef, lens, state, translators, stream, reads) -> Readout:
-  """Per-layer readouts `[n, B, K]` of the stream's first `n` entries (layer `j` read
-  through translator row `j`, as the unpruned model's profile reads it)."""
+def _stream_layers(graphdef, lens, state, translators, stream, count, reads) -> Readout:
+  """Per-layer readouts `[L+1, B, K]` of the stream's first `count` entries (layer `j` read
+  through translator row `j`, as the unpruned model's profile reads it; entries from
+  `count` on are zeros). `count` is data: one program serves every trunk."""
   module = nnx.merge(graphdef, state)
   unembed = lens.unembedding(module)
-  layers = jnp.arange(jax.tree.leaves(stream)[0].shape[0], dtype=jnp.int32)
   one = lambda h, layer: lens(module, unembed, residual_rows(h), reads, layer, translators)
-  return jax.lax.map(lambda x: one(*x), (stream, layers))
+  size = jax.tree.leaves(stream)[0].shape[0]
+  first = jax.tree.map(lambda s: s[0], stream)
+  out = jax.tree.map(lambda v: jnp.zeros((size, *v.shape), v.dtype),
+                     jax.eval_shape(one, first, jnp.int32(0)))
+
+  def body(j, out):
+    value = one(jax.tree.map(lambda s: s[j], stream), j)
+    return jax.tree.map(lambda buf, v: buf.at[j].set(v), out, value)
+
+  return jax.lax.fori_loop(0, count, body, out)
 
 
 def _tails_layers(graphdef, lens, in_flight, state, translators, stream, starts,
@@ -194,16 +203,30 @@ def fixed_groups(members: Sequence[Any], size: int) -> list[list[Any]]:
           + [[m] for m in members[full:]])
 
 
-def step_groups(members: Sequence[Any], steps: Sequence[int], num_layers: int
+def step_groups(members: Sequence[Any], steps: Sequence[int], num_layers: int,
+                size: int = CANDIDATE_GROUP, pad: bool = False
                 ) -> list[tuple[int, list[Any]]]:
-  """`members` grouped by the bucketed number of blocks each still runs (`steps`), in
-  `fixed_groups` per bucket, smallest bucket first: a vmapped group's members run loops
-  of similar length. Returns (bucket, group) pairs."""
+  """`members` in groups for one program call each. Vmapped (`pad` False): grouped by the
+  bucketed number of blocks each still runs (`steps`), in `fixed_groups` per bucket,
+  smallest bucket first, so a group's members run loops of similar length. Run one after
+  another inside a call (`pad`): in groups of exactly `size` in order of their steps, the
+  last filled with `None` (a member that runs nothing and is not read), so one program
+  serves every group; members with no block left are grouped apart from the others.
+  Returns (bucket, group) pairs (bucket 0: members with nothing left to run)."""
+  if pad:
+    order = sorted(range(len(members)), key=lambda i: steps[i])
+    out = []
+    for empty in (True, False):
+      part = [members[i] for i in order if (steps[i] == 0) == empty]
+      for start in range(0, len(part), size):
+        group = part[start:start + size]
+        out.append((0 if empty else num_layers, group + [None] * (size - len(group))))
+    return out
   by_steps: dict[int, list[Any]] = {}
   for member, n in zip(members, steps):
     by_steps.setdefault(bucket_size(n, num_layers), []).append(member)
-  return [(size, group) for size, bucket in sorted(by_steps.items())
-          for group in fixed_groups(bucket, CANDIDATE_GROUP)]
+  return [(bucket, group) for bucket, part in sorted(by_steps.items())
+          for group in fixed_groups(part, size)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +239,9 @@ class Programs:
   * `stream`: the current model's residual stream, kept for the tails;
   * `tails`, `tails_layers`: final / per-layer readouts of candidates resuming from it;
   * `stream_layers`: per-layer readouts of the stream's first entries (a trunk).
+
+  `Programs.build` gives the same programs for the same arguments, so every sweep of a
+  study (the evaluation and the calibration items) shares their compilations.
   """
   readout: Any
   readout_final: Any
@@ -226,16 +252,20 @@ class Programs:
 
   @classmethod
   def build(cls, graphdef, lens: Lens, in_flight: int | None, last_at_reads: bool = True,
-            placement=None, reader: DecisionReader | None = None) -> "Programs":
-    constrain = (lambda x: x) if placement is None else placement.residuals
-    readout_fns = (reader._fns if reader is not None else
-                   DecisionReader.programs(graphdef, lens, in_flight, last_at_reads))
-    return cls(
-        readout=readout_fns[False], readout_final=readout_fns[True],
-        stream=jax.jit(functools.partial(_stream, graphdef, constrain)),
-        tails=jax.jit(functools.partial(_tails, graphdef, lens, in_flight, last_at_reads)),
-        tails_layers=jax.jit(functools.partial(_tails_layers, graphdef, lens, in_flight)),
-        stream_layers=jax.jit(functools.partial(_stream_layers, graphdef, lens)))
+            placement=None) -> "Programs":
+    return _programs(graphdef, lens, in_flight, last_at_reads, placement)
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(graphdef, lens, in_flight, last_at_reads, placement) -> Programs:
+  constrain = (lambda x: x) if placement is None else placement.residuals
+  readout_fns = DecisionReader.programs(graphdef, lens, in_flight, last_at_reads)
+  return Programs(
+      readout=readout_fns[False], readout_final=readout_fns[True],
+      stream=jax.jit(functools.partial(_stream, graphdef, constrain)),
+      tails=jax.jit(functools.partial(_tails, graphdef, lens, in_flight, last_at_reads)),
+      tails_layers=jax.jit(functools.partial(_tails_layers, graphdef, lens, in_flight)),
+      stream_layers=jax.jit(functools.partial(_stream_layers, graphdef, lens)))
 
 
 class Sweep:
@@ -245,13 +275,14 @@ class Sweep:
                pad_id: int = 0, mask_chunk: int = 16, progress: bool = False,
                placement=None, time_phases: bool = False, lens: Lens | None = None,
                translators=None, in_flight: int | None | str = "auto",
-               last_at_reads: bool = True, share_prefix: bool = True):
+               last_at_reads: bool = True, share_prefix: bool = True,
+               candidates: int = CANDIDATE_GROUP):
     """`in_flight`: masks (or drop-one candidates) whose activations are live at once in
     one program ("auto": `readout.default_in_flight`); see `readout.map_masks`.
     `last_at_reads`: final readouts run the last block's attention output and MLP only at
     the positions the lens reads (`Transformer.scan_blocks(rows=...)`). `share_prefix`:
     items whose prompts begin alike (few-shot shots) run that prefix once per batch
-    (`tasks.batches`)."""
+    (`tasks.batches`). `candidates`: drop-one candidates (or mask tails) per call."""
     if not encoded.items:
       raise ValueError("the item set is empty; give at least one item.")
     self.model = model
@@ -259,6 +290,7 @@ class Sweep:
     self.batch_size = batch_size
     self.pad_id = pad_id
     self.mask_chunk = mask_chunk
+    self.candidates = candidates
     self.progress = progress
     self.placement = placement  # dpjax.distributed.Placement or None
     self.batches = batches(encoded, batch_size, pad_id, share_prefix=share_prefix)
@@ -271,7 +303,7 @@ class Sweep:
                                  translators=translators, in_flight=self.in_flight,
                                  last_at_reads=last_at_reads)
     self.programs = Programs.build(model.graphdef, self.lens, self.in_flight, last_at_reads,
-                                   placement, self.reader)
+                                   placement)
     self.counters = Counters()
     # With `time_phases`, every drop-one program is waited for and its wall time
     # added here ("stream": the current model, "candidates": the tails).
@@ -367,11 +399,13 @@ class Sweep:
     shared = int(first_removed.max())
     trunk = KeepPlan.from_kept(range(shared), L)
     stream_index, stream_valid = trunk.steps()
-    # The trunk's layers read per layer: 0..shared, in a bucketed count of entries.
-    read_layers = min(L + 1, bucket_size(shared, L) + 1)
+    # The trunk's layers read per layer: 0..shared.
+    read_layers = shared + 1
     tails = [tuple(int(b) for b in np.flatnonzero(mask) if b > d)
              for mask, d in zip(masks, first_removed)]
-    groups = step_groups(range(len(masks)), [len(t) for t in tails], L)
+    groups = step_groups(range(len(masks)), [len(t) for t in tails], L, self.candidates,
+                         pad=self.in_flight is not None)
+    tail_of = lambda m: () if m is None else tails[m]
     bar = Progress(len(self.batches), description, enabled=self.progress)
     for batch in self.batches:
       rows = batch.index >= 0
@@ -385,34 +419,36 @@ class Sweep:
       self.counters.executed += trunk.num_kept * run_rows
       self.counters.minimum += trunk.num_kept * run_rows
       if not final_only:
-        head = jax.tree.map(lambda s: s[:read_layers], stream)
-        trunk_out = self.programs.stream_layers(self.model.state, self.translators, head, reads)
+        trunk_out = self.programs.stream_layers(self.model.state, self.translators, stream,
+                                                np.int32(read_layers), reads)
         for target, field in targets():
           if target is not None:
             value = real_rows(fetch(getattr(trunk_out, field)), field, rows)
             for m, d in enumerate(first_removed):  # [layers, B(, K)] -> [B, layers(, K)]
               target[m, :d + 1, items] = np.swapaxes(value[:d + 1], 0, 1)
       for size, group in groups:
-        index, valid = stacked_steps([tails[m] for m in group], L)
-        starts = first_removed[group].astype(np.int32)
+        index, valid = stacked_steps([tail_of(m) for m in group], L)
+        starts = np.array([0 if m is None else first_removed[m] for m in group], np.int32)
         per_layer = not final_only and size > 0
         fn = self.programs.tails_layers if per_layer else self.programs.tails
         out = fn(self.model.state, self.translators, stream, starts, mask, packed, prefix,
                  reads, index, valid)
-        self.counters.executed += executed_steps([len(tails[m]) for m in group],
+        real = [g for g, m in enumerate(group) if m is not None]  # not the filler members
+        members = np.array([group[g] for g in real])
+        self.counters.executed += executed_steps([len(tail_of(m)) for m in group],
                                                  self.in_flight) * run_rows
-        self.counters.minimum += sum(len(tails[m]) for m in group) * run_rows
-        self.counters.naive += int(masks[group].sum()) * self.batch_size
+        self.counters.minimum += sum(len(tail_of(m)) for m in group) * run_rows
+        self.counters.naive += int(masks[members].sum()) * self.batch_size
         for target, field in targets():
           if target is None:
             continue
-          value = real_rows(fetch(getattr(out, field)), field, rows)
+          value = real_rows(fetch(getattr(out, field)), field, rows)[real]
           if per_layer:  # value [C, n, B(, K)]: step s of member g is layer 1 + index[g, s]
-            for g, m in enumerate(group):
+            for i, (g, m) in enumerate(zip(real, members)):
               layers = 1 + index[g][valid[g]]
-              target[m, layers[:, None], items[None, :]] = value[g, :len(layers)]
+              target[m, layers[:, None], items[None, :]] = value[i, :len(layers)]
           else:  # the member's final readout, at its last kept layer
-            target[np.array(group)[:, None], last[group][:, None], items[None, :]] = value
+            target[members[:, None], last[members][:, None], items[None, :]] = value
       bar.update()
     bar.close()
     return Readout(options, normalizers, logprobs)
@@ -463,10 +499,11 @@ class Sweep:
       remaining = [n_kept - 1 - position[c] for c in alive]
       self.counters.minimum += sum(remaining) * run_rows
       self.counters.naive += len(alive) * (n_kept - 1) * self.batch_size
-      for _, group in step_groups(alive, remaining, self.num_layers):
-        tails = [plan.tail(position[c]) for c in group]
+      for _, group in step_groups(alive, remaining, self.num_layers, self.candidates,
+                                  pad=self.in_flight is not None):
+        tails = [() if c is None else plan.tail(position[c]) for c in group]
         index, valid = stacked_steps(tails, self.num_layers)
-        starts = np.array([position[c] for c in group], np.int32)
+        starts = np.array([0 if c is None else position[c] for c in group], np.int32)
         out = self._timed("candidates", self.programs.tails, self.model.state, self.translators,
                           stream, starts, mask, packed, prefix, reads, index, valid)
         self.counters.executed += executed_steps(list(map(len, tails)),
@@ -475,6 +512,8 @@ class Sweep:
         stats = final_stats(fetch(out.option_logits)[:, rows], fetch(out.log_normalizer)[:, rows],
                             answer, logprob)
         for g, c in enumerate(group):
+          if c is None:  # a filler member
+            continue
           t = totals[c]
           totals[c] = FinalStats(t.correct + int(stats.correct[g]),
                                  t.margin_sum + float(stats.margin_sum[g]),
