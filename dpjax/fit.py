@@ -14,16 +14,17 @@ per device) is held against the device's memory less a margin, and chooses:
 It starts from the largest setting (what an accelerator runs fastest) and
 lowers, in that order, the masks in flight, the candidates per call and the
 rows, until every program fits; a setting the user fixed is not lowered. When
-nothing fits, the error names the setting to change. On the CPU, where a
-vmapped group of masks is no faster, the rows are chosen for throughput
-instead (`cpu_rows`): enough rows per call that its matmuls are not
-overhead-bound, as long as the programs fit.
+nothing fits, the error names the setting to change. On the CPU the ladders are
+chosen for throughput, not memory: a vmapped group of masks is no faster
+there, so masks and candidates run one at a time inside a call, and 16 rows
+per call ran fastest per row (the bundled model's drop-one step on 400
+items: 11.5 s at 4 rows, 7.8 s at 8, 6.3 s at 16, 7.5 s at 32, 11.7 s at 128;
+larger batches leave the caches), so the CPU's rows start there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -44,8 +45,10 @@ DEFAULT_MARGIN = 0.15
 ROWS_LADDER = (64, 32, 16, 8, 4, 2, 1)
 IN_FLIGHT_LADDER = (None, 16, 8, 4, 2, 1)
 CANDIDATES_LADDER = (8, 4, 2, 1)
-# Default rows per data shard on accelerators (the largest a study starts from).
-ACCELERATOR_ROWS = 16
+# Where the rows' ladder starts: accelerators take the largest batch that fits; on the
+# CPU 16 rows per call were fastest per row (see the module docstring).
+ACCELERATOR_ROWS = 32
+CPU_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +152,12 @@ class Abstract:
     return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                 sharding=self._sharding(np.ndim(x), False))
 
-  def residuals(self, shape, dtype):
-    """A kept residual stream `[n, B, T, d]`, placed as `Placement.residuals` places it."""
-    if self.placement is None:
-      return jax.ShapeDtypeStruct(shape, dtype)
-    sharding = NamedSharding(self.placement.mesh, self.placement.residual_spec(shape))
+  def residuals(self, shape, dtype, sharding=None):
+    """A kept residual stream `[n, B, T, d]`, placed as the stream program places it (its
+    compiled output sharding, when known: then the tails compile as the engine calls
+    them), or as `Placement.residuals` says."""
+    if sharding is None and self.placement is not None:
+      sharding = NamedSharding(self.placement.mesh, self.placement.residual_spec(shape))
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
@@ -168,8 +172,9 @@ def abstract_state(state) -> Any:
 
 def program_arguments(name: str, num_layers: int, hidden_size: int, compute_dtype,
                       state, translators, workload: Workload, chunking: Chunking,
-                      abstract: Abstract, data_size: int) -> tuple:
-  """The abstract arguments of program `name` (`sweep.Programs`) at the workload's shapes."""
+                      abstract: Abstract, data_size: int, stream_sharding=None) -> tuple:
+  """The abstract arguments of program `name` (`sweep.Programs`) at the workload's shapes.
+  `stream_sharding`: the compiled stream program's output shardings (rows, and prefix)."""
   L = num_layers
   rows = chunking.rows_per_shard * data_size
   batch = workload.batch(rows)
@@ -188,25 +193,35 @@ def program_arguments(name: str, num_layers: int, hidden_size: int, compute_dtyp
   if name == "stream":
     return (state, ids, mask, packed, prefix, rep(np.zeros(L, np.int32)),
             rep(np.zeros(L, bool)))
-  stream = abstract.residuals((L + 1, rows, workload.tokens, hidden_size), compute_dtype)
+  given = (None, None) if stream_sharding is None else (
+      tuple(stream_sharding) if prefix is not None else (stream_sharding, None))
+  stream = abstract.residuals((L + 1, rows, workload.tokens, hidden_size), compute_dtype,
+                              given[0])
   if prefix is not None:
     stream = (stream, abstract.residuals((L + 1, 1, workload.prefix, hidden_size),
-                                         compute_dtype))
+                                         compute_dtype, given[1]))
   if name in ("tails", "tails_layers"):
     index, valid = steps(chunking.candidates)
     starts = rep(np.zeros(chunking.candidates, np.int32))
     return (state, translators, stream, starts, mask, packed, prefix, reads, index, valid)
   if name == "stream_layers":
-    return (state, translators, stream, reads)
+    return (state, translators, stream, rep(np.int32(L + 1)), reads)
   raise ValueError(f"unknown program {name!r}.")
 
 
 PROGRAMS = ("readout", "readout_final", "stream", "tails", "tails_layers", "stream_layers")
 
 
-def compile_programs(programs, names: Sequence[str], arguments: Callable[[str], tuple]):
-  """`name -> compiled executable` of the jitted `programs` (a `sweep.Programs`)."""
-  return {name: getattr(programs, name).lower(*arguments(name)).compile() for name in names}
+def compile_programs(programs, names: Sequence[str], arguments: Callable[..., tuple]):
+  """`name -> compiled executable` of the jitted `programs` (a `sweep.Programs`);
+  `arguments(name, stream_sharding)` gives each one's abstract arguments. The stream
+  program goes first: the programs that read its output take it as it places it."""
+  out, stream_sharding = {}, None
+  for name in sorted(names, key=lambda n: n != "stream"):
+    out[name] = getattr(programs, name).lower(*arguments(name, stream_sharding)).compile()
+    if name == "stream":
+      stream_sharding = out[name].output_shardings
+  return out
 
 
 def device_memory(device=None) -> int:
@@ -242,20 +257,6 @@ class FitResult:
             "tried": self.tried}
 
 
-def cpu_rows(workload: Workload, hidden_size: int, num_items: int, data_size: int) -> int:
-  """Rows per data shard chosen for throughput on the CPU: the fewest that give every
-  matmul at least `CPU_MIN_WORK` multiply-adds a row of weights sees (rows x tokens x
-  hidden), so per-op overheads stop dominating, and no more than the items need."""
-  per_row = workload.tokens * hidden_size
-  rows = max(1, math.ceil(CPU_MIN_WORK / per_row))
-  rows = 2 ** math.ceil(math.log2(rows))
-  return int(max(1, min(rows, math.ceil(num_items / data_size), ROWS_LADDER[0] * 4)))
-
-
-# Rows x tokens x hidden per call below which the CPU's matmuls are overhead-bound.
-CPU_MIN_WORK = 1 << 21
-
-
 def search(measure: Callable[[Chunking], dict[str, ProgramMemory]], budget: int, *,
            rows: Sequence[int], in_flight: Sequence[int | None], candidates: Sequence[int],
            mask_chunk: int, fixed: dict[str, Any]) -> FitResult:
@@ -287,3 +288,84 @@ def search(measure: Callable[[Chunking], dict[str, ProgramMemory]], budget: int,
           + (f"You fixed {given}; lower it, or " if given else "")
           + "split the weights over more devices (--model_axis), use bfloat16 weights "
           "(--dtype=bfloat16), or shorten the prompts (--k_shot, --max_length).")
+
+
+def ladders(platform: str, *, batch_size: int, masks_in_flight: int, candidates: int,
+            data_size: int) -> tuple[tuple, tuple, tuple, dict[str, Any]]:
+  """The rows, masks-in-flight and candidates ladders a search walks for the settings
+  (0: chosen by the fit; a value: fixed), and the fixed ones by flag name."""
+  fixed: dict[str, Any] = {}
+  if batch_size:
+    fixed["batch_size"] = batch_size
+    rows = (batch_size // data_size,)
+  else:
+    top = CPU_ROWS if platform == "cpu" else ACCELERATOR_ROWS
+    rows = tuple(r for r in ROWS_LADDER if r <= top)
+  if masks_in_flight:
+    fixed["masks_in_flight"] = masks_in_flight
+    in_flight = (masks_in_flight,)
+  else:
+    in_flight = (1,) if platform == "cpu" else IN_FLIGHT_LADDER
+  if candidates:
+    fixed["candidates_per_call"] = candidates
+    cands = (candidates,)
+  else:
+    cands = CANDIDATES_LADDER
+  return rows, in_flight, cands, fixed
+
+
+def fit_study(model, placement: Placement | None, encoded: Sequence, lens: Lens,
+              translators, *, batch_size: int = 0, masks_in_flight: int = 0,
+              candidates: int = 0, mask_chunk: int = 16, share_prefix: bool = True,
+              pad_id: int = 0, margin: float = DEFAULT_MARGIN, budget: int | None = None,
+              last_at_reads: bool = True, platform: str | None = None) -> FitResult:
+  """The chunking of a study's work on `model` (placed by `placement`) for the item sets
+  `encoded` (their largest batch sets the shapes), every program compiled ahead of time
+  and held against the device's memory less `margin` (or `budget` bytes). `platform`:
+  whose ladders to walk (default: the local devices')."""
+  from dpjax.sweep import Programs
+  from dpjax.tasks import batches as make_batches
+  data_size = 1 if placement is None else placement.data_size
+  device = jax.local_devices()[0]
+  budget = int(device_memory(device) * (1 - margin)) if budget is None else int(budget)
+  rows, in_flight, cands, fixed = ladders(platform or device.platform, batch_size=batch_size,
+                                          masks_in_flight=masks_in_flight,
+                                          candidates=candidates, data_size=data_size)
+  cfg = model.config
+  state = abstract_state(model.state)
+  abstract = Abstract(placement, local=True)
+  if placement is not None:
+    lens = dataclasses.replace(lens, vocab_shards=placement.model_size)
+  abstract_translators = None if translators is None else abstract_state(translators)
+
+  # What each program's memory depends on: a program is compiled again only when that
+  # changes between the chunkings the search tries.
+  depends = {"readout": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
+             "readout_final": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
+             "stream": ("rows_per_shard",), "stream_layers": ("rows_per_shard",),
+             "tails": ("rows_per_shard", "masks_in_flight", "candidates"),
+             "tails_layers": ("rows_per_shard", "masks_in_flight", "candidates")}
+  known: dict[tuple, ProgramMemory] = {}
+
+  def measure(chunking: Chunking) -> dict[str, ProgramMemory]:
+    key = lambda name: (name, *(getattr(chunking, k) for k in depends[name]))
+    todo = [name for name in PROGRAMS if key(name) not in known]
+    if todo:
+      prepared = [b for enc in encoded if enc is not None for b in make_batches(
+          enc, chunking.rows_per_shard * data_size, pad_id, share_prefix=share_prefix)]
+      workload = Workload.of_batches(prepared, encoded[0].format)
+      programs = Programs.build(model.graphdef, lens, chunking.masks_in_flight,
+                                last_at_reads, placement)
+      if "stream" not in todo and any(n.startswith(("tails", "stream_")) for n in todo):
+        todo.append("stream")  # its output sharding places the others' inputs
+      compiled = compile_programs(programs, todo, lambda name, stream_sharding:
+                                  program_arguments(name, cfg.num_layers, cfg.hidden_size,
+                                                    model.compute_dtype, state,
+                                                    abstract_translators, workload, chunking,
+                                                    abstract, data_size, stream_sharding))
+      for name, c in compiled.items():
+        known[key(name)] = ProgramMemory.of(c)
+    return {name: known[key(name)] for name in PROGRAMS}
+
+  return search(measure, budget, rows=rows, in_flight=in_flight, candidates=cands,
+                mask_chunk=mask_chunk, fixed=fixed)

@@ -48,6 +48,7 @@ class Context:
   calibration_transition: int | None = None  # l* of the unpruned model, calibration items
   lens_record: dict[str, Any] | None = None  # the tuned lens's, when one is used
   logit_eval_sweep: Sweep | None = None      # the logit lens beside a tuned one
+  fit: Any = None                            # the chunking the fit step chose (`dpjax.fit`)
 
   @property
   def num_layers(self) -> int:

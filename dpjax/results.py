@@ -326,6 +326,7 @@ class EngineCounters:
   block_evaluations_minimum: int
   block_evaluations_naive: int
   candidates_stopped_early: int
+  fit: dict[str, Any] | None = None  # the chunking chosen and each program's memory
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

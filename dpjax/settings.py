@@ -28,7 +28,8 @@ PHASE_KS = ("all", "doublings")
 # Settings that cannot change a result beyond float rounding, or only which variants run
 # (a saved curve is keyed by its masks): resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
-                      "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix")
+                      "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix",
+                      "batch_size", "candidates_per_call", "fit_margin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,10 @@ class Settings:
                                    "blocks (kept apart from evaluation; 0 when no method runs).")
   calibration_seed: int = setting(0, "Seed of the calibration/evaluation split.")
   seed: int = setting(0, "Seed of the synthetic suite.")
-  batch_size: int = setting(16, "Items per forward pass.")
+  batch_size: int = setting(0, "Items per forward pass (a multiple of the devices on the data "
+                            "axis); 0: chosen before the study runs, from its programs' "
+                            "memory compiled ahead of time (16 per device on the CPU, the "
+                            "largest that fits up to 32 per device on an accelerator).")
   normalization: str = setting(
       "vocab", "Which Decision Margin the headline figures and the transition use: vocab "
       "(full-vocabulary probability of the letter token) or options (renormalized over the "
@@ -106,8 +110,13 @@ class Settings:
                               choices=("all", "iterative"))
   mask_chunk: int = setting(16, "Masks evaluated together in one vmapped call.")
   masks_in_flight: int = setting(0, "Masks (or drop-one candidates) whose activations are live "
-                                 "at once inside one call; 0: one on the CPU, all of them on "
-                                 "an accelerator. Lower it to bound memory.")
+                                 "at once inside one call; 0: one on the CPU, on an "
+                                 "accelerator the most that fit. Lower it to bound memory.")
+  candidates_per_call: int = setting(0, "Drop-one candidates (or pruned variants' tails) "
+                                     "evaluated per call; 0: the most that fit, up to 8.")
+  fit_margin: float = setting(0.15, "Share of each device's memory the fit step keeps free "
+                              "(runtime buffers; on GPUs the library workspaces XLA's "
+                              "analysis leaves out).")
   share_prefix: bool = setting(True, "Items whose prompts begin with the same 64 tokens or "
                                "more (few-shot shots of one subject) run that prefix once per "
                                "batch (letter and open formats; the same results up to float "
@@ -135,10 +144,14 @@ class Settings:
       raise ValueError(f"normalization={self.normalization!r}; use one of {metrics.NORMALIZATIONS}.")
     if self.transition_rule not in ("margin", "accuracy"):
       raise ValueError(f"transition_rule={self.transition_rule!r}; use 'margin' or 'accuracy'.")
-    if self.k_shot < 0 or self.num_items < 0 or self.calibration_items < 0 or self.batch_size < 1:
+    if (self.k_shot < 0 or self.num_items < 0 or self.calibration_items < 0
+        or self.batch_size < 0):
       raise ValueError(f"k_shot={self.k_shot}, num_items={self.num_items}, calibration_items="
-                       f"{self.calibration_items} must be >= 0 and batch_size={self.batch_size} "
-                       ">= 1.")
+                       f"{self.calibration_items} and batch_size={self.batch_size} must be "
+                       ">= 0 (batch_size 0: chosen by the fit step).")
+    if self.candidates_per_call < 0 or not 0 <= self.fit_margin < 1:
+      raise ValueError(f"candidates_per_call={self.candidates_per_call} must be >= 0 and "
+                       f"fit_margin={self.fit_margin} in [0, 1).")
     unknown = sorted(set(self.methods) - set(METHODS))
     if unknown:
       raise ValueError(f"unknown methods {unknown}; choose from {METHODS}.")

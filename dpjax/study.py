@@ -27,7 +27,7 @@ import numpy as np
 
 import jax
 
-from dpjax import compilation, metrics, pruning, report, resume, tasks, tuned_lens
+from dpjax import compilation, fit, metrics, pruning, report, resume, tasks, tuned_lens
 from dpjax.distributed import Placement, is_main_process
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
@@ -83,7 +83,7 @@ def select_items(s: Settings, info: tasks.TaskInfo | None = None):
 
 def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   s = settings
-  if placement is not None:
+  if placement is not None and s.batch_size:
     placement.check_batch_size(s.batch_size)
   model = load_model(s.model, dtype=s.dtype, compute_dtype=s.compute_dtype, placement=placement)
   tokenizer = load_tokenizer(model.source)
@@ -116,16 +116,25 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   if tuned_lens.lens_spec(s.lens):
     translators, lens_record = tuned_lens.load(tuned_lens.lens_spec(s.lens), model)
     translators = tuned_lens.Translators(*(jax.numpy.asarray(a) for a in translators))
-  sweep = lambda enc, tr: Sweep(model, enc, batch_size=s.batch_size, pad_id=pad_id,
-                                mask_chunk=s.mask_chunk, progress=s.progress,
+  # Before anything runs: the programs compiled ahead of time for the largest batch, and
+  # the chunking of the work chosen from their memory on this device (`dpjax.fit`).
+  fitted = fit.fit_study(model, placement, [encoded_eval, encoded_cal], lens, translators,
+                         batch_size=s.batch_size, masks_in_flight=s.masks_in_flight,
+                         candidates=s.candidates_per_call, mask_chunk=s.mask_chunk,
+                         share_prefix=s.share_prefix, pad_id=pad_id, margin=s.fit_margin)
+  chunking = fitted.chunking
+  data_size = 1 if placement is None else placement.data_size
+  sweep = lambda enc, tr: Sweep(model, enc, batch_size=chunking.rows_per_shard * data_size,
+                                pad_id=pad_id, mask_chunk=s.mask_chunk, progress=s.progress,
                                 placement=placement, lens=lens, translators=tr,
-                                in_flight=s.masks_in_flight or "auto",
-                                share_prefix=s.share_prefix)
+                                in_flight=chunking.masks_in_flight,
+                                candidates=chunking.candidates, share_prefix=s.share_prefix)
   ctx = Context(s, model, tokenizer, encoded_eval, encoded_cal, pad_id, placement,
                 sweep(encoded_eval, translators),
                 sweep(encoded_cal, translators) if encoded_cal else None,
                 split=split, fewshot_split=fewshot_split if s.k_shot else None)
   ctx.lens_record = lens_record
+  ctx.fit = fitted
   if translators is not None:  # the logit lens too, for the side-by-side profile
     ctx.logit_eval_sweep = sweep(encoded_eval, None)
   return ctx
@@ -230,6 +239,11 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   clock = time.perf_counter()
   ctx = prepare(s, placement)
   timings["prepare_seconds"] = time.perf_counter() - clock
+  if is_main_process() and s.progress:
+    worst = max(ctx.fit.memory, key=lambda k: ctx.fit.memory[k].peak)
+    print(f"fit: {ctx.fit.chunking.describe()} (largest program: {worst}, "
+          f"{ctx.fit.memory[worst].peak / 1e9:.2f} GB of {ctx.fit.budget / 1e9:.2f} GB per "
+          "device)", flush=True)
   # Checked before anything is written, so a bad flag leaves no output behind.
   if s.methods and not 1 <= s.min_layers <= ctx.num_layers:
     raise ValueError(f"min_layers={s.min_layers} must be between 1 and the model's "
@@ -283,7 +297,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
         block_evaluations_executed=sum(c.executed for c in counters),
         block_evaluations_minimum=sum(c.minimum for c in counters),
         block_evaluations_naive=sum(c.naive for c in counters),
-        candidates_stopped_early=sum(c.stopped_early for c in counters))
+        candidates_stopped_early=sum(c.stopped_early for c in counters),
+        fit=ctx.fit.to_json())
 
   if main:
     report.write_study(out, results, readout, prof, ctx.evaluation, s)

@@ -157,11 +157,14 @@ def test_eight_devices_give_the_same_results(full_run, synthetic_model_dir, tmp_
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = str(tmp_path / "sharded")
   _run(synthetic_model_dir, out, "--methods=iterative,single_layer,reverse", env=env)
-  # The same with the weights split over a model axis of 2 (data axis 4).
-  split = str(tmp_path / "model_axis")
-  _run(synthetic_model_dir, split, "--methods=iterative", "--model_axis=2", env=env)
-  assert _close(_results(split)["methods"]["iterative_accuracy"],
-                _results(full_run)["methods"]["iterative_accuracy"])
+  # The same with the weights (the embedding and the head along the vocabulary) split over
+  # a model axis of 2 (data axis 4) and of 8 (every device holds an eighth of each).
+  for axis in (2, 8):
+    split = str(tmp_path / f"model_axis_{axis}")
+    _run(synthetic_model_dir, split, "--methods=iterative", f"--model_axis={axis}", env=env)
+    assert _close(_results(split)["methods"]["iterative_accuracy"],
+                  _results(full_run)["methods"]["iterative_accuracy"]), axis
+    assert _close(_results(split)["full_model"], _results(full_run)["full_model"]), axis
   sharded, single = _results(out), _results(full_run)
   assert _close(sharded["full_model"], single["full_model"])
   for name in ("iterative_accuracy", "single_layer", "reverse"):
