@@ -43,7 +43,7 @@ GB = 1e9
 DEFAULT_MARGIN = 0.15
 # Ladders the search walks down (largest first).
 ROWS_LADDER = (64, 32, 16, 8, 4, 2, 1)
-IN_FLIGHT_LADDER = (None, 16, 8, 4, 2, 1)
+IN_FLIGHT_LADDER = (None, 8, 4, 2, 1)  # None: every mask of a call (16, 8 candidates)
 CANDIDATES_LADDER = (8, 4, 2, 1)
 # Where the rows' ladder starts: accelerators take the largest batch that fits; on the
 # CPU 16 rows per call were fastest per row (see the module docstring).
@@ -257,21 +257,51 @@ class FitResult:
             "tried": self.tried}
 
 
+def estimate_peak(cfg, chunking: Chunking, workload: Workload, model_axis: int,
+                  weight_bytes: float, compute_bytes: int) -> float:
+  """A rough upper estimate of the largest program's bytes per device (the weights' share,
+  the kept stream, each live member's activations: a block's projections and MLP, the
+  attention scores and probabilities in float32), used only to skip compiling chunkings
+  that are far too large (`search`)."""
+  split = lambda n: n / model_axis if n % model_axis == 0 else n
+  rows, t, d = chunking.rows_per_shard, workload.tokens + workload.prefix, cfg.hidden_size
+  member = (rows * t * (6 * d + 3 * split(cfg.intermediate_size)) * compute_bytes
+            + rows * split(cfg.num_heads) * t * t * 4 * 2)
+  live = lambda n: n if chunking.masks_in_flight is None else min(n, chunking.masks_in_flight)
+  stream = (cfg.num_layers + 1) * rows * t * split(d) * compute_bytes
+  readout = weight_bytes + live(chunking.mask_chunk) * member
+  tails = (weight_bytes + stream + chunking.candidates * rows * t * split(d) * compute_bytes
+           + live(chunking.candidates) * member)
+  return max(readout, tails)
+
+
+# A chunking whose estimate passes the budget by this much is skipped without compiling.
+SKIP_ABOVE = 1.5
+
+
 def search(measure: Callable[[Chunking], dict[str, ProgramMemory]], budget: int, *,
            rows: Sequence[int], in_flight: Sequence[int | None], candidates: Sequence[int],
-           mask_chunk: int, fixed: dict[str, Any]) -> FitResult:
+           mask_chunk: int, fixed: dict[str, Any],
+           estimate: Callable[[Chunking], float] | None = None) -> FitResult:
   """The first chunking, walking down the ladders (masks in flight, then candidates, then
   rows), whose every program fits `budget`. `fixed`: the settings the user gave (their
-  flag name -> value), named by the error when nothing fits."""
+  flag name -> value), named by the error when nothing fits. `estimate`: a chunking it
+  puts above `SKIP_ABOVE` times the budget is not compiled (the last one always is)."""
   r, f, c = 0, 0, 0
   tried = []
   while True:
     chunking = Chunking(rows[r], in_flight[f], candidates[c], mask_chunk)
-    memory = measure(chunking)
-    worst = max(memory, key=lambda k: memory[k].peak)
-    if memory[worst].peak <= budget:
-      return FitResult(chunking, budget, memory, tried)
-    tried.append(f"{chunking.describe()}: {worst} needs {memory[worst].peak / GB:.2f} GB")
+    last = f + 1 == len(in_flight) and c + 1 == len(candidates) and r + 1 == len(rows)
+    guess = estimate(chunking) if estimate is not None else 0.0
+    if guess > SKIP_ABOVE * budget and not last:
+      tried.append(f"{chunking.describe()}: estimated at {guess / GB:.1f} GB, not compiled")
+      memory = None
+    else:
+      memory = measure(chunking)
+      worst = max(memory, key=lambda k: memory[k].peak)
+      if memory[worst].peak <= budget:
+        return FitResult(chunking, budget, memory, tried)
+      tried.append(f"{chunking.describe()}: {worst} needs {memory[worst].peak / GB:.2f} GB")
     if f + 1 < len(in_flight):
       f += 1
     elif c + 1 < len(candidates):

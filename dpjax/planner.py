@@ -558,8 +558,11 @@ def plan(model_spec: str, target_name: str, *, num_items: int, calibration_items
     return compiled_at[key]
 
   try:
+    compute_bytes = jnp.dtype(compute_dtype).itemsize
+    estimate = lambda ch: fit.estimate_peak(cfg, ch, workload, axis,
+                                            parameter_bytes(cfg) / axis, compute_bytes)
     fitted = fit.search(measure, budget, rows=rows, in_flight=in_flight, candidates=cands,
-                        mask_chunk=mask_chunk, fixed=fixed)
+                        mask_chunk=mask_chunk, fixed=fixed, estimate=estimate)
     fits, why = True, None
   except fit.DoesNotFit as e:
     fits, why = False, str(e)
