@@ -172,16 +172,17 @@ def hf_forward(model, input_ids: np.ndarray, attention_mask: np.ndarray | None =
   Position ids count real tokens only (as dpjax does), so padded rows match
   their unpadded selves.
   """
-  ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+  device = next(model.parameters()).device
+  ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
   if attention_mask is None:
     attention_mask = np.ones_like(input_ids)
-  mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+  mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long, device=device)
   positions = torch.clamp(mask.cumsum(-1) - 1, min=0)
   with torch.no_grad():
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 output_hidden_states=True, use_cache=False)
-  logits = out.logits.float().numpy()
-  hidden = torch.stack(out.hidden_states).float().numpy()
+  logits = out.logits.float().cpu().numpy()
+  hidden = torch.stack(out.hidden_states).float().cpu().numpy()
   return logits, hidden
 
 
@@ -207,6 +208,7 @@ class HFIterativeReference:
 
   def __init__(self, model, batches: Sequence[Batch]):
     self.model = model.eval()
+    self.device = next(model.parameters()).device  # the GPU, when the model was moved there
     self.layers = list(model.model.layers)
     self.layer_types = getattr(model.config, "layer_types", None)
     self.batches = [b.unshared() for b in batches]  # whole prompts, shots included
@@ -228,15 +230,15 @@ class HFIterativeReference:
     norm, head = self.model.model.norm, self.model.lm_head
     options, normalizers, answers = [], [], []
     for batch in self.batches:
-      ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
-      mask = torch.as_tensor(batch.attention_mask, dtype=torch.long)
+      ids = torch.as_tensor(batch.input_ids, dtype=torch.long, device=self.device)
+      mask = torch.as_tensor(batch.attention_mask, dtype=torch.long, device=self.device)
       positions = torch.clamp(mask.cumsum(-1) - 1, min=0)
       with torch.no_grad():
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          output_hidden_states=True, use_cache=False)
         # HF's last hidden state is already normed; the others get the final norm.
         states = [norm(h[:, -1]) for h in out.hidden_states[:-1]] + [out.hidden_states[-1][:, -1]]
-        logits = head(torch.stack(states)).double()  # [n+1, B, V]
+        logits = head(torch.stack(states)).double().cpu()  # [n+1, B, V]
       if len(out.hidden_states) != len(kept) + 1:
         raise RuntimeError(f"HF returned {len(out.hidden_states)} hidden states for {len(kept)} "
                            "blocks; transformers hooks the blocks present at the model's first "

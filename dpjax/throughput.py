@@ -250,8 +250,21 @@ def _row_text(row: dict, n: int) -> str:
   return text
 
 
+def _hf_device() -> str:
+  """Where HF PyTorch runs: the GPU when torch sees one, else the CPU."""
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
 def _hf_model(model):
-  """The same weights in HF PyTorch (exported in memory through the architecture table)."""
+  """The same weights in HF PyTorch (exported in memory through the architecture table), on
+  the GPU when there is one."""
   import tempfile
   import transformers
   try:
@@ -266,7 +279,7 @@ def _hf_model(model):
     write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, loaded.params,
                         list(range(model.num_layers)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype="float32").eval()
-  return hf
+  return hf.to(_hf_device())
 
 
 def _hf_with(hf, kept):
@@ -301,9 +314,9 @@ def _greedy_config(hf, new_tokens: int):
 def _hf_generate(hf, kept, ids, new_tokens):
   import torch
   with torch.no_grad():
-    out = _hf_with(hf, kept).generate(torch.as_tensor(ids, dtype=torch.long),
+    out = _hf_with(hf, kept).generate(torch.as_tensor(ids, dtype=torch.long, device=hf.device),
                                       generation_config=_greedy_config(hf, new_tokens))
-  return out[:, ids.shape[1]:].numpy()
+  return out[:, ids.shape[1]:].cpu().numpy()
 
 
 def _check_tokens(model, hf, kept, ids) -> None:
@@ -320,15 +333,17 @@ def _check_tokens(model, hf, kept, ids) -> None:
 def _hf_rates(hf, kept, ids, new_tokens, repeats) -> dict[str, float]:
   import torch
   pruned = _hf_with(hf, kept)
-  tokens = torch.as_tensor(ids, dtype=torch.long)
+  tokens = torch.as_tensor(ids, dtype=torch.long, device=hf.device)
 
   def prefill():
     with torch.no_grad():
       pruned(input_ids=tokens, use_cache=True)
+    _sync()
 
   def generate(n):
     with torch.no_grad():
       pruned.generate(tokens, generation_config=_greedy_config(pruned, n))
+    _sync()
 
   pre, _ = _median_seconds(prefill, repeats)
   gen, _ = _median_seconds(lambda: generate(new_tokens), repeats)
