@@ -133,3 +133,75 @@ def end_to_end_markdown(path: str) -> str:
                  + ("" if c.get("dpjax_seconds_all") else " Its compiled time is the cold run's "
                     "less its compile time (no compiled rerun)."))
   return "\n".join(lines) + "\n"
+
+
+def planning_markdown(results: dict) -> str:
+  """RESULTS.md's section on the planner (`benchmarks/planning.py`'s JSON)."""
+  lines = ["## The planner (`dpjax-plan`, `benchmarks/planning.py`)", ""]
+  rows = results.get("table", [])
+  if rows:
+    lines += ["Every program of a whole study compiled ahead of time for the topology "
+              "(abstract bf16 weights, MMLU 5-shot in the letter format: prompts of 640 "
+              "tokens, 300 evaluation items and 64 calibration items). Memory is XLA's "
+              "per-device analysis of each compiled program (arguments + outputs + "
+              "temporaries); the TPU compiler also checks HBM itself, the GPU compile-only "
+              "figures leave out cuBLAS/cuDNN/NCCL workspaces, so 15% of each device is kept "
+              "free. Time: each program's parts (one block on a shard's rows, the last "
+              "block at the read positions, one lens readout) from XLA's cost analysis at "
+              "the per-device shapes, at the chip's peak bf16 rate or HBM bandwidth "
+              "(whichever binds), times the calls of a whole study counted as the engine "
+              "makes them (no early stop: an upper bound).", "",
+              "| model | target | mesh (data x model) | chosen | program | args GB | temp GB "
+              "| peak GB | of GB | calls | s/call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+      ch = row["chosen"]
+      chosen = (f"{ch['rows_per_shard']} rows/shard, {ch['masks_in_flight'] or 'all'} masks "
+                f"in flight, {ch['candidates_per_call']} candidates/call")
+      for name, p in row["programs"].items():
+        m = p["memory"]
+        lines.append(f"| {row['model']} | {row['target']} | {row['mesh']['data']} x "
+                     f"{row['mesh']['model']} | {chosen} | {name} | {m['arguments_gb']:.1f} | "
+                     f"{m['temporaries_gb']:.1f} | {m['peak_gb']:.1f} | {row['budget_gb']:.1f} "
+                     f"| {p['calls']} | {p['seconds_per_call']:.3f} |")
+    lines += ["", "| model | target | every program fits | predicted study, 300 items | "
+              "planning took |", "|---|---|---|---|---|"]
+    for row in rows:
+      lines.append(f"| {row['model']} | {row['target']} | {'yes' if row['fits'] else 'NO'} | "
+                   f"{row['predicted_study_hours']:.2f} h | {row['wall_seconds']:.0f} s |")
+  cal = results.get("calibration")
+  if cal:
+    lines += ["", f"Checked on this machine (`--target=local`, the bundled model, "
+              f"{cal['rows']} rows x {cal['tokens']} tokens, one call of each program, "
+              f"median of repeats; matmul rate {cal['target']['flops'] / 1e9:.0f} GFLOP/s, copy "
+              f"bandwidth {cal['target']['bandwidth'] / 1e9:.1f} GB/s):", "",
+              "| program | predicted s | measured s | predicted / measured |",
+              "|---|---|---|---|"]
+    for name, p in cal["programs"].items():
+      lines.append(f"| {name} | {p['predicted_s']:.4f} | {p['measured_s']:.4f} | "
+                   f"{p['ratio']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def interleaved_markdown(path: str) -> str:
+  """RESULTS.md's section on `benchmarks/interleaved.py` (empty if it has not been run)."""
+  r = _read(path)
+  if r is None or not r.get("configurations"):
+    return ""
+  m = r["machine"]
+  rows = r["configurations"]
+  lines = ["## An Iterative Pruning step against the reference, idle and busy "
+           "(`benchmarks/interleaved.py`)", "",
+           f"SmolLM2-135M, the first {rows[0]['items']} ARC-Easy validation items (letter "
+           f"format, batches of 16): one step (every block's candidate) through `Sweep` and "
+           f"through the HF reference, in {rows[0]['rounds']} interleaved rounds (ABBA), both "
+           f"warm; {m['cpu_count']} CPU cores, JAX {m['jax']}, torch {m['torch']} "
+           f"({m['torch_threads']} threads). A busy machine: spinning processes beside the "
+           "run, one core each.", "",
+           "| XLA threading | busy processes | dpjax s (min-max) | reference s (min-max) | "
+           "reference / dpjax, median (min-max) |", "|---|---|---|---|---|"]
+  for c in rows:
+    d, h = c["times"]["dpjax"], c["times"]["reference"]
+    lines.append(f"| {c['threads']} | {c['load']} | {min(d):.1f}-{max(d):.1f} | "
+                 f"{min(h):.1f}-{max(h):.1f} | {c['ratio_median']:.2f} "
+                 f"({c['ratio_min']:.2f}-{c['ratio_max']:.2f}) |")
+  return "\n".join(lines) + "\n"

@@ -489,12 +489,12 @@ def results_markdown(r: dict[str, Any]) -> str:
     by = {(r["masks_per_program"], r["final_only"]): r["temp_mb"] for r in memory}
     for m in sorted({r["masks_per_program"] for r in memory}):
       lines.append(f"| {m} | {by[(m, False)]:.1f} | {by[(m, True)]:.1f} |")
-  if {c["case"] for c in r["iterative"]} >= {"bundled model", "random Llama"}:
-    from benchmarks import cost_model
-    lines += ["", cost_model.markdown(r).rstrip()]
   from benchmarks import measured
   where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  for side in (measured.shared_prefix_markdown(os.path.join(where, "shared_prefix.json")),
+  plan = measured._read(os.path.join(where, "plan.json"))
+  for side in (measured.planning_markdown(plan) if plan else "",
+               measured.interleaved_markdown(os.path.join(where, "interleaved.json")),
+               measured.shared_prefix_markdown(os.path.join(where, "shared_prefix.json")),
                measured.bf16_markdown(os.path.join(where, "bf16.json")),
                measured.resume_markdown(os.path.join(where, "resume.json")),
                measured.end_to_end_markdown(os.path.join(where, "end_to_end.json"))):

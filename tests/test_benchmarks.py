@@ -99,37 +99,3 @@ def test_reference_following_another_order_still_scores_every_candidate():
   # The followed block's own scores: those of the kept set without it, read afresh.
   acc, margin = ref.final_scores(*ref.readouts([b for b in range(4) if b != first]))
   assert (forced[0]["accuracy"], forced[0]["margin"]) == (acc, margin)
-
-
-def test_cost_model_counts_what_the_engine_runs(synthetic_model_dir):
-  """The cost model's Iterative Pruning work is what the sweep engine counts when it prunes
-  a model to one block, and its check reproduces the utilization it is given."""
-  import dpjax
-  import transformers
-  from benchmarks import cost_model
-  from dpjax import pruning
-  from dpjax.sweep import Sweep
-  tokenizer = transformers.AutoTokenizer.from_pretrained(synthetic_model_dir)
-  items = synthetic.generate("test", 16)
-  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
-  sweep = Sweep(dpjax.load_model(synthetic_model_dir), encoded, batch_size=8)
-  pruning.iterative_prune(sweep, criterion="margin")
-  rows = len(sweep.batches) * 8
-  assert cost_model.iterative_block_rows(4) == 19
-  assert sweep.counters.minimum == cost_model.iterative_block_rows(4) * rows
-
-  case = lambda name, hidden, seconds, executed: {
-      "case": name, "layers": 16, "hidden": hidden, "vocab": 1000, "padded_tokens": 64,
-      "dpjax_seconds": seconds, "block_evaluations": {"executed": executed}}
-  big = case("random Llama", 512, 100.0, 10_000)
-  flops = 10_000 * cost_model.block_row_flops(cost_model._dims_of(big), 64)
-  results = {"matmul": {"gflops": 2 * flops / 100.0 / 1e9},
-             "iterative": [case("bundled model", 64, 10.0, 1000), big]}
-  for c in results["iterative"]:
-    c["sweep_gflops"] = c["block_evaluations"]["executed"] * cost_model.block_row_flops(
-        cost_model._dims_of(c), 64) / c["dpjax_seconds"] / 1e9
-  utilization, checks = cost_model.check_against_measured(results)
-  assert utilization == pytest.approx(0.5)
-  assert checks[1]["ratio"] == pytest.approx(1.0)
-  text = cost_model.markdown(results)
-  assert "Llama-3-70B" in text and "| (2, 4) |" in text
