@@ -21,10 +21,12 @@ SUBJECT_FIGURE = "decision_margin_by_subject.png"
 FREQUENCY_FIGURE = "option_frequency.png"
 CURVES_FIGURE = "pruning_curves.png"
 PHASE_FIGURE = "phase_comparison.png"
+DIFFERENCES_FIGURE = "phase_differences.png"
 HEATMAP_FIGURE = "iterative_heatmap.png"
 REMOVED_FIGURE = "removed_blocks.png"
 # Figures in the order the HTML summary shows them.
-FIGURES = (MARGIN_FIGURE, LENSES_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE, PHASE_FIGURE,
+FIGURES = (MARGIN_FIGURE, LENSES_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE,
+           DIFFERENCES_FIGURE, PHASE_FIGURE,
            HEATMAP_FIGURE, REMOVED_FIGURE)
 LAYER_AXIS = "layer (0 = embeddings, l = after block l)"
 
@@ -224,6 +226,38 @@ def plot_phase_comparison(path: str, phase: PhaseExperiment, full: FullProfile,
   axes[0, 0].legend(fontsize=8)
   fig.suptitle(f"{title}: Silent vs Decisive pruning (l* = {phase.transition_block})")
   save_figure(fig, path)
+
+
+def plot_forest(path: str, rows: list[tuple[str, object]], title: str,
+                alpha: float = 0.05) -> None:
+  """A forest plot of Silent-minus-Decisive accuracy differences: one row per
+  (label, `statistics.Comparison`), its paired 95% interval, a filled marker where the
+  Holm-adjusted McNemar p is below `alpha` (left of 0: the Silent arm costs more, the
+  paper's direction)."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.24 * len(rows) + 1.2)))
+  y = np.arange(len(rows))[::-1]
+  for yi, (label, c) in zip(y, rows):
+    significant = c.holm_p is not None and c.holm_p < alpha
+    colour = "tab:red" if c.difference < 0 else "tab:green"
+    ax.plot(c.ci95, [yi, yi], color=colour, lw=1.5)
+    ax.plot([c.difference], [yi], marker="o", ms=6, color=colour,
+            mfc=colour if significant else "white")
+  ax.axvline(0, color="black", lw=0.8)
+  ax.set_yticks(y)
+  ax.set_yticklabels([label for label, _ in rows], fontsize=7)
+  ax.set_xlabel("accuracy, Silent arm minus Decisive arm (paired 95% interval)")
+  ax.set_title(f"{title}\nfilled: Holm-adjusted exact McNemar p < {alpha}; "
+               "left of 0: pruning the Silent Phase costs more", fontsize=9)
+  save_figure(fig, path)
+
+
+def plot_phase_differences(path: str, phase: PhaseExperiment, title: str) -> None:
+  """The study's paired comparisons as a forest plot, one row per rule and k."""
+  rows = [(f"{c.rule}, k={c.k}" if c.k_silent is None else
+           f"{c.rule}, {c.k_silent} silent / {c.k_decisive} decisive", c)
+          for c in phase.comparisons]
+  plot_forest(path, rows, f"{title}: Silent vs Decisive (l* = {phase.transition_block})")
 
 
 def plot_removed_blocks(path: str, methods: dict[str, MethodResult], l_star: int | None,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from dpjax import metrics, pruning, resume, serve, settings as settings_lib, tasks
+from dpjax import metrics, pruning, resume, serve, settings as settings_lib, statistics, tasks
 from dpjax.tasks import scoring
 from dpjax.distributed import Placement, is_main_process
 from dpjax.readout import Readout
@@ -49,6 +49,8 @@ class Context:
   lens_record: dict[str, Any] | None = None  # the tuned lens's, when one is used
   logit_eval_sweep: Sweep | None = None      # the logit lens beside a tuned one
   fit: Any = None                            # the chunking the fit step chose (`dpjax.fit`)
+  transition_items: tasks.EncodedTask | None = None  # the calibration items l* is read on
+  transition_sweep: Sweep | None = None
 
   @property
   def num_layers(self) -> int:
@@ -193,6 +195,7 @@ def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exac
         layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
         layer_accuracy=np.asarray(prof.accuracy[m]),
         item_correct=np.asarray(prof.top[m, last]) == answer,
+        item_final_dm=np.asarray(prof.margin[ctx.settings.normalization][m, last]),
         exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
   return points
 
@@ -236,9 +239,9 @@ def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
   removed = [int(b) for b in saved["removed"]]
   points = curve(ctx, _removal_masks(removed, ctx.num_layers), name,
                  with_exact_match=ctx.settings.format == "open")
-  return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points,
-                      order={"criterion": criterion, "removed_order": [b + 1 for b in removed],
-                             "calibration": saved["calibration"]})
+  order = {"criterion": criterion, "removed_order": [b + 1 for b in removed],
+           "calibration": saved["calibration"]}
+  return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points, order=order)
 
 
 def one_shot_curve(ctx: Context, masks: np.ndarray, name: str) -> list[CurvePoint]:
@@ -327,43 +330,56 @@ def _no_transition(s) -> str:
 
 
 def run_phase(ctx: Context, out: StudyResults) -> None:
-  """Silent arm against Decisive arm, `k` blocks each, per selection rule."""
+  """Silent arm against Decisive arm per selection rule, `k` blocks each (or the same share
+  of each phase, `--phase_sizing=fraction`), and the two arms compared paired on the
+  same evaluation items at every (rule, k), Holm-adjusted over all of them."""
   s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
   if l_star is None or l_star <= 1:
     why = (_no_transition(s) if l_star is None
            else "the Silent Phase is empty (transition at block 1 on the calibration items)")
     out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
     return
-  max_k = min(l_star - 1, L - l_star + 1)
-  if s.phase_max_k:
-    max_k = min(max_k, s.phase_max_k)
-  experiment = PhaseExperiment(transition_block=l_star, max_k=max_k, num_layers=L)
-  ks = phase_ks(max_k, s.phase_ks)
+  experiment = PhaseExperiment(transition_block=l_star, num_layers=L, sizing=s.phase_sizing)
+  comparisons = []
   for selection in s.phase_selections:
-    seeds = list(range(s.random_seeds)) if selection == "random" else [0]
+    seeds = list(range(s.phase_seeds)) if selection == "random" else [0]
+    orders = [pruning.phase_removals(l_star, L, selection, ctx.influence, seed)
+              for seed in seeds]
+    n_silent, n_decisive = len(orders[0]["silent"]), len(orders[0]["decisive"])
+    if not n_silent or not n_decisive:  # a control whose arm has nothing left to remove
+      continue
+    sizes = pruning.phase_sizes(n_silent, n_decisive, s.phase_sizing, s.phase_max_k)
+    chosen_ks = set(phase_ks(len(sizes), s.phase_ks))
+    sizes = [size for size in sizes if size[0] in chosen_ks]
     masks, where = [], []
-    for seed in seeds:
-      orders = pruning.phase_removals(l_star, L, selection, ctx.influence, seed)
-      for arm, order in orders.items():
-        for k in ks:
+    for seed, order in zip(seeds, orders):
+      for k, k_silent, k_decisive in sizes:
+        for arm, n in (("silent", k_silent), ("decisive", k_decisive)):
           mask = np.ones(L, bool)
-          mask[order[:k]] = False
+          mask[order[arm][:n]] = False
           masks.append(mask)
-          where.append((arm, k))
+          where.append((arm, k, seed))
     points = one_shot_curve(ctx, np.array(masks), f"phase {selection}")
     arms: dict[str, list[ArmPoint]] = {"silent": [], "decisive": []}
-    for arm in arms:
-      for k in ks:
-        chosen = [p for p, (a, kk) in zip(points, where) if a == arm and kk == k]
+    for k, k_silent, k_decisive in sizes:
+      outcomes = {}
+      for arm in arms:
+        chosen = [p for p, (a, kk, _) in zip(points, where) if a == arm and kk == k]
         accs = [p.accuracy for p in chosen]
-        per_item = np.mean([p.item_correct for p in chosen], axis=0)  # over seeds
+        outcomes[arm] = np.stack([p.item_correct for p in chosen])  # [seeds, N]
         arms[arm].append(ArmPoint(
             k=k, removed_sets=[[b for b in range(1, L + 1) if b not in p.kept] for p in chosen],
             accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
             mean_final_dm={norm: float(np.mean([p.mean_final_dm[norm] for p in chosen]))
                            for norm in metrics.NORMALIZATIONS},
-            accuracy_ci95=bootstrap_ci(per_item)))
+            accuracy_ci95=bootstrap_ci(outcomes[arm].mean(0)), points=chosen))
+      sized = ({} if s.phase_sizing == "count"
+               else {"k_silent": k_silent, "k_decisive": k_decisive})
+      comparisons.append(statistics.compare_arms(selection, k, outcomes["silent"],
+                                                 outcomes["decisive"], **sized))
     experiment.arms[selection] = arms
+    experiment.max_k = max(experiment.max_k, max(size[0] for size in sizes))
+  experiment.comparisons = statistics.with_holm(comparisons)
   out.phase_experiment = experiment
 
 

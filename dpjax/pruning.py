@@ -21,7 +21,13 @@ import numpy as np
 from dpjax.sweep import FinalStats, Sweep
 
 CRITERIA = ("accuracy", "margin", "nll")
-PHASE_SELECTIONS = ("adjacent", "redundant", "random")
+# The phase experiment's selection rules: which blocks of each phase go first. The last
+# two are controls: the adjacent rule with the model's last block kept in the Decisive
+# arm, and with its first block kept in the Silent arm (at the largest k every other
+# rule removes both), so a phase's cost can be told from that one block's.
+PHASE_SELECTIONS = ("adjacent", "redundant", "random", "adjacent_keep_last",
+                    "adjacent_keep_first")
+PHASE_SIZINGS = ("count", "fraction")
 
 
 def criterion_key(stats: FinalStats, block: int, criterion: str) -> tuple:
@@ -161,15 +167,21 @@ def phase_removals(l_star: int, num_layers: int, selection: str, influence: np.n
 
   `l_star` is the 1-based transition block: Silent = blocks 1..l*-1, Decisive =
   l*..L. `adjacent` starts next to the boundary and moves away from it;
-  `redundant` takes the lowest block influence first; `random` a seeded order.
+  `redundant` takes the lowest block influence first; `random` a seeded order;
+  `adjacent_keep_last` / `adjacent_keep_first`: `adjacent` with the last block out of the
+  Decisive arm / the first block out of the Silent arm (either arm may then be empty).
   """
   if selection not in PHASE_SELECTIONS:
     raise ValueError(f"phase_selection={selection!r}; use one of {PHASE_SELECTIONS}.")
   silent = list(range(0, l_star - 1))
   decisive = list(range(l_star - 1, num_layers))
+  if selection == "adjacent_keep_last":
+    decisive = decisive[:-1]
+  elif selection == "adjacent_keep_first":
+    silent = silent[1:]
   arms = {}
   for name, blocks in (("silent", silent), ("decisive", decisive)):
-    if selection == "adjacent":
+    if selection.startswith("adjacent"):
       order = sorted(blocks, reverse=(name == "silent"))
     elif selection == "redundant":
       order = sorted(blocks, key=lambda b: (influence[b], -b))
@@ -182,6 +194,24 @@ def phase_removals(l_star: int, num_layers: int, selection: str, influence: np.n
 
 # ----------------------------------------------------------------------------
 # Collapse point.
+
+
+def phase_sizes(silent: int, decisive: int, sizing: str, max_k: int = 0
+                ) -> list[tuple[int, int, int]]:
+  """The (k, Silent blocks, Decisive blocks) the phase experiment removes, for arms of
+  `silent` and `decisive` blocks. `count`: k blocks from each arm, k = 1 .. the smaller
+  arm. `fraction`: the same share of each arm, k / n of it for k = 1 .. n (n the smaller
+  arm's size), rounded, at least one block. `max_k` > 0 caps k."""
+  if sizing not in PHASE_SIZINGS:
+    raise ValueError(f"phase_sizing={sizing!r}; use one of {PHASE_SIZINGS}.")
+  n = min(silent, decisive)
+  if max_k:
+    n = min(n, max_k)
+  if sizing == "count":
+    return [(k, k, k) for k in range(1, n + 1)]
+  small = min(silent, decisive)
+  return [(k, max(1, round(k / small * silent)), max(1, round(k / small * decisive)))
+          for k in range(1, n + 1)]
 
 
 def collapse_point(removed: Sequence[int], accuracy: Sequence[float], full: float,

@@ -14,7 +14,7 @@ import numpy as np
 
 from dpjax import figures, metrics
 from dpjax.fileio import atomic_write_text, write_csv, write_json, write_npz
-from dpjax.results import FullProfile, MethodResult, StudyResults
+from dpjax.results import FullProfile, MethodResult, StudyResults, variant_records
 from dpjax.summary import summary_html, summary_markdown
 from dpjax.tasks import LETTERS, EncodedTask, prompts
 
@@ -25,6 +25,7 @@ PROFILE_CSV = "layer_profile.csv"
 CURVES_CSV = "pruning_curves.csv"
 SUMMARY_FILE = "summary.md"
 SUMMARY_HTML = "summary.html"
+VARIANTS_FILE = "variants.jsonl"
 
 
 def write_items(path: str, encoded: EncodedTask) -> None:
@@ -121,6 +122,11 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
   phase = results.phase_experiment
   if phase is not None and phase.skipped is None:
     figures.plot_phase_comparison(path(figures.PHASE_FIGURE), phase, full, title)
+    if phase.comparisons:
+      figures.plot_phase_differences(path(figures.DIFFERENCES_FIGURE), phase, title)
+  variants = variant_records(results)
+  if variants:
+    atomic_write_text(path(VARIANTS_FILE), "".join(json.dumps(v) + "\n" for v in variants))
   markdown = summary_markdown(results)
   atomic_write_text(path(SUMMARY_FILE), markdown)
   shown = [f for f in figures.FIGURES if os.path.exists(path(f))]

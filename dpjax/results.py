@@ -160,7 +160,8 @@ class CurvePoint:
   layer_accuracy: np.ndarray | None = None
   spread: Spread | None = None
   exact_match: float | None = None  # open format: greedy generation against the golds
-  item_correct: np.ndarray | None = None  # [N] bool, per evaluation item (not serialized)
+  item_correct: np.ndarray | None = None  # [N] bool, per evaluation item (variants.jsonl)
+  item_final_dm: np.ndarray | None = None  # [N] final Decision Margin (the study's normalization)
 
   @property
   def export_keep(self) -> str:
@@ -199,7 +200,8 @@ class CurvePoint:
             "layer_accuracy": array(self.layer_accuracy),
             "exact_match": self.exact_match,
             "item_correct": None if self.item_correct is None
-                            else np.asarray(self.item_correct, int).tolist()}
+                            else np.asarray(self.item_correct, int).tolist(),
+            "item_final_dm": array(self.item_final_dm)}
 
   @classmethod
   def from_state(cls, saved: dict[str, Any]) -> "CurvePoint":
@@ -215,7 +217,8 @@ class CurvePoint:
                layer_accuracy=array(saved["layer_accuracy"]),
                exact_match=saved["exact_match"],
                item_correct=None if saved["item_correct"] is None
-                            else np.asarray(saved["item_correct"], bool))
+                            else np.asarray(saved["item_correct"], bool),
+               item_final_dm=array(saved.get("item_final_dm")))
 
 
 @dataclasses.dataclass
@@ -281,9 +284,11 @@ class ArmPoint:
   accuracy_std: float
   mean_final_dm: dict[str, float]
   accuracy_ci95: tuple[float, float] | None = None
+  points: list[CurvePoint] = dataclasses.field(default_factory=list, repr=False)  # per seed
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "points"}
+    return to_plain(out)
 
 
 def bootstrap_ci(per_item: np.ndarray, resamples: int = 2000, seed: int = 0
@@ -298,12 +303,16 @@ def bootstrap_ci(per_item: np.ndarray, resamples: int = 2000, seed: int = 0
 
 @dataclasses.dataclass
 class PhaseExperiment:
-  """Silent arm against Decisive arm, per selection rule (`arms[rule][arm]`)."""
+  """Silent arm against Decisive arm, per selection rule (`arms[rule][arm]`), and the
+  paired comparison of the two arms at every (rule, k) (`comparisons`,
+  `dpjax.statistics.Comparison`, Holm-adjusted over all of them)."""
   transition_block: int | None
   max_k: int = 0
   arms: dict[str, dict[str, list[ArmPoint]]] = dataclasses.field(default_factory=dict)
   num_layers: int = 0
   skipped: str | None = None
+  comparisons: list = dataclasses.field(default_factory=list)
+  sizing: str = "count"
 
   def to_json(self) -> dict[str, Any]:
     if self.skipped is not None:
@@ -311,9 +320,52 @@ class PhaseExperiment:
     l_star = self.transition_block
     return {"transition_block": l_star, "silent_phase": list(range(1, l_star)),
             "decisive_phase": list(range(l_star, self.num_layers + 1)), "max_k": self.max_k,
+            "sizing": self.sizing,
             "selections": {rule: {arm: [p.to_json() for p in points]
                                   for arm, points in arms.items()}
-                           for rule, arms in self.arms.items()}}
+                           for rule, arms in self.arms.items()},
+            "comparisons": [c.to_json() for c in self.comparisons]}
+
+
+def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
+  """One record per evaluated variant, per-item outcomes included (variants.jsonl): the
+  unpruned model, every curve point of every method (the random baseline's per seed),
+  every phase arm at every k and seed. `kept` is 0-based; `correct` holds one "0"/"1"
+  per evaluation item in items.jsonl order; `final_dm` each item's final Decision Margin
+  (the study's normalization), to 4 decimals."""
+  records: list[dict[str, Any]] = []
+
+  def add(point: CurvePoint, method: str, rule=None, phase=None, k=None, seed=None) -> None:
+    if point.kept is None or point.item_correct is None:
+      return
+    dm = point.item_final_dm
+    records.append({
+        "method": method, "rule": rule, "phase": phase, "k": k, "seed": seed,
+        "kept": [b - 1 for b in point.kept],
+        "correct": "".join("1" if c else "0" for c in np.asarray(point.item_correct, bool)),
+        "final_dm": None if dm is None else [round(float(x), 4) for x in np.asarray(dm)]})
+
+  curves = results.curves()
+  first = next((m.curve[0] for m in curves.values() if m.curve), None)
+  if first is not None:
+    add(first, "unpruned", k=0)
+  for name, method in curves.items():
+    if method.per_seed_curves is not None:
+      for seed, curve in zip(method.order.get("seeds", []), method.per_seed_curves):
+        for point in curve[1:]:
+          add(point, name, k=point.removed, seed=seed)
+    else:
+      for point in method.curve[1:]:
+        add(point, name, k=point.removed)
+  phase = results.phase_experiment
+  if phase is not None and phase.skipped is None:
+    for rule, arms in phase.arms.items():
+      for arm, arm_points in arms.items():
+        for arm_point in arm_points:
+          for seed, point in enumerate(arm_point.points):
+            add(point, "phase", rule=rule, phase=arm, k=arm_point.k,
+                seed=seed if rule == "random" else None)
+  return records
 
 
 @dataclasses.dataclass
@@ -342,6 +394,7 @@ class StudyResults:
   methods: dict[str, MethodResult] = dataclasses.field(default_factory=dict)
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
   calibration_transition_block: int | None = None
+  calibration_transition: dict[str, Any] | None = None  # l* with intervals, every rule
   block_influence: np.ndarray | None = None
   phase_experiment: PhaseExperiment | None = None
   engine: EngineCounters | None = None
@@ -370,6 +423,8 @@ class StudyResults:
       out["full_model_logit_lens"] = self.full_model_logit_lens.to_json()
     if self.ran_methods:
       out["calibration_transition_block"] = self.calibration_transition_block
+      if self.calibration_transition is not None:
+        out["calibration_transition"] = self.calibration_transition
       if self.block_influence is not None:
         out["block_influence"] = self.block_influence
       if self.phase_experiment is not None:

@@ -15,7 +15,7 @@ from dpjax import metrics
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.compilation import default_cache_dir
 from dpjax.flagdefs import setting
-from dpjax.pruning import CRITERIA, PHASE_SELECTIONS
+from dpjax.pruning import CRITERIA, PHASE_SELECTIONS, PHASE_SIZINGS
 from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
 from dpjax.tuned_lens import lens_spec
 
@@ -66,6 +66,10 @@ class Settings:
                            "synthetic suite makes 400).")
   calibration_items: int = setting(64, "Calibration items, on which the pruning methods choose "
                                    "blocks (kept apart from evaluation; 0 when no method runs).")
+  transition_items: int = setting(128, "Calibration items the transition l* (which the phase "
+                                  "methods use) is read on, with its bootstrap interval; the "
+                                  "pruning search uses the first --calibration_items of them "
+                                  "(fewer where the task has too few items).")
   calibration_seed: int = setting(0, "Seed of the calibration/evaluation split.")
   seed: int = setting(0, "Seed of the synthetic suite.")
   batch_size: int = setting(0, "Items per forward pass (a multiple of the devices on the data "
@@ -93,13 +97,18 @@ class Settings:
   criteria: tuple[str, ...] = setting(("accuracy",), "Iterative Pruning criteria.",
                                       choices=CRITERIA)
   min_layers: int = setting(1, "Iterative Pruning stops at this many blocks.")
-  random_seeds: int = setting(3, "Seeds for the random baseline and the random phase "
-                              "selection.")
+  random_seeds: int = setting(3, "Seeds of the random baseline's pruning curves (their mean "
+                              "and range are reported).")
+  phase_seeds: int = setting(10, "Seeds of the phase experiment's random rule (its paired "
+                             "comparisons resample seeds and items together).")
   phase_selections: tuple[str, ...] = setting(PHASE_SELECTIONS, "Phase-targeted selection "
                                               "rules.", choices=PHASE_SELECTIONS,
                                               flag="phase_selection")
   phase_max_k: int = setting(0, "Most blocks removed per phase arm (0: the smaller phase's "
                              "size).")
+  phase_sizing: str = setting("count", "Size the phase arms by the same number of blocks "
+                              "(count) or the same share of each phase (fraction: k/n of each, "
+                              "n the smaller phase's size).", choices=PHASE_SIZINGS)
   phase_ks: str = setting("all", "Which k the phase experiment runs: all (1 to its largest "
                           "k), or doublings (1, 2, 4, ... and its largest k: far fewer "
                           "variants on a deep model).", choices=PHASE_KS)
@@ -161,16 +170,21 @@ class Settings:
     bad = sorted(set(self.phase_selections) - set(PHASE_SELECTIONS))
     if bad:
       raise ValueError(f"phase selections {bad} must be some of {PHASE_SELECTIONS}.")
+    if self.transition_items < 0:
+      raise ValueError(f"transition_items={self.transition_items} must be >= 0.")
     if self.methods and self.calibration_items < 1:
       raise ValueError("the pruning methods need calibration items; set calibration_items >= 1.")
     if self.min_layers < 1:
       raise ValueError(f"min_layers={self.min_layers} must be at least 1.")
     if self.masks_in_flight < 0:
       raise ValueError(f"masks_in_flight={self.masks_in_flight} must be >= 0 (0: automatic).")
+    if self.phase_sizing not in PHASE_SIZINGS:
+      raise ValueError(f"phase_sizing={self.phase_sizing!r}; use one of {PHASE_SIZINGS}.")
     if self.phase_ks not in PHASE_KS:
       raise ValueError(f"phase_ks={self.phase_ks!r}; use one of {PHASE_KS}.")
-    if self.random_seeds < 1:
-      raise ValueError(f"random_seeds={self.random_seeds} must be at least 1.")
+    if self.random_seeds < 1 or self.phase_seeds < 1:
+      raise ValueError(f"random_seeds={self.random_seeds} and phase_seeds={self.phase_seeds} "
+                       "must be at least 1.")
     for name in ("dtype", "compute_dtype"):
       if getattr(self, name) not in (None, *DTYPES):
         raise ValueError(f"{name}={getattr(self, name)!r}; use one of {DTYPES}.")

@@ -27,7 +27,8 @@ import numpy as np
 
 import jax
 
-from dpjax import compilation, fit, metrics, pruning, report, resume, tasks, tuned_lens
+from dpjax import (compilation, fit, metrics, pruning, report, resume, statistics, tasks,
+                   tuned_lens)
 from dpjax.distributed import Placement, is_main_process
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.load import load_model
@@ -41,30 +42,45 @@ from dpjax.sweep import Sweep
 STATE_DIR = "state"
 
 
+def calibration_size(s: Settings, available: int) -> int:
+  """How many calibration items a study sets apart: `--transition_items` (the transition
+  is read on all of them; the pruning search uses the first `--calibration_items`), as
+  many as the task has beside the evaluation items, never fewer than the search's."""
+  if not s.calibration_items:
+    return 0
+  room = available - (s.num_items or 1)
+  return max(s.calibration_items, min(s.transition_items, room))
+
+
 def _split_items(items: list[tasks.Item], s: Settings) -> tuple[list, list]:
-  """Disjoint (calibration, evaluation) item lists by a seeded shuffle."""
+  """Disjoint (calibration, evaluation) item lists by a seeded shuffle; the calibration
+  list is `calibration_size` long, its first `--calibration_items` the search's."""
   if not s.calibration_items:
     return [], (items[:s.num_items] if s.num_items else items)
   order = np.random.default_rng([s.calibration_seed, 31337]).permutation(len(items))
-  needed = s.calibration_items + s.num_items
-  if len(items) < needed or len(items) <= s.calibration_items:
+  size = calibration_size(s, len(items))
+  needed = size + s.num_items
+  if len(items) < needed or len(items) <= size:
     raise ValueError(f"the task has {len(items)} items in split {s.split!r}, too few for "
-                     f"{s.calibration_items} calibration items plus {s.num_items or 'some'} "
+                     f"{size} calibration items plus {s.num_items or 'some'} "
                      "evaluation items; lower --calibration_items or --num_items.")
-  calibration = [items[i] for i in order[:s.calibration_items]]
-  rest = [items[i] for i in order[s.calibration_items:]]
+  calibration = [items[i] for i in order[:size]]
+  rest = [items[i] for i in order[size:]]
   return calibration, (rest[:s.num_items] if s.num_items else rest)
 
 
 def select_items(s: Settings, info: tasks.TaskInfo | None = None):
-  """The study's items: `(split, fewshot_split, shots pool, calibration, evaluation)`,
+  """The study's items: `(split, fewshot_split, shots pool, calibration, evaluation)` (the
+  calibration items the transition is read on; the search's are their first
+  `--calibration_items`),
   exactly as `prepare` takes them (for checks that recompute a run elsewhere)."""
   info = info or tasks.resolve_task(s.task)
   split = s.split or info.split
   fewshot_split = s.fewshot_split or info.fewshot_split
-  total = s.num_items + s.calibration_items if s.num_items else 0
+  extra = max(s.calibration_items, s.transition_items) if s.calibration_items else 0
+  total = s.num_items + extra if s.num_items else 0
   if s.task == "synthetic" and not total:
-    total = 400 + s.calibration_items
+    total = 400 + extra
   items = tasks.load_task(s.task, split, num_items=total if fewshot_split else 0, seed=s.seed,
                           data_dir=s.data_dir)
   dev = []
@@ -110,7 +126,10 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
     return tasks.encode(tokenizer, chosen, prompts, **options)
 
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  encoded_eval, encoded_cal = encode(evaluation), encode(calibration)
+  encoded_eval = encode(evaluation)
+  encoded_cal = encode(calibration[:s.calibration_items])
+  encoded_transition = (encode(calibration) if len(calibration) > s.calibration_items
+                        else encoded_cal)
   lens = Lens(s.format, s.cloze_norm)
   translators, lens_record = None, None
   if tuned_lens.lens_spec(s.lens):
@@ -118,7 +137,8 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
     translators = tuned_lens.Translators(*(jax.numpy.asarray(a) for a in translators))
   # Before anything runs: the programs compiled ahead of time for the largest batch, and
   # the chunking of the work chosen from their memory on this device (`dpjax.fit`).
-  fitted = fit.fit_study(model, placement, [encoded_eval, encoded_cal], lens, translators,
+  fitted = fit.fit_study(model, placement, [encoded_eval, encoded_cal, encoded_transition],
+                         lens, translators,
                          batch_size=s.batch_size, masks_in_flight=s.masks_in_flight,
                          candidates=s.candidates_per_call, mask_chunk=s.mask_chunk,
                          share_prefix=s.share_prefix, pad_id=pad_id, margin=s.fit_margin)
@@ -135,6 +155,9 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
                 split=split, fewshot_split=fewshot_split if s.k_shot else None)
   ctx.lens_record = lens_record
   ctx.fit = fitted
+  ctx.transition_items = encoded_transition
+  ctx.transition_sweep = (ctx.cal_sweep if encoded_transition is encoded_cal else
+                          sweep(encoded_transition, translators)) if encoded_cal else None
   if translators is not None:  # the logit lens too, for the side-by-side profile
     ctx.logit_eval_sweep = sweep(encoded_eval, None)
   return ctx
@@ -179,6 +202,30 @@ def full_profile(ctx: Context, encoded: tasks.EncodedTask | None = None,
   return one, profile_of(one, encoded, ctx.settings)
 
 
+def transition_intervals(prof: metrics.Profile, encoded: tasks.EncodedTask,
+                         s: Settings) -> dict[str, Any]:
+  """l* of the unpruned model on the calibration items it is read on, by the margin rule
+  under both normalizations and by the accuracy rule, each with a 95% bootstrap interval
+  over those items (`statistics.bootstrap_block`), and which one the phase methods use."""
+  to_block = lambda v: None if v == metrics.NO_TRANSITION else int(v)
+  out: dict[str, Any] = {"items": len(encoded.items), "rule": s.transition_rule,
+                         "normalization": s.normalization,
+                         "search_items": s.calibration_items}
+  for norm in metrics.NORMALIZATIONS:
+    rule = lambda mean: to_block(metrics.first_of_last_run(mean > s.transition_tau))
+    block, ci, none = statistics.bootstrap_block(np.asarray(prof.margin[norm]), rule)
+    out[f"margin_{norm}"] = {"block": block, "ci95": list(ci), "no_transition_share": none}
+  chance = (encoded.chance if encoded.chance is not None
+            else float(np.mean(1.0 / encoded.num_options)))
+  correct = (np.asarray(prof.top) == encoded.answer).astype(float)
+  rule = lambda acc: to_block(metrics.first_of_last_run(acc > chance + s.accuracy_delta))
+  block, ci, none = statistics.bootstrap_block(correct, rule)
+  out["accuracy"] = {"block": block, "ci95": list(ci), "no_transition_share": none}
+  out["used"] = ("accuracy" if s.transition_rule == "accuracy"
+                 else f"margin_{s.normalization}")
+  return out
+
+
 def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
   """The model and task records of results.json."""
   s, cfg = ctx.settings, ctx.model.config
@@ -191,6 +238,8 @@ def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
           "cloze_norm": s.cloze_norm if s.format == "cloze" else None,
           "num_items": len(ctx.evaluation.items),
           "num_calibration_items": len(ctx.calibration.items) if ctx.calibration else 0,
+          "num_transition_items": (len(ctx.transition_items.items) if ctx.transition_items
+                                   else 0),
           "num_options": ctx.evaluation.num_options.tolist(),
           "subjects": sorted({it.subject for it in ctx.evaluation.items}),
           "left_truncated_items": int(ctx.evaluation.truncated.sum())}
@@ -279,10 +328,11 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
 
   if s.methods:
     clock = time.perf_counter()
-    _, cal_prof = full_profile(ctx, ctx.calibration, ctx.cal_sweep)
+    _, cal_prof = full_profile(ctx, ctx.transition_items, ctx.transition_sweep)
     l_star = int(cal_prof.transition)
     ctx.calibration_transition = None if l_star == metrics.NO_TRANSITION else l_star
     results.calibration_transition_block = ctx.calibration_transition
+    results.calibration_transition = transition_intervals(cal_prof, ctx.transition_items, s)
     for method in s.methods:
       started = time.perf_counter()
       METHODS[method](ctx, results)

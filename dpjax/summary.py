@@ -8,7 +8,7 @@ import html
 import os
 from typing import Sequence
 
-from dpjax import metrics
+from dpjax import metrics, statistics
 from dpjax.results import StudyResults
 
 
@@ -39,14 +39,18 @@ def findings(results: StudyResults) -> list[str]:
                f"{shape.share:.0%} of that. l* = {l_star} of {full.num_layers} blocks.")
   phase = results.phase_experiment
   if phase is not None and phase.skipped is None:
-    k = phase.max_k
     said = {True: "collapses", False: "does not collapse"}
     for selection, arms in phase.arms.items():
-      silent, decisive = arms["silent"][-1].accuracy, arms["decisive"][-1].accuracy
-      out.append(f"- Silent vs Decisive ({selection}, {k} blocks removed from each phase): "
-                 f"Silent-Phase pruning {said[silent < threshold]} ({silent:.3f}), "
-                 f"Decisive-Phase pruning {said[decisive < threshold]} ({decisive:.3f}); "
+      silent, decisive = arms["silent"][-1], arms["decisive"][-1]
+      out.append(f"- Silent vs Decisive ({selection}, largest k = {silent.k}): "
+                 f"Silent-Phase pruning {said[silent.accuracy < threshold]} "
+                 f"({silent.accuracy:.3f}), Decisive-Phase pruning "
+                 f"{said[decisive.accuracy < threshold]} ({decisive.accuracy:.3f}); "
                  f"unpruned {unpruned:.3f}, collapse threshold {threshold:.3f}.")
+    if phase.comparisons:
+      claim, why = statistics.verdict(phase.comparisons)
+      out.append(f"- The paper's claim on this run, from the paired comparisons (Holm over "
+                 f"{len(phase.comparisons)}): **{claim}** ({why}).")
   for name, result in results.curves().items():
     if result.kind != "iterative":
       continue
@@ -84,7 +88,10 @@ def summary_markdown(results: StudyResults) -> str:
   lines = [f"# dpjax study: {_title(results)}",
            "",
            f"- {n} blocks ({model['architecture']}); {task['num_items']} evaluation items "
-           f"({task['num_calibration_items']} calibration), {task['k_shot']}-shot.",
+           f"({task['num_calibration_items']} calibration items for the pruning search"
+           + (f", l* read on {task['num_transition_items']}"
+              if task.get("num_transition_items", 0) > task['num_calibration_items'] else "")
+           + f"), {task['k_shot']}-shot.",
            f"- Unpruned accuracy {full.final_accuracy:.3f} (chance {full.chance:.3f}).",
            *([f"- Open answers: accuracy is the gold first token's; chance is the best "
               f"constant guess (one token for every item). Exact match of greedy "
@@ -125,12 +132,20 @@ def summary_markdown(results: StudyResults) -> str:
     if phase.skipped is not None:
       lines.append(f"- Phase-targeted experiment skipped: {phase.skipped}.")
     else:
+      cal = results.calibration_transition or {}
+      used = cal.get(cal.get("used", ""), {})
+      interval = (f", 95% interval {used['ci95'][0]}-{used['ci95'][1]} over "
+                  f"{cal['items']} items" if used.get("ci95") else "")
       lines.append(f"- Phase-targeted pruning (l* = {phase.transition_block} on the "
-                   "calibration items), accuracy after removing k blocks:")
-      k = phase.max_k
-      for selection, arms in phase.arms.items():
-        lines.append(f"    - {selection}: k={k}: Silent arm {arms['silent'][-1].accuracy:.3f}, "
-                     f"Decisive arm {arms['decisive'][-1].accuracy:.3f}.")
+                   f"calibration items{interval}): Silent arm against Decisive arm, paired on "
+                   "the same evaluation items:")
+      lines += ["", "| rule | k | Silent | Decisive | Silent - Decisive [95%] | McNemar p | "
+                "Holm p |", "|---|---|---|---|---|---|---|"]
+      for c in phase.comparisons:
+        k = c.k if c.k_silent is None else f"{c.k_silent} / {c.k_decisive}"
+        lines.append(f"| {c.rule} | {k} | {c.silent_accuracy:.3f} | {c.decisive_accuracy:.3f} "
+                     f"| {c.difference:+.3f} [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] | "
+                     f"{c.mcnemar_p:.3g} | {c.holm_p:.3g} |")
   lines += findings(results)
   engine = results.engine
   if engine is not None:

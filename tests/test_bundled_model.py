@@ -138,10 +138,72 @@ def test_default_run_runs_every_method_without_a_skip(default_run):
   assert aware["decisive_exhausted_at"] == len(decisive)
   phase = results["phase_experiment"]
   assert "skipped" not in phase and phase["transition_block"] == l_star
-  assert sorted(phase["selections"]) == ["adjacent", "random", "redundant"]
-  for arms in phase["selections"].values():
+  assert sorted(phase["selections"]) == ["adjacent", "adjacent_keep_first",
+                                         "adjacent_keep_last", "random", "redundant"]
+  silent, decisive = l_star - 1, num_layers - l_star + 1
+  sizes = {"adjacent": min(silent, decisive), "redundant": min(silent, decisive),
+           "random": min(silent, decisive), "adjacent_keep_last": min(silent, decisive - 1),
+           "adjacent_keep_first": min(silent - 1, decisive)}
+  for rule, arms in phase["selections"].items():
     for arm in ("silent", "decisive"):
-      assert [p["k"] for p in arms[arm]] == list(range(1, phase["max_k"] + 1))
+      assert [p["k"] for p in arms[arm]] == list(range(1, sizes[rule] + 1)), rule
+  # The controls keep what their names say, at every k.
+  last, first = num_layers, 1
+  for p in phase["selections"]["adjacent_keep_last"]["decisive"]:
+    assert all(last not in removed for removed in p["removed_sets"])
+  for p in phase["selections"]["adjacent_keep_first"]["silent"]:
+    assert all(first not in removed for removed in p["removed_sets"])
+  assert [(c["rule"], c["k"]) for c in phase["comparisons"]] == [
+      (rule, k) for rule, arms in phase["selections"].items()
+      for k in range(1, sizes[rule] + 1)]
+  assert [c["seeds"] for c in phase["comparisons"] if c["rule"] == "random"] == [10] * sizes[
+      "random"]
+
+
+def test_every_comparison_recomputes_from_variants_jsonl(default_run):
+  """variants.jsonl holds every evaluated variant's per-item outcomes: each paired
+  comparison's difference and exact McNemar p recompute from it with numpy and scipy,
+  the curves' accuracies too, and Holm over them all gives the reported holm_p."""
+  from scipy import stats as scipy_stats
+  out, results = default_run
+  with open(os.path.join(out, "variants.jsonl")) as f:
+    variants = [json.loads(line) for line in f]
+  n = results["task"]["num_items"]
+  assert all(len(v["correct"]) == n and len(v["final_dm"]) == n for v in variants)
+  unpruned = [v for v in variants if v["method"] == "unpruned"]
+  assert len(unpruned) == 1 and len(unpruned[0]["kept"]) == results["model"]["num_layers"]
+  outcome = lambda v: np.array([int(c) for c in v["correct"]])
+  assert outcome(unpruned[0]).mean() == pytest.approx(results["full_model"]["accuracy"][-1])
+  for point in results["methods"]["reverse"]["curve"][1:]:
+    (v,) = [v for v in variants if v["method"] == "reverse" and v["k"] == point["removed"]]
+    assert v["kept"] == [b - 1 for b in point["kept"]]
+    assert outcome(v).mean() == pytest.approx(point["accuracy"])
+  ps = []
+  for c in results["phase_experiment"]["comparisons"]:
+    arm = lambda name: np.array([outcome(v) for v in variants if v["method"] == "phase"
+                                 and v["rule"] == c["rule"] and v["phase"] == name
+                                 and v["k"] == c["k"]])
+    silent, decisive = arm("silent"), arm("decisive")
+    assert len(silent) == len(decisive) == c["seeds"]
+    assert silent.mean() - decisive.mean() == pytest.approx(c["difference"], abs=1e-12)
+    if c["seeds"] > 1:  # the random rule: each item's majority outcome over the seeds
+      silent, decisive = (silent.mean(0) > 0.5).astype(int), (decisive.mean(0) > 0.5).astype(int)
+    else:
+      silent, decisive = silent[0], decisive[0]
+    only_silent = int(np.sum((silent == 1) & (decisive == 0)))
+    only_decisive = int(np.sum((silent == 0) & (decisive == 1)))
+    discordant = only_silent + only_decisive
+    p = (1.0 if discordant == 0 else
+         scipy_stats.binomtest(only_silent, discordant, 0.5).pvalue)
+    assert c["mcnemar_p"] == pytest.approx(p, rel=1e-9, abs=1e-300)
+    ps.append(p)
+  m, order, running = len(ps), np.argsort(ps), 0.0
+  holm = np.empty(m)
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * ps[i]))
+    holm[i] = running
+  assert [c["holm_p"] for c in results["phase_experiment"]["comparisons"]] == pytest.approx(
+      holm.tolist(), rel=1e-9, abs=1e-300)
 
 
 def test_default_run_numbers_recomputed_with_hf(default_run):

@@ -297,3 +297,18 @@ def test_masks_in_flight_change_the_memory_not_the_results(setup):
   temp = {k: s.reader._fns[False].lower(*args).compile().memory_analysis().temp_size_in_bytes
           for k, s in sweeps.items()}
   assert temp[1] * 4 < temp[None], temp
+
+
+def test_phase_arms_sized_by_count_or_by_the_same_share_of_each_phase():
+  assert pruning.phase_sizes(14, 2, "count") == [(1, 1, 1), (2, 2, 2)]
+  # The same share of each phase: k / 2 of the smaller (Decisive) one, of the Silent too.
+  assert pruning.phase_sizes(14, 2, "fraction") == [(1, 7, 1), (2, 14, 2)]
+  assert pruning.phase_sizes(3, 9, "fraction") == [(1, 1, 3), (2, 2, 6), (3, 3, 9)]
+  assert pruning.phase_sizes(14, 6, "count", max_k=2) == [(1, 1, 1), (2, 2, 2)]
+  with pytest.raises(ValueError, match="phase_sizing='share'"):
+    pruning.phase_sizes(3, 3, "share")
+  # The controls keep the block they name out of their arm.
+  orders = pruning.phase_removals(12, 16, "adjacent_keep_last", np.zeros(16))
+  assert 15 not in orders["decisive"] and orders["decisive"] == [11, 12, 13, 14]
+  orders = pruning.phase_removals(12, 16, "adjacent_keep_first", np.zeros(16))
+  assert 0 not in orders["silent"] and orders["silent"][0] == 10 and orders["silent"][-1] == 1

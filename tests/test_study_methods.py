@@ -240,13 +240,15 @@ def test_phase_experiment_doublings_are_the_same_points_as_all(monkeypatch):
       acc = float(np.sum(2.0 ** -(removed + 1)))
       points.append(types.SimpleNamespace(
           accuracy=acc, kept=[b + 1 for b in np.flatnonzero(mask)],
-          item_correct=np.full(n_items, acc), mean_final_dm={"vocab": acc, "options": -acc}))
+          item_correct=np.zeros(n_items, bool), mean_final_dm={"vocab": acc, "options": -acc}))
     return points
 
   monkeypatch.setattr(methods, "one_shot_curve", fake_curve)
   arms = {}
   for which in ("all", "doublings"):
-    ctx = types.SimpleNamespace(settings=Settings(phase_ks=which, random_seeds=2),
+    ctx = types.SimpleNamespace(settings=Settings(phase_ks=which, phase_seeds=2,
+                                                  phase_selections=("adjacent", "redundant",
+                                                                    "random")),
                                 model=types.SimpleNamespace(num_layers=L),
                                 num_layers=L, calibration_transition=l_star, influence=influence)
     out = StudyResults.__new__(StudyResults)
