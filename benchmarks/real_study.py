@@ -43,9 +43,11 @@ _RERUN = flags.DEFINE_bool("rerun", False, "Run the selected runs again even whe
                            "finished (after a change to what a study records); what their "
                            "saved state holds, finished curves and pruning steps, is reused.")
 
-# Files of a finished run that are kept in the repository (not the state, not the arrays).
-KEPT_FILES = ("summary.md", "results.json", "hf_check.json", "decision_margin.png",
-              "decision_margin_lenses.png", "pruning_curves.png", "phase_comparison.png", "iterative_heatmap.png",
+# Files of a finished run that are kept in the repository (not the state, not the arrays):
+# items.jsonl and variants.jsonl are what every paired comparison recomputes from.
+KEPT_FILES = ("summary.md", "results.json", "variants.jsonl", "items.jsonl", "hf_check.json",
+              "decision_margin.png", "decision_margin_lenses.png", "pruning_curves.png",
+              "phase_comparison.png", "phase_differences.png", "iterative_heatmap.png",
               "removed_blocks.png", "option_frequency.png", "accuracy_throughput.png",
               "throughput.json", "throughput.csv")
 
@@ -60,88 +62,56 @@ class Run:
   lens: str = "logit"   # or a lens key of LENSES
 
 
-# The evaluation: 300 items per task (ARC-Easy has 570 in validation, SciQ 1000, PIQA
-# 1838), 64 calibration items apart; every method; the phase experiment with all three
-# selection rules. One-shot baselines read their last block only (--curve_layers=iterative).
-COMMON = (("num_items", 300), ("calibration_items", 64), ("curve_layers", "iterative"),
-          ("random_seeds", 3), ("batch_size", 16))
+# Every run: 300 evaluation items (ARC-Easy has 570 in validation, SciQ 1000, PIQA 1838);
+# apart from them 128 calibration items, on which l* is read with its bootstrap interval,
+# the first 64 of them the pruning search's. One-shot baselines read their last block only
+# (--curve_layers=iterative). The random baseline over 3 seeds, the phase experiment's
+# random rule over 10 (the default), the batch chosen by the fit step.
+COMMON = (("num_items", 300), ("calibration_items", 64), ("transition_items", 128),
+          ("curve_layers", "iterative"), ("random_seeds", 3))
 # Cloze runs read the Decision Margin with the options normalization (a softmax over the
 # options' summed log-probabilities). Under the vocab normalization a multi-token
 # option's probability is the product of its tokens' (SmolLM2 on ARC-Easy: mean DM of
 # order 1e-3 at the last layer), so the mean DM, and with it l*, is decided by the few
-# items with the shortest options: in the first run below the calibration items' mean
-# DM was negative at the last block, no transition was found, and the phase experiment
-# and the phase-aware method were skipped. That run is kept (its pruning curves do not
-# depend on the normalization); its companion `_options` run adds what depends on l*.
+# items with the shortest options. (Iterative Pruning's accuracy criterion and every
+# one-shot ranking read no normalization.)
 CLOZE = (("normalization", "options"),)
-# The phase-aware method is Iterative Pruning with the Decisive Phase first: as costly
-# as Iterative Pruning itself (about 30 minutes on SmolLM2), so it runs once, on
-# SmolLM2's ARC-Easy, where the `_cloze` run's pruning curves (Iterative Pruning, block
-# influence) are its comparison; the other companion runs leave it out. Where the
-# Decisive Phase is the last block its first step is the Decisive arm's k = 1 of the
-# phase experiment.
+# Every multiple-choice cloze run: the whole study (profile, Iterative Pruning, the
+# one-shot baselines, the phase experiment with its five rules and the phase-aware method,
+# which skips itself where the Decisive Phase is a single block). Gemma 3's 262k
+# vocabulary and Qwen2.5's 4.2x heavier blocks make their phase experiment run at
+# k = 1, 2, 4, ... and the smaller phase's size (--phase_ks=doublings).
+DOUBLINGS = (("phase_ks", "doublings"),)
 PHASE_ONLY = (("methods", ("phase",)),)
-PHASE_AND_PHASE_AWARE = (("methods", ("phase", "phase_aware")),)
-# Qwen2.5-Coder-0.5B's blocks cost 4.2x SmolLM2's (hidden 896, MLP 4864; 24 blocks): its
-# whole study would take about 3 hours per task on two cores (5-shot letter prompts: about
-# 3x more again). Its runs read the profile and the phase experiment, the test of the
-# claim, at k = 1, 2, 4, ... and the smaller phase's size (--phase_ks=doublings); its
-# pruning curves are left to a machine with an accelerator.
-QWEN = CLOZE + PHASE_ONLY + (("phase_ks", "doublings"),)
-# Gemma 3's 262k-token vocabulary makes every lens readout cost about as much as its 18
-# blocks, so a pruning curve on 300 items takes about 12 minutes on two cores and the
-# whole study over 2 hours per task. Its runs keep Iterative Pruning (its collapse point:
-# the l* relation) and the phase experiment at k = 1, 2, 4, ... (the claim's test).
-GEMMA = CLOZE + (("methods", ("iterative", "phase")), ("phase_ks", "doublings"))
-# NQ-open, the open format (the gold answers' first tokens against every other token):
-# the profile and the phase experiment, the question being whether an open answer shows
-# a transition at all. Iterative Pruning there scores every pruned variant by greedy
-# generation as well; it is left out for cost, as on Qwen2.5.
-OPEN = PHASE_ONLY + (("phase_ks", "doublings"),)
-# SmolLM2 beyond ARC-Easy: the phase experiment first (the claim's test), then Iterative
-# Pruning (its collapse point: the l* relation); the one-shot baselines and the
-# phase-aware method are left out. SciQ's cloze contexts carry the support paragraph,
-# several times ARC-Easy's prompt: one drop-one step of Iterative Pruning at 30 blocks
-# took about 6 minutes on two shared cores, and the whole study would take several hours
-# there. PIQA's two solutions are long too: on shared cores the profile of 300 items took
-# 6 minutes and the first drop-one step on 64 items 9.5, so its run takes about two hours
-# (resumable: each Iterative Pruning step is saved).
-# The letter format, 5-shot (ARC-Easy has no few-shot split: five items of the evaluated
-# split are the shots, kept out of calibration and evaluation): profile and phase experiment.
-LETTER = (("k_shot", 5),) + PHASE_ONLY + (("phase_ks", "doublings"),)
-SMOLLM2_PAIR = CLOZE + (("methods", ("phase", "iterative")), ("phase_ks", "doublings"))
+# NQ-open, the open format, and the 5-shot letter format: the profile and the phase
+# experiment (whether a transition shows at all; the letter format: whether small models
+# answer letters above chance).
+OPEN = PHASE_ONLY + DOUBLINGS
+LETTER = (("k_shot", 5),) + PHASE_ONLY + DOUBLINGS
+# In cost order (the cheapest first), so that a pass (`--methods=phase`) gives the
+# cheap runs' verdicts first.
 PLAN = (
-    Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", (("normalization", "vocab"),)),
-    Run("smollm2_arc_easy_cloze_options", "smollm2", "arc_easy", "cloze",
-        CLOZE + PHASE_AND_PHASE_AWARE),
-    Run("smollm2_sciq_cloze", "smollm2", "sciq", "cloze", SMOLLM2_PAIR),
-    Run("smollm2_piqa_cloze", "smollm2", "piqa", "cloze", SMOLLM2_PAIR),
-    Run("gemma3_arc_easy_cloze", "gemma3", "arc_easy", "cloze", GEMMA),
-    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", QWEN),
+    Run("smollm2_arc_easy_cloze", "smollm2", "arc_easy", "cloze", CLOZE),
+    Run("smollm2_arc_easy_letter_5shot", "smollm2", "arc_easy", "letter", LETTER),
+    Run("smollm2_nq_open", "smollm2", "nq_open", "open", OPEN),
+    Run("smollm2_sciq_cloze", "smollm2", "sciq", "cloze", CLOZE),
+    Run("smollm2_piqa_cloze", "smollm2", "piqa", "cloze", CLOZE),
+    Run("gemma3_arc_easy_cloze", "gemma3", "arc_easy", "cloze", CLOZE + DOUBLINGS),
+    Run("gemma3_arc_easy_letter_5shot", "gemma3", "arc_easy", "letter", LETTER),
+    Run("qwen25_arc_easy_cloze", "qwen25", "arc_easy", "cloze", CLOZE + DOUBLINGS),
     Run("qwen25_arc_easy_letter_5shot", "qwen25", "arc_easy", "letter", LETTER),
-    # In the letter format Qwen2.5's mean DM stays negative at its last layer (no margin
-    # transition; 6 minutes). The accuracy rule places l* on the evaluation items (21 of
-    # 24); on the 64 calibration items, which the phase experiment uses, it finds none
-    # either, so that experiment is skipped here too.
     Run("qwen25_arc_easy_letter_5shot_accuracy_rule", "qwen25", "arc_easy", "letter",
         (("transition_rule", "accuracy"),) + LETTER),
-    # Whether SmolLM2 and Gemma 3 answer 5-shot letters above chance at all (the phase
-    # experiment runs only where there is a transition).
-    Run("smollm2_arc_easy_letter_5shot", "smollm2", "arc_easy", "letter", LETTER),
-    Run("gemma3_arc_easy_letter_5shot", "gemma3", "arc_easy", "letter", LETTER),
-    Run("smollm2_nq_open", "smollm2", "nq_open", "open", OPEN),
     Run("qwen25_nq_open", "qwen25", "nq_open", "open", OPEN),
-    Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze", GEMMA),
-    Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze", GEMMA),
-    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", QWEN),
-    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze", QWEN),
+    Run("gemma3_sciq_cloze", "gemma3", "sciq", "cloze", CLOZE + DOUBLINGS),
+    Run("gemma3_piqa_cloze", "gemma3", "piqa", "cloze", CLOZE + DOUBLINGS),
+    Run("qwen25_sciq_cloze", "qwen25", "sciq", "cloze", CLOZE + DOUBLINGS),
+    Run("qwen25_piqa_cloze", "qwen25", "piqa", "cloze", CLOZE + DOUBLINGS),
 )
 # Tuned lenses (dpjax-train-lens), and the runs read through them.
 # The lens learns from ARC-Easy's test split; the runs evaluate its validation split.
 LENSES = {"smollm2_arc_easy": dict(model="smollm2", corpus="task:arc_easy@test", steps=300)}
-# Under another lens only what depends on l* can change: the phase experiment and the
-# phase-aware method (block influence, angular distance, reverse order and Iterative
-# Pruning's accuracy criterion read no intermediate layer); the phase experiment runs.
+# Under another lens only what depends on l* can change: the phase experiment runs.
 TUNED_RUNS = (
     Run("smollm2_arc_easy_cloze_tuned", "smollm2", "arc_easy", "cloze", CLOZE + PHASE_ONLY,
         lens="smollm2_arc_easy"),
@@ -250,6 +220,7 @@ def hf_check(work: str, run: Run, output: str) -> dict:
   with open(os.path.join(work, output, "results.json")) as f:
     results = json.load(f)
   _, _, _, calibration, evaluation = study.select_items(settings)
+  calibration = calibration[:settings.calibration_items]  # the search's items
   path = os.path.realpath(settings.model)
   where, name = os.path.dirname(path), os.path.basename(path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
@@ -319,7 +290,9 @@ def run_one(work: str, run: Run, out_dir: str, rerun: bool = False,
     print(f"{run.name}: {time.perf_counter() - started:.0f} s; accuracy "
           f"{results.full_model.final_accuracy:.3f}, l* {results.full_model.transition_block}",
           flush=True)
-  if run.name == HF_CHECKED and not os.path.isfile(os.path.join(work, output, "hf_check.json")):
+  checkable = _finished(work, output, ("iterative",))  # the check reads its first steps
+  if (run.name == HF_CHECKED and checkable
+      and not os.path.isfile(os.path.join(work, output, "hf_check.json"))):
     hf_check(work, run, output)
   kept = os.path.join(out_dir, "runs", run.name)
   os.makedirs(kept, exist_ok=True)

@@ -392,6 +392,12 @@ def run_phase_aware(ctx: Context, out: StudyResults) -> None:
         "phase_aware", _no_transition(ctx.settings), transition_block=None)
     return
   decisive = set(range(l_star - 1, ctx.num_layers))
+  if len(decisive) == 1:  # its first step would be the phase experiment's Decisive arm, k=1
+    out.methods["phase_aware"] = MethodResult.skip(
+        "phase_aware", "the Decisive Phase is one block (its removal is the phase "
+        "experiment's Decisive arm at k = 1; what follows is Iterative Pruning)",
+        transition_block=l_star)
+    return
 
   def allowed(kept):
     inside = [b for b in kept if b in decisive]
