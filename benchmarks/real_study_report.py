@@ -252,10 +252,11 @@ def verdict_markdown(found, runs) -> str:
   if missing:
     lines.append(f"- Not run (or run before per-item outcomes were recorded): "
                  f"{', '.join(missing)}.")
-  from benchmarks.real_study import _methods
+  from dpjax.settings import METHODS
   cut = []
   for run, r in found:
-    left = [m for m in _methods(run) if m not in r["settings"]["methods"]]
+    planned = dict(run.settings).get("methods", METHODS)
+    left = [m for m in planned if m not in r["settings"]["methods"]]
     if left:
       cut.append(f"{run.name} ({', '.join(left)})")
   if cut:

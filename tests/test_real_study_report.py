@@ -75,3 +75,52 @@ def test_a_run_cut_by_methods_is_not_finished(tmp_path):
   assert real_study._finished(str(tmp_path), os.path.join("runs", "r"), ("phase",))
   assert not real_study._finished(str(tmp_path), os.path.join("runs", "r"),
                                   ("phase", "iterative"))
+
+
+def _phase_results(comparisons, num_layers=10, l_star=8):
+  return {"model": {"num_layers": num_layers}, "task": {"num_items": 300,
+                                                        "num_calibration_items": 64},
+          "settings": {"normalization": "options", "methods": ["phase"]},
+          "full_model": {"transition_block": l_star},
+          "calibration_transition": {"items": 128, "used": "margin_options",
+                                     "margin_options": {"block": l_star, "ci95": [7, 9]}},
+          "methods": {}, "phase_experiment": {"comparisons": comparisons}}
+
+
+def _c(rule, k, difference, p, low, high):
+  return {"rule": rule, "k": k, "silent_accuracy": 0.5 + difference, "decisive_accuracy": 0.5,
+          "difference": difference, "ci95": [low, high], "mcnemar_p": p, "seeds": 1,
+          "test": "paired", "holm_p": p}
+
+
+def test_runs_and_the_study_are_classed_from_holm_over_every_comparison():
+  """Holm runs over the whole study, not a run: a p of 0.02 that stands alone in its run
+  does not survive beside four others; the study holds when a run holds and none is
+  reversed."""
+  found = [
+      (Run("a", "smollm2", "sciq", "cloze"), _phase_results(
+          [_c("adjacent", 2, -0.2, 1e-6, -0.25, -0.15), _c("random", 2, -0.05, 0.3, -0.1, 0.01)])),
+      (Run("b", "gemma3", "sciq", "cloze"), _phase_results(
+          [_c("adjacent", 2, +0.03, 0.02, 0.01, 0.05)])),
+      (Run("c", "qwen25", "sciq", "cloze"), _phase_results(
+          [_c("adjacent", 2, +0.10, 0.001, 0.05, 0.15), _c("redundant", 2, +0.1, 0.4, -0.01, 0.2)])),
+  ]
+  per_run = real_study_report.study_comparisons(found)
+  # Holm over 5: 1e-6 x 5, 0.001 x 4, 0.02 x 3 = 0.06, 0.3 x 2 = 0.6, 0.4 x 1 -> 0.6.
+  approx = lambda xs: __import__("pytest").approx(xs, rel=1e-12)
+  assert [c.holm_p for c in per_run["a"]] == approx([5e-6, 0.6])
+  assert [c.holm_p for c in per_run["b"]] == approx([0.06])
+  assert [c.holm_p for c in per_run["c"]] == approx([0.004, 0.6])
+  classes, overall, counts = real_study_report.classify(found)
+  assert classes["a"][0] == "holds" and classes["b"][0] == "cannot tell"
+  assert classes["c"][0] == "reversed" and overall == "cannot tell"
+  assert counts == {"holds": 1, "reversed": 1, "cannot tell": 1}
+  text = real_study_report.verdict_markdown(found, [run for run, _ in found])
+  assert "on these models: cannot tell.** Of the 3 runs" in text
+  assert "| a | 8 [7, 9] (128) | 8/10 = 0.80 | **holds** |" in text
+  assert "4-bit GGUF file" in text
+  # Without the third run, Holm over three comparisons lets b's 0.02 through (x 2 = 0.04):
+  # then b is reversed too.
+  classes, overall, _ = real_study_report.classify(found[:2])
+  assert classes["b"][0] == "reversed" and overall == "cannot tell"
+  assert real_study_report.classify(found[:1])[1] == "holds"
