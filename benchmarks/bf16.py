@@ -42,11 +42,13 @@ def main(argv):
   import jax
 
   import dpjax
-  from benchmarks import real_models
+  from tests.support import real_models
   from benchmarks.common import machine
-  from dpjax import metrics, pruning, tasks
+  from dpjax import tasks
+  from dpjax.study import metrics
+  from dpjax.study import pruning
   from dpjax.fileio import atomic_write_text
-  from dpjax.sweep import Sweep
+  from dpjax.engine.sweep import Sweep
 
   path = real_models.fetch("smollm2")
   tokenizer = real_models.tokenizer(path)

@@ -16,10 +16,11 @@ def calibrate(model_dir: str | None = None, rows: int = 16, tokens: int = 96,
   import jax.numpy as jnp
 
   import dpjax
-  from dpjax import fit, planner
+  from dpjax.engine import fit
+  from dpjax.engine import planner
   from dpjax.bundled import BUNDLED_MODEL
-  from dpjax.readout import Lens, Reads, packing
-  from dpjax.sweep import Programs
+  from dpjax.lens.readout import Lens, Reads, packing
+  from dpjax.engine.sweep import Programs
 
   model = dpjax.load_model(model_dir or BUNDLED_MODEL)
   cfg, L = model.config, model.num_layers

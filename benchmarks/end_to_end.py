@@ -12,7 +12,7 @@ every candidate itself and walks dpjax's sequence: at every step its own pick
 must be dpjax's (or tie with it to float32 rounding) with the same accuracy and
 Decision Margin, checked as it goes, before a time is reported.
 
-`--model=smollm2`: SmolLM2-135M-Instruct (`benchmarks.real_models`, 30 blocks)
+`--model=smollm2`: SmolLM2-135M-Instruct (`tests.support.real_models`, 30 blocks)
 on the 64 calibration items a study of ARC-Easy searches on (`--task=arc_easy`,
 seed 0) in the letter format, 0-shot: the reference reads the letter after the
 prompt, as the study's letter format does. (In the cloze format the reference
@@ -53,9 +53,9 @@ def _case(key: str, items: int):
                     transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL),
                     num_items=items or 128, batch_size=16, min_layers=1, hf_repeats=1,
                     dpjax_repeats=1)
-  from benchmarks import real_models
-  from dpjax import study
-  from dpjax.settings import Settings
+  from tests.support import real_models
+  from dpjax.study import run as study
+  from dpjax.study.settings import Settings
   path = real_models.fetch(key)
   # The study's own item split and encoding (its model load is not timed).
   ctx = study.prepare(Settings(model=path, task="arc_easy", format="letter",

@@ -2,7 +2,7 @@
 
     python -m benchmarks.formats [--items=500] [--out=benchmarks/results/formats.json]
 
-On SmolLM2-135M-Instruct (`benchmarks.real_models`) and ARC-Easy validation
+On SmolLM2-135M-Instruct (`tests.support.real_models`) and ARC-Easy validation
 (`dpjax-data`):
 
 1. Letter against cloze: final accuracy, chance, the transition block and its
@@ -34,8 +34,9 @@ _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "resul
 def _profile(model, encoded, lens, batch_size=16):
   """(accuracy, chance, transition, sharpness, seconds warm, block-rows) of one readout."""
   import jax
-  from dpjax import metrics, tasks
-  from dpjax.readout import DecisionReader
+  from dpjax import tasks
+  from dpjax.study import metrics
+  from dpjax.lens.readout import DecisionReader
   reader = DecisionReader(model, lens=lens)
   prepared = tasks.batches(encoded, batch_size)
   reader.run(encoded, prepared=prepared[:1], progress=False)  # compile the first shape
@@ -58,9 +59,9 @@ def _profile(model, encoded, lens, batch_size=16):
 def main(argv):
   del argv
   import dpjax
-  from benchmarks import real_models
+  from tests.support import real_models
   from dpjax import tasks
-  from dpjax.readout import Lens
+  from dpjax.lens.readout import Lens
   from dpjax.tasks.benchmarks import default_data_dir
   from dpjax.tasks.fetch import fetch_benchmarks
   data_dir = default_data_dir()
@@ -98,7 +99,7 @@ def main(argv):
   results["open_nq_open"] = _profile(model, open_encoded, Lens("open"))
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   from dpjax.fileio import write_json
-  from dpjax.results import to_plain
+  from dpjax.study.results import to_plain
   write_json(_OUT.value, to_plain(results))
   print(json.dumps(results, indent=2))
 

@@ -13,7 +13,7 @@ and the same for the three real GGUF models.
 3. Forward speed: one full forward pass (logits), dpjax against HF PyTorch on
    the same batch in the same process, warm, median of repeats; plus a pruned
    variant (gather form, half the blocks) against HF with those blocks deleted.
-4. Real models (`benchmarks.real_models`: SmolLM2-135M, Gemma 3 270M,
+4. Real models (`tests.support.real_models`: SmolLM2-135M, Gemma 3 270M,
    Qwen2.5-Coder-0.5B, GGUF): logits against transformers' loading of the same
    file (max |diff| and its ratio to the largest |logit|), conversion time and
    peak memory of `dpjax-convert` against the model's float32 size, and one
@@ -54,7 +54,7 @@ def _kl_max(p_logits, q_logits):
 
 def parity() -> list[dict]:
   import dpjax
-  from benchmarks import reference
+  from tests.support import reference
   rows = []
   for name in sorted(reference.VARIANTS):
     with tempfile.TemporaryDirectory() as d:
@@ -115,7 +115,7 @@ def _dir_bytes(directory: str) -> int:
 
 
 def conversion_memory(quick: bool) -> list[dict]:
-  from benchmarks import reference
+  from tests.support import reference
   config = dict(vocab_size=16000, hidden_size=384, intermediate_size=1024,
                 num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                 max_position_embeddings=512, tie_word_embeddings=False)
@@ -152,7 +152,7 @@ def forward_speed(quick: bool, repeats: int) -> list[dict]:
   import jax
   import torch
   import dpjax
-  from benchmarks import reference
+  from tests.support import reference
   config = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=16,
                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
   batch, length = 8, 128
@@ -200,7 +200,7 @@ def real_model_rows(quick: bool, repeats: int) -> list[dict]:
   import torch
   import transformers
   import dpjax
-  from benchmarks import real_models
+  from tests.support import real_models
   rows = []
   for key, spec in real_models.MODELS.items():
     path = real_models.fetch(key)
@@ -226,7 +226,7 @@ def real_model_rows(quick: bool, repeats: int) -> list[dict]:
     mask = np.zeros_like(ids)
     for r, t in enumerate(rows_ids):
       ids[r, length - len(t):], mask[r, length - len(t):] = t, 1
-    from benchmarks import reference
+    from tests.support import reference
     want, _ = reference.hf_forward(hf, ids, mask)
     got = np.asarray(model.logits(ids, attention_mask=mask))
     real = mask.astype(bool)

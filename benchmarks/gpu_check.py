@@ -12,8 +12,8 @@ transformers and torch. The script
 2. checks parity against HF PyTorch in float32 on the GPU (both at full float32
    precision: TF32 off), the unpruned model and one with a quarter of its blocks removed;
 3. times two Iterative Pruning steps through `Sweep` against the HF reference
-   (`benchmarks.reference.HFIterativeReference`) on CUDA, the same removals checked;
-4. times the throughput program (`dpjax.throughput.measure`, a variant with a quarter of
+   (`tests.support.reference.HFIterativeReference`) on CUDA, the same removals checked;
+4. times the throughput program (`dpjax.serve.throughput.measure`, a variant with a quarter of
    the blocks removed) against HF's CUDA `generate`;
 5. runs the bundled study (`dpjax` with no flags) and records its wall time;
 6. compares `dpjax-plan --target=local`'s predicted time of each program with its
@@ -78,7 +78,7 @@ def parity(directory: str) -> dict[str, Any]:
   import numpy as np
   import torch
   import dpjax
-  from benchmarks import reference
+  from tests.support import reference
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,9 +113,10 @@ def iterative(directory: str, items: int, steps: int = 2) -> dict[str, Any]:
   import torch
   import transformers
   import dpjax
-  from benchmarks import reference
-  from dpjax import pruning, tasks
-  from dpjax.sweep import Sweep
+  from tests.support import reference
+  from dpjax import tasks
+  from dpjax.study import pruning
+  from dpjax.engine.sweep import Sweep
   from dpjax.tasks import synthetic
   device = "cuda" if torch.cuda.is_available() else "cpu"
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -146,7 +147,7 @@ def iterative(directory: str, items: int, steps: int = 2) -> dict[str, Any]:
 
 
 def throughput(directory: str, small: bool) -> dict[str, Any]:
-  from dpjax import throughput as tp
+  from dpjax.serve import throughput as tp
   layers = shapes(small)["num_hidden_layers"]
   keep = ",".join(str(b) for b in range(layers - layers // 4))
   settings = tp.ThroughputSettings(model=directory, keep=keep, reference="hf",
@@ -158,7 +159,7 @@ def throughput(directory: str, small: bool) -> dict[str, Any]:
 
 
 def bundled_study(out_dir: str, small: bool) -> dict[str, Any]:
-  args = [sys.executable, "-m", "dpjax.main", f"--output_dir={out_dir}", "--noprogress"]
+  args = [sys.executable, "-m", "dpjax.cli.study", f"--output_dir={out_dir}", "--noprogress"]
   if small:
     args += ["--num_items=16", "--calibration_items=4", "--methods=reverse"]
   start = time.perf_counter()

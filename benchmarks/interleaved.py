@@ -4,10 +4,10 @@ on a busy machine.
     python -m benchmarks.interleaved                     # SmolLM2, 32 ARC-Easy items, 4 rounds
     python -m benchmarks.interleaved --loads=0,1 --threads=default,per_core
 
-SmolLM2-135M (`benchmarks.real_models`), the first ARC-Easy validation items in the
+SmolLM2-135M (`tests.support.real_models`), the first ARC-Easy validation items in the
 letter format, batches of 16. One round times one Iterative Pruning step (every block's
 drop-one candidate) through `Sweep` and the same step through
-`benchmarks.reference.HFIterativeReference`, in alternating order (ABBA), both compiled
+`tests.support.reference.HFIterativeReference`, in alternating order (ABBA), both compiled
 or warmed up first; both pick the same block (checked). Each configuration runs in a
 fresh process:
 
@@ -55,7 +55,7 @@ THREADING = {
 
 def _setup(items: int):
   import transformers
-  from benchmarks import real_models
+  from tests.support import real_models
   from dpjax import tasks
   path = real_models.fetch("smollm2")
   tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
@@ -72,10 +72,10 @@ def measure_one(rounds: int, items: int) -> dict[str, Any]:
   import torch
   import transformers
   import dpjax
-  from benchmarks.reference import HFIterativeReference
-  from dpjax import pruning
-  from dpjax.distributed import Placement
-  from dpjax.sweep import Sweep
+  from tests.support.reference import HFIterativeReference
+  from dpjax.study import pruning
+  from dpjax.engine.devices import Placement
+  from dpjax.engine.sweep import Sweep
   path, tokenizer, encoded = _setup(items)
   placement = Placement.create() if len(jax.devices()) > 1 else None
   model = dpjax.load_model(path, dtype="float32", placement=placement)

@@ -57,7 +57,7 @@ import jax, numpy as np
 sys.path.insert(0, {root!r})
 from benchmarks.common import PeakMemory
 import dpjax
-from dpjax.distributed import Placement
+from dpjax.engine.devices import Placement
 from safetensors import safe_open
 from dpjax.checkpoints.hf import weight_files
 

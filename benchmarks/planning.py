@@ -10,7 +10,7 @@ representative call each (every block kept; 8 drop-one candidates), median of re
 
 `table`: Llama-3-8B on 1xH200 and v5p-8, Llama-3-70B on 8xH100 and v5p-64 (MMLU 5-shot,
 letter format, prompts of 640 tokens, 300 evaluation items): each row compiled ahead of
-time for the topology by `dpjax.planner.plan`, in a process of its own.
+time for the topology by `dpjax.engine.planner.plan`, in a process of its own.
 
 Results go to `benchmarks/results/plan.json`; `--report_only` renders the Markdown.
 """
@@ -45,7 +45,7 @@ TABLE = (("llama3-8b", "1xH200"), ("llama3-8b", "v5p-8"), ("llama3-70b", "8xH100
 def table_row(model: str, target: str, num_items: int = 300) -> dict[str, Any]:
   """One row, planned in a fresh process (the topology's compiler is loaded once)."""
   code = ("import json, sys\n"
-          "from dpjax import planner\n"
+          "from dpjax.engine import planner\n"
           f"p = planner.plan({model!r}, {target!r}, num_items={num_items}, progress=lambda s: "
           "print(s, file=sys.stderr, flush=True))\n"
           "print(json.dumps(p))\n")

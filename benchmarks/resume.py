@@ -31,7 +31,7 @@ _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(_
 
 def mask_sets(num_layers: int) -> dict[str, np.ndarray]:
   """The mask sets a study evaluates, for a model of `num_layers` blocks."""
-  from dpjax import pruning
+  from dpjax.study import pruning
   L = num_layers
   l_star = (3 * L) // 4  # 1-based: the Decisive Phase is blocks l_star..L
   phase = []
@@ -52,11 +52,11 @@ def main(argv):
   import jax
 
   import dpjax
-  from benchmarks import real_models
+  from tests.support import real_models
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.fileio import atomic_write_text
-  from dpjax.sweep import Sweep
+  from dpjax.engine.sweep import Sweep
 
   path = real_models.fetch("smollm2")
   model = dpjax.load_model(path)

@@ -6,13 +6,13 @@
 Writes `RESULTS.md` (tables) and `results.json` (the same figures) to
 `--out_dir` (default `benchmarks/`), with the machine they came from.
 
-1. Iterative Pruning, dpjax against `benchmarks.reference` (HF PyTorch), on the
+1. Iterative Pruning, dpjax against `tests.support.reference` (HF PyTorch), on the
    bundled model and on a random 16-block Llama (hidden 512, vocab 32k, 128
    items). The two must pick the same sequence with the same accuracy and
    Decision Margin at every step; this is checked before any time is reported.
 2. Work efficiency: block evaluations executed against the minimum, and the
    sweep's achieved FLOP/s against the dense-matmul FLOP/s measured in this run.
-3. Serving a physically pruned variant (`dpjax.serve`, kept blocks gathered):
+3. Serving a physically pruned variant (`dpjax.serve.server`, kept blocks gathered):
    prefill and KV-cache decode tokens/s for 25% and 50% of the blocks removed,
    against the full model and against the ideal `L / (L - k)`.
 4. Scaling of `Sweep.readouts` with the number of masks (1..512) and of items:
@@ -103,7 +103,7 @@ class Case:
 
 def random_llama(directory: str, layers: int, hidden: int, vocab: int, tokenizer) -> str:
   """A random HF Llama written with `save_pretrained`, with `tokenizer` beside it."""
-  from benchmarks import reference
+  from tests.support import reference
   heads = max(1, hidden // 64)
   config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -126,10 +126,10 @@ def iterative(case: Case) -> dict[str, Any]:
   """One case of measurement 1: both implementations, checked against each other, timed."""
   import transformers
   import dpjax
-  from dpjax import pruning
-  from dpjax.compilation import CompileCounter
-  from dpjax.sweep import Sweep
-  from benchmarks.reference import HFIterativeReference
+  from dpjax.study import pruning
+  from dpjax.engine.compilation import CompileCounter
+  from dpjax.engine.sweep import Sweep
+  from tests.support.reference import HFIterativeReference
 
   print(f"\n== Iterative Pruning: {case.name}", flush=True)
   model = dpjax.load_model(case.dpjax_path or case.directory, dtype="float32")
@@ -262,7 +262,7 @@ def _kept_sets(num_layers: int, order: list[int]):
 def serving(directory: str, quick: bool, repeats: int) -> dict[str, Any]:
   import jax
   import dpjax
-  from dpjax import serve
+  from dpjax.serve import server as serve
   model = dpjax.load_model(directory, dtype="float32")
   cfg = model.config
   n = cfg.num_layers
@@ -315,9 +315,9 @@ def serving(directory: str, quick: bool, repeats: int) -> dict[str, Any]:
 def scaling(directory: str, tokenizer, quick: bool, repeats: int) -> dict[str, Any]:
   import dpjax
   from dpjax import tasks
-  from dpjax.compilation import CompileCounter
+  from dpjax.engine.compilation import CompileCounter
   from dpjax.tasks import synthetic
-  from dpjax.sweep import Sweep
+  from dpjax.engine.sweep import Sweep
   model = dpjax.load_model(directory, dtype="float32")
   n = model.num_layers
   items = synthetic.generate("test", 64 if quick else 256, seed=0)
@@ -375,7 +375,7 @@ def program_memory(model, encoded, pad_id: int, chunks=(1, 4, 16)) -> list[dict[
   such program's temporaries, whatever the number of masks: this is the figure that sets
   it, free of the allocator's and the sampler's noise.
   """
-  from dpjax.readout import DecisionReader, Reads, mask_steps, packing, shared_prefix
+  from dpjax.lens.readout import DecisionReader, Reads, mask_steps, packing, shared_prefix
   from dpjax.tasks import batches
   reader = DecisionReader(model)
   batch = batches(encoded, 16, pad_id)[0]

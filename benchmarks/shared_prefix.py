@@ -52,11 +52,12 @@ def main(argv):
   import transformers
 
   import dpjax
-  from benchmarks import real_models, reference
+  from tests.support import real_models
+  from tests.support import reference
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.fileio import atomic_write_text
-  from dpjax.sweep import Sweep
+  from dpjax.engine.sweep import Sweep
   from dpjax.tasks.benchmarks import default_data_dir
   from dpjax.tasks.fetch import fetch_benchmarks
 

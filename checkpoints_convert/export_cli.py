@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import app
 import numpy as np
 
-from dpjax import flagdefs
+from dpjax.bundled import BUNDLED_MODEL
+from dpjax.cli.program import run_program
 from dpjax.checkpoints.export import DEFAULT_MAX_SHARD_BYTES, export
-from dpjax.flagdefs import setting
+from dpjax.fields import setting
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportSettings:
-  checkpoint: str = setting(help="Model to export: a dpjax checkpoint, an HF directory or a "
-                            "hub id.", required=True)
-  output_dir: str = setting(help="Where to write the HF checkpoint.", required=True)
+  checkpoint: str = setting(BUNDLED_MODEL, "Model to export: a dpjax checkpoint, an HF "
+                            "directory or a hub id. Default: the small model bundled with "
+                            "dpjax.")
+  output_dir: str = setting("dpjax_export", "Where to write the HF checkpoint.")
   keep: tuple[str, ...] | None = setting(None, "0-based indices of the blocks to keep, e.g. "
                                          "0,1,5 (default: all).")
   mask: str | None = setting(None, "Alternative to --keep: one 0/1 character per block, "
@@ -40,26 +41,19 @@ def _parse_mask(text: str) -> np.ndarray:
   return np.array([c == "1" for c in text])
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a flag.")
-  s = flagdefs.from_flags(ExportSettings)
-  try:
-    if s.keep is not None and s.mask is not None:
-      raise ValueError("give --keep or --mask, not both.")
-    out = export(
-        s.checkpoint, s.output_dir,
-        kept_blocks=_parse_indices(s.keep) if s.keep is not None else None,
-        keep=_parse_mask(s.mask) if s.mask is not None else None,
-        overwrite=s.overwrite, max_shard_bytes=s.max_shard_mb * 1024**2)
-  except (ValueError, FileExistsError) as e:
-    raise SystemExit(f"dpjax-export: error: {e}") from e
+def export_checkpoint(s: ExportSettings) -> None:
+  if s.keep is not None and s.mask is not None:
+    raise ValueError("give --keep or --mask, not both.")
+  out = export(
+      s.checkpoint, s.output_dir,
+      kept_blocks=_parse_indices(s.keep) if s.keep is not None else None,
+      keep=_parse_mask(s.mask) if s.mask is not None else None,
+      overwrite=s.overwrite, max_shard_bytes=s.max_shard_mb * 1024**2)
   print(f"wrote HF checkpoint to {out}")
 
 
 def run() -> None:
-  flagdefs.define_flags(ExportSettings)
-  app.run(main)
+  run_program("dpjax-export", [ExportSettings], export_checkpoint)
 
 
 if __name__ == "__main__":

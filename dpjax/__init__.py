@@ -5,9 +5,9 @@ Public API: `load_model(path_or_id)` returns a `DecoderModel` with
 `keep_mask(indices, num_layers)` and `KeepPlan` say which blocks run.
 """
 
-from dpjax.config import ModelConfig
-from dpjax.load import load_model
-from dpjax.model import DecoderModel
-from dpjax.plan import KeepPlan, keep_mask
+from dpjax.model.config import ModelConfig
+from dpjax.model.load import load_model
+from dpjax.model.transformer import DecoderModel
+from dpjax.model.plan import KeepPlan, keep_mask
 
 __all__ = ["DecoderModel", "KeepPlan", "ModelConfig", "keep_mask", "load_model"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import reference
+from tests.support import reference
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,12 @@ import torch
 import transformers
 
 import dpjax
-from benchmarks import reference
+from tests.support import reference
 from dpjax.tasks import synthetic
-from dpjax import metrics, tasks
+from dpjax import tasks
+from dpjax.study import metrics
 from dpjax.bundled import BUNDLED_MODEL
-from dpjax.readout import DecisionReader
+from dpjax.lens.readout import DecisionReader
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def default_run(tmp_path_factory):
   """`dpjax` with no --model and no --task: the bundled model on the synthetic suite."""
   out = str(tmp_path_factory.mktemp("default_run"))
   result = subprocess.run(
-      [sys.executable, "-m", "dpjax.main", "--num_items=64", "--calibration_items=16",
+      [sys.executable, "-m", "dpjax.cli.study", "--num_items=64", "--calibration_items=16",
        "--random_seeds=1", "--noprogress",
        f"--output_dir={out}"], capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

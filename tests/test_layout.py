@@ -34,13 +34,28 @@ def _modules() -> dict[str, str]:
   return out
 
 
+def _runtime_nodes(tree: ast.AST):
+  """Every node of `tree` except those under `if TYPE_CHECKING:` (never executed: an
+  annotation's import, which cannot make a cycle at run time)."""
+  todo = [tree]
+  while todo:
+    node = todo.pop()
+    yield node
+    for child in ast.iter_child_nodes(node):
+      if (isinstance(child, ast.If) and isinstance(child.test, ast.Name)
+          and child.test.id == "TYPE_CHECKING"):
+        todo.extend(child.orelse)
+        continue
+      todo.append(child)
+
+
 def _imports(path: str, module: str, is_package: bool, known=()) -> set[str]:
   """Modules `path` imports. `from a import b` imports `a.b` when that is a module of
   `known`, and `a` otherwise."""
   with open(path) as f:
     tree = ast.parse(f.read(), path)
   names = set()
-  for node in ast.walk(tree):
+  for node in _runtime_nodes(tree):
     if isinstance(node, ast.Import):
       names.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
@@ -94,9 +109,46 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
   graph = import_graph()
-  assert len(graph) > 20 and "dpjax.model" in graph["dpjax.load"]
+  assert len(graph) > 20 and "dpjax.model.transformer" in graph["dpjax.model.load"]
   cycle = _find_cycle(graph)
   assert cycle is None, " -> ".join(cycle)
+
+
+def test_type_checking_imports_are_not_edges():
+  tree = ast.parse("from typing import TYPE_CHECKING\nimport a\nif TYPE_CHECKING:\n  import b\n"
+                   "else:\n  import c\ndef f():\n  import d\n")
+  names = {alias.name for node in _runtime_nodes(tree) if isinstance(node, ast.Import)
+           for alias in node.names}
+  assert names == {"a", "c", "d"}
+
+
+def test_the_package_reads_as_the_pipeline():
+  """At most 8 modules at the package's top level; every stage a subpackage."""
+  top = sorted(name for name in os.listdir(os.path.join(ROOT, "dpjax")) if name.endswith(".py"))
+  assert len(top) <= 8, top
+  for stage in ("model", "checkpoints", "tasks", "lens", "engine", "study", "report", "serve",
+                "cli"):
+    assert os.path.isfile(os.path.join(ROOT, "dpjax", stage, "__init__.py")), stage
+
+
+def test_no_tracked_file_holds_an_absolute_home_or_work_path():
+  import re
+  import subprocess
+  files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.split("\n")
+  pattern = re.compile(r"(?<![\w.])/(home|root|work|Users|tmp/pytest)/[\w.-]+")
+  offenders = []
+  for name in filter(None, files):
+    path = os.path.join(ROOT, name)
+    if not os.path.isfile(path) or os.path.getsize(path) > 5_000_000:
+      continue
+    with open(path, "rb") as f:
+      data = f.read()
+    if b"\0" in data[:8192]:
+      continue
+    for match in pattern.finditer(data.decode("utf-8", "replace")):
+      offenders.append(f"{name}: {match.group(0)}")
+  assert offenders == []
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -105,10 +157,14 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize("lower,upper", [
-    ("dpjax.checkpoints.convert", "dpjax.model"),   # checkpoint I/O sits below the model
-    ("dpjax.model", "dpjax.checkpoints.convert"),
+    ("dpjax.checkpoints.convert", "dpjax.model.transformer"),  # checkpoint I/O below the model
+    ("dpjax.model.transformer", "dpjax.checkpoints.convert"),
     ("dpjax.tasks.schema", "dpjax.tasks.readers"),  # readers apart from the schema
-    ("dpjax.bundled", "dpjax.main"),                # the bundled model's path registers no flag
+    ("dpjax.bundled", "dpjax.cli.study"),           # the bundled model's path registers no flag
+    ("dpjax.study.settings", "dpjax.cli.flags"),    # settings declare fields, not flags
+    ("dpjax.study.methods", "dpjax.study.settings"),  # choice lists are imported downward
+    ("dpjax.engine.sweep", "dpjax.study.run"),      # the engine knows nothing of the study
+    ("dpjax.lens.readout", "dpjax.engine.sweep"),
 ])
 def test_modules_do_not_reach_up(lower, upper):
   graph = import_graph()
@@ -154,9 +210,9 @@ def test_the_installed_package_never_imports_torch():
 
 
 def test_the_kept_block_plan_has_one_definition():
-  """The bucket rule and the padded step arrays are written in `dpjax.plan` only."""
+  """The bucket rule and the padded step arrays are written in `dpjax.model.plan` only."""
   for module, path in _modules().items():
-    if module == "dpjax.plan":
+    if module == "dpjax.model.plan":
       continue
     with open(path) as f:
       source = f.read()

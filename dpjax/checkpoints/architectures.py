@@ -9,7 +9,7 @@ family's tensors, norms and settings map.
   how llama.cpp stored them (Q/K rows permuted for its rope, Gemma's norms
   stored as `1 + w`), so a GGUF tensor becomes the HF tensor the table maps.
 * `model_config_from_hf(hf_config)`: the HF config (parsed by transformers'
-  own config classes) turned into a `dpjax.config.ModelConfig`. Any attribute
+  own config classes) turned into a `dpjax.model.config.ModelConfig`. Any attribute
   that changes the computation in a way dpjax does not implement is refused
   with an error naming it, never silently ignored.
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dpjax.config import ModelConfig
+from dpjax.model.config import ModelConfig
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GEMMA_FAMILY = ("gemma2", "gemma3_text")

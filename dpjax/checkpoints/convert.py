@@ -30,7 +30,7 @@ from dpjax.checkpoints import hf as hf_checkpoint
 from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
 from dpjax.checkpoints.hf import HFCheckpoint
 from dpjax import fileio
-from dpjax.config import ModelConfig
+from dpjax.model.config import ModelConfig
 
 CONFIG_FILE = "dpjax_config.json"
 HF_CONFIG_FILE = "hf_config.json"

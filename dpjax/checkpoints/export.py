@@ -21,7 +21,7 @@ from dpjax.checkpoints import architectures
 from dpjax.checkpoints.convert import load_checkpoint
 from dpjax.checkpoints.hf import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from dpjax import fileio
-from dpjax.plan import KeepPlan
+from dpjax.model.plan import KeepPlan
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 

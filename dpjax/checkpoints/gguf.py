@@ -33,7 +33,7 @@ import numpy as np
 from dpjax.checkpoints import architectures
 from dpjax.checkpoints import slices
 from dpjax.checkpoints.slices import CheckpointError
-from dpjax.config import ModelConfig
+from dpjax.model.config import ModelConfig
 
 GGUF_SUFFIX = ".gguf"
 # Rows of a quantized tensor dequantized at a time (bounded to about 16 MB of float32).

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from dpjax.checkpoints import architectures, slices
 from dpjax.checkpoints.slices import CheckpointError, numpy_dtype  # re-exported
-from dpjax.config import ModelConfig
+from dpjax.model.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"

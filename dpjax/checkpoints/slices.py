@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from dpjax.checkpoints import architectures
-from dpjax.config import ModelConfig
+from dpjax.model.config import ModelConfig
 
 Index = tuple[slice, ...]
 
@@ -161,7 +161,7 @@ def _from_slices(shape, sharding, read) -> jax.Array:
 
 
 def place_params(cfg: ModelConfig, reader: TensorReader, placement) -> dict[str, Any]:
-  """dpjax's parameters on `placement`'s mesh (a `dpjax.distributed.Placement`), each device
+  """dpjax's parameters on `placement`'s mesh (a `dpjax.engine.devices.Placement`), each device
   reading only its own slices (see the module docstring)."""
   check_names(cfg, reader)
   dtype = numpy_dtype(cfg.param_dtype)

@@ -376,7 +376,7 @@ def batches(encoded: EncodedTask, batch_size: int, pad_id: int = 0,
   subjects compile few shapes), computed once per batch instead of once per row;
   each row keeps at least its last token. The computation is the same up to float
   rounding. Code that runs the rows itself must then run `Batch.unshared()` (the
-  sweep engine, `dpjax.sweep.Sweep`, shares by default).
+  sweep engine, `dpjax.engine.sweep.Sweep`, shares by default).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")

@@ -25,10 +25,8 @@ import sys
 import tempfile
 import zipfile
 
-from absl import app
 
-from dpjax import flagdefs
-from dpjax.flagdefs import setting
+from dpjax.fields import setting
 from dpjax.tasks import disk
 from dpjax.tasks.benchmarks import BENCHMARKS, default_data_dir
 from dpjax.tasks.schema import TaskDataError
@@ -123,24 +121,3 @@ class DataSettings:
                           "directories, the layout --data_dir of dpjax reads).")
   benchmarks: tuple[str, ...] = setting(tuple(BENCHMARKS), "Benchmarks to fetch.",
                                         choices=tuple(BENCHMARKS))
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a flag.")
-  s = flagdefs.from_flags(DataSettings)
-  try:
-    written = fetch_benchmarks(s.data_dir, s.benchmarks)
-  except TaskDataError as e:
-    raise SystemExit(f"dpjax-data: error: {e}") from e
-  for name, directory in written.items():
-    print(f"{name}: {directory}")
-
-
-def run() -> None:
-  flagdefs.define_flags(DataSettings)
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()

@@ -31,7 +31,7 @@ the seed: the items, the tokenizer, the initial weights and the data order.
 from dpjax.train.card import MODEL_CARD_FILE, TRAINING_LOG_FILE
 from dpjax.train.data import TrainingStream, pack, statement, tokenize_examples
 from dpjax.train.loop import train
-from dpjax.train.settings import Settings, model_config
+from dpjax.train.settings import TrainSettings, model_config
 
-__all__ = ["MODEL_CARD_FILE", "TRAINING_LOG_FILE", "Settings", "TrainingStream", "model_config",
+__all__ = ["MODEL_CARD_FILE", "TRAINING_LOG_FILE", "TrainSettings", "TrainingStream", "model_config",
            "pack", "statement", "tokenize_examples", "train"]

@@ -9,8 +9,8 @@ from typing import Any
 
 from dpjax import fileio
 from dpjax.checkpoints.export import write_hf_checkpoint
-from dpjax.config import ModelConfig
-from dpjax.train.settings import Settings, hf_config_dict
+from dpjax.model.config import ModelConfig
+from dpjax.train.settings import TrainSettings, hf_config_dict
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 TRAINING_LOG_FILE = "training_log.json"
@@ -21,7 +21,7 @@ def format_seconds(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def save(settings: Settings, cfg: ModelConfig, tokenizer, params: dict[str, Any],
+def save(settings: TrainSettings, cfg: ModelConfig, tokenizer, params: dict[str, Any],
          summary: dict[str, Any]) -> None:
   """The HF checkpoint, tokenizer, model card and training log, written atomically."""
   with fileio.atomic_directory(settings.output_dir, overwrite=settings.overwrite) as tmp:

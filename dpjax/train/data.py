@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from dpjax import tasks
-from dpjax.train.settings import Settings
+from dpjax.train.settings import TrainSettings
 
 
 def tokenize_examples(tokenizer, prompts: Sequence[str],
@@ -46,7 +46,7 @@ class TrainingStream:
   inputs and next-token targets.
   """
 
-  def __init__(self, items: Sequence[tasks.Item], tokenizer, settings: Settings):
+  def __init__(self, items: Sequence[tasks.Item], tokenizer, settings: TrainSettings):
     self.items = list(items)
     self.tokenizer = tokenizer
     self.settings = settings

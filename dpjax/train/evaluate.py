@@ -9,18 +9,19 @@ import jax
 from flax import nnx
 import numpy as np
 
-from dpjax import metrics, tasks
-from dpjax.config import ModelConfig
-from dpjax.model import DecoderModel
-from dpjax.readout import DecisionReader
+from dpjax import tasks
+from dpjax.study import metrics
+from dpjax.model.config import ModelConfig
+from dpjax.model.transformer import DecoderModel
+from dpjax.lens.readout import DecisionReader
 from dpjax.tasks import synthetic
-from dpjax.train.settings import Settings
+from dpjax.train.settings import TrainSettings
 
 
 class HeldOut:
   """Accuracy on the test split, 0-shot, read out as the `dpjax` study reads it."""
 
-  def __init__(self, cfg: ModelConfig, tokenizer, settings: Settings):
+  def __init__(self, cfg: ModelConfig, tokenizer, settings: TrainSettings):
     self.cfg = cfg
     self.settings = settings
     self.pad_id = tokenizer.pad_token_id

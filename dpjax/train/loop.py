@@ -11,13 +11,13 @@ from flax import nnx
 import jax
 import numpy as np
 
-from dpjax.flagdefs import command_line
-from dpjax.model import Transformer
+from dpjax.fields import command_line
+from dpjax.model.transformer import Transformer
 from dpjax.tasks import synthetic
 from dpjax.train.card import format_seconds, save
 from dpjax.train.data import TrainingStream
 from dpjax.train.evaluate import HeldOut, evaluate, pure_numpy
-from dpjax.train.settings import Settings, model_config
+from dpjax.train.settings import TrainSettings, model_config
 from dpjax.train.step import Optimization, make_optimizer, train_step
 
 
@@ -53,7 +53,7 @@ class StepClock:
     return pending / elapsed if pending else None
 
 
-def train(settings: Settings) -> dict[str, Any]:
+def train(settings: TrainSettings) -> dict[str, Any]:
   """Trains, evaluates and saves the model `settings` describe; returns the training log.
 
   The returned dict (also written as `training_log.json`) holds `log` (one

@@ -1,12 +1,12 @@
-"""What a training run depends on: `Settings` (each field is also a flag) and the model it makes."""
+"""What a training run depends on: `TrainSettings` (each field is also a flag) and the model it makes."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from dpjax.config import ModelConfig
-from dpjax.flagdefs import setting
+from dpjax.model.config import ModelConfig
+from dpjax.fields import setting
 from dpjax.tasks import synthetic
 
 # Fixed parts of the architecture (not flags): those of the bundled model.
@@ -16,7 +16,7 @@ ROPE_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class TrainSettings:
   """Everything a training run depends on. Each field is also a flag of the same name."""
   output_dir: str = setting(help='Where the checkpoint goes (required; refused if it exists unless --overwrite).', required=True)
   overwrite: bool = setting(False, 'Replace an existing --output_dir.')
@@ -85,7 +85,7 @@ class Settings:
                        f"answer_weight={self.answer_weight} must be >= 0.")
 
 
-def model_config(settings: Settings, vocab_size: int) -> ModelConfig:
+def model_config(settings: TrainSettings, vocab_size: int) -> ModelConfig:
   """The dpjax config of the model `settings` describe, for a tokenizer of `vocab_size`."""
   return ModelConfig(
       architecture="llama", vocab_size=vocab_size, hidden_size=settings.hidden_size,

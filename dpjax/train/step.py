@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpjax.train.settings import Settings
+from dpjax.train.settings import TrainSettings
 
 
 def loss_fn(state, graphdef, batch: dict[str, jax.Array], answer_weight: float):
@@ -48,7 +48,7 @@ class Optimization:
   answer_weight: float
 
   @classmethod
-  def of(cls, settings: Settings) -> "Optimization":
+  def of(cls, settings: TrainSettings) -> "Optimization":
     return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 

@@ -1,0 +1,481 @@
+"""The report across the real-model runs, and the verdict, both computed from the runs' files.
+
+`write_report(out_dir, runs)` reads `out_dir/runs/<name>/results.json` and
+`variants.jsonl` of every finished run and writes `out_dir/REPORT.md` (per model and
+task: accuracy against chance with its 95% interval, l* with its interval, each
+method's collapse point; Silent against Decisive paired at every rule and k, Holm over
+every comparison of the study; l* against Iterative Pruning's collapse; the
+phase-aware method against Iterative Pruning and block influence) and
+`out_dir/VERDICT.md`, whose every statement is a number computed here: each run and
+the study as a whole classed (holds / reversed / cannot tell) by
+`dpjax.study.statistics.verdict` from the Holm-corrected paired results. Figures: a forest
+plot of the differences (`silent_minus_decisive.png`), the Decision Margin by depth
+one panel per model (`dm_by_relative_depth.png`), the arms' accuracies
+(`silent_vs_decisive.png`) and l* against the collapse (`transition_vs_collapse.png`).
+Nothing in either file is written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from dpjax.study import metrics
+from dpjax.study import statistics
+from dpjax.fileio import atomic_write_text, save_figure
+
+# What the three GGUF files hold (tests.support.real_models): 4-bit quantizations, which dpjax
+# and the HF reference both dequantize to float32.
+PRECISION = {"smollm2": "SmolLM2-135M-Instruct, Q4_1", "gemma3": "Gemma 3 270M, Q4_K_M",
+             "qwen25": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M"}
+ALPHA = 0.05
+
+
+# Accuracy the models' authors publish for the same model and task, as (fraction, where).
+# The cards do not give their prompts or normalization, and the files studied here are
+# 4-bit quantizations, so only rough agreement is expected. SmolLM2-135M-Instruct's card
+# gives ARC only as the mean of Easy and Challenge; Qwen2.5-Coder's gives none of these.
+PUBLISHED = {
+    ("gemma3", "arc_easy"): (0.577, "Gemma 3 270M (pretrained) model card, ARC-e 0-shot"),
+    ("gemma3", "piqa"): (0.677, "Gemma 3 270M (pretrained) model card, PIQA 0-shot"),
+}
+
+
+def _published(run) -> str:
+  figure = PUBLISHED.get((run.model, run.task))
+  return "none found" if figure is None else f"{figure[0]:.3f} ({figure[1]})"
+
+
+def _load(out_dir, runs):
+  """(run, results) of every run of `runs` whose results.json and variants.jsonl are there
+  (a run without per-item outcomes cannot be compared paired, and is left out)."""
+  found = []
+  for run in runs:
+    path = os.path.join(out_dir, "runs", run.name, "results.json")
+    if os.path.isfile(path) and os.path.isfile(os.path.join(os.path.dirname(path),
+                                                            "variants.jsonl")):
+      with open(path) as f:
+        found.append((run, json.load(f)))
+  return found
+
+
+def _fmt(x, digits=3):
+  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _label(run, results):
+  lens = results.get("lens", {}).get("kind", "logit")
+  shots = results["task"].get("k_shot", 0)
+  norm = results["settings"].get("normalization", "vocab")
+  return (f"{run.model} / {run.task} / {run.format}" + (f" {shots}-shot" if shots else "")
+          + (f" / {norm} DM" if run.format == "cloze" else "")
+          + (" / tuned lens" if lens == "tuned" else "")
+          + (" / accuracy rule" if results["settings"].get("transition_rule") == "accuracy"
+             else ""))
+
+
+def _shape(full, normalization):
+  mean = np.array([np.nan if v is None else v for v in
+                   full["decision_margin"][normalization]["mean"]], float)
+  shape = metrics.transition_shape(mean, full["sharpness"]["rise"])
+  return shape
+
+
+def _correlation(x, y):
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    return None
+  pearson = float(np.corrcoef(x, y)[0, 1])
+  def rank(v):  # average ranks: tied values share the mean of their positions
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v), dtype=float)
+    for value in np.unique(v):
+      ranks[v == value] = ranks[v == value].mean()
+    return ranks
+  spearman = float(np.corrcoef(rank(x), rank(y))[0, 1])
+  return pearson, spearman
+
+
+def transition_collapse_rows(found) -> list[dict]:
+  """Per run with Iterative Pruning: l* by both rules and the collapse point, as
+  fractions of depth (None where there is none), and the blocks left at the collapse."""
+  rows = []
+  for run, r in found:
+    it = r["methods"].get("iterative_accuracy", {})
+    if "curve" not in it:
+      continue
+    L = r["model"]["num_layers"]
+    full = r["full_model"]
+    margin, accuracy = full["transition_block"], full.get("accuracy_transition_block")
+    collapse = it.get("collapse_point")
+    rows.append({"label": _label(run, r), "num_layers": L, "margin_block": margin,
+                 "margin": None if margin is None else margin / L,
+                 "accuracy": None if accuracy is None else accuracy / L,
+                 "collapse": None if collapse is None else collapse / L,
+                 "blocks_left": "-" if collapse is None else L - collapse})
+  return rows
+
+
+
+def _comparison(c: dict) -> statistics.Comparison:
+  fields = {k: v for k, v in c.items() if k in statistics.Comparison.__dataclass_fields__}
+  fields["ci95"] = tuple(fields["ci95"])
+  return statistics.Comparison(**fields)
+
+
+def study_comparisons(found) -> dict[str, list[statistics.Comparison]]:
+  """Every run's paired comparisons, Holm-adjusted over every comparison of the study
+  (all runs together; each results.json's own `holm_p` is over its run alone)."""
+  per_run = {run.name: [_comparison(c) for c in
+                        (r.get("phase_experiment") or {}).get("comparisons", [])]
+             for run, r in found}
+  every = [c for comparisons in per_run.values() for c in comparisons]
+  statistics.with_holm(every)
+  return per_run
+
+
+def classify(found) -> tuple[dict[str, tuple[str, str]], str, dict[str, int]]:
+  """Each run with a phase experiment classed by `statistics.verdict` on its comparisons
+  (Holm over the study), and the study as a whole: `holds` when some run holds and none is
+  reversed, `reversed` the other way round, else `cannot tell`."""
+  comparisons = study_comparisons(found)
+  classes = {name: statistics.verdict(c, ALPHA) for name, c in comparisons.items() if c}
+  counts = {v: sum(cls == v for cls, _ in classes.values()) for v in statistics.VERDICTS}
+  if counts["holds"] and not counts["reversed"]:
+    overall = "holds"
+  elif counts["reversed"] and not counts["holds"]:
+    overall = "reversed"
+  else:
+    overall = "cannot tell"
+  return classes, overall, counts
+
+
+def _interval(cal: dict, key: str) -> str:
+  entry = (cal or {}).get(key) or {}
+  if entry.get("block") is None:
+    return "none"
+  low, high = entry["ci95"]
+  return f"{entry['block']} [{'none' if low is None else low}, {'none' if high is None else high}]"
+
+
+def verdict_markdown(found, runs) -> str:
+  """VERDICT.md: every statement a number computed from the runs' files."""
+  classes, overall, counts = classify(found)
+  comparisons = study_comparisons(found)
+  total = sum(len(c) for c in comparisons.values())
+  lines = ["# The verdict", "",
+           "Computed by `benchmarks/real_study/report.py` from the runs' "
+           "`runs/<name>/results.json` and `variants.jsonl` (regenerate: `python -m "
+           "benchmarks.real_study --report_only`); nothing here is written by hand.", ""]
+  if not classes:
+    lines.append("No run has a phase experiment yet: no verdict.")
+  else:
+    lines += [f"**The paper's claim (pruning the Silent Phase costs more than pruning the "
+              f"Decisive Phase) on these models: {overall}.** Of the {len(classes)} runs with "
+              f"a phase experiment it holds in {counts['holds']}, is reversed in "
+              f"{counts['reversed']} and cannot be told in {counts['cannot tell']}: each run "
+              "is judged by its Silent-minus-Decisive accuracy differences (paired on the "
+              "same evaluation items) that survive Holm's correction over all "
+              f"{total} comparisons of the study at {ALPHA} with a paired 95% interval "
+              "apart from 0.", "",
+              "| run | l* on the calibration items [95%] (items) | l* / L on the evaluation "
+              "items | verdict | what it rests on |", "|---|---|---|---|---|"]
+    for run, r in found:
+      if run.name not in classes:
+        continue
+      cls, why = classes[run.name]
+      cal = r.get("calibration_transition") or {}
+      L = r["model"]["num_layers"]
+      l_eval = r["full_model"]["transition_block"]
+      lines.append(f"| {run.name} | {_interval(cal, cal.get('used', ''))} "
+                   f"({cal.get('items', '-')}) | "
+                   f"{'none' if l_eval is None else f'{l_eval}/{L} = {l_eval / L:.2f}'} | "
+                   f"**{cls}** | {why} |")
+  # Where the transition sits, and how firmly.
+  with_l = [(run, r) for run, r in found if r.get("calibration_transition")]
+  if with_l:
+    lines += ["", "## The transition and its uncertainty", "",
+              "l* of the unpruned model on the calibration items (the one the phase "
+              "experiment uses), by the margin rule under both normalizations and by the "
+              "accuracy rule, each with a 95% bootstrap interval over those items; and on the "
+              "evaluation items.", "",
+              "| run | margin, vocab | margin, options | accuracy rule | used | evaluation "
+              "items (run's rule) |", "|---|---|---|---|---|---|"]
+    for run, r in with_l:
+      cal = r["calibration_transition"]
+      lines.append(f"| {run.name} | {_interval(cal, 'margin_vocab')} | "
+                   f"{_interval(cal, 'margin_options')} | {_interval(cal, 'accuracy')} | "
+                   f"{cal['used']} | {r['full_model']['transition_block']} |")
+  # The last block's share of the Decisive arm's cost: the control at the largest k.
+  controls = []
+  for run, r in found:
+    by = {(c.rule, c.k): c for c in comparisons.get(run.name, [])}
+    keep_last = [c for (rule, _), c in by.items() if rule == "adjacent_keep_last"]
+    if keep_last and any(rule == "adjacent" for rule, _ in by):
+      k = max(c.k for c in keep_last)
+      base = by.get(("adjacent", k))
+      if base is not None:
+        controls.append((run.name, k, base, by[("adjacent_keep_last", k)]))
+  if controls:
+    lines += ["", "## The Decisive arm with and without the model's last block", "",
+              "At the largest k the control rule keeps, the adjacent Decisive arm's "
+              "accuracy against the same arm with the last block kept (`adjacent_keep_last`), "
+              "and each against the Silent arm (paired differences, Holm over the study).", "",
+              "| run | k | Decisive arm | Decisive arm, last block kept | Silent - Decisive "
+              "[95%] (Holm p) | Silent - Decisive, last block kept [95%] (Holm p) |",
+              "|---|---|---|---|---|---|"]
+    for name, k, base, kept in controls:
+      lines.append(f"| {name} | {k} | {base.decisive_accuracy:.3f} | "
+                   f"{kept.decisive_accuracy:.3f} | {base.difference:+.3f} "
+                   f"[{base.ci95[0]:+.3f}, {base.ci95[1]:+.3f}] ({base.holm_p:.2g}) | "
+                   f"{kept.difference:+.3f} [{kept.ci95[0]:+.3f}, {kept.ci95[1]:+.3f}] "
+                   f"({kept.holm_p:.2g}) |")
+  # Limits.
+  models = sorted({run.model for run, _ in found})
+  lines += ["", "## Limits", "",
+            "- Precision: every model is a 4-bit GGUF file, dequantized to float32 ("
+            + "; ".join(PRECISION.get(m, m) for m in models) + "): the quantized weights, not "
+            "the published full-precision ones.",
+            "- Items: " + "; ".join(sorted({f"{r['task']['num_items']} evaluation items"
+                                            for _, r in found})) + " per run; the "
+            "transition is read on " + ", ".join(sorted({str((r.get('calibration_transition')
+                                                                or {}).get('items', '-'))
+                                                           for _, r in found})) +
+            " calibration items, the pruning search uses "
+            + ", ".join(sorted({str(r['task']['num_calibration_items']) for _, r in found}))
+            + " of them."]
+  ran = {run.name for run, _ in found}
+  missing = [run.name for run in runs if run.name not in ran]
+  if missing:
+    lines.append(f"- Not run (or run before per-item outcomes were recorded): "
+                 f"{', '.join(missing)}.")
+  from dpjax.study.settings import METHODS
+  cut = []
+  for run, r in found:
+    planned = dict(run.settings).get("methods", METHODS)
+    left = [m for m in planned if m not in r["settings"]["methods"]]
+    if left:
+      cut.append(f"{run.name} ({', '.join(left)})")
+  if cut:
+    lines.append(f"- Methods of the plan not run yet: {'; '.join(cut)}.")
+  return "\n".join(lines) + "\n"
+
+
+def _dm_series(run, r):
+  full = r["full_model"]
+  answered = (full.get("answered") or {}).get("mean_margin")
+  if run.format == "open" and answered:
+    return answered, "vocab DM, answered items"
+  norm = "vocab" if run.format == "open" else r["settings"].get("normalization", "vocab")
+  return ([np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]],
+          f"{norm} DM")
+
+
+def write_report(out_dir: str, runs) -> str:
+  from dpjax.report import figures
+  plt = figures.pyplot()
+  found = _load(out_dir, runs)
+  verdict = verdict_markdown(found, runs)
+  atomic_write_text(os.path.join(out_dir, "VERDICT.md"), verdict)
+  lines = ["# dpjax on real pretrained models: does the Silent/Decisive asymmetry hold?", ""]
+  if not found:
+    lines.append("No run has finished yet.")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(os.path.join(out_dir, "REPORT.md"), text)
+    return text
+  lines += ["Every number below comes from the runs in `runs/` (one dpjax study each, "
+            "`python -m benchmarks.real_study` reproduces them; `variants.jsonl` beside each "
+            "results.json holds every evaluated variant's per-item outcomes, from which every "
+            "comparison recomputes). Accuracy intervals are 95% bootstrap intervals over "
+            "evaluation items; Silent against Decisive is compared paired.", ""]
+
+  # 0. What ran, and for how long.
+  lines += ["## The runs", "",
+            "Wall time is the finishing process's: a run resumed from saved state does not "
+            "count its earlier processes' time.", "",
+            "| run | model (precision) | normalization | methods | wall time on two cores |",
+            "|---|---|---|---|---|"]
+  for run, r in found:
+    t = r.get("timings", {})
+    seconds = t.get("prepare_seconds", 0) + t.get("full_profile_seconds", 0) + t.get(
+        "methods_seconds", 0)
+    ran = [name for name, m in r["methods"].items() if "skipped" not in m]
+    if r.get("phase_experiment") and "skipped" not in r["phase_experiment"]:
+      ran.append("phase experiment")
+    lines.append(f"| {run.name} | {PRECISION.get(run.model, run.model)} | "
+                 f"{r['settings']['normalization']} | {', '.join(ran) or '-'} | "
+                 f"{seconds / 60:.0f} min |")
+  for run, r in found:
+    path = os.path.join(out_dir, "runs", run.name, "hf_check.json")
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      check = json.load(f)
+    lines += ["", f"Checked against HF PyTorch before this report ({run.name}; "
+              f"{check['reference']}):", "",
+              "| variant | items | dpjax accuracy | HF accuracy | dpjax mean DM (vocab) | "
+              "HF mean DM (vocab) |", "|---|---|---|---|---|---|"]
+    for row in check["rows"]:
+      lines.append(f"| {row['variant']} | {row['items']} ({row['n']}) | {row['dpjax']:.4f} | "
+                   f"{row['hf']:.4f} | {row['dpjax_dm']:.4e} | {row['hf_dm']:.4e} |")
+  lines.append("")
+
+  # 1. Per model and task.
+  lines += ["## Per model and task", "",
+            "| run | items | accuracy [95% CI] | chance | published | l* / L | "
+            "sharpest rise (share) | collapse points (iterative / phase-aware / block "
+            "influence / reverse / random) |",
+            "|---|---|---|---|---|---|---|---|"]
+  for run, r in found:
+    full, L = r["full_model"], r["model"]["num_layers"]
+    ci = full.get("final_accuracy_ci95") or [None, None]
+    l_star = full["transition_block"]
+    shape = _shape(full, r["settings"]["normalization"])
+    methods = r["methods"]
+    cp = lambda name: (methods.get(name, {}).get("collapse_point", "-")
+                       if "skipped" not in methods.get(name, {}) else "skipped")
+    lines.append(
+        f"| {_label(run, r)} | {r['task']['num_items']} | {_fmt(full['accuracy'][-1])} "
+        f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(full['chance'])} | {_published(run)} | "
+        f"{'none' if l_star is None else f'{l_star}/{L} = {l_star / L:.2f}'} | "
+        f"{full['sharpness']['rise']:+.4f} at {full['sharpness']['block']} "
+        f"({_fmt(shape.share, 2)}: {'sharp' if shape.sharp else 'gradual'}) | "
+        f"{cp('iterative_accuracy')} / {cp('phase_aware')} / {cp('block_influence')} / "
+        f"{cp('reverse')} / {cp('random')} of {L} |")
+
+  # 2. The phase experiment, paired.
+  comparisons = study_comparisons(found)
+  lines += ["", "## Silent arm against Decisive arm, paired", "",
+            "Accuracy after removing k blocks inside each phase (l* from the calibration "
+            "items), both arms on the same evaluation items: their difference with a paired "
+            "95% bootstrap interval (two-stage over seeds and items for the random rule), the "
+            "exact McNemar p (for the random rule on each item's majority outcome over the "
+            "seeds) and Holm's adjustment over every comparison of the study.", "",
+            "| run | rule | k | Silent | Decisive | Silent - Decisive [95%] | McNemar p | Holm p "
+            "(study) |", "|---|---|---|---|---|---|---|---|"]
+  for run, r in found:
+    phase = r.get("phase_experiment") or {}
+    if "skipped" in phase:
+      lines.append(f"| {run.name} | skipped: {phase['skipped']} | | | | | | |")
+    for c in comparisons.get(run.name, []):
+      k = c.k if c.k_silent is None else f"{c.k_silent}/{c.k_decisive}"
+      lines.append(f"| {run.name} | {c.rule} | {k} | {c.silent_accuracy:.3f} | "
+                   f"{c.decisive_accuracy:.3f} | {c.difference:+.3f} [{c.ci95[0]:+.3f}, "
+                   f"{c.ci95[1]:+.3f}] | {c.mcnemar_p:.2g} | {c.holm_p:.2g} |")
+
+  # 3. l* against the collapse of Iterative Pruning.
+  rows = transition_collapse_rows(found)
+  if rows:
+    lines += ["", "## Does l* of the unpruned model predict where Iterative Pruning collapses?",
+              "", "l* on the evaluation items by the margin and the accuracy rule; the "
+              "collapse is Iterative Pruning's (accuracy criterion, chosen on the calibration "
+              "items, measured on the evaluation items): the fewest blocks removed that leave "
+              "accuracy below halfway between chance and the unpruned model's.", "",
+              "| run | l* / L (margin) | l* / L (accuracy) | collapse / L | blocks left at "
+              "collapse |", "|---|---|---|---|---|"]
+    share = lambda x: "none" if x is None else f"{x:.2f}"
+    for row in rows:
+      lines.append(f"| {row['label']} | {share(row['margin'])} | {share(row['accuracy'])} | "
+                   f"{share(row['collapse'])} | {row['blocks_left']} |")
+    lines.append("")
+    for rule in ("margin", "accuracy"):
+      pairs = [(row[rule], row["collapse"]) for row in rows
+               if row[rule] is not None and row["collapse"] is not None]
+      corr = _correlation([p[0] for p in pairs], [p[1] for p in pairs])
+      lines.append(f"By the {rule} rule, across {len(pairs)} runs: " + (
+          f"Pearson r = {corr[0]:+.2f}, Spearman rho = {corr[1]:+.2f} between l*/L and "
+          "collapse/L." if corr else "too few runs (or no spread in l*) for a correlation."))
+
+  # 4. Phase-aware against Iterative Pruning and block influence.
+  aware = []
+  for run, r in found:
+    m = r["methods"]
+    if not all("curve" in m.get(k, {}) for k in ("phase_aware", "iterative_accuracy",
+                                                  "block_influence")):
+      continue
+    L = r["model"]["num_layers"]
+    curves = {k: {p["removed"]: p["accuracy"] for p in m[k]["curve"]}
+              for k in ("iterative_accuracy", "phase_aware", "block_influence")}
+    for n in sorted({1, 2, 4, 8, L // 4, L // 2}):
+      if all(n in c for c in curves.values()):
+        aware.append((run.name, n, *(curves[k][n] for k in curves)))
+  if aware:
+    lines += ["", "## The phase-aware method against Iterative Pruning and block influence",
+              "", "| run | blocks removed | iterative | phase-aware | block influence |",
+              "|---|---|---|---|---|"]
+    for name, n, it, pa, bi in aware:
+      lines.append(f"| {name} | {n} | {_fmt(it)} | {_fmt(pa)} | {_fmt(bi)} |")
+
+  # Figures.
+  forest = [(f"{run.name}: {c.rule} k={c.k}", c) for run, _ in found
+            for c in comparisons.get(run.name, [])]
+  if forest:
+    figures.plot_forest(os.path.join(out_dir, "silent_minus_decisive.png"), forest,
+                        "Silent arm minus Decisive arm, every run (Holm over the study)")
+  models = sorted({run.model for run, _ in found})
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False,
+                           sharey=True)
+  for ax, model in zip(axes[0], models):
+    for run, r in found:
+      if run.model != model:
+        continue
+      L = r["model"]["num_layers"]
+      mean, what = _dm_series(run, r)
+      ax.plot(np.arange(len(mean)) / L, mean, marker="o", ms=2,
+              label=f"{run.task} / {run.format} ({what})",
+              ls="--" if run.format == "open" else "-")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_title(PRECISION.get(model, model), fontsize=9)
+    ax.set_xlabel("relative depth (layer / L)")
+    ax.legend(fontsize=6)
+  axes[0, 0].set_ylabel("mean Decision Margin")
+  fig.suptitle("Decision Margin by relative depth, one panel per model")
+  save_figure(fig, os.path.join(out_dir, "dm_by_relative_depth.png"))
+
+  fig, ax = plt.subplots(figsize=(6, 6))
+  markers = {"adjacent": "o", "redundant": "s", "random": "^", "adjacent_keep_last": "v",
+             "adjacent_keep_first": "<"}
+  labels = list(dict.fromkeys(run.name for run, _ in found))
+  palette = plt.get_cmap("tab20")
+  colour = {label: palette(i % palette.N) for i, label in enumerate(labels)}
+  for run, _ in found:
+    for c in comparisons.get(run.name, []):
+      ax.scatter(c.silent_accuracy, c.decisive_accuracy, marker=markers.get(c.rule, "o"),
+                 color=colour[run.name], s=18)
+  for label in labels:
+    ax.scatter([], [], color=colour[label], label=label, s=18)
+  ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("Silent arm accuracy")
+  ax.set_ylabel("Decisive arm accuracy")
+  ax.set_title("Per arm (the paired differences are the forest plot)\nabove the diagonal: "
+               "Silent-Phase pruning hurts more", fontsize=9)
+  ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  save_figure(fig, os.path.join(out_dir, "silent_vs_decisive.png"))
+
+  plotted_rows = [row for row in rows if row["collapse"] is not None]
+  if plotted_rows:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rule, marker in (("margin", "o"), ("accuracy", "x")):
+      points = [row for row in plotted_rows if row[rule] is not None]
+      ax.scatter([row[rule] for row in points], [row["collapse"] for row in points],
+                 marker=marker, label=f"l* by the {rule} rule")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("l* / L (unpruned model, evaluation items)")
+    ax.set_ylabel("Iterative Pruning collapse / L")
+    ax.set_title("Does the transition predict the collapse?")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(out_dir, "transition_vs_collapse.png"))
+
+  lines += ["", "![Silent minus Decisive, every run](silent_minus_decisive.png)", "",
+            "![mean DM by relative depth](dm_by_relative_depth.png)", "",
+            "![Silent arm against Decisive arm](silent_vs_decisive.png)", "", verdict.strip()]
+  text = "\n".join(lines) + "\n"
+  atomic_write_text(os.path.join(out_dir, "REPORT.md"), text)
+  return text

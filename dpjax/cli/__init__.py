@@ -1,0 +1,1 @@
+"""The command-line programs: one wrapper, flags from the settings, one file per program."""

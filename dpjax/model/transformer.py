@@ -1,0 +1,611 @@
+"""The Llama-family decoder as a Flax NNX module whose block stack is one scan.
+
+Every block's weights are stacked on a leading layer axis (`[layers, ...]`), and
+the stack runs as a single `jax.lax.scan`. Which blocks run is an *input*:
+
+* mask form: scan over all blocks, a removed block is the identity on the
+  residual stream (`where(keep[l], block(h), h)`). One compilation serves every
+  mask, but every block is computed.
+* gather form: the kept blocks' weights are gathered by index and only they
+  run, in a loop whose trip count is the number kept (data, not shape), so a
+  variant that keeps 10 of 32 blocks costs 10 blocks and one compiled program
+  serves every mask.
+
+Both give the same numbers; `DecoderModel` wraps them behind `logits` and
+`hidden_states`. The arithmetic mirrors Hugging Face's Llama, Mistral, Qwen2 and
+Qwen3 modelling code (norms and softmax in float32, rotary tables in float32),
+so float32 logits agree with HF to float32 precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.model.config import ModelConfig
+from dpjax.model.plan import KeepPlan
+
+Array = jax.Array
+
+# Float32 dots on the CPU sum each output in chunks of at most this many products,
+# adding the chunk sums in order (`chunked_dot`). XLA:CPU hands float32 dots to
+# YNNPACK, whose kernel sums each output in one FMA chain per block of 512 inputs
+# (a 576-wide input: 512, then 64); oneDNN/MKL, which PyTorch uses on the CPU, sums
+# chunks of 192. Rounding error grows with the chain's length, and a model with
+# massive activations amplifies it (SmolLM2-135M builds |h| = 22,500 out of
+# |h| = 100 in one block), which left dpjax's hidden states up to 9x further from a
+# float64 run than HF's own float32 run. With chunks of 192 the float32 linear
+# layers come out bit for bit as PyTorch's (AVX-512, >= 64 rows), at about 12-17%
+# more time on the CPU. The environment variable DPJAX_CPU_DOT_CHUNK sets the
+# chunk (0: one dot, as the backend likes it); other backends are not chunked.
+CPU_DOT_CHUNK = int(os.environ.get("DPJAX_CPU_DOT_CHUNK", "192")) or None
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embedding.
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+  """`[head_dim // 2]` float32 inverse frequencies, as HF's rope init computes them.
+
+  `local`: the sliding blocks' table of a model that gives them a rope base of
+  their own (Gemma 3: the default rope type with `local_rope_theta`).
+  """
+  dim = cfg.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  theta = cfg.local_rope_theta if local else cfg.rope_theta
+  # theta ** exponent rounded once to float32, as torch's pow gives it (numpy's
+  # float32 power is off by an ulp for some exponents, which turns the angle at
+  # position p by p ulps against HF's).
+  powers = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+  inv_freq = (np.float32(1.0) / powers).astype(np.float32)
+  if local or cfg.rope_type == "default":
+    return inv_freq
+  if cfg.rope_type == "linear":
+    return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+  if cfg.rope_type == "llama3":
+    factor = cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position_embeddings
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"rope_type={cfg.rope_type!r} is not implemented")
+
+
+def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+  """cos, sin `[B, T, head_dim]` in float32 for integer `positions` `[B, T]`."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates `x` `[B, T, heads, head_dim]` (HF's rotate-half convention)."""
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+
+def rms_norm(x: Array, weight: Array, eps: float, kind: str = "llama") -> Array:
+  """HF's RMSNorm, statistics in float32.
+
+  `llama`: the normalized `x` cast back to its dtype, times the weight in that
+  dtype. `gemma`: times `(1 + weight)` in float32, then cast back.
+  """
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if kind == "gemma":
+    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """`cap * tanh(x / cap)` (Gemma's soft-capping), or `x` when `cap` is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def mlp_activation(x: Array, kind: str) -> Array:
+  if kind == "gelu_tanh":
+    # 0.5 x (1 + tanh(z)) written as x / (1 + exp(-2z)): XLA:CPU's float32 tanh is up
+    # to ~4.5 ulp off (torch's <= 1), its exp ~1 ulp, and Gemma 3's massive activations
+    # carried that to 4x HF float32's distance from float64; this form is within 1.4x.
+    z = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+    return x / (1.0 + jnp.exp(-2.0 * z))
+  return jax.nn.silu(x)
+
+
+def chunked_dot(x: Array, w: Array, precision, chunk: int | None) -> Array:
+  """`x @ w` over the last axis of `x` (`w` `[in, out]`); with `chunk`, the sum of the
+  products over consecutive slices of at most `chunk` inputs, added in order."""
+  k = x.shape[-1]
+  if chunk is None or k <= chunk:
+    return jnp.einsum("...i,io->...o", x, w, precision=precision)
+  y = None
+  for start in range(0, k, chunk):
+    part = jnp.einsum("...i,io->...o", x[..., start:start + chunk], w[start:start + chunk],
+                      precision=precision)
+    y = part if y is None else y + part
+  return y
+
+
+def _param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, init: str) -> nnx.Param:
+  if init == "ones":
+    return nnx.Param(jnp.ones(shape, dtype))
+  if init == "zeros":
+    return nnx.Param(jnp.zeros(shape, dtype))
+  return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block: GQA self-attention, then a gated MLP (SwiGLU or GeGLU),
+  with Gemma's norms after each when the config asks.
+
+  Parameter names are dpjax's names in the architecture tables
+  (`checkpoints_convert.architectures`). Linear weights are stored `[in, out]`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, precision, dot_chunk: int | None = None,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.precision = precision
+    self.dot_chunk = dot_chunk
+    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    pd = jnp.dtype(cfg.param_dtype)
+    norm_init = "zeros" if cfg.norm_kind == "gemma" else "ones"  # gemma stores w of (1 + w)
+    self.attn_norm = _param(rngs, (d,), pd, norm_init)
+    self.q = _param(rngs, (d, q_out), pd, "normal")
+    self.k = _param(rngs, (d, kv_out), pd, "normal")
+    self.v = _param(rngs, (d, kv_out), pd, "normal")
+    self.o = _param(rngs, (q_out, d), pd, "normal")
+    self.q_bias = _param(rngs, (q_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.k_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.v_bias = _param(rngs, (kv_out,), pd, "zeros") if cfg.qkv_bias else None
+    self.o_bias = _param(rngs, (d,), pd, "zeros") if cfg.o_bias else None
+    self.q_norm = _param(rngs, (hd,), pd, norm_init) if cfg.qk_norm else None
+    self.k_norm = _param(rngs, (hd,), pd, norm_init) if cfg.qk_norm else None
+    self.post_attn_norm = _param(rngs, (d,), pd, norm_init) if cfg.post_norms else None
+    self.mlp_norm = _param(rngs, (d,), pd, norm_init)
+    self.post_mlp_norm = _param(rngs, (d,), pd, norm_init) if cfg.post_norms else None
+    self.gate = _param(rngs, (d, f), pd, "normal")
+    self.up = _param(rngs, (d, f), pd, "normal")
+    self.down = _param(rngs, (f, d), pd, "normal")
+    self.gate_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
+    self.up_bias = _param(rngs, (f,), pd, "zeros") if cfg.mlp_bias else None
+    self.down_bias = _param(rngs, (d,), pd, "zeros") if cfg.mlp_bias else None
+
+  def _norm(self, x: Array, w: nnx.Param) -> Array:
+    return rms_norm(x, w[...], self.cfg.rms_norm_eps, self.cfg.norm_kind)
+
+  def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
+    y = chunked_dot(x, w[...].astype(x.dtype), self.precision, self.dot_chunk)
+    return y if b is None else y + b[...].astype(x.dtype)
+
+  def __call__(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    """`h` `[B, T, d]` -> `[B, T, d]`; `mask` `[B, T, S]` is True where a query may attend."""
+    q, k, v = self.project(h, cos, sin)
+    return self.attend_and_mlp(h, q, k, v, mask)
+
+  def project(self, h: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+    """Rotated queries `[B, T, heads, hd]`, keys and values `[B, T, kv_heads, hd]` of `h`."""
+    cfg = self.cfg
+    b, t, _ = h.shape
+    hd, kv = cfg.head_dim, cfg.num_kv_heads
+    x = self._norm(h, self.attn_norm)
+    q = self._dense(x, self.q, self.q_bias).reshape(b, t, cfg.num_heads, hd)
+    k = self._dense(x, self.k, self.k_bias).reshape(b, t, kv, hd)
+    v = self._dense(x, self.v, self.v_bias).reshape(b, t, kv, hd)
+    if cfg.qk_norm:
+      q = self._norm(q, self.q_norm)
+      k = self._norm(k, self.k_norm)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend_and_mlp(self, h: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The rest of the block: `q` `[B, T, heads, hd]` attends over `k`, `v` `[B, S, kv, hd]`
+    where `mask` `[B, T, S]` allows; then the output projection and the MLP."""
+    cfg = self.cfg
+    b, t, _ = h.shape
+    hd, kv, groups = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, kv, groups, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=self.precision) * cfg.attention_scale
+    scores = soft_cap(scores, cfg.attn_logit_softcap)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=self.precision)
+    out = self._dense(attn.reshape(b, t, cfg.num_heads * hd), self.o, self.o_bias)
+    h = h + (out if self.post_attn_norm is None else self._norm(out, self.post_attn_norm))
+
+    x = self._norm(h, self.mlp_norm)
+    gate = mlp_activation(self._dense(x, self.gate, self.gate_bias), cfg.mlp_activation)
+    mlp = self._dense(gate * self._dense(x, self.up, self.up_bias), self.down, self.down_bias)
+    return h + (mlp if self.post_mlp_norm is None else self._norm(mlp, self.post_mlp_norm))
+
+
+class Transformer(nnx.Module):
+  """Embedding, the stacked blocks (leading axis = layer), final norm, unembedding."""
+
+  def __init__(self, cfg: ModelConfig, *, compute_dtype=None, dot_chunk: int | None | str = "auto",
+               rngs: nnx.Rngs):
+    """`dot_chunk`: see `CPU_DOT_CHUNK`; "auto" chunks float32 blocks on the CPU backend."""
+    self.cfg = cfg
+    self.compute_dtype = jnp.dtype(compute_dtype or cfg.param_dtype)
+    self.precision = (jax.lax.Precision.HIGHEST if self.compute_dtype == jnp.float32
+                      else jax.lax.Precision.DEFAULT)
+    if dot_chunk == "auto":
+      dot_chunk = (CPU_DOT_CHUNK if self.compute_dtype == jnp.float32
+                   and jax.default_backend() == "cpu" else None)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), pd, "normal")
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, precision=self.precision, dot_chunk=dot_chunk, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), pd,
+                             "zeros" if cfg.norm_kind == "gemma" else "ones")
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    _param(rngs, (cfg.hidden_size, cfg.vocab_size), pd, "normal"))
+
+  def embed_tokens(self, input_ids: Array) -> Array:
+    embed = self.embed[...]
+    x = jnp.take(embed, input_ids, axis=0)
+    if self.cfg.embed_scale:  # HF casts sqrt(hidden) to the embedding's dtype first.
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(embed.dtype)
+    return x.astype(self.compute_dtype)
+
+  def final_norm_of(self, h: Array) -> Array:
+    """The final norm, in `h`'s dtype."""
+    return rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps, self.cfg.norm_kind)
+
+  def unembed(self, h: Array) -> Array:
+    """Final norm, unembedding and any final soft-capping: `[..., d]` -> `[..., V]` logits."""
+    x = self.final_norm_of(h.astype(self.compute_dtype))
+    if self.lm_head is None:
+      w = self.embed[...].astype(x.dtype)
+      logits = jnp.einsum("...d,vd->...v", x, w, precision=self.precision)
+    else:
+      w = self.lm_head[...].astype(x.dtype)
+      logits = jnp.einsum("...d,dv->...v", x, w, precision=self.precision)
+    return soft_cap(logits, self.cfg.final_logit_softcap)
+
+  def attention_context(self, attention_mask: Array, positions: Array | None = None,
+                        segments: Array | None = None,
+                        prefix_mask: Array | None = None) -> "AttentionContext":
+    """Rotary tables and attention masks for a `[B, T]` padding mask (1 = token).
+
+    `positions` `[B, T]` default to counting real tokens only, so a left-padded
+    row sees the same positions as the same prompt unpadded. `segments` `[B, T]`
+    (packed cloze sequences): a token attends to earlier tokens of segment 0
+    and of its own segment only. Sliding windows count positions, which for a
+    left-padded row is the same as counting columns.
+
+    `prefix_mask` `[P]` (1 = token; left-padded): every row continues one shared
+    prefix of that many tokens, run once as its own row (`ctx.prefix`); a row's
+    positions start after it, and its masks `[B, T, P + T]` let every token
+    attend to the whole prefix first (within a sliding window, by position).
+    """
+    cfg = self.cfg
+    attention_mask = attention_mask.astype(bool)
+    if prefix_mask is not None:
+      if segments is not None or positions is not None:
+        raise ValueError("a shared prefix sets the rows' positions itself; it cannot be "
+                         "combined with given positions or packed segments.")
+      prefix_mask = prefix_mask.astype(bool)
+      prefix = self.attention_context(prefix_mask[None])
+      shared = jnp.sum(prefix_mask.astype(jnp.int32))
+      positions = shared + jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      own = self.attention_context(attention_mask, positions)
+      b = attention_mask.shape[0]
+      prefix_positions = jnp.maximum(jnp.cumsum(prefix_mask) - 1, 0)
+      to_prefix = jnp.broadcast_to(prefix_mask[None, None, :], (b, *own.full_mask.shape[1:2],
+                                                                prefix_mask.shape[0]))
+      full = jnp.concatenate([to_prefix, own.full_mask], axis=-1)
+      sliding = full
+      if cfg.sliding_window is not None:
+        keys = jnp.concatenate([jnp.broadcast_to(prefix_positions, (b, prefix_mask.shape[0])),
+                                positions], axis=-1)
+        sliding = full & ((positions[:, :, None] - keys[:, None, :]) < cfg.sliding_window)
+      return own._replace(full_mask=full, sliding_mask=sliding, prefix=prefix)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
+    cos_local, sin_local = cos, sin
+    if cfg.local_rope_theta is not None:
+      cos_local, sin_local = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg, local=True)))
+    t = attention_mask.shape[1]
+    idx = jnp.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    full_mask = causal[None] & attention_mask[:, None, :]
+    if segments is not None:
+      key = segments[:, None, :]
+      full_mask = full_mask & ((key == 0) | (key == segments[:, :, None]))
+    if cfg.sliding_window is not None:
+      window = (positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window
+      sliding_mask = full_mask & window
+    else:
+      sliding_mask = full_mask
+    return AttentionContext(cos, sin, full_mask, sliding_mask, cos_local, sin_local)
+
+  def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
+                  block_valid: Array, readout: Callable[[Array], Any] | None = None,
+                  rows: Array | None = None):
+    """Runs blocks on the residual stream `h` `[B, T, d]` as one loop.
+
+    Args:
+      h: the residual stream the first step reads; with a shared prefix
+        (`ctx.prefix`, gather form only), the pair (rows `[B, T, d]`, prefix
+        `[1, P, d]`), which every step and readout sees and the loop returns.
+      ctx: from `attention_context`.
+      block_index: `[n]` int indices of the blocks to run, in order (gather
+        form: step `s` slices block `block_index[s]` out of the stacked
+        weights, so no copy of the kept weights is made and a batch of masks
+        can be vmapped over it), or None to scan every block in order (mask
+        form).
+      block_valid: `[n]` bool. Gather form: the valid steps come first, and
+        the loop runs exactly as many steps as there are valid ones (a trip
+        count that is data, so one compiled program serves every kept count).
+        Mask form: a False step is the identity.
+      readout: optional function `readout(h, layer)` of the residual stream
+        `[B, T, d]` after every step and of its layer (`1 + block index`, a
+        traced int); its results come back stacked.
+      rows: optional `[B, R]` positions, the only ones read after the last step
+        (gather form, no readout): the last block computes keys and values at
+        every position (the prefix's too) but its attention output and MLP only
+        at these, and the final residual comes back as `[B, R, d]` (exactly
+        those rows of the whole computation).
+
+    Returns:
+      The final residual `[B, T, d]` (`[B, R, d]` with `rows`) and the stacked
+      readouts `[n, ...]` (None without a readout; gather form: entries past the
+      valid steps are zeros).
+    """
+    graphdef, block_state = nnx.split(self.blocks)
+    is_sliding = jnp.asarray(self.cfg.layer_is_sliding)
+    local_rope = self.cfg.local_rope_theta is not None
+
+    def run(h, state, sliding):
+      block = nnx.merge(graphdef, state)
+      mask, cos, sin = ctx.for_block(sliding, local_rope)
+      if ctx.prefix is None:
+        return block(h, cos, sin, mask)
+      h, hp = h  # the rows, and the shared prefix `[1, P, d]` they continue
+      kp, vp, hp = prefix_step(block, hp, sliding, True)
+      q, k, v = block.project(h, cos, sin)
+      return block.attend_and_mlp(h, q, *with_prefix(kp, vp, k, v), mask), hp
+
+    def prefix_step(block, hp, sliding, whole):
+      """The prefix's keys and values in `block`, and (`whole`) its output."""
+      mask, cos, sin = ctx.prefix.for_block(sliding, local_rope)
+      q, k, v = block.project(hp, cos, sin)
+      return k, v, (block.attend_and_mlp(hp, q, k, v, mask) if whole else hp)
+
+    def with_prefix(kp, vp, k, v):  # the prefix's keys first, for every row
+      grow = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (x.shape[0], *p.shape[1:])), x], 1)
+      return grow(kp, k), grow(vp, v)
+
+    if ctx.prefix is not None and block_index is None:
+      raise ValueError("a shared prefix runs in the gather form only (give block_index).")
+    if block_index is None:
+      def body(h, x):
+        state, valid, sliding, layer = x
+        h = jnp.where(valid, run(h, state, sliding), h)
+        return h, (None if readout is None else readout(h, layer))
+      layers = jnp.arange(1, self.cfg.num_layers + 1, dtype=jnp.int32)
+      return jax.lax.scan(body, h, (block_state, block_valid, is_sliding, layers))
+
+    steps = block_index.shape[0]
+    outs = None
+    if readout is not None:
+      outs = jax.tree.map(lambda v: jnp.zeros((steps, *v.shape), v.dtype),
+                          jax.eval_shape(readout, h, jnp.int32(0)))
+
+    def loop(s, carry):
+      h, outs = carry
+      index = block_index[s]
+      h = run(h, jax.tree.map(lambda w: w[index], block_state), is_sliding[index])
+      if readout is not None:
+        outs = jax.tree.map(lambda buf, v: buf.at[s].set(v), outs, readout(h, index + 1))
+      return h, outs
+
+    count = jnp.sum(block_valid.astype(jnp.int32))
+    if rows is None:
+      return jax.lax.fori_loop(0, count, loop, (h, outs))
+    if readout is not None:
+      raise ValueError("rows= reads the last step only; it takes no per-step readout.")
+    h, _ = jax.lax.fori_loop(0, jnp.maximum(count - 1, 0), loop, (h, outs))
+
+    def take(x):  # rows of `x` [B, T, ...] -> [B, R, ...]
+      return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def last_block(h):
+      index = block_index[count - 1]
+      block = nnx.merge(graphdef, jax.tree.map(lambda w: w[index], block_state))
+      mask, cos, sin = ctx.for_block(is_sliding[index], local_rope)
+      if ctx.prefix is not None:  # the prefix gives its keys and values only
+        h, hp = h
+        kp, vp, _ = prefix_step(block, hp, is_sliding[index], False)
+      q, k, v = block.project(h, cos, sin)
+      if ctx.prefix is not None:
+        k, v = with_prefix(kp, vp, k, v)
+      return block.attend_and_mlp(take(h), take(q), k, v, take(mask))
+
+    def rows_only(h):
+      return take(h if ctx.prefix is None else h[0])
+
+    # A drop-one candidate may have no step left (it dropped the last block).
+    return jax.lax.cond(count > 0, last_block, rows_only, h), None
+
+  def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
+                 block_valid: Array, readout: Callable[[Array], Any] | None = None,
+                 positions: Array | None = None, segments: Array | None = None,
+                 rows: Array | None = None, prefix: tuple[Array, Array] | None = None):
+    """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`, also for
+    `rows`; `positions`, `segments`: see `attention_context`). `prefix`: (ids, mask)
+    `[P]` of a prefix every row continues, computed once (the readout then sees the
+    pair (rows, prefix), see `scan_blocks`).
+
+    Returns the final residual of the rows `[B, T, d]`, `readout(h_0, 0)`, and the
+    stacked readouts after each step `[n, ...]` (both None without a readout).
+    """
+    h0 = self.embed_tokens(input_ids)
+    if prefix is not None:
+      ctx = self.attention_context(attention_mask, positions, segments, prefix_mask=prefix[1])
+      h0 = (h0, self.embed_tokens(prefix[0][None]))
+    else:
+      ctx = self.attention_context(attention_mask, positions, segments)
+    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout, rows=rows)
+    if prefix is not None and rows is None:
+      h = h[0]
+    return h, (None if readout is None else readout(h0, jnp.int32(0))), per_step
+
+
+class AttentionContext(NamedTuple):
+  """What every block needs besides the residual stream, computed once per batch."""
+  cos: Array          # [B, T, head_dim] float32
+  sin: Array          # [B, T, head_dim] float32
+  full_mask: Array    # [B, T, T] bool, True where a query may attend
+  sliding_mask: Array  # [B, T, T] bool, the same within the sliding window
+  cos_local: Array    # [B, T, head_dim] the sliding blocks' rope (Gemma 3), else = cos
+  sin_local: Array
+  # A shared prefix's own context ([1, P, ...]); the masks above are then [B, T, P + T].
+  prefix: "AttentionContext | None" = None
+
+  def for_block(self, sliding, local_rope: bool):
+    """The mask and rope tables of a block (`sliding`: a traced bool)."""
+    mask = jnp.where(sliding, self.sliding_mask, self.full_mask)
+    if not local_rope:
+      return mask, self.cos, self.sin
+    return (mask, jnp.where(sliding, self.cos_local, self.cos),
+            jnp.where(sliding, self.sin_local, self.sin))
+
+
+# ----------------------------------------------------------------------------
+# Pure forward functions (jit-compiled by DecoderModel).
+
+
+def _forward(graphdef, state, input_ids, attention_mask, block_index, block_valid,
+             hidden_source, *, want: str):
+  model = nnx.merge(graphdef, state)
+  if want == "logits":
+    h, _, _ = model.run_blocks(input_ids, attention_mask, block_index, block_valid)
+    return model.unembed(h)
+  _, h0, per_block = model.run_blocks(input_ids, attention_mask, block_index, block_valid,
+                                      readout=lambda h, layer: h)
+  # Residual stream after every original block: [h_0, outputs of the steps...]
+  # re-indexed so that a removed block repeats its input.
+  stream = jnp.concatenate([h0[None], per_block], axis=0)
+  return jnp.take(stream, hidden_source, axis=0)
+
+
+class DecoderModel:
+  """A converted checkpoint ready to run: the public Python API of dpjax.
+
+  `logits(input_ids, keep=None)` -> `[B, T, V]` and
+  `hidden_states(input_ids, keep=None)` -> `[L+1, B, T, d]` (the residual stream
+  before the final norm; HF's last `hidden_states` entry is after it). `keep`
+  is a boolean vector over blocks; None keeps all.
+  """
+
+  def __init__(self, config: ModelConfig, params: dict[str, Any], *, compute_dtype=None,
+               source: str | None = None):
+    self.config = config
+    self.source = source  # where it was loaded from (a directory or a GGUF file)
+    abstract = nnx.eval_shape(
+        lambda: Transformer(config, compute_dtype=compute_dtype, rngs=nnx.Rngs(0)))
+    self.graphdef, state = nnx.split(abstract)
+    _check_params(nnx.to_pure_dict(state), params)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    self.state = state
+    self.compute_dtype = abstract.compute_dtype
+    self._jitted = {
+        want: jax.jit(functools.partial(_forward, self.graphdef, want=want))
+        for want in ("logits", "hidden_states")
+    }
+
+  @classmethod
+  def from_module(cls, module: Transformer) -> "DecoderModel":
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module)))
+    return cls(module.cfg, params, compute_dtype=module.compute_dtype)
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+  def place(self, placement) -> "DecoderModel":
+    """Moves the weights onto `placement`'s mesh (a `dpjax.engine.devices.Placement`)."""
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(self.state))
+    nnx.replace_by_pure_dict(self.state, placement.params(params))
+    return self
+
+  def params(self) -> dict[str, Any]:
+    """The weights as a nested dict of arrays (dpjax names, stacked blocks)."""
+    return nnx.to_pure_dict(self.state)
+
+  def module(self) -> Transformer:
+    """The NNX module, for code that wants to call its methods directly."""
+    return nnx.merge(self.graphdef, self.state)
+
+  def logits(self, input_ids, keep=None, attention_mask=None, *, gather: bool = True) -> Array:
+    """`[B, T, V]` logits with only the blocks in `keep` (`[layers]` bool) run."""
+    return self._run("logits", input_ids, keep, attention_mask, gather)
+
+  def hidden_states(self, input_ids, keep=None, attention_mask=None, *,
+                    gather: bool = True) -> Array:
+    """`[L+1, B, T, d]`: `h_0` and the residual after every block (removed = identity)."""
+    return self._run("hidden_states", input_ids, keep, attention_mask, gather)
+
+  def _run(self, want, input_ids, keep, attention_mask, gather):
+    # Host arrays go into the jitted function as they are: under a multi-process
+    # mesh a single-device array could not be resharded, a numpy one can.
+    input_ids = np.asarray(input_ids)
+    chex.assert_rank(input_ids, 2)
+    if not np.issubdtype(input_ids.dtype, np.integer):
+      raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is None:
+      attention_mask = np.ones(input_ids.shape, np.int32)
+    attention_mask = np.asarray(attention_mask)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    plan = KeepPlan.from_mask(keep, self.num_layers)
+    if gather and not plan.is_full:
+      (index, valid), source = plan.steps(), plan.hidden_source
+    else:  # Mask form (also when every block is kept: there is nothing to skip).
+      index, valid, source = None, plan.mask, np.arange(self.num_layers + 1, dtype=np.int32)
+    return self._jitted[want](self.state, input_ids, attention_mask, index, valid, source)
+
+
+def _check_params(expected: dict, given: dict, prefix: str = "") -> None:
+  """Refuses a parameter tree that does not match the model's (names and shapes)."""
+  missing = sorted(set(expected) - set(given))
+  extra = sorted(set(given) - set(expected))
+  if missing or extra:
+    raise ValueError(f"parameter tree mismatch at '{prefix or '/'}': missing {missing}, "
+                     f"unexpected {extra}.")
+  for key, value in expected.items():
+    path = f"{prefix}/{key}"
+    if isinstance(value, dict):
+      _check_params(value, given[key], path)
+    elif tuple(value.shape) != tuple(np.shape(given[key])):
+      raise ValueError(f"parameter {path} has shape {tuple(np.shape(given[key]))}, "
+                       f"expected {tuple(value.shape)}.")

@@ -1,0 +1,1 @@
+"""The report: result files, figures and the summary."""

@@ -1,0 +1,1 @@
+"""Serving pruned variants: the KV-cache server and the throughput measurement."""

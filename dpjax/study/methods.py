@@ -1,0 +1,431 @@
+"""The study's pruning methods, as a registry: each proposes masks, the sweep evaluates them.
+
+Every method is a function of the study's `Context` that adds its results to
+a `StudyResults`: one `MethodResult` per curve (Iterative Pruning adds one per
+criterion) or, for `phase`, the `PhaseExperiment`. `METHODS` maps the names
+`--methods` takes to those functions, in the order a study runs them; the
+collapse point of every curve is added afterwards, in one place
+(`study.run`). Masks are evaluated on the evaluation items; blocks are chosen
+on the calibration items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from dpjax import tasks
+from dpjax.study import metrics
+from dpjax.study import pruning
+from dpjax.engine import resume
+from dpjax.serve import server as serve
+from dpjax.study import statistics
+from dpjax.tasks import scoring
+from dpjax.engine.devices import Placement, is_main_process
+from dpjax.lens.readout import Readout
+from dpjax.study.results import (ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread,
+                           StudyResults, bootstrap_ci)
+from dpjax.engine.sweep import FinalStats, Sweep
+
+if TYPE_CHECKING:  # the settings import this module for its method names
+  from dpjax.study.settings import Settings
+
+
+@dataclasses.dataclass
+class Context:
+  """What every method shares: the model, the item sets and their sweeps, the saved state."""
+  settings: Settings
+  model: Any
+  tokenizer: Any
+  evaluation: tasks.EncodedTask
+  calibration: tasks.EncodedTask | None
+  pad_id: int
+  placement: Placement | None
+  eval_sweep: Sweep
+  cal_sweep: Sweep | None
+  split: str = ""
+  fewshot_split: str | None = None
+  state: resume.RunState | None = None
+  calibration_transition: int | None = None  # l* of the unpruned model, calibration items
+  lens_record: dict[str, Any] | None = None  # the tuned lens's, when one is used
+  logit_eval_sweep: Sweep | None = None      # the logit lens beside a tuned one
+  fit: Any = None                            # the chunking the fit step chose (`dpjax.engine.fit`)
+  transition_items: tasks.EncodedTask | None = None  # the calibration items l* is read on
+  transition_sweep: Sweep | None = None
+
+  @property
+  def num_layers(self) -> int:
+    return self.model.num_layers
+
+  @functools.cached_property
+  def unpruned_point(self) -> CurvePoint:
+    """Every curve starts here (evaluated once per study)."""
+    return curve(self, np.ones((1, self.num_layers), bool), "unpruned",
+                 with_exact_match=self.settings.format == "open")[0]
+
+  @functools.cached_property
+  def influence_and_angles(self) -> tuple[np.ndarray, np.ndarray]:
+    """Block influence `[L]` (every calibration token) and angular distances `[L+1, L+1]`
+    (answer positions) of the unpruned model."""
+    answer_states = []
+
+    def hidden():
+      for batch in self.cal_sweep.batches:
+        batch = batch.unshared()  # whole prompts: every token counts, shots included
+        states = np.asarray(self.model.hidden_states(batch.input_ids,
+                                                     attention_mask=batch.attention_mask))
+        rows = batch.index >= 0
+        answer_states.append(states[:, rows, -1])
+        yield states[:, rows], batch.attention_mask[rows]
+
+    influence = pruning.block_influence(hidden())
+    return influence, pruning.angular_distances(np.concatenate(answer_states, axis=1))
+
+  @property
+  def influence(self) -> np.ndarray:
+    return self.influence_and_angles[0]
+
+
+# Masks whose metrics are computed in one compiled call (the last chunk is padded), so a
+# study compiles its metrics once per item set, not once per curve length.
+PROFILE_CHUNK = 16
+
+
+def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> metrics.Profile:
+  """Every metric of readouts `[..., L+1, N, K]` (a mask axis or none), with the transition
+  rule `s` asks for."""
+  single = readout.option_logits.ndim == 3
+  fields = [readout.option_logits, readout.log_normalizer, readout.option_logprob]
+  if single:
+    fields = [None if f is None else f[None] for f in fields]
+  count = fields[0].shape[0]
+  parts = []
+  for start in range(0, count, PROFILE_CHUNK):
+    take = np.minimum(np.arange(start, start + PROFILE_CHUNK), count - 1)  # pad: the last
+    logits, normalizer, logprob = (None if f is None else np.asarray(f)[take] for f in fields)
+    parts.append(jax.device_get(metrics.profile_jit(
+        logits, normalizer, encoded.answer, encoded.num_options,
+        normalization=s.normalization, tau=s.transition_tau, delta=s.accuracy_delta,
+        option_logprob=logprob, chance=encoded.chance)))
+  # numpy from here: indexing device arrays compiles a program per shape
+  prof = jax.tree.map(lambda *xs: np.concatenate(xs)[:count] if np.ndim(xs[0]) else xs[0],
+                      *parts)
+  if single:
+    prof = jax.tree.map(lambda x: x[0] if np.ndim(x) else x, prof)
+  if s.transition_rule == "accuracy":
+    prof = prof._replace(transition=prof.accuracy_transition)
+  return prof
+
+
+# New tokens generated for the open format's exact match (lm-eval stops at a newline).
+OPEN_NEW_TOKENS = 16
+
+
+def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
+  """The open format's exact match of the variant `mask` on the evaluation items: greedy
+  generation (up to 16 new tokens, cut at the first newline) through the KV-cache
+  server, normalized as lm-eval normalizes NQ-open / TriviaQA answers."""
+  server = serve.Server(ctx.model, mask, bucketed=True)
+  items = ctx.evaluation.items
+  articles = ctx.settings.task == "nq_open"
+  hits = 0
+  for batch in ctx.eval_sweep.batches:
+    batch = batch.unshared()  # generation runs whole prompts
+    rows = batch.index >= 0
+    tokens = np.asarray(server.generate(batch.input_ids, batch.attention_mask,
+                                        max_new_tokens=OPEN_NEW_TOKENS))
+    texts = ctx.tokenizer.batch_decode(tokens[rows], skip_special_tokens=True)
+    hits += sum(scoring.exact_match(text, items[i].golds, articles)
+                for i, text in zip(batch.index[rows], texts))
+  return hits / len(items)
+
+
+def curve(ctx: Context, masks: np.ndarray, description: str,
+          with_exact_match: bool = False, per_layer: bool = True) -> list[CurvePoint]:
+  """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile
+  (and, `with_exact_match`, the open format's exact match of greedy generation).
+  Without `per_layer`, only the last kept block is read: the per-layer profile is
+  NaN but there, and the point has no transition block. In a run with saved state
+  a finished curve is saved, and a resumed run restores it instead of evaluating
+  it again."""
+  masks = np.asarray(masks, bool)
+  key = _curve_key(masks, per_layer, with_exact_match)
+  record = f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}"
+  saved = ctx.state.load(record) if ctx.state is not None else None
+  if saved is not None and saved["key"] == key:
+    if is_main_process():
+      print(f"{description}: curve of {len(masks)} variants restored from the saved state",
+            flush=True)
+    return [CurvePoint.from_state(p) for p in saved["points"]]
+  points = _evaluate_curve(ctx, masks, description, with_exact_match, per_layer)
+  if ctx.state is not None:  # a finished curve is kept: a resumed run does not repeat it
+    step = 1 if saved is None else saved["step"] + 1
+    ctx.state.save(record, step, {"key": key, "step": step,
+                                  "points": [p.to_state() for p in points]})
+  return points
+
+
+def _curve_key(masks: np.ndarray, per_layer: bool, with_exact_match: bool) -> str:
+  """What a saved curve must match to be reused (the settings are checked by RunState)."""
+  digest = hashlib.sha256(np.packbits(masks).tobytes() + str(masks.shape).encode())
+  return f"{digest.hexdigest()}:{int(per_layer)}{int(with_exact_match)}"
+
+
+def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exact_match: bool,
+                    per_layer: bool) -> list[CurvePoint]:
+  readout = ctx.eval_sweep.readouts(masks, description=description, final_only=not per_layer)
+  prof = profile_of(readout, ctx.evaluation, ctx.settings)
+  answer = ctx.evaluation.answer
+  points = []
+  for m, mask in enumerate(masks):
+    last = int(np.flatnonzero(mask)[-1]) + 1  # the final readout's layer
+    rows = np.arange(len(answer))
+    if readout.option_logprob is not None:  # cloze: the correct continuation's log-probability
+      nll = -readout.option_logprob[m, last][rows, answer]
+    else:
+      nll = readout.log_normalizer[m, last] - readout.option_logits[m, last][rows, answer]
+    l_star = int(prof.transition[m])
+    points.append(CurvePoint(
+        removed=int((~mask).sum()),
+        kept=tuple(int(b) + 1 for b in np.flatnonzero(mask)),
+        accuracy=float(prof.accuracy[m, last]),
+        mean_final_dm={norm: float(prof.margin_summary[norm].mean[m, last])
+                       for norm in metrics.NORMALIZATIONS},
+        nll=float(np.mean(nll)),
+        transition_block=None if l_star == metrics.NO_TRANSITION or not per_layer else l_star,
+        layer_mean_dm=np.asarray(prof.margin_summary[ctx.settings.normalization].mean[m]),
+        layer_accuracy=np.asarray(prof.accuracy[m]),
+        item_correct=np.asarray(prof.top[m, last]) == answer,
+        item_final_dm=np.asarray(prof.margin[ctx.settings.normalization][m, last]),
+        exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
+  return points
+
+
+def _stats_json(stats: FinalStats) -> dict[str, float]:
+  n = max(int(stats.items), 1)
+  return {"accuracy": stats.correct / n, "mean_final_dm_vocab": stats.margin_sum / n,
+          "nll": stats.nll_sum / n}
+
+
+def _removal_masks(removed: Sequence[int], num_layers: int) -> np.ndarray:
+  """`[n, L]`: mask `i` removes the first `i + 1` blocks of `removed` (0-based)."""
+  masks = np.ones((len(removed), num_layers), bool)
+  for n in range(len(removed)):
+    masks[n, list(removed[:n + 1])] = False
+  return masks
+
+
+def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
+                     kind: str = "iterative") -> MethodResult:
+  """Iterative Pruning, resumable step by step; the curve on the evaluation items."""
+  state = ctx.state
+  saved = state.load(name) or {"removed": [], "calibration": [], "done": False}
+  if not saved["done"]:
+    removed, calibration = list(saved["removed"]), list(saved["calibration"])
+
+    def on_step(block, kept, stats):
+      removed.append(block)
+      calibration.append(_stats_json(stats))
+      state.save(name, len(removed), {"removed": removed, "calibration": calibration,
+                                      "done": False})
+      if is_main_process():
+        print(f"{name}: step {len(removed)}: removed block {block + 1}, {len(kept)} left, "
+              f"calibration accuracy {calibration[-1]['accuracy']:.3f} (state saved)", flush=True)
+
+    pruning.iterative_prune(ctx.cal_sweep, criterion=criterion,
+                            min_layers=ctx.settings.min_layers, done=removed, allowed=allowed,
+                            on_step=on_step)
+    saved = {"removed": removed, "calibration": calibration, "done": True}
+    state.save(name, len(removed) + 1, saved)
+  removed = [int(b) for b in saved["removed"]]
+  points = curve(ctx, _removal_masks(removed, ctx.num_layers), name,
+                 with_exact_match=ctx.settings.format == "open")
+  order = {"criterion": criterion, "removed_order": [b + 1 for b in removed],
+           "calibration": saved["calibration"]}
+  return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points, order=order)
+
+
+def one_shot_curve(ctx: Context, masks: np.ndarray, name: str) -> list[CurvePoint]:
+  """A one-shot baseline's points (per layer unless --curve_layers=iterative)."""
+  return curve(ctx, masks, name, per_layer=ctx.settings.curve_layers == "all")
+
+
+def one_shot_result(ctx: Context, name: str, ranking: Sequence[int]) -> MethodResult:
+  masks = pruning.masks_from_ranking(ranking, ctx.num_layers)
+  return MethodResult(kind="one_shot", curve=[ctx.unpruned_point] + one_shot_curve(ctx, masks, name),
+                      order={"ranking": [b + 1 for b in ranking]})
+
+
+# ----------------------------------------------------------------------------
+# The methods.
+
+
+def run_iterative(ctx: Context, out: StudyResults) -> None:
+  for criterion in ctx.settings.criteria:
+    name = f"iterative_{criterion}"
+    out.methods[name] = iterative_result(ctx, criterion, name)
+
+
+def run_block_influence(ctx: Context, out: StudyResults) -> None:
+  out.methods["block_influence"] = one_shot_result(
+      ctx, "block_influence", pruning.block_influence_ranking(ctx.influence))
+
+
+def run_angular(ctx: Context, out: StudyResults) -> None:
+  distances = ctx.influence_and_angles[1]
+  blocks = [pruning.angular_blocks(distances, n) for n in range(1, ctx.num_layers)]
+  masks = np.ones((len(blocks), ctx.num_layers), bool)
+  for m, removed in enumerate(blocks):
+    masks[m, removed] = False
+  out.methods["angular"] = MethodResult(
+      kind="one_shot", curve=[ctx.unpruned_point] + one_shot_curve(ctx, masks, "angular"),
+      order={"removed_sets": [[b + 1 for b in r] for r in blocks]})
+
+
+def run_single_layer(ctx: Context, out: StudyResults) -> None:
+  saved = ctx.state.load("single_layer_ranking") if ctx.state is not None else None
+  if saved is None:
+    drop = ctx.cal_sweep.drop_one(list(range(ctx.num_layers)))
+    saved = {"ranking": [int(b) for b in pruning.single_layer_ranking(drop)]}
+    if ctx.state is not None:
+      ctx.state.save("single_layer_ranking", 1, saved)
+  out.methods["single_layer"] = one_shot_result(ctx, "single_layer", saved["ranking"])
+
+
+def run_reverse(ctx: Context, out: StudyResults) -> None:
+  out.methods["reverse"] = one_shot_result(ctx, "reverse", pruning.reverse_ranking(ctx.num_layers))
+
+
+def run_random(ctx: Context, out: StudyResults) -> None:
+  L = ctx.num_layers
+  seeds = list(range(ctx.settings.random_seeds))
+  rankings = [pruning.random_ranking(L, seed) for seed in seeds]
+  masks = np.concatenate([pruning.masks_from_ranking(r, L) for r in rankings])
+  points = one_shot_curve(ctx, masks, "random")
+  per_seed = [points[i * (L - 1):(i + 1) * (L - 1)] for i in range(len(seeds))]
+  unpruned = ctx.unpruned_point
+  mean_curve = [unpruned]
+  for n in range(L - 1):
+    accs = [seed_points[n].accuracy for seed_points in per_seed]
+    dms = [seed_points[n].mean_final_dm["vocab"] for seed_points in per_seed]
+    mean_curve.append(CurvePoint(
+        removed=n + 1, accuracy=float(np.mean(accs)), mean_final_dm={"vocab": float(np.mean(dms))},
+        spread=Spread(float(np.std(accs)), float(np.min(accs)), float(np.max(accs)))))
+  out.methods["random"] = MethodResult(
+      kind="one_shot", curve=mean_curve,
+      order={"seeds": seeds, "rankings": [[b + 1 for b in r] for r in rankings]},
+      per_seed_curves=[[unpruned] + p for p in per_seed])
+
+
+def phase_ks(max_k: int, which: str) -> list[int]:
+  """The k values of the phase experiment: every k up to `max_k` ("all"), or 1, 2, 4, ...
+  below it and `max_k` itself ("doublings")."""
+  if which == "all":
+    return list(range(1, max_k + 1))
+  return sorted({2 ** i for i in range(max_k.bit_length()) if 2 ** i < max_k} | {max_k})
+
+
+def _no_transition(s) -> str:
+  """Why a phase method skips: l* is read on the calibration items, under the run's rule."""
+  return f"the unpruned model has no transition on the calibration items ({s.transition_rule} rule)"
+
+
+def run_phase(ctx: Context, out: StudyResults) -> None:
+  """Silent arm against Decisive arm per selection rule, `k` blocks each (or the same share
+  of each phase, `--phase_sizing=fraction`), and the two arms compared paired on the
+  same evaluation items at every (rule, k), Holm-adjusted over all of them."""
+  s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
+  if l_star is None or l_star <= 1:
+    why = (_no_transition(s) if l_star is None
+           else "the Silent Phase is empty (transition at block 1 on the calibration items)")
+    out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=why)
+    return
+  experiment = PhaseExperiment(transition_block=l_star, num_layers=L, sizing=s.phase_sizing)
+  comparisons = []
+  for selection in s.phase_selections:
+    seeds = list(range(s.phase_seeds)) if selection == "random" else [0]
+    orders = [pruning.phase_removals(l_star, L, selection, ctx.influence, seed)
+              for seed in seeds]
+    n_silent, n_decisive = len(orders[0]["silent"]), len(orders[0]["decisive"])
+    if not n_silent or not n_decisive:  # a control whose arm has nothing left to remove
+      continue
+    sizes = pruning.phase_sizes(n_silent, n_decisive, s.phase_sizing, s.phase_max_k)
+    chosen_ks = set(phase_ks(len(sizes), s.phase_ks))
+    sizes = [size for size in sizes if size[0] in chosen_ks]
+    masks, where = [], []
+    for seed, order in zip(seeds, orders):
+      for k, k_silent, k_decisive in sizes:
+        for arm, n in (("silent", k_silent), ("decisive", k_decisive)):
+          mask = np.ones(L, bool)
+          mask[order[arm][:n]] = False
+          masks.append(mask)
+          where.append((arm, k, seed))
+    points = one_shot_curve(ctx, np.array(masks), f"phase {selection}")
+    arms: dict[str, list[ArmPoint]] = {"silent": [], "decisive": []}
+    for k, k_silent, k_decisive in sizes:
+      outcomes = {}
+      for arm in arms:
+        chosen = [p for p, (a, kk, _) in zip(points, where) if a == arm and kk == k]
+        accs = [p.accuracy for p in chosen]
+        outcomes[arm] = np.stack([p.item_correct for p in chosen])  # [seeds, N]
+        arms[arm].append(ArmPoint(
+            k=k, removed_sets=[[b for b in range(1, L + 1) if b not in p.kept] for p in chosen],
+            accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
+            mean_final_dm={norm: float(np.mean([p.mean_final_dm[norm] for p in chosen]))
+                           for norm in metrics.NORMALIZATIONS},
+            accuracy_ci95=bootstrap_ci(outcomes[arm].mean(0)), points=chosen))
+      sized = ({} if s.phase_sizing == "count"
+               else {"k_silent": k_silent, "k_decisive": k_decisive})
+      comparisons.append(statistics.compare_arms(selection, k, outcomes["silent"],
+                                                 outcomes["decisive"], **sized))
+    experiment.arms[selection] = arms
+    experiment.max_k = max(experiment.max_k, max(size[0] for size in sizes))
+  experiment.comparisons = statistics.with_holm(comparisons)
+  out.phase_experiment = experiment
+
+
+def run_phase_aware(ctx: Context, out: StudyResults) -> None:
+  """Prune inside the Decisive Phase only (most redundant first) until it is
+  exhausted, then go on greedily over every block to show what happens next."""
+  l_star = ctx.calibration_transition
+  if l_star is None:
+    out.methods["phase_aware"] = MethodResult.skip(
+        "phase_aware", _no_transition(ctx.settings), transition_block=None)
+    return
+  decisive = set(range(l_star - 1, ctx.num_layers))
+  if len(decisive) == 1:  # its first step would be the phase experiment's Decisive arm, k=1
+    out.methods["phase_aware"] = MethodResult.skip(
+        "phase_aware", "the Decisive Phase is one block (its removal is the phase "
+        "experiment's Decisive arm at k = 1; what follows is Iterative Pruning)",
+        transition_block=l_star)
+    return
+
+  def allowed(kept):
+    inside = [b for b in kept if b in decisive]
+    return inside or kept
+
+  result = iterative_result(ctx, ctx.settings.criteria[0], "phase_aware", allowed=allowed,
+                            kind="phase_aware")
+  # Steps after which no Decisive-Phase block is left (None: pruning stopped first).
+  reachable = len(decisive) <= ctx.num_layers - ctx.settings.min_layers
+  result.details = {"transition_block": l_star,
+                    "decisive_exhausted_at": len(decisive) if reachable else None}
+  out.methods["phase_aware"] = result
+
+
+METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
+    "iterative": run_iterative,
+    "block_influence": run_block_influence,
+    "angular": run_angular,
+    "single_layer": run_single_layer,
+    "reverse": run_reverse,
+    "random": run_random,
+    "phase": run_phase,
+    "phase_aware": run_phase_aware,
+}

@@ -1,0 +1,101 @@
+"""Smoke test of `python -m benchmarks.run --quick`: it runs, and its correctness checks pass.
+
+No timing is asserted: the figures belong in benchmarks/RESULTS.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.support.reference import HFIterativeReference
+from tests.support import reference
+from dpjax.tasks import synthetic
+from dpjax import tasks
+
+
+def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick",
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  cases = {c["case"]: c for c in results["iterative"]}
+  # Both models ran, and each matched the HF reference's sequence and margins.
+  assert set(cases) == {"bundled model", "random Llama"}
+  for case in cases.values():
+    assert case["removed_order"] == case["reference_removed_order"]
+    assert case["max_mean_margin_difference"] <= 1e-4
+    assert len(case["removed_order"]) == case["layers"] - case["min_layers"]
+    assert case["block_evaluations"]["executed"] >= case["block_evaluations"]["minimum"]
+  assert [r["blocks_removed"] for r in results["serving"]["rows"]] == [0, 1, 2]
+  assert [r["masks"] for r in results["scaling"]["by_masks"]] == [1, 4, 16]
+  # A program's working memory grows with the masks it runs together (each brings its own
+  # activations), which is what bounds a sweep's peak whatever the number of masks.
+  temp = {(r["masks_per_program"], r["final_only"]): r["temp_mb"]
+          for r in results["scaling"]["program_memory"]}
+  for final_only in (False, True):
+    assert 0 < temp[(1, final_only)] < temp[(4, final_only)] < temp[(16, final_only)]
+    assert temp[(16, final_only)] < 16 * temp[(1, final_only)] + 1
+  markdown = (tmp_path / "RESULTS.md").read_text()
+  assert "Iterative Pruning against HF PyTorch" in markdown and "random Llama" in markdown
+  assert "| masks per program |" in markdown
+
+
+def _tiny_hf_llama():
+  """A synthetic-suite tokenizer, a random 4-block HF Llama over it and its config."""
+  tokenizer = synthetic.build_tokenizer(synthetic.training_text(synthetic.generate("train", 200)),
+                                        300)
+  config = dict(reference.VARIANTS["llama_gqa_tied_sharded"].config, vocab_size=len(tokenizer))
+  return tokenizer, config, reference.build_hf_model("llama", config, seed=2).eval()
+
+
+def test_reference_readouts_are_hf_hidden_states_through_the_lens(tmp_path):
+  """The reference's lens equals HF's own logits at the last layer, and norm + lm_head of
+  the returned hidden states elsewhere (computed here from `hf_forward`)."""
+  import torch
+  tokenizer, config, model = _tiny_hf_llama()
+  items = synthetic.generate("test", 6)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+  batch_list = tasks.batches(encoded, 4, tokenizer.pad_token_id)
+  ref = HFIterativeReference(model, batch_list)
+  kept = [0, 2]
+  z, lse, answer = ref.readouts(kept)
+  assert z.shape == (3, 6, 4) and np.array_equal(np.sort(answer), np.sort(encoded.answer))
+
+  pruned = reference.delete_blocks(reference.build_hf_model("llama", config, seed=2),
+                                      np.array([True, False, True, False]))
+  batch = batch_list[0]
+  logits, hidden = reference.hf_forward(pruned.eval(), batch.input_ids, batch.attention_mask)
+  with torch.no_grad():
+    h = torch.as_tensor(hidden[:, :, -1])
+    lens = pruned.lm_head(torch.cat([pruned.model.norm(h[:-1]), h[-1:]])).double().numpy()
+  lens[-1] = logits[:, -1]
+  want = np.take_along_axis(lens, batch.letter_ids[None], axis=-1)
+  np.testing.assert_allclose(z[:, :4], want, atol=1e-4)
+
+
+def test_reference_following_another_order_still_scores_every_candidate():
+  """With `follow`, the reference removes the given blocks but records its own pick and
+  that pick's scores, which equal an unforced run's at the first step (same kept set)."""
+  tokenizer, config, model = _tiny_hf_llama()
+  items = synthetic.generate("test", 8)
+  encoded = tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items])
+  ref = HFIterativeReference(model, tasks.batches(encoded, 4, tokenizer.pad_token_id))
+  own = ref.iterative_prune(4, 1)
+  assert [s["removed"] for s in own] == [s["choice"] for s in own]
+  # Follow an order that starts with a block the reference does not pick first.
+  first = next(b for b in range(4) if b != own[0]["choice"])
+  follow = [first] + [b for b in range(4) if b != first][:2]
+  forced = ref.iterative_prune(4, 1, follow=follow)
+  assert [s["removed"] for s in forced] == follow
+  assert forced[0]["choice"] == own[0]["choice"] != forced[0]["removed"]
+  assert forced[0]["choice_accuracy"] == own[0]["accuracy"]
+  assert forced[0]["choice_margin"] == own[0]["margin"]
+  # The followed block's own scores: those of the kept set without it, read afresh.
+  acc, margin = ref.final_scores(*ref.readouts([b for b in range(4) if b != first]))
+  assert (forced[0]["accuracy"], forced[0]["margin"]) == (acc, margin)
