@@ -46,6 +46,9 @@ _OUT_DIR = flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each short measurement.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite RESULTS.md from the "
                                   "results.json in --out_dir (no measurement).")
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    "Where the other suites' results are read from for RESULTS.md.")
 _MODEL = flags.DEFINE_string("bundled_model", None, "The bundled model's directory (default: the "
                              "one installed with dpjax); empty: skip it.")
 
@@ -490,7 +493,7 @@ def results_markdown(r: dict[str, Any]) -> str:
     for m in sorted({r["masks_per_program"] for r in memory}):
       lines.append(f"| {m} | {by[(m, False)]:.1f} | {by[(m, True)]:.1f} |")
   from benchmarks import measured
-  where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  where = _RESULTS_DIR.value
   plan = measured._read(os.path.join(where, "plan.json"))
   for side in (measured.planning_markdown(plan) if plan else "",
                measured.interleaved_markdown(os.path.join(where, "interleaved.json")),

@@ -235,19 +235,21 @@ def verdict_markdown(found, runs) -> str:
                    f"{kept.difference:+.3f} [{kept.ci95[0]:+.3f}, {kept.ci95[1]:+.3f}] "
                    f"({kept.holm_p:.2g}) |")
   # Limits.
-  models = sorted({run.model for run, _ in found})
+  models = sorted({run.model for run in runs})
   lines += ["", "## Limits", "",
             "- Precision: every model is a 4-bit GGUF file, dequantized to float32 ("
             + "; ".join(PRECISION.get(m, m) for m in models) + "): the quantized weights, not "
-            "the published full-precision ones.",
-            "- Items: " + "; ".join(sorted({f"{r['task']['num_items']} evaluation items"
-                                            for _, r in found})) + " per run; the "
-            "transition is read on " + ", ".join(sorted({str((r.get('calibration_transition')
-                                                                or {}).get('items', '-'))
-                                                           for _, r in found})) +
-            " calibration items, the pruning search uses "
-            + ", ".join(sorted({str(r['task']['num_calibration_items']) for _, r in found}))
-            + " of them."]
+            "the published full-precision ones."]
+  if found:
+    lines.append(
+        "- Items: " + "; ".join(sorted({f"{r['task']['num_items']} evaluation items"
+                                        for _, r in found})) + " per run; the "
+        "transition is read on " + ", ".join(sorted({str((r.get('calibration_transition')
+                                                            or {}).get('items', '-'))
+                                                       for _, r in found})) +
+        " calibration items, the pruning search uses "
+        + ", ".join(sorted({str(r['task']['num_calibration_items']) for _, r in found}))
+        + " of them.")
   ran = {run.name for run, _ in found}
   missing = [run.name for run in runs if run.name not in ran]
   if missing:
@@ -284,6 +286,15 @@ def write_report(out_dir: str, runs) -> str:
   lines = ["# dpjax on real pretrained models: does the Silent/Decisive asymmetry hold?", ""]
   if not found:
     lines.append("No run has finished yet.")
+    older = sorted(name for name in (os.listdir(os.path.join(out_dir, "runs"))
+                                     if os.path.isdir(os.path.join(out_dir, "runs")) else ())
+                   if not os.path.isfile(os.path.join(out_dir, "runs", name, "variants.jsonl")))
+    if older:
+      lines += ["", f"{len(older)} runs under `runs/` ({', '.join(older)}) were made before "
+                "per-item outcomes were written: without `variants.jsonl` they cannot be "
+                "compared paired, and are left out of this report and the verdict. "
+                "`python -m benchmarks.real_study --methods=phase` runs the plan's first "
+                "pass again with them, cheapest run first."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(out_dir, "REPORT.md"), text)
     return text

@@ -43,7 +43,7 @@ from dpjax.model.transformer import DecoderModel
 from dpjax.model.plan import KeepPlan, bucket_size, stacked_steps
 from dpjax.engine.progress import Progress
 from dpjax.lens.readout import (DecisionReader, Lens, Readout, Reads, default_in_flight, last_layer,
-                           map_masks, packing, read_rows, residual_rows, shared_prefix)
+                                map_masks, packing, read_rows, residual_rows, shared_prefix)
 from dpjax.tasks import EncodedTask, batches
 
 

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.engine.devices import fetch
-from dpjax.model.transformer import DecoderModel, Transformer, rms_norm, soft_cap
+from dpjax.model.transformer import DecoderModel, Transformer
+from dpjax.model.layers import rms_norm, soft_cap
 from dpjax.model.plan import KeepPlan, layers_from_steps, stacked_steps
 from dpjax.engine.progress import Progress
 from dpjax.tasks import Batch, EncodedTask, batches

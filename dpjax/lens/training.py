@@ -41,7 +41,7 @@ from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.fileio import atomic_write_text
 from dpjax.fields import setting
 from dpjax.model.load import load_model
-from dpjax.model.transformer import rms_norm, soft_cap
+from dpjax.model.layers import rms_norm, soft_cap
 from dpjax.engine.progress import Progress
 from dpjax.lens.readout import unembedding_f32
 

@@ -26,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.model.transformer import AttentionContext, DecoderModel, rope_inv_freq, rope_tables
+from dpjax.model.transformer import DecoderModel
+
+from dpjax.model.block import AttentionContext
+
+from dpjax.model.layers import rope_inv_freq, rope_tables
 from dpjax.model.plan import KeepPlan
 
 Array = jax.Array

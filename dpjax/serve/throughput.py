@@ -33,6 +33,7 @@ import numpy as np
 
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.fields import setting
+from dpjax.model.plan import keep_mask
 
 RESULTS_FILE = "throughput.json"
 CSV_FILE = "throughput.csv"
@@ -193,7 +194,7 @@ def measure(settings: ThroughputSettings) -> dict[str, Any]:
     _check_tokens(model, hf(), check.kept, rng.integers(3, vocab, size=(2, 16)))
   rows = []
   for variant in variants:
-    keep = dpjax.keep_mask(variant.kept, n)
+    keep = keep_mask(variant.kept, n)
     server = serve.Server(model, keep)
     for b, p, t in configs:
       if placement is not None:
@@ -320,7 +321,6 @@ def _hf_generate(hf, kept, ids, new_tokens):
 
 
 def _check_tokens(model, hf, kept, ids) -> None:
-  from dpjax.model.plan import keep_mask
   from dpjax.serve import server as serve
   got = np.asarray(serve.Server(model, keep_mask(kept, model.num_layers)).generate(
       ids.astype(np.int32), max_new_tokens=8))

@@ -30,7 +30,7 @@ from dpjax.tasks import scoring
 from dpjax.engine.devices import Placement, is_main_process
 from dpjax.lens.readout import Readout
 from dpjax.study.results import (ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread,
-                           StudyResults, bootstrap_ci)
+                                 StudyResults, bootstrap_ci)
 from dpjax.engine.sweep import FinalStats, Sweep
 
 if TYPE_CHECKING:  # the settings import this module for its method names

@@ -42,7 +42,7 @@ from dpjax.model.load import load_model
 from dpjax.study.methods import METHODS, Context, profile_of
 from dpjax.lens.readout import Lens, Readout
 from dpjax.study.results import (EngineCounters, FullProfile, StudyResults, SubjectProfile,
-                           bootstrap_ci)
+                                 bootstrap_ci)
 from dpjax.study.settings import Settings
 from dpjax.engine.sweep import Sweep
 

@@ -1,4 +1,4 @@
-"""Smoke test of `python -m benchmarks.run --quick`: it runs, and its correctness checks pass.
+"""Smoke test of `python -m benchmarks core --quick`: it runs, and its correctness checks pass.
 
 No timing is asserted: the figures belong in benchmarks/RESULTS.md, not in tests.
 """
@@ -19,7 +19,7 @@ from dpjax import tasks
 
 
 def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick",
+  result = subprocess.run([sys.executable, "-m", "benchmarks", "core", "--quick",
                            f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "results.json") as f:
@@ -44,6 +44,24 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
   markdown = (tmp_path / "RESULTS.md").read_text()
   assert "Iterative Pruning against HF PyTorch" in markdown and "random Llama" in markdown
   assert "| masks per program |" in markdown
+
+
+def test_a_smoke_run_never_writes_into_the_committed_results():
+  """`--quick` without `--out_dir` sends every suite's output into a new temporary
+  directory; the full run sends them to benchmarks/results/ (the core suite beside it)."""
+  import os
+  import tempfile
+  from benchmarks import __main__ as harness
+  temp = tempfile.mkdtemp(prefix="dpjax_benchmarks_")
+  for name, suite in harness.SUITES.items():
+    quick = harness.command(name, temp, quick=True)
+    outs = [a.split("=", 1)[1] for a in quick if a.startswith(suite.out_flag + "=")]
+    assert len(outs) == 1 and outs[0].startswith(temp), (name, quick)
+    full = harness.command(name, harness.RESULTS_DIR, quick=False)
+    target = [a.split("=", 1)[1] for a in full if a.startswith(suite.out_flag + "=")][0]
+    assert os.path.dirname(target) in (harness.RESULTS_DIR, os.path.dirname(harness.HERE)) or \
+        target == harness.HERE, (name, target)
+    assert os.path.isfile(os.path.join(harness.HERE, f"{suite.module}.py")), name
 
 
 def _tiny_hf_llama():

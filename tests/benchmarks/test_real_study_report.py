@@ -124,3 +124,21 @@ def test_runs_and_the_study_are_classed_from_holm_over_every_comparison():
   classes, overall, _ = real_study_report.classify(found[:2])
   assert classes["b"][0] == "reversed" and overall == "cannot tell"
   assert real_study_report.classify(found[:1])[1] == "holds"
+
+
+def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp_path):
+  """REPORT.md and VERDICT.md are computed, never edited: written again from the committed
+  runs' results.json and variants.jsonl they come out the same, byte for byte."""
+  import os
+  import shutil
+  from benchmarks.real_study import report
+  from benchmarks.real_study.study import PLAN, TUNED_RUNS
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "benchmarks", "real_study")
+  shutil.copytree(os.path.join(here, "runs"), tmp_path / "runs")
+  if os.path.isdir(os.path.join(here, "lenses")):
+    shutil.copytree(os.path.join(here, "lenses"), tmp_path / "lenses")
+  report.write_report(str(tmp_path), PLAN + TUNED_RUNS)
+  for name in ("REPORT.md", "VERDICT.md"):
+    with open(os.path.join(here, name)) as f, open(tmp_path / name) as g:
+      assert g.read() == f.read(), name

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpjax
-from dpjax.model.transformer import rms_norm
+from dpjax.model.layers import rms_norm
 from dpjax.engine.compilation import CompileCounter
 from dpjax.model.plan import keep_buckets
 from tests.support import reference

@@ -1,0 +1,93 @@
+"""A GGUF file with only the kept blocks: tensors copied as they are stored (quantized
+bytes untouched, renumbered `blk.0..K-1`), every per-layer metadata array cut to the kept
+blocks and `block_count` set, the tokenizer and the rest of the metadata copied.
+
+llama.cpp's loader (and transformers' GGUF loading) reads a layer's attention kind
+from its index in some families: Gemma 3's sliding/global pattern is every sixth block
+global, and GGUF has no per-layer key for it. A kept set whose blocks would change kind
+under their new numbers cannot be written faithfully; it is refused, naming the blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+# Families whose layer kinds follow from the layer's index: (period, kind of index i).
+_INDEX_PATTERNS = {
+    "gemma3": lambda i: "full" if (i + 1) % 6 == 0 else "sliding",
+    "gemma2": lambda i: "sliding" if i % 2 == 0 else "full",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def _string(field) -> str:
+  return bytes(field.parts[field.data[0]]).decode()
+
+
+def gguf_architecture(path: str) -> str:
+  """The file's `general.architecture` (llama.cpp's family name: llama, gemma3, qwen2...)."""
+  from gguf import GGUFReader
+  return _string(GGUFReader(path).fields["general.architecture"])
+
+
+def check_index_pattern(architecture: str, kept: Sequence[int]) -> None:
+  """Refuses a kept set whose blocks would change attention kind when renumbered."""
+  pattern = _INDEX_PATTERNS.get(architecture)
+  if pattern is None:
+    return
+  moved = [(old, new) for new, old in enumerate(kept) if pattern(old) != pattern(new)]
+  if moved:
+    shown = ", ".join(f"block {old} ({pattern(old)}) would load as block {new} ({pattern(new)})"
+                      for old, new in moved[:4])
+    raise ValueError(f"a {architecture} GGUF file takes each block's attention kind from its "
+                     f"index, and GGUF has no key to say otherwise: {shown}. Export this "
+                     "variant as an HF checkpoint (its config lists layer_types), or keep "
+                     "blocks whose kinds line up (remove whole periods of the pattern).")
+
+
+def prune_gguf(source: str, output: str, kept: Sequence[int]) -> str:
+  """Writes `output` (a .gguf file, atomically): `source` with only blocks `kept`."""
+  from gguf import GGUFReader, GGUFValueType, GGUFWriter
+  reader = GGUFReader(source)
+  fields = reader.fields
+  architecture = _string(fields["general.architecture"])
+  count_key = f"{architecture}.block_count"
+  num_layers = int(fields[count_key].parts[fields[count_key].data[0]][0])
+  kept = [int(k) for k in kept]
+  if not kept or sorted(set(kept)) != kept or not 0 <= kept[0] <= kept[-1] < num_layers:
+    raise ValueError(f"kept blocks {kept} are not increasing indices of the file's "
+                     f"{num_layers} blocks.")
+  check_index_pattern(architecture, kept)
+  tmp = output + ".tmp"
+  writer = GGUFWriter(tmp, architecture)
+  for key, field in fields.items():
+    if key.startswith("GGUF.") or key == "general.architecture":
+      continue
+    vtype = field.types[0]
+    value: Any = field.contents()
+    sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+    if key == count_key:
+      value = len(kept)
+    elif (vtype == GGUFValueType.ARRAY and key.startswith(architecture + ".")
+          and len(field.data) == num_layers):
+      value = [value[i] for i in kept]  # a per-layer array: the kept layers' entries
+    writer.add_key_value(key, value, vtype, sub_type=sub_type)
+  renumber = {old: new for new, old in enumerate(kept)}
+  for tensor in reader.tensors:
+    match = _BLOCK.match(tensor.name)
+    if match and int(match.group(1)) not in renumber:
+      continue
+    name = (f"blk.{renumber[int(match.group(1))]}.{match.group(2)}" if match else tensor.name)
+    # The stored bytes as they are (a quantized tensor's rows of blocks; the writer reads
+    # the element shape back from the byte shape and the type).
+    writer.add_tensor(name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  os.replace(tmp, output)
+  return output

@@ -1,0 +1,47 @@
+"""`dpjax-prune`: the smallest variant within a quality budget, exported as a verified HF
+checkpoint with its provenance (`dpjax.study.budget`).
+
+    dpjax-prune --max_drop=0.05                       # the bundled model, Iterative Pruning
+    dpjax-prune --model=PATH --task=sciq --format=cloze --target_blocks=20
+    dpjax-prune --study=dpjax_out --max_drop=0.02     # the curve of an existing study
+    dpjax-prune --plan=dpjax_pruned/pruning_plan.json --output_dir=again   # reproduce
+"""
+
+from __future__ import annotations
+
+import os
+
+from dpjax.cli.program import run_program
+from dpjax.study.budget import PLAN_FILE, PruneSettings, prune
+
+
+def prune_and_report(s: PruneSettings) -> None:
+  plan = prune(s)
+  acc = plan["accuracy"]
+  held = acc["drop"]["heldout"]
+  print(f"kept {len(plan['kept_blocks'])} of {plan['source']['num_layers']} blocks "
+        f"(0-based: {','.join(map(str, plan['kept_blocks']))})")
+  print(f"held-out accuracy {acc['pruned']['heldout']['accuracy']:.3f} against "
+        f"{acc['unpruned']['heldout']['accuracy']:.3f} unpruned: drop {held['drop']:+.3f} "
+        f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]")
+  check = plan["export"]["verification"]
+  if check:
+    print(f"export verified with {check['loader']}: logits within "
+          f"{check['max_relative_difference']:.1e} of dpjax's")
+  if plan["export"].get("gguf"):
+    g = plan["export"]["gguf"]
+    line = f"GGUF export {g['file']}"
+    if g["verification"]:
+      line += (f" verified with {g['verification']['loader']}: logits within "
+               f"{g['verification']['max_relative_difference']:.1e} of dpjax's")
+    print(line)
+  print(f"wrote {os.path.abspath(os.path.join(s.output_dir, plan['export']['directory']))} "
+        f"and {PLAN_FILE}")
+
+
+def run() -> None:
+  run_program("dpjax-prune", [PruneSettings], prune_and_report)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,378 @@
+"""Prune to a budget: the smallest variant within a quality budget, judged on items it was
+not chosen on, exported as an HF checkpoint, verified, with its provenance.
+
+`prune(PruneSettings(...))`:
+
+1. the method's pruning curve: from an existing study's output directory (`--study`) or
+   from a study run for it (the method alone, into `OUTPUT_DIR/study`). Every curve point
+   is a kept set with its per-item correctness on the study's evaluation items
+   (`variants.jsonl`).
+2. The evaluation items are split in two by a seeded permutation (`--selection_fraction`):
+   the selection items choose the variant, the held-out items judge it. With
+   `--max_drop`, the chosen variant is the one with the fewest blocks whose accuracy drop
+   below the unpruned model on the selection items has a paired upper 95% bound (the
+   upper end of the paired bootstrap interval of `unpruned - variant`) at most the
+   budget; with `--target_blocks`, the curve point that keeps that many blocks.
+3. The held-out items then give the drop's point estimate, its paired 95% interval and
+   an exact McNemar p-value, and whether the budget holds there too.
+4. The kept blocks are exported (`dpjax.checkpoints.export`) to `OUTPUT_DIR/model`,
+   reloaded by transformers' `AutoModelForCausalLM` and compared with dpjax's logits for
+   the kept blocks before success is reported (the export is removed when they differ).
+5. `OUTPUT_DIR/pruning_plan.json` records the source model and its weight fingerprint,
+   the kept blocks, the method and its settings, the items (task, split, ids), the
+   accuracies before and after with intervals, the exported files' SHA256, dpjax's
+   version and the command line. `--plan=FILE` exports again from a plan alone and
+   checks that the weights come out bit for bit the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from dpjax import fileio
+from dpjax.bundled import BUNDLED_MODEL
+from dpjax.fields import command_line, setting
+from dpjax.study import statistics
+from dpjax.study.results import bootstrap_ci
+
+PLAN_FILE = "pruning_plan.json"
+MODEL_DIR = "model"
+GGUF_FILE = "model.gguf"
+STUDY_DIR = "study"
+# The study methods whose curve is one kept set per number of blocks removed.
+CURVE_METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
+                 "phase_aware")
+# Logits of the export, reloaded by transformers, against dpjax's for the kept blocks:
+# the largest difference relative to the largest logit.
+LOGIT_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+  """A pruning to a budget. Each field is also the `dpjax-prune` flag of that name."""
+  model: str = setting(BUNDLED_MODEL, "The model: a dpjax checkpoint, an HF directory or a "
+                       "GGUF file. Default: the small model bundled with dpjax.")
+  task: str = setting("synthetic", "The task the budget is judged on (as dpjax's --task).")
+  format: str = setting("letter", "Answer format (as dpjax's --format).",
+                        choices=("letter", "cloze", "open"))
+  method: str = setting("iterative", "The method whose curve is pruned along.",
+                        choices=CURVE_METHODS)
+  study: str = setting("", "An existing dpjax output directory to take the curve from "
+                       "(its results.json and variants.jsonl); empty: run the method.")
+  max_drop: float | None = setting(None, "Budget: accuracy points (a fraction, 0.05 = 5 "
+                                   "points) the variant may lose against the unpruned "
+                                   "model, by the paired upper 95% bound on the selection "
+                                   "items.")
+  target_blocks: int = setting(0, "Budget instead of --max_drop: the number of blocks the "
+                               "variant keeps.")
+  num_items: int = setting(400, "Evaluation items of the study (split into selection and "
+                           "held-out items).")
+  calibration_items: int = setting(64, "Calibration items of the method's search.")
+  selection_fraction: float = setting(0.5, "Share of the evaluation items that choose the "
+                                      "variant; the rest judge it.")
+  seed: int = setting(0, "Seed of the split and of the bootstrap.")
+  output_dir: str = setting("dpjax_pruned", "Where the export (model/), the study (study/) "
+                            "and pruning_plan.json go.")
+  plan: str = setting("", "A pruning_plan.json: export its kept blocks again from its "
+                      "source model, checking that the weights come out identical.")
+  gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf; the source "
+                       "must be a GGUF file: its stored tensors are copied, per-layer "
+                       "metadata cut), reloaded by transformers' GGUF loading and checked.")
+  verify: bool = setting(True, "Reload the export with transformers and compare its logits "
+                         "with dpjax's before reporting success (needs torch).")
+  overwrite: bool = setting(False, "Replace --output_dir's export and plan if they exist.")
+
+  def __post_init__(self):
+    if self.plan:
+      return
+    if (self.max_drop is None) == (not self.target_blocks):
+      raise ValueError("give one budget: --max_drop=FRACTION (e.g. 0.05) or "
+                       "--target_blocks=N (blocks to keep); got "
+                       f"max_drop={self.max_drop}, target_blocks={self.target_blocks}.")
+    if self.max_drop is not None and not 0 <= self.max_drop < 1:
+      raise ValueError(f"--max_drop={self.max_drop} is a fraction of accuracy in [0, 1), "
+                       "e.g. 0.05 for 5 points.")
+    if self.target_blocks < 0:
+      raise ValueError(f"--target_blocks={self.target_blocks}; give a positive count.")
+    if not 0 < self.selection_fraction < 1:
+      raise ValueError(f"--selection_fraction={self.selection_fraction} must lie in (0, 1).")
+
+
+def _variants(study_dir: str) -> list[dict[str, Any]]:
+  path = os.path.join(study_dir, "variants.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"{study_dir} has no variants.jsonl: give a dpjax output directory "
+                     "(made by this version of dpjax) or leave --study empty to run it.")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _study_settings(s: PruneSettings):
+  from dpjax.study.settings import Settings
+  return Settings(model=s.model, task=s.task, format=s.format, methods=(s.method,),
+                  num_items=s.num_items, calibration_items=s.calibration_items,
+                  curve_layers="iterative", output_dir=os.path.join(s.output_dir, STUDY_DIR),
+                  progress=True)
+
+
+def _curve(study_dir: str, method: str) -> tuple[dict, list[dict]]:
+  """The unpruned record and the method's curve records (fewest removed first)."""
+  records = _variants(study_dir)
+  unpruned = [r for r in records if r["method"] == "unpruned"]
+  curve = [r for r in records if r["method"] == method or r["method"].startswith(method + "_")]
+  if not unpruned or not curve:
+    ran = sorted({r["method"] for r in records})
+    raise ValueError(f"{study_dir} has no curve of method {method!r} (it has {ran}); run "
+                     f"dpjax with --methods={method} or choose --method among them.")
+  return unpruned[0], sorted(curve, key=lambda r: r["k"])
+
+
+def _outcomes(record: dict) -> np.ndarray:
+  return np.array([c == "1" for c in record["correct"]], np.float64)
+
+
+def split_items(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of the selection and held-out items among `n` evaluation items."""
+  order = np.random.default_rng([seed, 7]).permutation(n)
+  cut = int(round(n * fraction))
+  if not 0 < cut < n:
+    raise ValueError(f"{n} evaluation items cannot be split {fraction}:{1 - fraction}; give "
+                     "more --num_items.")
+  return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def _accuracy(outcomes: np.ndarray, seed: int) -> dict[str, Any]:
+  low, high = bootstrap_ci(outcomes, seed=seed)
+  return {"accuracy": round(float(outcomes.mean()), 6), "ci95": [round(low, 6), round(high, 6)],
+          "items": int(len(outcomes))}
+
+
+def _drop(full: np.ndarray, variant: np.ndarray, seed: int) -> dict[str, Any]:
+  """Accuracy drop `full - variant`, paired over the same items."""
+  drop, (low, high) = statistics.paired_bootstrap(full, variant, seed=seed)
+  only_full, only_variant, p = statistics.mcnemar_exact(full.astype(int), variant.astype(int))
+  return {"drop": round(drop, 6), "ci95": [round(low, 6), round(high, 6)],
+          "upper95": round(high, 6), "mcnemar_p": p, "only_unpruned_right": only_full,
+          "only_variant_right": only_variant}
+
+
+def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSettings
+           ) -> tuple[dict, list[dict]]:
+  """The chosen curve point and what each point scored on the selection items."""
+  full = _outcomes(unpruned)[selection]
+  table = []
+  for record in curve:
+    d = _drop(full, _outcomes(record)[selection], s.seed)
+    table.append({"kept": record["kept"], "blocks": len(record["kept"]), **d})
+  if s.target_blocks:
+    chosen = [r for r in curve if len(r["kept"]) == s.target_blocks]
+    if not chosen:
+      sizes = sorted({len(r["kept"]) for r in curve})
+      raise ValueError(f"--target_blocks={s.target_blocks}: the curve has variants of "
+                       f"{sizes[0]}..{sizes[-1]} blocks; choose one of them.")
+    return chosen[0], table
+  within = [(row["blocks"], i) for i, row in enumerate(table) if row["upper95"] <= s.max_drop]
+  if not within:
+    raise ValueError(f"no variant of the {s.method} curve loses at most {s.max_drop} "
+                     "(paired upper 95% bound on the selection items); even one block removed "
+                     f"bounds the drop at {table[0]['upper95']:.3f}. Raise --max_drop.")
+  return curve[min(within)[1]], table
+
+
+def _file_hashes(directory: str) -> dict[str, str]:
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        out[name] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
+                  gguf_file: str | None = None) -> dict[str, Any]:
+  """The export (an HF directory, or `gguf_file` in it) reloaded by transformers against
+  dpjax's logits for the kept blocks."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ValueError("verifying the export needs torch (pip install torch); pass "
+                     "--noverify to skip the check.") from e
+  from dpjax.model.load import load_model
+  from dpjax.model.plan import keep_mask
+  model = load_model(source, dtype="float32")
+  extra = {"gguf_file": gguf_file} if gguf_file else {}
+  hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
+                                                         **extra)
+  if hf.config.num_hidden_layers != len(kept):
+    raise ValueError(f"transformers loaded {hf.config.num_hidden_layers} blocks from "
+                     f"{export_dir}, not the {len(kept)} kept.")
+  ids = np.random.default_rng([seed, 11]).integers(3, min(model.config.vocab_size, 32000),
+                                                   size=(2, 24))
+  want = np.asarray(model.logits(ids, keep=keep_mask(kept, model.num_layers)), np.float64)
+  with torch.no_grad():
+    got = hf(input_ids=torch.as_tensor(ids)).logits.double().numpy()
+  relative = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+  if not relative <= LOGIT_TOLERANCE:
+    raise ValueError(f"the export's logits under transformers differ from dpjax's kept-block "
+                     f"logits by {relative:.2e} of the largest logit (tolerance "
+                     f"{LOGIT_TOLERANCE}); the export is not usable.")
+  return {"loader": f"transformers {transformers.__version__} AutoModelForCausalLM"
+                    + (" (GGUF)" if gguf_file else ""),
+          "blocks_loaded": int(hf.config.num_hidden_layers), "max_relative_difference": relative,
+          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
+
+
+def _export(source: str, out: str, kept: list[int], s: PruneSettings) -> dict[str, Any]:
+  from dpjax.checkpoints.export import export
+  from dpjax.checkpoints.gguf import is_gguf
+  if s.gguf and not is_gguf(source):
+    raise ValueError(f"--gguf copies a GGUF source's stored tensors; {source} is not a GGUF "
+                     "file (writing GGUF from HF weights is not built: export HF, then use "
+                     "llama.cpp's convert_hf_to_gguf.py).")
+  if s.gguf:
+    from dpjax.checkpoints.gguf_export import check_index_pattern, gguf_architecture
+    check_index_pattern(gguf_architecture(source), kept)  # refused before anything is written
+  model_dir = os.path.join(out, MODEL_DIR)
+  gguf_path = os.path.join(out, GGUF_FILE)
+  export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite)
+  try:
+    check = verify_export(source, model_dir, kept, s.seed) if s.verify else None
+    gguf_record = None
+    if s.gguf:
+      from dpjax.checkpoints.gguf_export import prune_gguf
+      prune_gguf(source, gguf_path, kept)
+      with open(gguf_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      gguf_record = {"file": GGUF_FILE, "sha256": digest, "verification": verify_export(
+          source, out, kept, s.seed, gguf_file=GGUF_FILE) if s.verify else None}
+  except Exception:
+    import shutil
+    shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-made stays behind
+    if os.path.exists(gguf_path):
+      os.remove(gguf_path)
+    raise
+  return {"directory": MODEL_DIR, "files": _file_hashes(model_dir), "verification": check,
+          "gguf": gguf_record}
+
+
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("dpjax")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def _fingerprint(source: str) -> str:
+  from dpjax.lens.tuned import fingerprint
+  from dpjax.model.load import load_model
+  return fingerprint(load_model(source))
+
+
+def prune(s: PruneSettings) -> dict[str, Any]:
+  """Runs the pruning to a budget (or again from a plan); returns the plan written."""
+  if s.plan:
+    return reproduce(s)
+  out = s.output_dir
+  if os.path.exists(os.path.join(out, PLAN_FILE)) and not s.overwrite:
+    raise FileExistsError(f"{os.path.abspath(os.path.join(out, PLAN_FILE))} exists; choose "
+                          "another --output_dir or pass --overwrite.")
+  from dpjax.checkpoints.gguf import is_gguf
+  if s.gguf and not s.study and not is_gguf(s.model):
+    raise ValueError(f"--gguf copies a GGUF source's stored tensors; {s.model} is not a GGUF "
+                     "file (writing GGUF from HF weights is not built).")
+  study_settings = _study_settings(s)
+  if s.study:
+    study_dir = s.study
+  else:
+    from dpjax.study import run as study
+    study.run(study_settings)
+    study_dir = study_settings.output_dir
+  with open(os.path.join(study_dir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(study_dir, "items.jsonl")) as f:
+    ids = [json.loads(line)["id"] for line in f if line.strip()]
+  unpruned, curve = _curve(study_dir, s.method)
+  selection, heldout = split_items(len(unpruned["correct"]), s.selection_fraction, s.seed)
+  chosen, table = choose(unpruned, curve, selection, s)
+  full, variant = _outcomes(unpruned), _outcomes(chosen)
+  kept = list(chosen["kept"])
+  held = _drop(full[heldout], variant[heldout], s.seed)
+  budget = ({"max_drop": s.max_drop, "rule": "paired upper 95% bound of the drop on the "
+             "selection items at most max_drop",
+             "holds_on_heldout": bool(held["upper95"] <= s.max_drop)}
+            if s.max_drop is not None else {"target_blocks": s.target_blocks})
+  source = s.model if not s.study else results["model"]["path"]
+  from dpjax.study.run import select_items
+  from dpjax.study.settings import Settings
+  ran = Settings(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in results["settings"].items()})
+  calibration = select_items(ran)[3]
+  exported = _export(source, out, kept, s)
+  plan = {
+      "dpjax_version": _version(),
+      "command": command_line("dpjax-prune", s),
+      "argv": sys.argv,
+      "source": {"model": source, "fingerprint": _fingerprint(source),
+                 "num_layers": results["model"]["num_layers"],
+                 "architecture": results["model"]["architecture"]},
+      "kept_blocks": kept,
+      "removed_blocks": sorted(set(range(results["model"]["num_layers"])) - set(kept)),
+      "method": {"name": s.method, "curve": chosen["method"], "settings":
+                 results["settings"], "study": os.path.relpath(study_dir, out)
+                 if not s.study else os.path.abspath(study_dir)},
+      "items": {"task": results["task"]["spec"], "split": results["task"]["split"],
+                "calibration_ids": [item.id for item in calibration],
+                "selection_ids": [ids[i] for i in selection],
+                "heldout_ids": [ids[i] for i in heldout],
+                "split_seed": s.seed, "selection_fraction": s.selection_fraction},
+      "budget": budget,
+      "accuracy": {
+          "unpruned": {"selection": _accuracy(full[selection], s.seed),
+                       "heldout": _accuracy(full[heldout], s.seed)},
+          "pruned": {"selection": _accuracy(variant[selection], s.seed),
+                     "heldout": _accuracy(variant[heldout], s.seed)},
+          "drop": {"selection": [r for r in table if r["kept"] == kept][0],
+                   "heldout": held}},
+      "curve_on_selection": table,
+      "export": exported,
+      "settings": dataclasses.asdict(s),
+  }
+  fileio.write_json(os.path.join(out, PLAN_FILE), plan)
+  return plan
+
+
+def reproduce(s: PruneSettings) -> dict[str, Any]:
+  """Exports a plan's kept blocks again from its source model; the weights must come out
+  identical to the plan's (SHA256 of every file)."""
+  with open(s.plan) as f:
+    plan = json.load(f)
+  source = plan["source"]["model"]
+  if not os.path.isabs(source) and not os.path.exists(source):
+    source = os.path.join(os.path.dirname(os.path.abspath(s.plan)), source)
+  got = _fingerprint(source)
+  if got != plan["source"]["fingerprint"]:
+    raise ValueError(f"the source model {source} has weight fingerprint {got[:16]}..., not "
+                     f"the plan's {plan['source']['fingerprint'][:16]}...: it is another model.")
+  s = dataclasses.replace(s, gguf=bool(plan["settings"].get("gguf")))
+  exported = _export(source, s.output_dir, plan["kept_blocks"], s)
+  different = sorted(name for name, digest in plan["export"]["files"].items()
+                     if exported["files"].get(name) != digest)
+  if plan["export"].get("gguf") and (exported["gguf"] or {}).get("sha256") != \
+      plan["export"]["gguf"]["sha256"]:
+    different.append(GGUF_FILE)
+  if different:
+    raise ValueError(f"exported again from the plan, {different} differ from the plan's "
+                     "files.")
+  again = {**plan, "reproduced_from": os.path.abspath(s.plan), "export": exported}
+  fileio.write_json(os.path.join(s.output_dir, PLAN_FILE), again)
+  return again

@@ -1,0 +1,104 @@
+"""Pruned GGUF files: the kept blocks' stored tensors renumbered, every per-layer metadata
+array cut, and the file reloaded by transformers' GGUF loading with dpjax's kept-block
+logits; on a tiny llama file and on the real Gemma 3 270M (its sliding/global pattern)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import dpjax
+from dpjax.checkpoints.export import export
+from dpjax.checkpoints.gguf_export import check_index_pattern, prune_gguf
+from tests.support import real_models, reference
+
+
+def _with_per_layer_array(source: str, output: str) -> None:
+  """`source` again, with one more metadata key: a per-layer array (0, 1, ..., L-1)."""
+  from gguf import GGUFReader, GGUFValueType, GGUFWriter
+  reader = GGUFReader(source)
+  arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+  layers = int(reader.fields[f"{arch}.block_count"].contents())
+  writer = GGUFWriter(output, arch)
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF.") or key == "general.architecture":
+      continue
+    sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+    writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+  writer.add_key_value(f"{arch}.test_per_layer", list(range(layers)), GGUFValueType.ARRAY,
+                       sub_type=GGUFValueType.UINT32)
+  for t in reader.tensors:
+    writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def _hf_logits(directory: str, ids: np.ndarray, gguf_file: str | None = None) -> np.ndarray:
+  extra = {"gguf_file": gguf_file} if gguf_file else {}
+  hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                         **extra).eval()
+  with torch.no_grad():
+    return hf(input_ids=torch.as_tensor(ids)).logits.double().numpy(), hf.config
+
+
+def _relative(got, want) -> float:
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_a_pruned_tiny_llama_gguf_reloads_with_the_kept_blocks_logits(tmp_path):
+  source = str(tmp_path / "tiny.gguf")
+  reference.write_gguf("llama_gqa_tied_sharded", str(tmp_path / "plain.gguf"), seed=5)
+  _with_per_layer_array(str(tmp_path / "plain.gguf"), source)
+  model = dpjax.load_model(source, dtype="float32")
+  kept = [0, 2]
+  assert model.num_layers > len(kept)
+  out = tmp_path / "out"
+  out.mkdir()
+  prune_gguf(source, str(out / "pruned.gguf"), kept)
+  from gguf import GGUFReader
+  fields = GGUFReader(str(out / "pruned.gguf")).fields
+  assert int(fields["llama.block_count"].contents()) == 2
+  assert list(fields["llama.test_per_layer"].contents()) == kept  # the kept layers' entries
+  ids = reference.random_batch(model.config.vocab_size, 2, 12, seed=1)[0]
+  want = np.asarray(model.logits(ids, keep=dpjax.keep_mask(kept, model.num_layers)), np.float64)
+  got, config = _hf_logits(str(out), ids, gguf_file="pruned.gguf")
+  assert config.num_hidden_layers == 2
+  assert _relative(got, want) <= 1e-5
+  # dpjax reads the pruned file back to the same numbers, bit for bit.
+  again = np.asarray(dpjax.load_model(str(out / "pruned.gguf"), dtype="float32").logits(ids))
+  assert np.array_equal(again, want.astype(np.float32))
+
+
+def test_gemma3_refuses_a_kept_set_whose_blocks_change_kind():
+  with pytest.raises(ValueError, match=r"block 6 \(sliding\) would load as block 5 \(full\)"):
+    check_index_pattern("gemma3", [i for i in range(18) if i != 5])
+  check_index_pattern("gemma3", [i for i in range(18) if not 6 <= i <= 11])  # a whole period
+  check_index_pattern("llama", [3, 9])  # no index pattern: anything goes
+
+
+def test_a_pruned_real_gemma3_exports_as_hf_and_as_gguf_and_both_reload(tmp_path):
+  """Gemma 3 270M (real GGUF, Q4_K_M) without blocks 7-12: the HF export (layer_types cut)
+  and the GGUF export (stored tensors copied) reload in transformers with dpjax's
+  kept-block logits (1e-5 of the largest logit)."""
+  source = real_models.fetch("gemma3")
+  kept = [i for i in range(18) if not 6 <= i <= 11]
+  model = dpjax.load_model(source, dtype="float32")
+  ids = np.random.default_rng(0).integers(3, 32000, size=(2, 24))
+  want = np.asarray(model.logits(ids, keep=dpjax.keep_mask(kept, 18)), np.float64)
+  export(source, str(tmp_path / "hf"), kept_blocks=kept)
+  got, config = _hf_logits(str(tmp_path / "hf"), ids)
+  assert config.num_hidden_layers == 12 and len(config.layer_types) == 12
+  assert config.layer_types[5] == config.layer_types[11] == "full_attention"
+  assert _relative(got, want) <= 1e-5
+  prune_gguf(source, str(tmp_path / "pruned.gguf"), kept)
+  got, config = _hf_logits(str(tmp_path), ids, gguf_file="pruned.gguf")
+  assert config.num_hidden_layers == 12
+  assert [t == "full_attention" for t in config.layer_types] == [
+      (k + 1) % 6 == 0 for k in kept]  # every block keeps its kind
+  assert _relative(got, want) <= 1e-5

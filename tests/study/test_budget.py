@@ -1,0 +1,119 @@
+"""dpjax-prune: the smallest variant within a budget, judged on held-out items, exported,
+reloaded by transformers, and reproduced bit for bit from its plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpjax.study import budget, statistics
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("pruned"))
+  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
+                           "--num_items=128", "--calibration_items=32", f"--output_dir={out}"],
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(out, budget.PLAN_FILE)) as f:
+    return out, json.load(f)
+
+
+def test_the_export_has_fewer_blocks_and_transformers_loads_it(pruned):
+  import torch
+  import transformers
+  out, plan = pruned
+  kept = plan["kept_blocks"]
+  assert 0 < len(kept) < plan["source"]["num_layers"] == 16
+  hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"),
+                                                         dtype=torch.float32)
+  assert hf.config.num_hidden_layers == len(kept) == len(hf.model.layers)
+  # The export's logits are the source model's with only the kept blocks (dpjax's own,
+  # recomputed here, not read from the plan).
+  import dpjax
+  model = dpjax.load_model(dpjax.bundled.BUNDLED_MODEL)
+  ids = np.array([[1, 17, 40, 99, 3, 250, 8]])
+  want = np.asarray(model.logits(ids, keep=dpjax.keep_mask(kept, 16)))
+  with torch.no_grad():
+    got = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  assert plan["export"]["verification"]["max_relative_difference"] <= budget.LOGIT_TOLERANCE
+
+
+def test_the_choice_and_the_held_out_drop_recompute_from_variants_jsonl(pruned):
+  out, plan = pruned
+  study = os.path.join(out, plan["method"]["study"])
+  with open(os.path.join(study, "items.jsonl")) as f:
+    ids = [json.loads(line)["id"] for line in f]
+  with open(os.path.join(study, "variants.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  full = next(r for r in records if r["method"] == "unpruned")
+  curve = [r for r in records if r["method"] == "iterative_accuracy"]
+  sel = [ids.index(i) for i in plan["items"]["selection_ids"]]
+  held = [ids.index(i) for i in plan["items"]["heldout_ids"]]
+  assert not set(sel) & set(held) and len(sel) + len(held) == len(ids) == 128
+  outcome = lambda r, idx: np.array([r["correct"][i] == "1" for i in idx], float)
+  # The smallest curve point whose paired upper bound on the selection items is within 0.05.
+  ok = [r for r in curve
+        if statistics.paired_bootstrap(outcome(full, sel), outcome(r, sel))[1][1] <= 0.05]
+  assert plan["kept_blocks"] == min(ok, key=lambda r: len(r["kept"]))["kept"]
+  variant = next(r for r in curve if r["kept"] == plan["kept_blocks"])
+  drop = outcome(full, held).mean() - outcome(variant, held).mean()
+  assert plan["accuracy"]["drop"]["heldout"]["drop"] == pytest.approx(drop, abs=1e-6)
+  assert plan["accuracy"]["pruned"]["heldout"]["accuracy"] == pytest.approx(
+      outcome(variant, held).mean(), abs=1e-6)
+  # Within the budget on the held-out items too (the plan says whether it is).
+  assert plan["budget"]["holds_on_heldout"] == (plan["accuracy"]["drop"]["heldout"]["upper95"]
+                                                <= 0.05)
+  assert drop <= 0.05
+
+
+def test_the_plan_records_provenance(pruned):
+  _, plan = pruned
+  assert plan["source"]["fingerprint"] and len(plan["source"]["fingerprint"]) == 64
+  assert plan["removed_blocks"] == sorted(set(range(16)) - set(plan["kept_blocks"]))
+  assert len(plan["items"]["calibration_ids"]) == 128 and plan["items"]["task"] == "synthetic"
+  assert plan["command"].startswith("dpjax-prune ") and "--max_drop=0.05" in plan["command"]
+  assert set(plan["export"]["files"]) >= {"config.json", "model.safetensors"}
+
+
+def test_a_second_run_from_the_plan_alone_gives_identical_weights(pruned, tmp_path):
+  out, plan = pruned
+  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune",
+                           f"--plan={os.path.join(out, budget.PLAN_FILE)}",
+                           f"--output_dir={tmp_path}"], capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name, digest in plan["export"]["files"].items():
+    import hashlib
+    with open(tmp_path / "model" / name, "rb") as f:
+      assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+def test_a_bad_budget_is_refused_with_what_to_do(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune",
+                           f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1 and "dpjax-prune: error: give one budget" in result.stderr
+  assert not os.path.exists(tmp_path / "out")
+  with pytest.raises(ValueError, match="give one budget"):
+    budget.PruneSettings(max_drop=0.05, target_blocks=8)
+  with pytest.raises(ValueError, match="is not a GGUF file"):
+    budget.prune(budget.PruneSettings(max_drop=0.05, gguf=True,
+                                      output_dir=str(tmp_path / "g")))
+  with pytest.raises(ValueError, match="--max_drop=5 is a fraction"):
+    budget.PruneSettings(max_drop=5)
+
+
+def test_split_items_is_a_seeded_partition():
+  a, b = budget.split_items(10, 0.5, seed=3)
+  assert sorted(np.concatenate([a, b]).tolist()) == list(range(10)) and len(a) == 5
+  assert np.array_equal(budget.split_items(10, 0.5, seed=3)[0], a)
+  with pytest.raises(ValueError, match="cannot be split"):
+    budget.split_items(1, 0.5, seed=0)
