@@ -35,6 +35,13 @@ def prune_and_report(s: PruneSettings) -> None:
       line += (f" verified with {g['verification']['loader']}: logits within "
                f"{g['verification']['max_relative_difference']:.1e} of dpjax's")
     print(line)
+  if plan.get("healing"):
+    h = plan["healing"]
+    g = h["gain_heldout"]
+    print(f"healed ({h['settings']['steps']} LoRA steps, {h['settings']['objective']} loss "
+          f"{h['loss_first']:.3f} -> {h['loss_last']:.3f}): held-out accuracy "
+          f"{h['accuracy']['heldout']['accuracy']:.3f}, gain {g['gain']:+.3f} "
+          f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]; written to {h['export']['directory']}/")
   print(f"wrote {os.path.abspath(os.path.join(s.output_dir, plan['export']['directory']))} "
         f"and {PLAN_FILE}")
 

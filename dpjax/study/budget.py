@@ -85,6 +85,20 @@ class PruneSettings:
   gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf; the source "
                        "must be a GGUF file: its stored tensors are copied, per-layer "
                        "metadata cut), reloaded by transformers' GGUF loading and checked.")
+  heal_steps: int = setting(0, "Heal the chosen variant: LoRA training steps (0: none).")
+  heal_rank: int = setting(8, "LoRA rank (Gromov et al.: 8).")
+  heal_alpha: float = setting(16.0, "LoRA scale numerator: updates are alpha / rank * A @ B.")
+  heal_modules: tuple[str, ...] = setting(("gate", "up", "down"), "Weights that get "
+                                          "adapters (default: the feed-forward ones).",
+                                          choices=("gate", "up", "down", "q", "k", "v", "o"))
+  heal_objective: str = setting("kl", "kl (to the unpruned model's next-token distribution) "
+                                "or nll (plain next-token loss).", choices=("kl", "nll"))
+  heal_corpus: str = setting("", "Healing text: text:FILE, task:SPEC@SPLIT or synthetic "
+                             "(default: the task's train split, disjoint from the "
+                             "evaluation items).")
+  heal_learning_rate: float = setting(1e-3, "Adam learning rate of the adapters.")
+  heal_batch_size: int = setting(8, "Windows per healing step.")
+  heal_seq_len: int = setting(64, "Tokens per healing window.")
   verify: bool = setting(True, "Reload the export with transformers and compare its logits "
                          "with dpjax's before reporting success (needs torch).")
   overwrite: bool = setting(False, "Replace --output_dir's export and plan if they exist.")
@@ -347,8 +361,83 @@ def prune(s: PruneSettings) -> dict[str, Any]:
       "export": exported,
       "settings": dataclasses.asdict(s),
   }
+  if s.heal_steps:
+    plan["healing"] = _heal(s, source, out, kept, study_settings, ids, full, variant,
+                            selection, heldout)
   fileio.write_json(os.path.join(out, PLAN_FILE), plan)
   return plan
+
+
+HEALED_DIR = "healed"
+
+
+def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settings, ids,
+          full: np.ndarray, variant: np.ndarray, selection, heldout) -> dict[str, Any]:
+  """Heals the exported variant, writes it to OUTPUT_DIR/healed (verified), and scores it
+  on the same evaluation items."""
+  from dpjax.checkpoints.convert import load_checkpoint, load_tokenizer
+  from dpjax.checkpoints.export import write_hf_checkpoint
+  from dpjax.lens.training import corpus_texts, windows
+  from dpjax.model.load import load_model
+  from dpjax.study import heal
+  healing = heal.Healing(steps=s.heal_steps, rank=s.heal_rank, alpha=s.heal_alpha,
+                         modules=tuple(s.heal_modules), objective=s.heal_objective,
+                         learning_rate=s.heal_learning_rate, batch_size=s.heal_batch_size,
+                         seq_len=s.heal_seq_len, seed=s.seed)
+  corpus = s.heal_corpus or (f"task:{s.task}@train" if s.task != "synthetic" else "synthetic")
+  tokenizer = load_tokenizer(source)
+  data = windows(tokenizer, corpus_texts(corpus), s.heal_seq_len)
+  pruned_dir = os.path.join(out, MODEL_DIR)
+  student = load_model(pruned_dir, dtype="float32")
+  teacher = load_model(source, dtype="float32")
+  adapters, losses = heal.heal(student, teacher, None, data, healing,
+                               state_dir=os.path.join(out, "heal_state"))
+  merged = jax_to_numpy(heal.merge(student.params(), adapters, healing))
+  loaded = load_checkpoint(pruned_dir)
+  healed_dir = os.path.join(out, HEALED_DIR)
+  with fileio.atomic_directory(healed_dir, overwrite=True) as tmp:
+    write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, merged,
+                        list(range(loaded.config.num_layers)), loaded.save_tokenizer)
+  check = None
+  if s.verify:
+    check = verify_export(healed_dir, healed_dir, list(range(len(kept))), s.seed)
+  # The healed model on the study's evaluation items (the same items: checked).
+  from dpjax.study import run as study
+  evaluated = study_settings.replace(model=healed_dir, methods=("reverse",),
+                                     output_dir=os.path.join(out, "healed_study"))
+  study.run(evaluated)
+  with open(os.path.join(evaluated.output_dir, "items.jsonl")) as f:
+    again = [json.loads(line)["id"] for line in f if line.strip()]
+  if again != ids:
+    raise RuntimeError("the healed model's study took other evaluation items than the "
+                       "pruned model's; its accuracy cannot be compared paired.")
+  healed_outcomes = _outcomes(_curve(evaluated.output_dir, "reverse")[0])
+  return {
+      "settings": dataclasses.asdict(healing), "corpus": corpus, "windows": int(len(data)),
+      "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+      "export": {"directory": HEALED_DIR, "files": _file_hashes(healed_dir),
+                 "verification": check},
+      "accuracy": {"selection": _accuracy(healed_outcomes[selection], s.seed),
+                   "heldout": _accuracy(healed_outcomes[heldout], s.seed)},
+      # Healed minus pruned, paired on the held-out items.
+      "gain_heldout": _gain(healed_outcomes[heldout], variant[heldout], s.seed),
+      "drop_heldout_vs_unpruned": _drop(full[heldout], healed_outcomes[heldout], s.seed),
+  }
+
+
+def _gain(healed: np.ndarray, pruned: np.ndarray, seed: int) -> dict[str, Any]:
+  """Accuracy gain `healed - pruned`, paired over the same items."""
+  out = _drop(healed, pruned, seed)
+  out["gain"] = out.pop("drop")
+  out.pop("upper95")
+  out["only_healed_right"] = out.pop("only_unpruned_right")
+  out["only_pruned_right"] = out.pop("only_variant_right")
+  return out
+
+
+def jax_to_numpy(tree):
+  import jax
+  return jax.tree.map(np.asarray, tree)
 
 
 def reproduce(s: PruneSettings) -> dict[str, Any]:
