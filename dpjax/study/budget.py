@@ -336,7 +336,8 @@ def prune(s: PruneSettings) -> dict[str, Any]:
       "dpjax_version": _version(),
       "command": command_line("dpjax-prune", s),
       "argv": sys.argv,
-      "source": {"model": source, "fingerprint": _fingerprint(source),
+      # The study's own record of the weights (tuned.fingerprint of the model it loaded).
+      "source": {"model": source, "fingerprint": results["model"]["fingerprint"],
                  "num_layers": results["model"]["num_layers"],
                  "architecture": results["model"]["architecture"]},
       "kept_blocks": kept,
