@@ -124,19 +124,27 @@ def test_default_run_runs_every_method_without_a_skip(default_run):
   _, results = default_run
   methods = results["methods"]
   assert sorted(methods) == sorted(["iterative_accuracy", "block_influence", "angular",
-                                    "single_layer", "reverse", "random", "phase_aware"])
+                                    "single_layer", "reverse", "random", "phase_aware",
+                                    "decisive_only"])
   num_layers = results["model"]["num_layers"]
+  l_star = results["calibration_transition_block"]
+  decisive = list(range(l_star, num_layers + 1))
   for name, result in methods.items():
     assert "skipped" not in result, (name, result.get("skipped"))
     removed = [p["removed"] for p in result["curve"]]
-    assert removed == list(range(len(removed))) and len(removed) == num_layers, name
+    length = len(decisive) + 1 if name == "decisive_only" else num_layers
+    assert removed == list(range(len(removed))) and len(removed) == length, name
     assert "collapse_point" in result
   aware = methods["phase_aware"]
-  l_star = results["calibration_transition_block"]
-  decisive = list(range(l_star, num_layers + 1))
   # It removes the Decisive Phase's blocks first, all of them, then carries on.
   assert sorted(aware["removed_order"][:len(decisive)]) == decisive
   assert aware["decisive_exhausted_at"] == len(decisive)
+  # decisive_only stops there: every Silent-Phase block kept at every point.
+  only = methods["decisive_only"]
+  assert only["removed_order"] == aware["removed_order"][:len(decisive)]
+  assert only["curve_from"] == "phase_aware"
+  for point in only["curve"]:
+    assert set(range(1, l_star)) <= set(point.get("kept", range(1, num_layers + 1)))
   phase = results["phase_experiment"]
   assert "skipped" not in phase and phase["transition_block"] == l_star
   assert sorted(phase["selections"]) == ["adjacent", "adjacent_keep_first",
@@ -246,3 +254,22 @@ def test_default_run_numbers_recomputed_with_hf(default_run):
         logits = hf.eval()(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
         correct += int(int(torch.argmax(logits[item["letter_token_ids"]])) == item["answer"])
     assert correct / len(items) == pytest.approx(want, abs=1.0 / len(items) + 1e-9)
+
+
+def test_decisive_only_searched_alone_equals_the_phase_aware_prefix(default_run, tmp_path):
+  """Run alone, decisive_only searches the Decisive Phase itself: the same removals and
+  the same curve as the prefix of phase_aware's search the default run reused."""
+  _, results = default_run
+  out = str(tmp_path / "alone")
+  result = subprocess.run(
+      [sys.executable, "-m", "dpjax.cli.study", "--num_items=64", "--calibration_items=16",
+       "--methods=decisive_only", "--noprogress", f"--output_dir={out}"],
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    alone = json.load(f)["methods"]["decisive_only"]
+  derived = results["methods"]["decisive_only"]
+  assert alone["curve_from"] == "searched"
+  assert alone["removed_order"] == derived["removed_order"]
+  assert [p["accuracy"] for p in alone["curve"]] == pytest.approx(
+      [p["accuracy"] for p in derived["curve"]], abs=1e-9)

@@ -2,6 +2,8 @@
 checkpoint with its provenance (`dpjax.study.budget`).
 
     dpjax-prune --max_drop=0.05                       # the bundled model, Iterative Pruning
+    dpjax-prune --max_drop=0.05 --max_ppl_ratio=1.5   # and a perplexity gate
+    dpjax-prune --method=reverse --target_blocks=10 --heal_steps=200 --heal_method=last_blocks
     dpjax-prune --model=PATH --task=sciq --format=cloze --target_blocks=20
     dpjax-prune --study=dpjax_out --max_drop=0.02     # the curve of an existing study
     dpjax-prune --plan=dpjax_pruned/pruning_plan.json --output_dir=again   # reproduce
@@ -24,6 +26,11 @@ def prune_and_report(s: PruneSettings) -> None:
   print(f"held-out accuracy {acc['pruned']['heldout']['accuracy']:.3f} against "
         f"{acc['unpruned']['heldout']['accuracy']:.3f} unpruned: drop {held['drop']:+.3f} "
         f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]")
+  if plan.get("perplexity"):
+    r = plan["perplexity"]["ratio"]["heldout"]
+    print(f"held-out perplexity {plan['perplexity']['pruned']['heldout']['perplexity']:.3f} "
+          f"against {plan['perplexity']['unpruned']['heldout']['perplexity']:.3f} unpruned: "
+          f"ratio {r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
   check = plan["export"]["verification"]
   if check:
     print(f"export verified with {check['loader']}: logits within "

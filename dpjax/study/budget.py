@@ -13,6 +13,9 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
    below the unpruned model on the selection items has a paired upper 95% bound (the
    upper end of the paired bootstrap interval of `unpruned - variant`) at most the
    budget; with `--target_blocks`, the curve point that keeps that many blocks.
+   With `--max_ppl_ratio`, the variants within the accuracy budget are asked, fewest
+   blocks first, for the paired upper 95% bound of their perplexity ratio on the
+   selection windows of a corpus (`dpjax.study.perplexity`); the first within it wins.
 3. The held-out items then give the drop's point estimate, its paired 95% interval and
    an exact McNemar p-value, and whether the budget holds there too.
 4. The kept blocks are exported (`dpjax.checkpoints.export`) to `OUTPUT_DIR/model`,
@@ -48,7 +51,7 @@ GGUF_FILE = "model.gguf"
 STUDY_DIR = "study"
 # The study methods whose curve is one kept set per number of blocks removed.
 CURVE_METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
-                 "phase_aware")
+                 "phase_aware", "decisive_only")
 # Logits of the export, reloaded by transformers, against dpjax's for the kept blocks:
 # the largest difference relative to the largest logit.
 LOGIT_TOLERANCE = 1e-5
@@ -70,8 +73,19 @@ class PruneSettings:
                                    "points) the variant may lose against the unpruned "
                                    "model, by the paired upper 95% bound on the selection "
                                    "items.")
-  target_blocks: int = setting(0, "Budget instead of --max_drop: the number of blocks the "
-                               "variant keeps.")
+  target_blocks: int = setting(0, "Budget instead of --max_drop / --max_ppl_ratio: the "
+                               "number of blocks the variant keeps.")
+  max_ppl_ratio: float | None = setting(None, "Perplexity gate: the variant's perplexity on "
+                                        "the corpus may be at most this multiple of the "
+                                        "unpruned model's (paired upper 95% bound on the "
+                                        "selection windows). With --max_drop, both must "
+                                        "hold.")
+  ppl_corpus: str = setting("", "Perplexity corpus: text:FILE, task:SPEC@SPLIT or synthetic "
+                            "(default: healing's default corpus, whose last tokens it "
+                            "takes; healing then trains on the tokens before them).")
+  ppl_windows: int = setting(32, "Perplexity windows (split into selection and held-out "
+                             "windows like the items); 0: no perplexity.")
+  ppl_seq_len: int = setting(128, "Tokens per perplexity window.")
   num_items: int = setting(400, "Evaluation items of the study (split into selection and "
                            "held-out items).")
   calibration_items: int = setting(64, "Calibration items of the method's search.")
@@ -85,7 +99,13 @@ class PruneSettings:
   gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf; the source "
                        "must be a GGUF file: its stored tensors are copied, per-layer "
                        "metadata cut), reloaded by transformers' GGUF loading and checked.")
-  heal_steps: int = setting(0, "Heal the chosen variant: LoRA training steps (0: none).")
+  heal_steps: int = setting(0, "Heal the chosen variant: training steps (0: none).")
+  heal_method: str = setting("lora", "lora (adapters, Gromov et al.) or last_blocks (the "
+                             "head and the last --heal_last_blocks kept blocks trained in "
+                             "full, the rest frozen: with --method=reverse, the baseline of "
+                             "'Reassessing Layer Pruning').", choices=("lora", "last_blocks"))
+  heal_last_blocks: int = setting(3, "last_blocks healing: how many of the last kept blocks "
+                                  "are trained.")
   heal_rank: int = setting(8, "LoRA rank (Gromov et al.: 8).")
   heal_alpha: float = setting(16.0, "LoRA scale numerator: updates are alpha / rank * A @ B.")
   heal_modules: tuple[str, ...] = setting(("gate", "up", "down"), "Weights that get "
@@ -96,7 +116,8 @@ class PruneSettings:
   heal_corpus: str = setting("", "Healing text: text:FILE, task:SPEC@SPLIT or synthetic "
                              "(default: the task's train split, disjoint from the "
                              "evaluation items).")
-  heal_learning_rate: float = setting(1e-3, "Adam learning rate of the adapters.")
+  heal_learning_rate: float | None = setting(None, "Adam learning rate (default: 1e-3 for "
+                                            "lora, 1e-4 for last_blocks).")
   heal_batch_size: int = setting(8, "Windows per healing step.")
   heal_seq_len: int = setting(64, "Tokens per healing window.")
   verify: bool = setting(True, "Reload the export with transformers and compare its logits "
@@ -106,10 +127,15 @@ class PruneSettings:
   def __post_init__(self):
     if self.plan:
       return
-    if (self.max_drop is None) == (not self.target_blocks):
-      raise ValueError("give one budget: --max_drop=FRACTION (e.g. 0.05) or "
-                       "--target_blocks=N (blocks to keep); got "
-                       f"max_drop={self.max_drop}, target_blocks={self.target_blocks}.")
+    gates = self.max_drop is not None or self.max_ppl_ratio is not None
+    if gates == bool(self.target_blocks):
+      raise ValueError("give one budget: --max_drop=FRACTION (e.g. 0.05) and/or "
+                       "--max_ppl_ratio=R (e.g. 1.5), or --target_blocks=N (blocks to "
+                       f"keep); got max_drop={self.max_drop}, max_ppl_ratio="
+                       f"{self.max_ppl_ratio}, target_blocks={self.target_blocks}.")
+    if self.max_ppl_ratio is not None and not (self.max_ppl_ratio >= 1 and self.ppl_windows):
+      raise ValueError(f"--max_ppl_ratio={self.max_ppl_ratio} needs a ratio of at least 1 "
+                       f"and --ppl_windows above 0 (got {self.ppl_windows}).")
     if self.max_drop is not None and not 0 <= self.max_drop < 1:
       raise ValueError(f"--max_drop={self.max_drop} is a fraction of accuracy in [0, 1), "
                        "e.g. 0.05 for 5 points.")
@@ -177,9 +203,11 @@ def _drop(full: np.ndarray, variant: np.ndarray, seed: int) -> dict[str, Any]:
           "only_variant_right": only_variant}
 
 
-def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSettings
-           ) -> tuple[dict, list[dict]]:
-  """The chosen curve point and what each point scored on the selection items."""
+def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSettings,
+           ppl_gate=None) -> tuple[dict, list[dict]]:
+  """The chosen curve point and what each point scored on the selection items.
+  `ppl_gate(kept)` (the perplexity gate) is asked for the variants within the accuracy
+  budget, fewest blocks first, until one passes; what it finds goes into the table."""
   full = _outcomes(unpruned)[selection]
   table = []
   for record in curve:
@@ -192,12 +220,22 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
       raise ValueError(f"--target_blocks={s.target_blocks}: the curve has variants of "
                        f"{sizes[0]}..{sizes[-1]} blocks; choose one of them.")
     return chosen[0], table
-  within = [(row["blocks"], i) for i, row in enumerate(table) if row["upper95"] <= s.max_drop]
+  within = sorted((row["blocks"], i) for i, row in enumerate(table)
+                  if s.max_drop is None or row["upper95"] <= s.max_drop)
   if not within:
     raise ValueError(f"no variant of the {s.method} curve loses at most {s.max_drop} "
                      "(paired upper 95% bound on the selection items); even one block removed "
                      f"bounds the drop at {table[0]['upper95']:.3f}. Raise --max_drop.")
-  return curve[min(within)[1]], table
+  if ppl_gate is None:
+    return curve[within[0][1]], table
+  for _, i in within:
+    passed, record = ppl_gate(curve[i]["kept"])
+    table[i]["ppl_ratio"] = record
+    if passed:
+      return curve[i], table
+  raise ValueError(f"no variant of the {s.method} curve within the accuracy budget keeps "
+                   f"its perplexity ratio at most {s.max_ppl_ratio} (paired upper 95% bound "
+                   "on the selection windows); raise --max_ppl_ratio.")
 
 
 def _file_hashes(directory: str) -> dict[str, str]:
@@ -211,9 +249,10 @@ def _file_hashes(directory: str) -> dict[str, str]:
 
 
 def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
-                  gguf_file: str | None = None) -> dict[str, Any]:
+                  gguf_file: str | None = None, model=None) -> dict[str, Any]:
   """The export (an HF directory, or `gguf_file` in it) reloaded by transformers against
-  dpjax's logits for the kept blocks."""
+  dpjax's logits for the kept blocks (of `model`, the source loaded in float32, when
+  given)."""
   try:
     import torch
     import transformers
@@ -222,7 +261,7 @@ def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
                      "--noverify to skip the check.") from e
   from dpjax.model.load import load_model
   from dpjax.model.plan import keep_mask
-  model = load_model(source, dtype="float32")
+  model = model if model is not None else load_model(source, dtype="float32")
   extra = {"gguf_file": gguf_file} if gguf_file else {}
   hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
                                                          **extra)
@@ -245,7 +284,8 @@ def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
           "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
 
 
-def _export(source: str, out: str, kept: list[int], s: PruneSettings) -> dict[str, Any]:
+def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
+            ) -> dict[str, Any]:
   from dpjax.checkpoints.export import export
   from dpjax.checkpoints.gguf import is_gguf
   if s.gguf and not is_gguf(source):
@@ -259,7 +299,7 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings) -> dict[st
   gguf_path = os.path.join(out, GGUF_FILE)
   export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite)
   try:
-    check = verify_export(source, model_dir, kept, s.seed) if s.verify else None
+    check = verify_export(source, model_dir, kept, s.seed, model=model) if s.verify else None
     gguf_record = None
     if s.gguf:
       from dpjax.checkpoints.gguf_export import prune_gguf
@@ -267,7 +307,7 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings) -> dict[st
       with open(gguf_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
       gguf_record = {"file": GGUF_FILE, "sha256": digest, "verification": verify_export(
-          source, out, kept, s.seed, gguf_file=GGUF_FILE) if s.verify else None}
+          source, out, kept, s.seed, gguf_file=GGUF_FILE, model=model) if s.verify else None}
   except Exception:
     import shutil
     shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-made stays behind
@@ -316,22 +356,33 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   with open(os.path.join(study_dir, "items.jsonl")) as f:
     ids = [json.loads(line)["id"] for line in f if line.strip()]
   unpruned, curve = _curve(study_dir, s.method)
+  source = s.model if not s.study else results["model"]["path"]
+  from dpjax.model.load import load_model
+  model = load_model(source, dtype="float32")  # perplexity, verification, healing's teacher
+  ppl = Perplexity(model, source, s) if s.ppl_windows else None
   selection, heldout = split_items(len(unpruned["correct"]), s.selection_fraction, s.seed)
-  chosen, table = choose(unpruned, curve, selection, s)
+  chosen, table = choose(unpruned, curve, selection, s,
+                         ppl_gate=ppl.gate if s.max_ppl_ratio is not None else None)
   full, variant = _outcomes(unpruned), _outcomes(chosen)
   kept = list(chosen["kept"])
   held = _drop(full[heldout], variant[heldout], s.seed)
-  budget = ({"max_drop": s.max_drop, "rule": "paired upper 95% bound of the drop on the "
-             "selection items at most max_drop",
-             "holds_on_heldout": bool(held["upper95"] <= s.max_drop)}
-            if s.max_drop is not None else {"target_blocks": s.target_blocks})
-  source = s.model if not s.study else results["model"]["path"]
+  perplexity = ppl.record(kept) if ppl is not None else None
+  budget: dict[str, Any] = {"target_blocks": s.target_blocks} if s.target_blocks else {}
+  if s.max_drop is not None:
+    budget.update({"max_drop": s.max_drop, "rule": "paired upper 95% bound of the drop on "
+                   "the selection items at most max_drop",
+                   "holds_on_heldout": bool(held["upper95"] <= s.max_drop)})
+  if s.max_ppl_ratio is not None:
+    budget.update({"max_ppl_ratio": s.max_ppl_ratio, "ppl_rule": "paired upper 95% bound of "
+                   "the perplexity ratio on the selection windows at most max_ppl_ratio",
+                   "ppl_holds_on_heldout": bool(perplexity["ratio"]["heldout"]["upper95"]
+                                                <= s.max_ppl_ratio)})
   from dpjax.study.run import select_items
   from dpjax.study.settings import Settings
   ran = Settings(**{k: tuple(v) if isinstance(v, list) else v
                     for k, v in results["settings"].items()})
   calibration = select_items(ran)[3]
-  exported = _export(source, out, kept, s)
+  exported = _export(source, out, kept, s, model=model)
   plan = {
       "dpjax_version": _version(),
       "command": command_line("dpjax-prune", s),
@@ -358,13 +409,14 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                      "heldout": _accuracy(variant[heldout], s.seed)},
           "drop": {"selection": [r for r in table if r["kept"] == kept][0],
                    "heldout": held}},
+      "perplexity": perplexity,
       "curve_on_selection": table,
       "export": exported,
       "settings": dataclasses.asdict(s),
   }
   if s.heal_steps:
     plan["healing"] = _heal(s, source, out, kept, study_settings, ids, full, variant,
-                            selection, heldout)
+                            selection, heldout, model, ppl)
   fileio.write_json(os.path.join(out, PLAN_FILE), plan)
   return plan
 
@@ -373,9 +425,10 @@ HEALED_DIR = "healed"
 
 
 def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settings, ids,
-          full: np.ndarray, variant: np.ndarray, selection, heldout) -> dict[str, Any]:
+          full: np.ndarray, variant: np.ndarray, selection, heldout, teacher,
+          ppl: "Perplexity | None") -> dict[str, Any]:
   """Heals the exported variant, writes it to OUTPUT_DIR/healed (verified), and scores it
-  on the same evaluation items."""
+  on the same evaluation items (and the same perplexity windows)."""
   from dpjax.checkpoints.convert import load_checkpoint, load_tokenizer
   from dpjax.checkpoints.export import write_hf_checkpoint
   from dpjax.lens.training import corpus_texts, windows
@@ -384,24 +437,32 @@ def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settin
   healing = heal.Healing(steps=s.heal_steps, rank=s.heal_rank, alpha=s.heal_alpha,
                          modules=tuple(s.heal_modules), objective=s.heal_objective,
                          learning_rate=s.heal_learning_rate, batch_size=s.heal_batch_size,
-                         seq_len=s.heal_seq_len, seed=s.seed)
-  corpus = s.heal_corpus or (f"task:{s.task}@train" if s.task != "synthetic" else "synthetic")
-  tokenizer = load_tokenizer(source)
-  data = windows(tokenizer, corpus_texts(corpus), s.heal_seq_len)
+                         seq_len=s.heal_seq_len, seed=s.seed, method=s.heal_method,
+                         last_blocks=s.heal_last_blocks)
+  corpus = s.heal_corpus or default_corpus(s)
+  if ppl is not None and ppl.spec == corpus:  # the perplexity windows are held back
+    n = len(ppl.before) // s.heal_seq_len
+    if n < 2:
+      raise ValueError(f"the healing corpus {corpus} leaves {len(ppl.before)} tokens before "
+                       "the perplexity windows: give a larger corpus or fewer --ppl_windows.")
+    data = np.asarray(ppl.before[:n * s.heal_seq_len], np.int32).reshape(n, s.heal_seq_len)
+  else:
+    data = windows(load_tokenizer(source), corpus_texts(corpus), s.heal_seq_len)
   pruned_dir = os.path.join(out, MODEL_DIR)
   student = load_model(pruned_dir, dtype="float32")
-  teacher = load_model(source, dtype="float32")
   adapters, losses = heal.heal(student, teacher, None, data, healing,
                                state_dir=os.path.join(out, "heal_state"))
-  merged = jax_to_numpy(heal.merge(student.params(), adapters, healing))
+  merged = jax_to_numpy(heal.compose(student.params(), adapters, healing))
   loaded = load_checkpoint(pruned_dir)
   healed_dir = os.path.join(out, HEALED_DIR)
   with fileio.atomic_directory(healed_dir, overwrite=True) as tmp:
     write_hf_checkpoint(tmp, loaded.config, loaded.raw_config, merged,
                         list(range(loaded.config.num_layers)), loaded.save_tokenizer)
   check = None
+  healed_model = load_model(healed_dir, dtype="float32")
   if s.verify:
-    check = verify_export(healed_dir, healed_dir, list(range(len(kept))), s.seed)
+    check = verify_export(healed_dir, healed_dir, list(range(len(kept))), s.seed,
+                          model=healed_model)
   # The healed model on the study's evaluation items (the same items: checked).
   from dpjax.study import run as study
   evaluated = study_settings.replace(model=healed_dir, methods=("reverse",),
@@ -423,7 +484,64 @@ def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settin
       # Healed minus pruned, paired on the held-out items.
       "gain_heldout": _gain(healed_outcomes[heldout], variant[heldout], s.seed),
       "drop_heldout_vs_unpruned": _drop(full[heldout], healed_outcomes[heldout], s.seed),
+      "perplexity": ppl.record_model(healed_model) if ppl is not None else None,
   }
+
+
+def default_corpus(s: PruneSettings) -> str:
+  """Healing's (and the perplexity gate's) corpus when none is given: the task's train
+  split, disjoint from the evaluation items."""
+  return f"task:{s.task}@train" if s.task != "synthetic" else "synthetic"
+
+
+class Perplexity:
+  """The perplexity windows of a pruning (`dpjax.study.perplexity`), split into selection
+  and held-out windows like the items; the unpruned model's NLLs computed once."""
+
+  def __init__(self, model, source: str, s: PruneSettings):
+    from dpjax.checkpoints.convert import load_tokenizer
+    from dpjax.lens.training import corpus_texts, windows
+    from dpjax.study import perplexity
+    self.model, self.s = model, s
+    self.spec = s.ppl_corpus or default_corpus(s)
+    stream = windows(load_tokenizer(source), corpus_texts(self.spec), 1).ravel()
+    self.windows, self.before = perplexity.split_stream(stream, s.ppl_windows, s.ppl_seq_len)
+    self.selection, self.heldout = split_items(len(self.windows), s.selection_fraction, s.seed)
+    self.unpruned = perplexity.window_nll(model, self.windows)
+
+  def nll(self, kept) -> np.ndarray:
+    from dpjax.model.plan import keep_mask
+    from dpjax.study import perplexity
+    return perplexity.window_nll(self.model, self.windows,
+                                 keep_mask(list(kept), self.model.num_layers))
+
+  def gate(self, kept) -> tuple[bool, dict[str, Any]]:
+    from dpjax.study import perplexity
+    r = perplexity.ratio(self.nll(kept)[self.selection], self.unpruned[self.selection],
+                         self.s.seed)
+    return r["upper95"] <= self.s.max_ppl_ratio, r
+
+  def _record(self, nll: np.ndarray) -> dict[str, Any]:
+    from dpjax.study import perplexity
+    seed = self.s.seed
+    return {"corpus": self.spec, "windows": int(len(self.windows)),
+            "seq_len": int(self.windows.shape[1]),
+            "unpruned": {part: perplexity.summary(self.unpruned[idx], seed)
+                         for part, idx in self._parts()},
+            "pruned": {part: perplexity.summary(nll[idx], seed) for part, idx in self._parts()},
+            "ratio": {part: perplexity.ratio(nll[idx], self.unpruned[idx], seed)
+                      for part, idx in self._parts()}}
+
+  def _parts(self):
+    return (("selection", self.selection), ("heldout", self.heldout))
+
+  def record(self, kept) -> dict[str, Any]:
+    return self._record(self.nll(kept))
+
+  def record_model(self, model) -> dict[str, Any]:
+    """The same windows under another model (the healed variant, every block run)."""
+    from dpjax.study import perplexity
+    return self._record(perplexity.window_nll(model, self.windows))
 
 
 def _gain(healed: np.ndarray, pruned: np.ndarray, seed: int) -> dict[str, Any]:

@@ -10,6 +10,12 @@ of a corpus (by default the task's train split, disjoint from the evaluation ite
 The training state (adapters, optimizer, step) is saved with Orbax every
 `checkpoint_every` steps and a killed run resumes; a progress bar shows the loss and the
 ETA. `merge` folds the adapters into the weights.
+
+`method="last_blocks"` is the baseline "Reassessing Layer Pruning" (Lu et al., 2024)
+found strong: no adapters, the head (the final norm and the unembedding; with tied
+embeddings that is the shared embedding matrix, so the input embedding moves with it)
+and the last `last_blocks` kept blocks trained in full, every other weight frozen. With
+`--method=reverse` (drop the last blocks) it is that paper's recipe.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from dpjax.engine.progress import Progress
 
 ADAPTED = ("gate", "up", "down", "q", "k", "v", "o")
 FEED_FORWARD = ("gate", "up", "down")
+HEAL_METHODS = ("lora", "last_blocks")
+# Adam's learning rate when none is given: adapters start at zero and move fast; whole
+# pretrained blocks want smaller steps.
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "last_blocks": 1e-4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +47,22 @@ class Healing:
   alpha: float = 16.0
   modules: tuple[str, ...] = FEED_FORWARD
   objective: str = "kl"        # kl | nll
-  learning_rate: float = 1e-3
+  learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE[method]
   batch_size: int = 8
   seq_len: int = 64
   seed: int = 0
   checkpoint_every: int = 50
+  method: str = "lora"         # lora | last_blocks
+  last_blocks: int = 3         # last_blocks: how many of the last kept blocks are trained
 
   def __post_init__(self):
+    if self.method not in HEAL_METHODS:
+      raise ValueError(f"--heal_method={self.method!r}; use one of {', '.join(HEAL_METHODS)}.")
+    if self.method == "last_blocks" and self.last_blocks < 0:
+      raise ValueError(f"--heal_last_blocks={self.last_blocks}; give 0 (the head alone) or "
+                       "more.")
+    if self.learning_rate is None:
+      object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATE[self.method])
     bad = [m for m in self.modules if m not in ADAPTED]
     if bad:
       raise ValueError(f"--heal_modules {bad}: adapters go on {', '.join(ADAPTED)}.")
@@ -67,6 +86,43 @@ def init_adapters(params: dict[str, Any], healing: Healing) -> dict[str, dict[st
   return out
 
 
+def init_trainable(params: dict[str, Any], healing: Healing) -> dict[str, Any]:
+  """What healing trains: LoRA adapters (`init_adapters`), or for `last_blocks` the head's
+  weights and the last kept blocks' weights (copies of the pruned model's, float32)."""
+  if healing.method == "lora":
+    return init_adapters(params, healing)
+  layers = next(iter(params["blocks"].values())).shape[0]
+  if healing.last_blocks > layers:
+    raise ValueError(f"--heal_last_blocks={healing.last_blocks}, but the variant keeps "
+                     f"{layers} blocks.")
+  head = [name for name in ("final_norm", "lm_head") if params.get(name) is not None]
+  if params.get("lm_head") is None:
+    head.append("embed")  # tied: the unembedding is the embedding matrix
+  out = {name: jnp.asarray(params[name], jnp.float32) for name in head}
+  out["blocks"] = {name: jnp.asarray(w[layers - healing.last_blocks:], jnp.float32)
+                   for name, w in params["blocks"].items()}
+  return out
+
+
+def compose(params: dict[str, Any], trainable: dict[str, Any], healing: Healing
+            ) -> dict[str, Any]:
+  """The weights the healed model runs with: `merge` for adapters; for `last_blocks`,
+  the trained head and tail blocks in place of the pruned model's."""
+  if healing.method == "lora":
+    return merge(params, trainable, healing)
+  out = dict(params)
+  blocks = dict(params["blocks"])
+  for name, tail in trainable["blocks"].items():
+    w = blocks[name]
+    keep = w.shape[0] - tail.shape[0]
+    blocks[name] = jnp.concatenate([jnp.asarray(w[:keep]), tail.astype(w.dtype)], axis=0)
+  for name, w in trainable.items():
+    if name != "blocks":
+      out[name] = w.astype(params[name].dtype)
+  out["blocks"] = blocks
+  return out
+
+
 def merge(params: dict[str, Any], adapters: dict[str, dict[str, jax.Array]],
           healing: Healing) -> dict[str, Any]:
   """The weights with the adapters folded in: `W + (alpha / rank) * A @ B`."""
@@ -80,10 +136,11 @@ def merge(params: dict[str, Any], adapters: dict[str, dict[str, jax.Array]],
 
 
 def adapted_logits(model, params, adapters, healing: Healing, input_ids, attention_mask):
-  """`[B, T, V]` float32 logits of `model`'s architecture with `params` and the adapters,
-  their merged weight formed inside the trace (so the gradient reaches `A` and `B`)."""
+  """`[B, T, V]` float32 logits of `model`'s architecture with `params` and the trained
+  weights (`adapters`: see `init_trainable`), composed inside the trace (so the gradient
+  reaches them)."""
   state = jax.tree.map(lambda x: x, model.state)
-  nnx.replace_by_pure_dict(state, merge(params, adapters, healing))
+  nnx.replace_by_pure_dict(state, compose(params, adapters, healing))
   module = nnx.merge(model.graphdef, state)
   layers = module.cfg.num_layers
   h, _, _ = module.run_blocks(input_ids, attention_mask, None, jnp.ones(layers, bool))
@@ -96,7 +153,7 @@ def heal(pruned, teacher, teacher_keep, windows: np.ndarray, healing: Healing,
   (`[n, seq_len]` token ids); `teacher` with `teacher_keep` gives the KL targets.
   Returns the adapters and the loss of every step."""
   params = jax.tree.map(jnp.asarray, pruned.params())
-  adapters = init_adapters(params, healing)
+  adapters = init_trainable(params, healing)
   optimizer = optax.adam(healing.learning_rate)
   opt_state = optimizer.init(adapters)
   start, losses = 0, []

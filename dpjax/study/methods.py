@@ -419,6 +419,35 @@ def run_phase_aware(ctx: Context, out: StudyResults) -> None:
   out.methods["phase_aware"] = result
 
 
+def run_decisive_only(ctx: Context, out: StudyResults) -> None:
+  """The paper's second question as a method: greedy removal (Iterative Pruning's first
+  criterion) restricted to the Decisive Phase, every Silent-Phase block kept; the curve
+  ends when the Decisive Phase is exhausted (or --min_layers is reached). When
+  `phase_aware` ran, its first steps are this search (same criterion, same candidates,
+  same items), so its curve is reused rather than searched again."""
+  s, l_star = ctx.settings, ctx.calibration_transition
+  if l_star is None:
+    out.methods["decisive_only"] = MethodResult.skip(
+        "decisive_only", _no_transition(s), transition_block=None)
+    return
+  decisive = set(range(l_star - 1, ctx.num_layers))
+  steps = min(len(decisive), ctx.num_layers - s.min_layers)
+  aware = out.methods.get("phase_aware")
+  if aware is not None and not aware.skipped and aware.order.get("criterion") == s.criteria[0]:
+    result = MethodResult(kind="decisive_only", curve=list(aware.curve[:steps + 1]),
+                          order={**aware.order,
+                                 "removed_order": aware.order["removed_order"][:steps],
+                                 "calibration": aware.order["calibration"][:steps]})
+    source = "phase_aware"
+  else:
+    result = iterative_result(ctx, s.criteria[0], "decisive_only", kind="decisive_only",
+                              allowed=lambda kept: [b for b in kept if b in decisive])
+    source = "searched"
+  result.details = {"transition_block": l_star, "decisive_blocks": len(decisive),
+                    "steps": steps, "curve_from": source}
+  out.methods["decisive_only"] = result
+
+
 METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
     "iterative": run_iterative,
     "block_influence": run_block_influence,
@@ -428,4 +457,5 @@ METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
     "random": run_random,
     "phase": run_phase,
     "phase_aware": run_phase_aware,
+    "decisive_only": run_decisive_only,  # after phase_aware: reuses its first steps
 }

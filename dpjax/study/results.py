@@ -225,7 +225,7 @@ class CurvePoint:
 class MethodResult:
   """A pruning method's outcome.
 
-  `kind`: `iterative`, `one_shot` or `phase_aware`. `order` holds what the
+  `kind`: `iterative`, `one_shot`, `phase_aware` or `decisive_only`. `order` holds what the
   method removes, as results.json names it (`criterion`, `removed_order`,
   `calibration`, `ranking`, `removed_sets`, `seeds`, `rankings`, ...).
   `per_seed_curves`: the random baseline's curve of every seed. A skipped

@@ -117,3 +117,63 @@ def test_split_items_is_a_seeded_partition():
   assert np.array_equal(budget.split_items(10, 0.5, seed=3)[0], a)
   with pytest.raises(ValueError, match="cannot be split"):
     budget.split_items(1, 0.5, seed=0)
+
+
+def test_the_perplexity_gate_picks_the_fewest_blocks_within_both_budgets(pruned, tmp_path):
+  """--max_ppl_ratio on the same curve (--study): the chosen variant is the smallest within
+  the accuracy budget whose perplexity ratio's paired upper bound is within the gate; the
+  perplexities recompute in torch from the HF export and the bundled model."""
+  import torch
+  import transformers
+  from dpjax.bundled import BUNDLED_MODEL
+  from dpjax.lens.training import corpus_texts
+  out, first = pruned
+  again = str(tmp_path / "gated")
+  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
+                           "--max_ppl_ratio=1.2", "--ppl_windows=16", "--ppl_seq_len=64",
+                           f"--study={os.path.join(out, first['method']['study'])}",
+                           f"--output_dir={again}"], capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(again, budget.PLAN_FILE)) as f:
+    plan = json.load(f)
+  table = plan["curve_on_selection"]
+  within = sorted((row["blocks"], i) for i, row in enumerate(table) if row["upper95"] <= 0.05)
+  asked = [i for _, i in within if "ppl_ratio" in table[i]]
+  assert asked == [i for _, i in within][:len(asked)]  # fewest blocks first
+  assert all(table[i]["ppl_ratio"]["upper95"] > 1.2 for i in asked[:-1])
+  assert table[asked[-1]]["ppl_ratio"]["upper95"] <= 1.2
+  assert plan["kept_blocks"] == table[asked[-1]]["kept"]
+  assert len(plan["kept_blocks"]) >= len(first["kept_blocks"])  # a second gate can only add
+  # Recomputed: the last 16 windows of 64 tokens of the synthetic corpus's token stream.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+  stream = []
+  for ids in tokenizer(corpus_texts("synthetic"), add_special_tokens=False)["input_ids"]:
+    stream += list(ids) + [tokenizer.eos_token_id]
+  windows = torch.tensor(stream[-16 * 64:]).reshape(16, 64)
+
+  def nll(path):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+      logp = torch.log_softmax(hf(input_ids=windows).logits[:, :-1], -1)
+    return -logp.gather(-1, windows[:, 1:, None])[..., 0].mean(-1).numpy()
+
+  full, variant = nll(BUNDLED_MODEL), nll(os.path.join(again, "model"))
+  held = budget.split_items(16, 0.5, 0)[1]
+  ppl = plan["perplexity"]
+  assert ppl["unpruned"]["heldout"]["perplexity"] == pytest.approx(
+      np.exp(full[held].mean()), rel=1e-5)
+  assert ppl["pruned"]["heldout"]["perplexity"] == pytest.approx(
+      np.exp(variant[held].mean()), rel=1e-5)
+  assert ppl["ratio"]["heldout"]["ratio"] == pytest.approx(
+      np.exp(variant[held].mean() - full[held].mean()), rel=1e-5)
+  low, high = ppl["ratio"]["heldout"]["ci95"]
+  assert low <= ppl["ratio"]["heldout"]["ratio"] <= high
+  # A gate no variant meets is refused, naming the flag.
+  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_ppl_ratio=1.0001",
+                           "--ppl_windows=16", "--ppl_seq_len=64", "--noverify",
+                           f"--study={os.path.join(out, first['method']['study'])}",
+                           f"--output_dir={tmp_path / 'none'}"], capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 1 and "--max_ppl_ratio" in result.stderr
+  assert not os.path.exists(tmp_path / "none" / budget.PLAN_FILE)

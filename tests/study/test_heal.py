@@ -97,3 +97,33 @@ def test_healing_a_collapsed_variant_raises_its_held_out_accuracy(tmp_path):
   assert plan["healing"]["loss_last"] < plan["healing"]["loss_first"]
   assert os.path.isfile(tmp_path / "healed" / "config.json")
   assert plan["healing"]["export"]["verification"]["blocks_loaded"] == 3
+
+
+def test_last_blocks_healing_trains_the_head_and_the_last_blocks_only(pruned_export):
+  """The "Reassessing Layer Pruning" baseline: the head and the last 3 kept blocks move,
+  every other weight is the pruned model's, bit for bit; the loss falls; the composed
+  weights run by the plain model give the logits training saw."""
+  pruned = dpjax.load_model(pruned_export, dtype="float32")
+  teacher = dpjax.load_model(BUNDLED_MODEL, dtype="float32")
+  data = np.random.default_rng(2).integers(3, 500, size=(64, 16))
+  healing = heal.Healing(steps=12, batch_size=8, seq_len=16, method="last_blocks",
+                         learning_rate=3e-3)
+  assert heal.Healing(steps=1, method="last_blocks").learning_rate == 1e-4
+  trained, losses = heal.heal(pruned, teacher, None, data, healing, progress=False)
+  assert losses[-1] < losses[0]
+  before = pruned.params()
+  after = jax.tree.map(np.asarray, heal.compose(before, trained, healing))
+  K = len(KEPT)
+  for name, w in before["blocks"].items():
+    np.testing.assert_array_equal(after["blocks"][name][:K - 3], np.asarray(w)[:K - 3])
+    assert np.abs(after["blocks"][name][K - 3:] - np.asarray(w)[K - 3:]).max() > 0, name
+  for name in ("final_norm", "lm_head"):
+    assert np.abs(after[name] - np.asarray(before[name])).max() > 0, name
+  np.testing.assert_array_equal(after["embed"], np.asarray(before["embed"]))  # untied: frozen
+  ids = data[:2]
+  got = np.asarray(dpjax.DecoderModel(pruned.config, after).logits(ids), np.float64)
+  want = np.asarray(heal.adapted_logits(pruned, before, trained, healing, ids,
+                                        np.ones(ids.shape, np.int32)), np.float64)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  with pytest.raises(ValueError, match="heal_last_blocks=9"):
+    heal.init_trainable(before, heal.Healing(steps=1, method="last_blocks", last_blocks=9))
