@@ -49,6 +49,12 @@ def prune_and_report(s: PruneSettings) -> None:
           f"{h['loss_first']:.3f} -> {h['loss_last']:.3f}): held-out accuracy "
           f"{h['accuracy']['heldout']['accuracy']:.3f}, gain {g['gain']:+.3f} "
           f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]; written to {h['export']['directory']}/")
+  if plan.get("throughput"):
+    for row in plan["throughput"]["rows"]:
+      print(f"{row['variant']:>9}: {row['blocks']} blocks, held-out accuracy "
+            f"{row['heldout_accuracy']:.3f}, decode {row['decode_tokens_per_second']:.0f} "
+            f"tokens/s ({row['decode_speedup']:.2f}x), prefill "
+            f"{row['prefill_tokens_per_second']:.0f} tokens/s ({row['prefill_speedup']:.2f}x)")
   print(f"wrote {os.path.abspath(os.path.join(s.output_dir, plan['export']['directory']))} "
         f"and {PLAN_FILE}")
 

@@ -149,7 +149,8 @@ def _memory(model, kept: tuple[int, ...], batch: int, length: int) -> dict[str, 
   return {"weights_mb": float(blocks * len(kept) + rest) / 1e6, "kv_cache_mb": float(kv) / 1e6}
 
 
-def measure(settings: ThroughputSettings) -> dict[str, Any]:
+def measure(settings: ThroughputSettings, unpruned_only: bool = False) -> dict[str, Any]:
+  """The report of `dpjax-throughput` (`unpruned_only`: the model alone, no variants)."""
   import jax
   from dpjax.model.load import load_model
   from dpjax.engine import devices as distributed
@@ -165,7 +166,7 @@ def measure(settings: ThroughputSettings) -> dict[str, Any]:
     variants += found
   if s.keep:
     variants += parse_keep(s.keep, n)
-  if len(variants) == 1:
+  if len(variants) == 1 and not unpruned_only:
     raise ValueError("give the variants: --keep=... (0-based kept blocks, ';' between "
                      "variants) or --study=DIR.")
   limit = model.config.max_position_embeddings
@@ -304,7 +305,7 @@ def _greedy_config(hf, new_tokens: int):
   and no `min_new_tokens`, which would forbid the end-of-text token)."""
   import copy
   config = copy.deepcopy(hf.generation_config)
-  config.eos_token_id = None
+  config.eos_token_id = []  # None is filled in from the model's config, which stops early
   config.min_new_tokens = None
   config.max_new_tokens = new_tokens
   config.do_sample = False

@@ -120,6 +120,12 @@ class PruneSettings:
                                             "lora, 1e-4 for last_blocks).")
   heal_batch_size: int = setting(8, "Windows per healing step.")
   heal_seq_len: int = setting(64, "Tokens per healing window.")
+  throughput: bool = setting(True, "Measure the decode and prefill throughput of the unpruned "
+                             "model, the variant and the healed variant (dpjax-throughput's "
+                             "measurement), with accuracy_throughput.csv / .png.")
+  throughput_batch_size: int = setting(8, "Batch size of the throughput measurement.")
+  throughput_prompt_len: int = setting(128, "Prompt tokens of the throughput measurement.")
+  throughput_new_tokens: int = setting(32, "Generated tokens of the throughput measurement.")
   verify: bool = setting(True, "Reload the export with transformers and compare its logits "
                          "with dpjax's before reporting success (needs torch).")
   overwrite: bool = setting(False, "Replace --output_dir's export and plan if they exist.")
@@ -417,8 +423,80 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   if s.heal_steps:
     plan["healing"] = _heal(s, source, out, kept, study_settings, ids, full, variant,
                             selection, heldout, model, ppl)
+  if s.throughput:
+    plan["throughput"] = accuracy_throughput(s, source, out, plan)
   fileio.write_json(os.path.join(out, PLAN_FILE), plan)
   return plan
+
+
+THROUGHPUT_CSV = "accuracy_throughput.csv"
+THROUGHPUT_FIGURE = "accuracy_throughput.png"
+
+
+def accuracy_throughput(s: PruneSettings, source: str, out: str, plan: dict[str, Any]
+                        ) -> dict[str, Any]:
+  """The unpruned model, the variant and the healed variant: held-out accuracy (with its
+  interval) next to decode and prefill throughput measured by dpjax-throughput's code
+  (the healed weights measured themselves), as a table and a figure in OUTPUT_DIR."""
+  from dpjax.serve import throughput as tp
+  common = dict(batch_size=(str(s.throughput_batch_size),),
+                prompt_len=(str(s.throughput_prompt_len),),
+                new_tokens=(str(s.throughput_new_tokens),), check_tokens=s.verify,
+                seed=s.seed)
+  report = tp.measure(tp.ThroughputSettings(
+      model=source, keep=",".join(map(str, plan["kept_blocks"])), **common))
+  by_method = {r["method"]: r for r in report["rows"]}
+  acc = plan["accuracy"]
+  rows = [("unpruned", by_method["unpruned"], acc["unpruned"]["heldout"],
+           plan["source"]["num_layers"]),
+          ("pruned", by_method["given"], acc["pruned"]["heldout"], len(plan["kept_blocks"]))]
+  if plan.get("healing"):
+    healed = tp.measure(tp.ThroughputSettings(model=os.path.join(out, HEALED_DIR), **common),
+                        unpruned_only=True)
+    rows.append(("healed", healed["rows"][0], plan["healing"]["accuracy"]["heldout"],
+                 len(plan["kept_blocks"])))
+  table = []
+  base = rows[0][1]
+  for name, r, a, blocks in rows:
+    table.append({"variant": name, "blocks": blocks, "heldout_accuracy": a["accuracy"],
+                  "heldout_ci95": a["ci95"],
+                  "decode_tokens_per_second": r["decode_tokens_per_second"],
+                  "prefill_tokens_per_second": r["prefill_tokens_per_second"],
+                  "decode_speedup": r["decode_tokens_per_second"]
+                  / base["decode_tokens_per_second"],
+                  "prefill_speedup": r["prefill_tokens_per_second"]
+                  / base["prefill_tokens_per_second"],
+                  "weights_mb": r["weights_mb"]})
+  header = list(table[0])
+  fileio.write_csv(os.path.join(out, THROUGHPUT_CSV), header,
+                   [[row[h] if h != "heldout_ci95" else "{:.4f}..{:.4f}".format(*row[h])
+                     for h in header] for row in table])
+  _plot_accuracy_throughput(os.path.join(out, THROUGHPUT_FIGURE), table, report)
+  return {"backend": report["backend"], "mesh": report["mesh"],
+          "batch_size": s.throughput_batch_size, "prompt_len": s.throughput_prompt_len,
+          "new_tokens": s.throughput_new_tokens, "rows": table,
+          "files": [THROUGHPUT_CSV, THROUGHPUT_FIGURE]}
+
+
+def _plot_accuracy_throughput(path: str, table: list[dict], report: dict) -> None:
+  from dpjax.fileio import save_figure
+  from dpjax.report.figures import pyplot
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  colors = {"unpruned": "black", "pruned": "tab:red", "healed": "tab:green"}
+  for row in table:
+    low, high = row["heldout_ci95"]
+    y = row["heldout_accuracy"]
+    ax.errorbar([row["decode_tokens_per_second"]], [y], yerr=[[y - low], [high - y]],
+                fmt="o", color=colors[row["variant"]], capsize=3,
+                label=f"{row['variant']} ({row['blocks']} blocks, "
+                      f"{row['decode_speedup']:.2f}x decode)")
+  ax.set_xlabel(f"decode tokens/s (batch {report['rows'][0]['batch_size']}, "
+                f"{report['backend']})")
+  ax.set_ylabel("held-out accuracy (95% interval)")
+  ax.set_title("The chosen variant: accuracy against throughput")
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
 
 
 HEALED_DIR = "healed"

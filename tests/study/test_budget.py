@@ -18,7 +18,8 @@ from dpjax.study import budget, statistics
 def pruned(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("pruned"))
   result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
-                           "--num_items=128", "--calibration_items=32", f"--output_dir={out}"],
+                           "--num_items=128", "--calibration_items=32", "--nothroughput",
+                           f"--output_dir={out}"],
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(out, budget.PLAN_FILE)) as f:
@@ -109,6 +110,10 @@ def test_a_bad_budget_is_refused_with_what_to_do(tmp_path):
                                       output_dir=str(tmp_path / "g")))
   with pytest.raises(ValueError, match="--max_drop=5 is a fraction"):
     budget.PruneSettings(max_drop=5)
+  with pytest.raises(ValueError, match="--max_ppl_ratio=0.9 needs a ratio of at least 1"):
+    budget.PruneSettings(max_ppl_ratio=0.9)
+  with pytest.raises(ValueError, match="give one budget"):
+    budget.PruneSettings(max_ppl_ratio=1.5, target_blocks=8)
 
 
 def test_split_items_is_a_seeded_partition():
@@ -131,6 +136,7 @@ def test_the_perplexity_gate_picks_the_fewest_blocks_within_both_budgets(pruned,
   again = str(tmp_path / "gated")
   result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
                            "--max_ppl_ratio=1.2", "--ppl_windows=16", "--ppl_seq_len=64",
+                           "--nothroughput",
                            f"--study={os.path.join(out, first['method']['study'])}",
                            f"--output_dir={again}"], capture_output=True, text=True,
                           timeout=900)

@@ -97,6 +97,25 @@ def test_healing_a_collapsed_variant_raises_its_held_out_accuracy(tmp_path):
   assert plan["healing"]["loss_last"] < plan["healing"]["loss_first"]
   assert os.path.isfile(tmp_path / "healed" / "config.json")
   assert plan["healing"]["export"]["verification"]["blocks_loaded"] == 3
+  # The accuracy-throughput table: the three models, their held-out accuracies as above,
+  # throughput measured for each (the healed weights on their own).
+  rows = {r["variant"]: r for r in plan["throughput"]["rows"]}
+  assert sorted(rows) == ["healed", "pruned", "unpruned"]
+  assert [rows[v]["blocks"] for v in ("unpruned", "pruned", "healed")] == [16, 3, 3]
+  assert [rows[v]["heldout_accuracy"] for v in ("unpruned", "pruned", "healed")] == [
+      unpruned, before, after]
+  assert rows["unpruned"]["decode_speedup"] == 1.0
+  assert all(r["decode_tokens_per_second"] > 0 and r["prefill_tokens_per_second"] > 0
+             for r in rows.values())
+  assert rows["pruned"]["weights_mb"] == rows["healed"]["weights_mb"] < rows["unpruned"][
+      "weights_mb"]
+  import csv
+  with open(tmp_path / "accuracy_throughput.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["variant"] for r in table] == ["unpruned", "pruned", "healed"]
+  assert float(table[2]["decode_tokens_per_second"]) == pytest.approx(
+      rows["healed"]["decode_tokens_per_second"])
+  assert os.path.getsize(tmp_path / "accuracy_throughput.png") > 5000
 
 
 def test_last_blocks_healing_trains_the_head_and_the_last_blocks_only(pruned_export):
