@@ -75,6 +75,9 @@ class PruneSettings:
                                    "items.")
   target_blocks: int = setting(0, "Budget instead of --max_drop / --max_ppl_ratio: the "
                                "number of blocks the variant keeps.")
+  keep: str = setting("", "Budget instead: these 0-based kept blocks, comma-separated (a "
+                      "variant of the study, e.g. a phase-experiment arm, or any kept set: "
+                      "it is then evaluated on the study's items).")
   max_ppl_ratio: float | None = setting(None, "Perplexity gate: the variant's perplexity on "
                                         "the corpus may be at most this multiple of the "
                                         "unpruned model's (paired upper 95% bound on the "
@@ -134,11 +137,12 @@ class PruneSettings:
     if self.plan:
       return
     gates = self.max_drop is not None or self.max_ppl_ratio is not None
-    if gates == bool(self.target_blocks):
+    if gates + bool(self.target_blocks) + bool(self.keep) != 1:
       raise ValueError("give one budget: --max_drop=FRACTION (e.g. 0.05) and/or "
                        "--max_ppl_ratio=R (e.g. 1.5), or --target_blocks=N (blocks to "
-                       f"keep); got max_drop={self.max_drop}, max_ppl_ratio="
-                       f"{self.max_ppl_ratio}, target_blocks={self.target_blocks}.")
+                       "keep), or --keep=BLOCKS; got max_drop="
+                       f"{self.max_drop}, max_ppl_ratio={self.max_ppl_ratio}, "
+                       f"target_blocks={self.target_blocks}, keep={self.keep!r}.")
     if self.max_ppl_ratio is not None and not (self.max_ppl_ratio >= 1 and self.ppl_windows):
       raise ValueError(f"--max_ppl_ratio={self.max_ppl_ratio} needs a ratio of at least 1 "
                        f"and --ppl_windows above 0 (got {self.ppl_windows}).")
@@ -210,7 +214,7 @@ def _drop(full: np.ndarray, variant: np.ndarray, seed: int) -> dict[str, Any]:
 
 
 def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSettings,
-           ppl_gate=None) -> tuple[dict, list[dict]]:
+           ppl_gate=None, keep_record: dict | None = None) -> tuple[dict, list[dict]]:
   """The chosen curve point and what each point scored on the selection items.
   `ppl_gate(kept)` (the perplexity gate) is asked for the variants within the accuracy
   budget, fewest blocks first, until one passes; what it finds goes into the table."""
@@ -219,6 +223,8 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
   for record in curve:
     d = _drop(full, _outcomes(record)[selection], s.seed)
     table.append({"kept": record["kept"], "blocks": len(record["kept"]), **d})
+  if s.keep:
+    return keep_record, table
   if s.target_blocks:
     chosen = [r for r in curve if len(r["kept"]) == s.target_blocks]
     if not chosen:
@@ -361,19 +367,31 @@ def prune(s: PruneSettings) -> dict[str, Any]:
     results = json.load(f)
   with open(os.path.join(study_dir, "items.jsonl")) as f:
     ids = [json.loads(line)["id"] for line in f if line.strip()]
-  unpruned, curve = _curve(study_dir, s.method)
   source = s.model if not s.study else results["model"]["path"]
+  from dpjax.study.run import select_items
+  from dpjax.study.settings import Settings
+  ran = Settings(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in results["settings"].items()})
+  if s.keep:
+    unpruned, curve, keep_record = _given(study_dir, s.keep, results["model"]["num_layers"],
+                                          ran, ids)
+  else:
+    (unpruned, curve), keep_record = _curve(study_dir, s.method), None
   from dpjax.model.load import load_model
   model = load_model(source, dtype="float32")  # perplexity, verification, healing's teacher
   ppl = Perplexity(model, source, s) if s.ppl_windows else None
   selection, heldout = split_items(len(unpruned["correct"]), s.selection_fraction, s.seed)
   chosen, table = choose(unpruned, curve, selection, s,
-                         ppl_gate=ppl.gate if s.max_ppl_ratio is not None else None)
+                         ppl_gate=ppl.gate if s.max_ppl_ratio is not None else None,
+                         keep_record=keep_record)
   full, variant = _outcomes(unpruned), _outcomes(chosen)
   kept = list(chosen["kept"])
   held = _drop(full[heldout], variant[heldout], s.seed)
   perplexity = ppl.record(kept) if ppl is not None else None
   budget: dict[str, Any] = {"target_blocks": s.target_blocks} if s.target_blocks else {}
+  if s.keep:
+    budget = {"keep": kept, "variant": {k: chosen[k] for k in ("method", "rule", "phase", "k",
+                                                             "seed") if k in chosen}}
   if s.max_drop is not None:
     budget.update({"max_drop": s.max_drop, "rule": "paired upper 95% bound of the drop on "
                    "the selection items at most max_drop",
@@ -383,10 +401,6 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                    "the perplexity ratio on the selection windows at most max_ppl_ratio",
                    "ppl_holds_on_heldout": bool(perplexity["ratio"]["heldout"]["upper95"]
                                                 <= s.max_ppl_ratio)})
-  from dpjax.study.run import select_items
-  from dpjax.study.settings import Settings
-  ran = Settings(**{k: tuple(v) if isinstance(v, list) else v
-                    for k, v in results["settings"].items()})
   calibration = select_items(ran)[3]
   exported = _export(source, out, kept, s, model=model)
   plan = {
@@ -399,7 +413,8 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                  "architecture": results["model"]["architecture"]},
       "kept_blocks": kept,
       "removed_blocks": sorted(set(range(results["model"]["num_layers"])) - set(kept)),
-      "method": {"name": s.method, "curve": chosen["method"], "settings":
+      "method": {"name": "given" if s.keep else s.method, "curve": chosen["method"],
+                 "settings":
                  results["settings"], "study": os.path.relpath(study_dir, out)
                  if not s.study else os.path.abspath(study_dir)},
       "items": {"task": results["task"]["spec"], "split": results["task"]["split"],
@@ -413,7 +428,8 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                        "heldout": _accuracy(full[heldout], s.seed)},
           "pruned": {"selection": _accuracy(variant[selection], s.seed),
                      "heldout": _accuracy(variant[heldout], s.seed)},
-          "drop": {"selection": [r for r in table if r["kept"] == kept][0],
+          "drop": {"selection": {"kept": kept, "blocks": len(kept),
+                                **_drop(full[selection], variant[selection], s.seed)},
                    "heldout": held}},
       "perplexity": perplexity,
       "curve_on_selection": table,
@@ -421,7 +437,7 @@ def prune(s: PruneSettings) -> dict[str, Any]:
       "settings": dataclasses.asdict(s),
   }
   if s.heal_steps:
-    plan["healing"] = _heal(s, source, out, kept, study_settings, ids, full, variant,
+    plan["healing"] = _heal(s, source, out, kept, ran, ids, full, variant,
                             selection, heldout, model, ppl)
   if s.throughput:
     plan["throughput"] = accuracy_throughput(s, source, out, plan)
@@ -500,6 +516,46 @@ def _plot_accuracy_throughput(path: str, table: list[dict], report: dict) -> Non
 
 
 HEALED_DIR = "healed"
+HEALED_OUTCOMES = "healed_outcomes.jsonl"
+
+
+def evaluate(study_settings, model_path: str, kept: list[int] | None, ids: list[str]
+             ) -> np.ndarray:
+  """`[N]` 0/1: which of the study's evaluation items (`ids`, checked) the model at
+  `model_path` with the blocks `kept` (all: None) gets right, read at its last block as
+  the study reads a curve point."""
+  from dpjax.study import methods
+  from dpjax.study import run as study
+  ctx = study.prepare(study_settings.replace(model=model_path, progress=False))
+  got = [item.id for item in ctx.evaluation.items]
+  if got != list(ids):
+    raise RuntimeError(f"{model_path} was evaluated on other items than the study's; its "
+                       "accuracy cannot be compared paired.")
+  mask = np.ones((1, ctx.num_layers), bool)
+  if kept is not None:
+    mask[0] = False
+    mask[0, kept] = True
+  point = methods.curve(ctx, mask, "evaluated", per_layer=False)[0]
+  return np.asarray(point.item_correct, np.float64)
+
+
+def _given(study_dir: str, keep: str, num_layers: int, ran, ids):
+  """`--keep`: the unpruned record, no curve, and the record of the given kept set (the
+  study's own when it evaluated that set, else evaluated now on the same items)."""
+  from dpjax.model.plan import KeepPlan
+  try:
+    kept = [int(x) for x in keep.split(",") if x.strip()]
+  except ValueError as e:
+    raise ValueError(f"--keep takes comma-separated 0-based block indices, got {keep!r}.") from e
+  kept = list(KeepPlan.from_kept(kept, num_layers).kept)  # refuses out of range, repeats
+  records = _variants(study_dir)
+  unpruned = next(r for r in records if r["method"] == "unpruned")
+  found = [r for r in records if list(r["kept"]) == kept and r["method"] != "unpruned"]
+  if found:
+    return unpruned, [], found[0]
+  outcomes = evaluate(ran, ran.model, kept, ids)
+  return unpruned, [], {"method": "given", "kept": kept,
+                        "correct": "".join(str(int(c)) for c in outcomes)}
 
 
 def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settings, ids,
@@ -542,16 +598,9 @@ def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settin
     check = verify_export(healed_dir, healed_dir, list(range(len(kept))), s.seed,
                           model=healed_model)
   # The healed model on the study's evaluation items (the same items: checked).
-  from dpjax.study import run as study
-  evaluated = study_settings.replace(model=healed_dir, methods=("reverse",),
-                                     output_dir=os.path.join(out, "healed_study"))
-  study.run(evaluated)
-  with open(os.path.join(evaluated.output_dir, "items.jsonl")) as f:
-    again = [json.loads(line)["id"] for line in f if line.strip()]
-  if again != ids:
-    raise RuntimeError("the healed model's study took other evaluation items than the "
-                       "pruned model's; its accuracy cannot be compared paired.")
-  healed_outcomes = _outcomes(_curve(evaluated.output_dir, "reverse")[0])
+  healed_outcomes = evaluate(study_settings, healed_dir, None, ids)
+  fileio.atomic_write_text(os.path.join(out, HEALED_OUTCOMES), "".join(
+      json.dumps({"id": i, "correct": int(c)}) + "\n" for i, c in zip(ids, healed_outcomes)))
   return {
       "settings": dataclasses.asdict(healing), "corpus": corpus, "windows": int(len(data)),
       "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

@@ -346,7 +346,7 @@ def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
         "final_dm": None if dm is None else [round(float(x), 4) for x in np.asarray(dm)]})
 
   curves = results.curves()
-  first = next((m.curve[0] for m in curves.values() if m.curve), None)
+  first = next((m.curve[0] for m in curves.values() if m.curve), results.unpruned_point)
   if first is not None:
     add(first, "unpruned", k=0)
   for name, method in curves.items():
@@ -401,6 +401,9 @@ class StudyResults:
   ran_methods: bool = False
   lens: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "logit"})
   full_model_logit_lens: FullProfile | None = None  # beside a tuned-lens profile
+  # The unpruned model's per-item outcomes, from the full-model readout (variants.jsonl's
+  # unpruned record when no curve starts with it, e.g. a phase-only study).
+  unpruned_point: CurvePoint | None = None
 
   @property
   def num_layers(self) -> int:

@@ -41,8 +41,8 @@ from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.model.load import load_model
 from dpjax.study.methods import METHODS, Context, profile_of
 from dpjax.lens.readout import Lens, Readout
-from dpjax.study.results import (EngineCounters, FullProfile, StudyResults, SubjectProfile,
-                                 bootstrap_ci)
+from dpjax.study.results import (CurvePoint, EngineCounters, FullProfile, StudyResults,
+                                 SubjectProfile, bootstrap_ci)
 from dpjax.study.settings import Settings
 from dpjax.engine.sweep import Sweep
 
@@ -333,6 +333,13 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
                          full_model=full, timings=timings, ran_methods=bool(s.methods),
                          lens=lens_info(ctx), full_model_logit_lens=logit_full)
 
+  last = ctx.num_layers
+  results.unpruned_point = CurvePoint(
+      removed=0, kept=tuple(range(1, last + 1)), accuracy=float(prof.accuracy[last]),
+      mean_final_dm={norm: float(prof.margin_summary[norm].mean[last])
+                     for norm in metrics.NORMALIZATIONS},
+      item_correct=np.asarray(prof.top[last]) == ctx.evaluation.answer,
+      item_final_dm=np.asarray(prof.margin[s.normalization][last]))
   if s.methods:
     clock = time.perf_counter()
     _, cal_prof = full_profile(ctx, ctx.transition_items, ctx.transition_sweep)

@@ -183,3 +183,46 @@ def test_the_perplexity_gate_picks_the_fewest_blocks_within_both_budgets(pruned,
                           text=True, timeout=900)
   assert result.returncode == 1 and "--max_ppl_ratio" in result.stderr
   assert not os.path.exists(tmp_path / "none" / budget.PLAN_FILE)
+
+
+def test_a_given_kept_set_is_scored_on_the_same_items_as_hf_scores_it(pruned):
+  """--keep: a kept set the study evaluated takes the study's outcomes; one it did not is
+  evaluated on the study's items, and each item's outcome is HF PyTorch's (blocks deleted,
+  the top answer letter at the prompt's last position)."""
+  import torch
+  import transformers
+  from dpjax import tasks
+  from dpjax.bundled import BUNDLED_MODEL
+  from dpjax.study.run import select_items
+  from dpjax.study.settings import Settings
+  out, plan = pruned
+  study = os.path.join(out, plan["method"]["study"])
+  with open(os.path.join(study, "results.json")) as f:
+    ran = json.load(f)["settings"]
+  settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in ran.items()})
+  with open(os.path.join(study, "items.jsonl")) as f:
+    ids = [json.loads(line)["id"] for line in f]
+  kept = [0, 2, 5, 9, 12, 15]  # not on the Iterative Pruning curve
+  with open(os.path.join(study, "variants.jsonl")) as f:
+    assert all(json.loads(line)["kept"] != kept for line in f)
+  unpruned, curve, record = budget._given(study, ",".join(map(str, kept)), 16, settings, ids)
+  assert curve == [] and record["method"] == "given" and unpruned["method"] == "unpruned"
+  evaluation = select_items(settings)[4]
+  assert [item.id for item in evaluation] == ids
+  tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float64)
+  hf.model.layers = torch.nn.ModuleList([hf.model.layers[b] for b in kept])
+  hf.config.num_hidden_layers = len(kept)
+  letters = [tokenizer(" " + c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+  want = []
+  with torch.no_grad():
+    for item in evaluation:
+      ids_ = tokenizer(tasks.prompt(item), add_special_tokens=False)["input_ids"]
+      logits = hf(input_ids=torch.tensor([ids_]), use_cache=False).logits[0, -1]
+      options = logits[torch.tensor(letters[:len(item.options)])]
+      want.append("1" if int(torch.argmax(options)) == item.answer else "0")
+  assert sum(a != b for a, b in zip(record["correct"], want)) <= 1  # a float32 near tie
+  # The study's own variant is taken from variants.jsonl.
+  _, _, found = budget._given(study, ",".join(map(str, plan["kept_blocks"])), 16, settings,
+                              ids)
+  assert found["method"] == "iterative_accuracy" and found["kept"] == plan["kept_blocks"]

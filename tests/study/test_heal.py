@@ -87,13 +87,13 @@ def test_healing_a_collapsed_variant_raises_its_held_out_accuracy(tmp_path):
   unpruned = plan["accuracy"]["unpruned"]["heldout"]["accuracy"]
   assert before < unpruned - 0.2  # collapsed: 3 of 16 blocks kept
   assert after > before
-  # Recomputed from the healed model's own study (same evaluation items).
-  with open(tmp_path / "healed_study" / "variants.jsonl") as f:
-    healed = next(json.loads(line) for line in f if '"unpruned"' in line)
-  with open(tmp_path / "healed_study" / "items.jsonl") as f:
-    ids = [json.loads(line)["id"] for line in f]
-  held = [ids.index(i) for i in plan["items"]["heldout_ids"]]
-  assert after == pytest.approx(np.mean([healed["correct"][i] == "1" for i in held]), abs=1e-6)
+  # Recomputed from the healed model's per-item outcomes (the study's evaluation items).
+  with open(tmp_path / "healed_outcomes.jsonl") as f:
+    healed = {r["id"]: r["correct"] for r in map(json.loads, f)}
+  with open(tmp_path / "study" / "items.jsonl") as f:
+    assert list(healed) == [json.loads(line)["id"] for line in f]
+  assert after == pytest.approx(np.mean([healed[i] for i in plan["items"]["heldout_ids"]]),
+                                abs=1e-6)
   assert plan["healing"]["loss_last"] < plan["healing"]["loss_first"]
   assert os.path.isfile(tmp_path / "healed" / "config.json")
   assert plan["healing"]["export"]["verification"]["blocks_loaded"] == 3
