@@ -1,0 +1,119 @@
+"""The paper's second question: does pruning only the Decisive Phase give efficient models?
+
+    python -m benchmarks.real_study.decisive                  # the three real models, SciQ
+    python -m benchmarks.real_study.decisive --models=bundled --task=synthetic --format=letter
+
+For each model: one `dpjax` study with Iterative Pruning, block influence and
+`decisive_only` (greedy removal inside the Decisive Phase, every Silent-Phase block kept)
+on the same items, then `dpjax-prune --study=... --method=M --max_drop=B` for each
+method: the smallest variant whose drop's paired upper 95% bound on the selection items
+is within the budget, judged on the held-out items, and timed against the unpruned model
+(dpjax-throughput's measurement). Writes `decisive.json` and `DECISIVE.md` to `--out_dir`
+(default `benchmarks/real_study/decisive/`); a re-run skips what finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+
+_MODELS = flags.DEFINE_list("models", ["smollm2", "gemma3", "qwen25"], "Real models (keys of "
+                            "tests.support.real_models.MODELS), or bundled.")
+_TASK = flags.DEFINE_string("task", "sciq", "Task.")
+_FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.")
+_ITEMS = flags.DEFINE_integer("num_items", 200, "Evaluation items (half of them held out).")
+_CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items.")
+_BUDGET = flags.DEFINE_float("max_drop", 0.05, "The budget every method is pruned to.")
+_WORK = flags.DEFINE_string("work_dir", "", "Where the studies and exports live (default: "
+                            "~/.cache/dpjax/real_study/decisive).")
+_OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "decisive"), "Where the record goes.")
+
+METHODS = ("iterative", "block_influence", "decisive_only")
+
+
+def _study(work: str, key: str, model: str) -> str:
+  from dpjax.study import run as study
+  from dpjax.study.settings import Settings
+  out = os.path.join(work, key, "study")
+  if not os.path.isfile(os.path.join(out, "results.json")):
+    extra = {"normalization": "options"} if _FORMAT.value == "cloze" else {}
+    study.run(Settings(model=model, task=_TASK.value, format=_FORMAT.value,
+                       methods=("iterative", "block_influence", "decisive_only"),
+                       num_items=_ITEMS.value, calibration_items=_CAL.value,
+                       transition_items=_CAL.value, curve_layers="iterative",
+                       output_dir=out, progress=True, **extra))
+  return out
+
+
+def _prune(work: str, key: str, model: str, study_dir: str, method: str) -> dict:
+  from dpjax.study.budget import PLAN_FILE, PruneSettings, prune
+  out = os.path.join(work, key, method)
+  if os.path.isfile(os.path.join(out, PLAN_FILE)):
+    with open(os.path.join(out, PLAN_FILE)) as f:
+      return json.load(f)
+  try:
+    return prune(PruneSettings(model=model, task=_TASK.value, format=_FORMAT.value,
+                               study=study_dir, method=method, max_drop=_BUDGET.value,
+                               ppl_windows=0, output_dir=out, overwrite=True))
+  except ValueError as e:  # no variant within the budget: recorded, not fatal
+    return {"error": str(e)}
+
+
+def main(argv) -> None:
+  del argv
+  from absl import logging
+  from dpjax import fileio
+  logging.set_verbosity(logging.WARNING)
+  work = os.path.abspath(_WORK.value) if _WORK.value else os.path.join(
+      os.environ.get("DPJAX_CACHE") or os.path.join(
+          os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax"),
+      "real_study", "decisive")
+  record = {"task": _TASK.value, "format": _FORMAT.value, "num_items": _ITEMS.value,
+            "max_drop": _BUDGET.value, "models": {}}
+  rows = ["| model | l* | method | blocks kept | held-out drop [95% CI] | decode speedup | "
+          "prefill speedup |", "|---|---|---|---|---|---|---|"]
+  for key in _MODELS.value:
+    if key == "bundled":
+      from dpjax.bundled import BUNDLED_MODEL as model
+    else:
+      from tests.support import real_models
+      model = real_models.fetch(key)
+    study_dir = _study(work, key, model)
+    with open(os.path.join(study_dir, "results.json")) as f:
+      results = json.load(f)
+    entry = {"transition_block": results["calibration_transition_block"],
+             "num_layers": results["model"]["num_layers"], "methods": {}}
+    for method in METHODS:
+      plan = _prune(work, key, model, study_dir, method)
+      if "error" in plan:
+        entry["methods"][method] = plan
+        rows.append(f"| {key} | {entry['transition_block']} | {method} | none within the "
+                    f"budget | | | |")
+        continue
+      held = plan["accuracy"]["drop"]["heldout"]
+      pruned = next(r for r in plan["throughput"]["rows"] if r["variant"] == "pruned")
+      entry["methods"][method] = {"kept_blocks": plan["kept_blocks"], "heldout_drop": held,
+                                  "throughput": pruned}
+      rows.append(f"| {key} | {entry['transition_block']} | {method} | "
+                  f"{len(plan['kept_blocks'])}/{entry['num_layers']} | {held['drop']:+.3f} "
+                  f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}] | "
+                  f"{pruned['decode_speedup']:.2f}x | {pruned['prefill_speedup']:.2f}x |")
+    record["models"][key] = entry
+  os.makedirs(_OUT.value, exist_ok=True)
+  fileio.write_json(os.path.join(_OUT.value, "decisive.json"), record)
+  text = (f"# Pruning only the Decisive Phase, at one budget\n\n{record['task']} "
+          f"({record['format']}), {record['num_items']} evaluation items, budget: the drop's "
+          f"paired upper 95% bound on the selection half at most {record['max_drop']}; "
+          "judged on the held-out half, timed on this machine against the unpruned model. "
+          "Generated by `python -m benchmarks.real_study.decisive`.\n\n" + "\n".join(rows)
+          + "\n")
+  fileio.atomic_write_text(os.path.join(_OUT.value, "DECISIVE.md"), text)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
