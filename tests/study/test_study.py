@@ -35,7 +35,16 @@ def test_report_files(report_dir):
   assert sorted(os.listdir(report_dir)) == sorted([
       "results.json", "readouts.npz", "items.jsonl", "layer_profile.csv",
       "decision_margin.png", "decision_margin_by_subject.png", "option_frequency.png",
-      "summary.md", "summary.html"])
+      "summary.md", "summary.html", "variants.jsonl"])
+  # With no method, variants.jsonl holds the unpruned model alone: its per-item outcomes
+  # are the final layer's top option against the answer (recomputed from the arrays).
+  with open(os.path.join(report_dir, "variants.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["method"] for r in records] == ["unpruned"] and len(records[0]["kept"]) == 4
+  arrays = np.load(os.path.join(report_dir, "readouts.npz"))
+  top = arrays["option_logits"][-1].argmax(-1)
+  assert records[0]["correct"] == "".join("1" if t == a else "0"
+                                          for t, a in zip(top, arrays["answer"]))
   for figure in ("decision_margin.png", "option_frequency.png"):
     with open(os.path.join(report_dir, figure), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
