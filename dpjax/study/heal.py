@@ -170,7 +170,7 @@ def heal(pruned, teacher, teacher_keep, windows: np.ndarray, healing: Healing,
       losses = [float(x) for x in restored["losses"]]
       start = manager.latest_step()
 
-  def loss_fn(adapters, ids, mask, target):
+  def loss_fn(adapters, params, ids, mask, target):
     logits = adapted_logits(pruned, params, adapters, healing, ids, mask)
     logp = jax.nn.log_softmax(logits[:, :-1], -1)
     weights = mask[:, 1:].astype(jnp.float32)
@@ -182,8 +182,10 @@ def heal(pruned, teacher, teacher_keep, windows: np.ndarray, healing: Healing,
     return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
   @jax.jit
-  def step(adapters, opt_state, ids, mask, target):
-    loss, grads = jax.value_and_grad(loss_fn)(adapters, ids, mask, target)
+  def step(adapters, opt_state, params, ids, mask, target):
+    # The frozen weights are an argument, not constants of the trace (which XLA would
+    # fold and embed in the program).
+    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids, mask, target)
     updates, opt_state = optimizer.update(grads, opt_state, adapters)
     return optax.apply_updates(adapters, updates), opt_state, loss
 
@@ -197,7 +199,7 @@ def heal(pruned, teacher, teacher_keep, windows: np.ndarray, healing: Healing,
     mask = np.ones(ids.shape, np.int32)
     target = (np.asarray(teacher.logits(ids, keep=teacher_keep), np.float32)
               if healing.objective == "kl" else np.zeros((1, 1, 1), np.float32))
-    adapters, opt_state, loss = step(adapters, opt_state, ids, mask, target)
+    adapters, opt_state, loss = step(adapters, opt_state, params, ids, mask, target)
     losses.append(float(loss))
     bar.update()
     bar.set_postfix(loss=f"{float(loss):.4f}")
