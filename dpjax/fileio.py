@@ -14,6 +14,14 @@ import tempfile
 from typing import Iterator
 
 
+def cache_root(*parts: str) -> str:
+  """dpjax's cache directory (`$DPJAX_CACHE`, default `$XDG_CACHE_HOME/dpjax` or
+  `~/.cache/dpjax`), joined with `parts`."""
+  root = os.environ.get("DPJAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
+  return os.path.join(root, *parts)
+
+
 def default_mode(directory: bool = False) -> int:
   """The permissions a plain `open` or `mkdir` would give under the current umask."""
   mask = os.umask(0)

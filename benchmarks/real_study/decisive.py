@@ -65,13 +65,11 @@ def _prune(work: str, key: str, model: str, study_dir: str, method: str) -> dict
 
 def main(argv) -> None:
   del argv
+  from dpjax.fileio import cache_root
   from absl import logging
   from dpjax import fileio
   logging.set_verbosity(logging.WARNING)
-  work = os.path.abspath(_WORK.value) if _WORK.value else os.path.join(
-      os.environ.get("DPJAX_CACHE") or os.path.join(
-          os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax"),
-      "real_study", "decisive")
+  work = os.path.abspath(_WORK.value) if _WORK.value else cache_root("real_study", "decisive")
   record = {"task": _TASK.value, "format": _FORMAT.value, "num_items": _ITEMS.value,
             "max_drop": _BUDGET.value, "models": {}}
   rows = ["| model | l* | method | blocks kept | held-out drop [95% CI] | decode speedup | "

@@ -231,12 +231,10 @@ def write(record: dict, out: str) -> None:
 
 def main(argv) -> None:
   del argv
+  from dpjax.fileio import cache_root
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # the checkpointer's per-save lines
-  work = os.path.abspath(_WORK.value) if _WORK.value else os.path.join(
-      os.environ.get("DPJAX_CACHE") or os.path.join(
-          os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax"),
-      "real_study", "healing")
+  work = os.path.abspath(_WORK.value) if _WORK.value else cache_root("real_study", "healing")
   os.makedirs(work, exist_ok=True)
   record = run_models(work)
   write(record, _OUT.value)

@@ -133,9 +133,8 @@ def select(only: str) -> list[Run]:
 def work_dir() -> str:
   if _WORK.value:
     return os.path.abspath(_WORK.value)
-  root = os.environ.get("DPJAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
-  return os.path.join(root, "real_study")
+  from dpjax.fileio import cache_root
+  return cache_root("real_study")
 
 
 def _model_link(work: str, key: str) -> str:

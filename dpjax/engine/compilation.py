@@ -82,9 +82,8 @@ class CompileCounter:
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get("DPJAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
-  return os.path.join(root, "xla")
+  from dpjax.fileio import cache_root
+  return cache_root("xla")
 
 
 def enable_persistent_cache(directory: str) -> str | None:

@@ -635,12 +635,17 @@ class Perplexity:
     self.windows, self.before = perplexity.split_stream(stream, s.ppl_windows, s.ppl_seq_len)
     self.selection, self.heldout = split_items(len(self.windows), s.selection_fraction, s.seed)
     self.unpruned = perplexity.window_nll(model, self.windows)
+    self._nll: dict[tuple[int, ...], np.ndarray] = {}
 
   def nll(self, kept) -> np.ndarray:
+    """Per-window NLL of a kept set (computed once: the gate's choice is recorded after)."""
     from dpjax.model.plan import keep_mask
     from dpjax.study import perplexity
-    return perplexity.window_nll(self.model, self.windows,
-                                 keep_mask(list(kept), self.model.num_layers))
+    key = tuple(kept)
+    if key not in self._nll:
+      self._nll[key] = perplexity.window_nll(self.model, self.windows,
+                                             keep_mask(list(kept), self.model.num_layers))
+    return self._nll[key]
 
   def gate(self, kept) -> tuple[bool, dict[str, Any]]:
     from dpjax.study import perplexity

@@ -39,9 +39,8 @@ FORMATS = ("letter", "cloze", "open")
 
 
 def default_data_dir() -> str:
-  root = os.environ.get("DPJAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
-  return os.path.join(root, "data")
+  from dpjax.fileio import cache_root
+  return cache_root("data")
 
 
 def _field(row: dict, name: str, where: str):

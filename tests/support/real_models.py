@@ -65,9 +65,8 @@ MODELS = {
 
 
 def cache_dir() -> str:
-  root = os.environ.get("DPJAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpjax")
-  return os.path.join(root, "real_models")
+  from dpjax.fileio import cache_root
+  return cache_root("real_models")
 
 
 def _sha256(path: str) -> str:
