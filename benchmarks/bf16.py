@@ -28,11 +28,18 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_ITEMS = flags.DEFINE_integer("items", 64, "ARC-Easy validation items.")
-_STEPS = flags.DEFINE_integer("steps", 4, "Iterative Pruning steps in each dtype.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats of the unpruned readout.")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_ITEMS = flags.DEFINE_integer("items", 64, "ARC-Easy validation items.", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 4, "Iterative Pruning steps in each dtype.",
+                              flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats of the unpruned readout.",
+                                flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "bf16.json"), "Output file.")
+                                               "results", "bf16.json"), "Output file.",
+                           flag_values=FLAGS)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -115,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -1,4 +1,5 @@
-"""What the benchmark programs share: the machine they ran on, the FLOPs of a block row."""
+"""What the benchmark programs share: how they run, the machine they ran on, the FLOPs of a
+block row."""
 
 from __future__ import annotations
 
@@ -6,7 +7,32 @@ import os
 import platform
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
+
+
+def run_program(main: Callable[[list[str]], Any], flag_values) -> None:
+  """`app.run(main)` for a benchmark program whose flags live on `flag_values`, its own
+  `absl.flags.FlagValues`.
+
+  The programs are modules the tests and the harness import side by side, and several
+  share flag names (`--out`, `--items`, `--work_dir`) with different defaults: defined on
+  the global FLAGS at import, the second import would raise DuplicateFlagError. So each
+  defines its flags on its own FlagValues, and only the program being run hands them to
+  the global FLAGS (where absl parses the command line and `--help` lists them).
+  """
+  import sys
+  from absl import app
+  from absl import flags
+  for module_flags in flag_values.flags_by_module_dict().values():
+    for flag in module_flags:  # `--help` lists the main module's flags
+      flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+  flags.FLAGS.append_flag_values(flag_values)
+
+  def parsed_main(argv):
+    flag_values.mark_as_parsed()  # the Flag objects are shared: parsed by the global FLAGS
+    return main(argv)
+
+  app.run(parsed_main)
 
 
 def machine() -> dict[str, Any]:

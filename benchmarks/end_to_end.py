@@ -31,12 +31,20 @@ import os
 from absl import app
 from absl import flags
 
-_MODEL = flags.DEFINE_enum("model", "bundled", ["bundled", "smollm2"], "The model measured.")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_MODEL = flags.DEFINE_enum("model", "bundled", ["bundled", "smollm2"], "The model measured.",
+                           flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 0, "Items (batches of 16; 0: 128 synthetic items for "
-                              "the bundled model, 64 calibration items for SmolLM2).")
-_NOTE = flags.DEFINE_string("note", "", "What else ran on the machine, for the report.")
+                              "the bundled model, 64 calibration items for SmolLM2).",
+                              flag_values=FLAGS)
+_NOTE = flags.DEFINE_string("note", "", "What else ran on the machine, for the report.",
+                            flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "end_to_end.json"), "Output file.")
+                                               "results", "end_to_end.json"), "Output file.",
+                           flag_values=FLAGS)
 
 
 # The goals: the ratio with compilation each case must reach.
@@ -93,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

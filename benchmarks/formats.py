@@ -26,9 +26,15 @@ import time
 from absl import app
 from absl import flags
 
-_ITEMS = flags.DEFINE_integer("items", 500, "Items per format in the timing (ARC-Easy has 570).")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_ITEMS = flags.DEFINE_integer("items", 500, "Items per format in the timing (ARC-Easy has 570).",
+                              flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
-                                               "formats.json"), "Where the figures go.")
+                                               "formats.json"), "Where the figures go.",
+                           flag_values=FLAGS)
 
 
 def _profile(model, encoded, lens, batch_size=16):
@@ -105,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -36,11 +36,19 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_QUICK = flags.DEFINE_bool("quick", False, "Smaller model and fewer repeats (a smoke run).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
-_REAL = flags.DEFINE_bool("real", True, "Measure the three real GGUF models too.")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_QUICK = flags.DEFINE_bool("quick", False, "Smaller model and fewer repeats (a smoke run).",
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).",
+                                flag_values=FLAGS)
+_REAL = flags.DEFINE_bool("real", True, "Measure the three real GGUF models too.",
+                          flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
-                                               "foundation.json"), "Where to write the figures.")
+                                               "foundation.json"), "Where to write the figures.",
+                           flag_values=FLAGS)
 
 
 def _kl_max(p_logits, q_logits):
@@ -301,4 +309,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -40,10 +40,17 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", "gpu_check.json", "Where the JSON goes.")
-_SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (the test runs this on the CPU).")
-_INSTALL = flags.DEFINE_bool("install", True, "pip install -e . --no-deps first.")
-_ITEMS = flags.DEFINE_integer("items", 64, "Items of the Iterative Pruning comparison.")
+from benchmarks import common  # noqa: E402
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_OUT = flags.DEFINE_string("out", "gpu_check.json", "Where the JSON goes.", flag_values=FLAGS)
+_SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (the test runs this on the CPU).",
+                           flag_values=FLAGS)
+_INSTALL = flags.DEFINE_bool("install", True, "pip install -e . --no-deps first.",
+                             flag_values=FLAGS)
+_ITEMS = flags.DEFINE_integer("items", 64, "Items of the Iterative Pruning comparison.",
+                              flag_values=FLAGS)
 
 
 def shapes(small: bool) -> dict[str, Any]:
@@ -223,4 +230,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

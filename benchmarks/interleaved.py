@@ -35,15 +35,24 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds per configuration.")
-_ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items (the first ones).")
-_LOADS = flags.DEFINE_list("loads", ["0", "1"], "Busy processes beside the run.")
-_THREADS = flags.DEFINE_list("threads", ["default", "per_core"], "XLA CPU threading.")
-_OUT = flags.DEFINE_string("out", os.path.join(HERE, "results", "interleaved.json"), "Output.")
-_ONE = flags.DEFINE_string("one", "", "Internal: run one configuration (JSON) and print it.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds per configuration.",
+                               flag_values=FLAGS)
+_ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items (the first ones).",
+                              flag_values=FLAGS)
+_LOADS = flags.DEFINE_list("loads", ["0", "1"], "Busy processes beside the run.", flag_values=FLAGS)
+_THREADS = flags.DEFINE_list("threads", ["default", "per_core"], "XLA CPU threading.",
+                             flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", os.path.join(HERE, "results", "interleaved.json"), "Output.",
+                           flag_values=FLAGS)
+_ONE = flags.DEFINE_string("one", "", "Internal: run one configuration (JSON) and print it.",
+                           flag_values=FLAGS)
 
 # XLA's CPU settings of each threading choice (environment of the measured process).
 THREADING = {
@@ -153,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

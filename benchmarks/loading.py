@@ -27,10 +27,14 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _OUT = flags.DEFINE_string("out", os.path.join(HERE, "results", "loading.json"),
-                           "Where the JSON goes.")
+                           "Where the JSON goes.", flag_values=FLAGS)
 
 
 def llama_config(hidden: int, layers: int, vocab: int) -> dict[str, Any]:
@@ -126,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

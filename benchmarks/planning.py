@@ -30,13 +30,20 @@ from absl import flags
 from benchmarks.calibration import calibrate
 from benchmarks.measured import planning_markdown as markdown
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "plan.json")
 
-_PART = flags.DEFINE_enum("part", "calibrate", ["calibrate", "table", "both"], "What to run.")
-_OUT = flags.DEFINE_string("out", RESULTS, "The JSON file (updated, other parts kept).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each program.")
-_ROWS = flags.DEFINE_string("rows", "", "Only these rows of the table (names, comma-separated).")
+_PART = flags.DEFINE_enum("part", "calibrate", ["calibrate", "table", "both"], "What to run.",
+                          flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", RESULTS, "The JSON file (updated, other parts kept).",
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each program.", flag_values=FLAGS)
+_ROWS = flags.DEFINE_string("rows", "", "Only these rows of the table (names, comma-separated).",
+                            flag_values=FLAGS)
 
 TABLE = (("llama3-8b", "1xH200"), ("llama3-8b", "v5p-8"), ("llama3-70b", "8xH100"),
          ("llama3-70b", "v5p-64"))
@@ -85,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -22,10 +22,16 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement.")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items.", flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement.",
+                                flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "read_positions.json"), "Output file.")
+                                               "results", "read_positions.json"), "Output file.",
+                           flag_values=FLAGS)
 
 
 def main(argv):
@@ -89,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

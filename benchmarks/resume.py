@@ -23,10 +23,17 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_ITEMS = flags.DEFINE_integer("items", 16, "ARC-Easy validation items (one batch of 16).")
-_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of each measurement.")
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+_ITEMS = flags.DEFINE_integer("items", 16, "ARC-Easy validation items (one batch of 16).",
+                              flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of each measurement.",
+                                flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "resume.json"), "Output file.")
+                                               "results", "resume.json"), "Output file.",
+                           flag_values=FLAGS)
 
 
 def mask_sets(num_layers: int) -> dict[str, np.ndarray]:
@@ -101,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -39,18 +39,23 @@ import numpy as np
 
 from benchmarks.common import PeakMemory, block_row_flops, machine
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 _QUICK = flags.DEFINE_bool("quick", False, "Small models and few items: a smoke run of every "
-                           "measurement and check (a few minutes).")
+                           "measurement and check (a few minutes).", flag_values=FLAGS)
 _OUT_DIR = flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
-                               "Where RESULTS.md and results.json go.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each short measurement.")
+                               "Where RESULTS.md and results.json go.", flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each short measurement.",
+                                flag_values=FLAGS)
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite RESULTS.md from the "
-                                  "results.json in --out_dir (no measurement).")
+                                  "results.json in --out_dir (no measurement).", flag_values=FLAGS)
 _RESULTS_DIR = flags.DEFINE_string(
     "results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-    "Where the other suites' results are read from for RESULTS.md.")
+    "Where the other suites' results are read from for RESULTS.md.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("bundled_model", None, "The bundled model's directory (default: the "
-                             "one installed with dpjax); empty: skip it.")
+                             "one installed with dpjax); empty: skip it.", flag_values=FLAGS)
 
 RESULTS_MD = "RESULTS.md"
 RESULTS_JSON = "results.json"
@@ -564,4 +569,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

@@ -34,15 +34,23 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 _SUBJECTS = flags.DEFINE_integer("subjects", 2, "MMLU subjects, evenly spaced in alphabetical "
-                                  "order (the first, then every 57/n-th).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Items per batch.")
-_PER_SUBJECT = flags.DEFINE_integer("per_subject", 16, "Test items per subject.")
-_K_SHOT = flags.DEFINE_integer("k_shot", 5, "Shots per prompt (the subject's dev items).")
-_MASKS = flags.DEFINE_integer("masks", 3, "Variants read: unpruned, then reverse order.")
-_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of dpjax after its first call.")
+                                  "order (the first, then every 57/n-th).", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Items per batch.", flag_values=FLAGS)
+_PER_SUBJECT = flags.DEFINE_integer("per_subject", 16, "Test items per subject.", flag_values=FLAGS)
+_K_SHOT = flags.DEFINE_integer("k_shot", 5, "Shots per prompt (the subject's dev items).",
+                               flag_values=FLAGS)
+_MASKS = flags.DEFINE_integer("masks", 3, "Variants read: unpruned, then reverse order.",
+                              flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of dpjax after its first call.",
+                                flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "shared_prefix.json"), "Output file.")
+                                               "results", "shared_prefix.json"), "Output file.",
+                           flag_values=FLAGS)
 
 
 def main(argv):
@@ -141,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

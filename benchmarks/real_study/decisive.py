@@ -20,17 +20,24 @@ import os
 from absl import app
 from absl import flags
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 _MODELS = flags.DEFINE_list("models", ["smollm2", "gemma3", "qwen25"], "Real models (keys of "
-                            "tests.support.real_models.MODELS), or bundled.")
-_TASK = flags.DEFINE_string("task", "sciq", "Task.")
-_FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.")
-_ITEMS = flags.DEFINE_integer("num_items", 200, "Evaluation items (half of them held out).")
-_CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items.")
-_BUDGET = flags.DEFINE_float("max_drop", 0.05, "The budget every method is pruned to.")
+                            "tests.support.real_models.MODELS), or bundled.", flag_values=FLAGS)
+_TASK = flags.DEFINE_string("task", "sciq", "Task.", flag_values=FLAGS)
+_FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.", flag_values=FLAGS)
+_ITEMS = flags.DEFINE_integer("num_items", 200, "Evaluation items (half of them held out).",
+                              flag_values=FLAGS)
+_CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items.", flag_values=FLAGS)
+_BUDGET = flags.DEFINE_float("max_drop", 0.05, "The budget every method is pruned to.",
+                             flag_values=FLAGS)
 _WORK = flags.DEFINE_string("work_dir", "", "Where the studies and exports live (default: "
-                            "~/.cache/dpjax/real_study/decisive).")
+                            "~/.cache/dpjax/real_study/decisive).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "decisive"), "Where the record goes.")
+                                                   "decisive"), "Where the record goes.",
+                           flag_values=FLAGS)
 
 METHODS = ("iterative", "block_influence", "decisive_only")
 
@@ -114,4 +121,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_program(main, FLAGS)

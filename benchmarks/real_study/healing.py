@@ -29,21 +29,28 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 _MODELS = flags.DEFINE_list("models", ["smollm2", "gemma3"], "Real models (keys of "
-                            "tests.support.real_models.MODELS), or bundled.")
-_TASK = flags.DEFINE_string("task", "sciq", "Task.")
-_FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.")
-_ITEMS = flags.DEFINE_integer("num_items", 100, "Evaluation items (half of them held out).")
-_CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items (l* is read on them).")
-_K = flags.DEFINE_integer("k", 4, "Blocks removed from each phase.")
-_STEPS = flags.DEFINE_integer("heal_steps", 60, "LoRA steps per arm.")
+                            "tests.support.real_models.MODELS), or bundled.", flag_values=FLAGS)
+_TASK = flags.DEFINE_string("task", "sciq", "Task.", flag_values=FLAGS)
+_FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.", flag_values=FLAGS)
+_ITEMS = flags.DEFINE_integer("num_items", 100, "Evaluation items (half of them held out).",
+                              flag_values=FLAGS)
+_CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items (l* is read on them).",
+                            flag_values=FLAGS)
+_K = flags.DEFINE_integer("k", 4, "Blocks removed from each phase.", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("heal_steps", 60, "LoRA steps per arm.", flag_values=FLAGS)
 _CORPUS = flags.DEFINE_string("heal_corpus", "task:arc_easy@test", "Healing corpus (SciQ "
                               "has one split, the evaluation's: ARC-Easy's test split is "
-                              "science text disjoint from it).")
+                              "science text disjoint from it).", flag_values=FLAGS)
 _WORK = flags.DEFINE_string("work_dir", "", "Where the studies and exports live (default: "
-                            "~/.cache/dpjax/real_study/healing).")
+                            "~/.cache/dpjax/real_study/healing).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "healing"), "Where the record goes.")
+                                                   "healing"), "Where the record goes.",
+                           flag_values=FLAGS)
 
 ARMS = ("silent", "decisive")
 
@@ -242,7 +249,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  common.run_program(main, FLAGS)
 
 
 if __name__ == "__main__":

@@ -27,21 +27,28 @@ import time
 from absl import app
 from absl import flags
 
+from benchmarks import common
+
+FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
 _ONLY = flags.DEFINE_string("only", "", "Run only this plan entry (its exact name), or the "
-                            "entries whose name holds this.")
+                            "entries whose name holds this.", flag_values=FLAGS)
 _WORK = flags.DEFINE_string("work_dir", "", "Where runs and their state live (default: "
-                            "~/.cache/dpjax/real_study).")
+                            "~/.cache/dpjax/real_study).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
-                           "Where the runs' kept files and the report go.")
+                           "Where the runs' kept files and the report go.", flag_values=FLAGS)
 _METHODS = flags.DEFINE_list(
     "methods", [], "Run only these of each selected run's methods (a first pass: "
     "`--methods=phase` gives every run's phase experiment first). A run so cut is not "
-    "finished: a later pass without the flag runs the rest, reusing its saved state.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report from finished runs.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the plan and stop.")
+    "finished: a later pass without the flag runs the rest, reusing its saved state.",
+    flag_values=FLAGS)
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report from finished runs.",
+                                 flag_values=FLAGS)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the plan and stop.", flag_values=FLAGS)
 _RERUN = flags.DEFINE_bool("rerun", False, "Run the selected runs again even where they "
                            "finished (after a change to what a study records); what their "
-                           "saved state holds, finished curves and pruning steps, is reused.")
+                           "saved state holds, finished curves and pruning steps, is reused.",
+                           flag_values=FLAGS)
 
 # Files of a finished run that are kept in the repository (not the state, not the arrays):
 # items.jsonl and variants.jsonl are what every paired comparison recomputes from.
@@ -312,7 +319,7 @@ def main(argv):
   work = work_dir()
   os.makedirs(work, exist_ok=True)
   # A relative --out_dir names a folder under the caller's directory, not the work one.
-  flags.FLAGS.out_dir = os.path.abspath(_OUT.value)
+  FLAGS.out_dir = os.path.abspath(_OUT.value)
   os.chdir(work)  # models, lenses and runs are recorded relative to it
   runs = select(_ONLY.value)
   if _DRY_RUN.value:
@@ -330,4 +337,4 @@ def main(argv):
 
 
 def run() -> None:
-  app.run(main)
+  common.run_program(main, FLAGS)

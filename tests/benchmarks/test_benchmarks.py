@@ -117,3 +117,33 @@ def test_reference_following_another_order_still_scores_every_candidate():
   # The followed block's own scores: those of the kept set without it, read afresh.
   acc, margin = ref.final_scores(*ref.readouts([b for b in range(4) if b != first]))
   assert (forced[0]["accuracy"], forced[0]["margin"]) == (acc, margin)
+
+
+def test_every_benchmark_program_imports_beside_the_others_and_runs_its_own_flags():
+  """The programs share flag names (`--out`, `--items`, `--work_dir`) with different
+  defaults, and the tests import them side by side: each keeps its flags on its own
+  FlagValues, and only the program being run hands them to absl's global FLAGS."""
+  code = (
+      "import importlib, pkgutil\n"
+      "from absl import flags\n"
+      "import benchmarks, benchmarks.real_study\n"
+      "names = [m.name for p, pre in ((benchmarks, 'benchmarks.'), (benchmarks.real_study,"
+      " 'benchmarks.real_study.')) for m in pkgutil.iter_modules(p.__path__, pre)"
+      " if not m.name.endswith('__main__')]\n"
+      "mods = [importlib.import_module(n) for n in names]\n"
+      "own = sorted(n for m in mods if hasattr(m, 'FLAGS') for n in m.FLAGS)\n"
+      "print(len(names), 'items' in own, 'work_dir' in own,"
+      " [n for n in ('items', 'out', 'work_dir') if n in flags.FLAGS])\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  count, has_items, has_work_dir, in_global = result.stdout.split(maxsplit=3)
+  assert int(count) >= 15 and has_items == "True" and has_work_dir == "True"
+  assert in_global.strip() == "[]"
+  # Run as a program, a script's own flags parse from the command line.
+  listed = subprocess.run([sys.executable, "-m", "benchmarks.real_study", "--dry_run",
+                           "--only=smollm2_arc_easy_cloze"], capture_output=True, text=True,
+                          timeout=300)
+  assert listed.returncode == 0, listed.stderr[-3000:]
+  assert listed.stdout.splitlines()[0].startswith("Run(name='smollm2_arc_easy_cloze'")
+  assert len(listed.stdout.splitlines()) == 1
