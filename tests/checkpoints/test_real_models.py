@@ -5,7 +5,7 @@ vocab 262k) and Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 blocks), fetched once
 into a cache by `tests.support.real_models` (a failed fetch fails these tests,
 with the reason). Real logits reach about 30 and real residual streams carry
 massive activations, so logits are compared relative to the largest |logit|:
-within 1e-5 of it, unpruned, with blocks removed, and after export.
+within 1e-5 of it unpruned, within 3e-5 with blocks removed and after export.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ PROMPTS = ["The capital of France is",
 # Blocks each model drops in the pruned checks (0-based): early, middle and late ones.
 REMOVED = {"smollm2": (3, 10, 15, 27), "gemma3": (2, 7, 12), "qwen25": (4, 11, 19)}
 RELATIVE = 1e-5
+# With blocks removed the residual stream that reaches the late blocks is one no float32
+# run was tuned on, and both float32 roundings drift further: on SmolLM2 without blocks
+# (3, 10, 15, 27) HF float32 is 8.5e-6 (relative) from HF float64 and dpjax 2.4e-5, the
+# two 1.5e-5 apart, and the order XLA sums in differs between CPUs. Who is closer to
+# float64 is pinned by the float64 test at the end of this file.
+PRUNED_RELATIVE = 3e-5
 
 
 @dataclasses.dataclass
@@ -94,7 +100,8 @@ def test_real_model_logits_equal_transformers_with_and_without_blocks(loaded):
     got = np.asarray(model.logits(ids, keep=keep, attention_mask=mask))
     scale = np.abs(want[real]).max()
     assert scale > 10  # real logits, not a degenerate model
-    assert np.abs(got - want)[real].max() <= RELATIVE * scale, removed
+    bound = PRUNED_RELATIVE if removed else RELATIVE
+    assert np.abs(got - want)[real].max() <= bound * scale, removed
   _hf_with(loaded, np.ones(model.num_layers, bool))
 
 
@@ -118,7 +125,7 @@ def test_real_model_pruned_export_loads_in_transformers_and_matches(loaded, tmp_
   got = np.asarray(model.logits(ids, keep=dpjax.keep_mask(kept, model.num_layers),
                                 attention_mask=mask))
   real = mask.astype(bool)
-  assert np.abs(got - want)[real].max() <= RELATIVE * np.abs(want[real]).max()
+  assert np.abs(got - want)[real].max() <= PRUNED_RELATIVE * np.abs(want[real]).max()
 
 
 def test_real_model_pruned_greedy_decoding_equals_hf_generate(loaded):
