@@ -31,6 +31,10 @@ _FORMAT = flags.DEFINE_string("format", "cloze", "Answer format.", flag_values=F
 _ITEMS = flags.DEFINE_integer("num_items", 200, "Evaluation items (half of them held out).",
                               flag_values=FLAGS)
 _CAL = flags.DEFINE_integer("calibration_items", 64, "Calibration items.", flag_values=FLAGS)
+_MAX_REMOVED = flags.DEFINE_integer(
+    "max_removed", 10, "Iterative Pruning's curve stops after this many removals (its "
+    "min_layers): a 5% budget is met long before the curve's end, and each greedy step costs "
+    "one drop-one sweep. 0: the whole curve.", flag_values=FLAGS)
 _BUDGET = flags.DEFINE_float("max_drop", 0.05, "The budget every method is pruned to.",
                              flag_values=FLAGS)
 _WORK = flags.DEFINE_string("work_dir", "", "Where the studies and exports live (default: "
@@ -42,12 +46,23 @@ _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspa
 METHODS = ("iterative", "block_influence", "decisive_only")
 
 
+def _num_layers(key: str) -> int:
+  if key == "bundled":
+    from dpjax.bundled import BUNDLED_MODEL
+    with open(os.path.join(BUNDLED_MODEL, "config.json")) as f:
+      return json.load(f)["num_hidden_layers"]
+  from tests.support import real_models
+  return real_models.MODELS[key].num_layers
+
+
 def _study(work: str, key: str, model: str) -> str:
   from dpjax.study import run as study
   from dpjax.study.settings import Settings
   out = os.path.join(work, key, "study")
   if not os.path.isfile(os.path.join(out, "results.json")):
     extra = {"normalization": "options"} if _FORMAT.value == "cloze" else {}
+    if _MAX_REMOVED.value:
+      extra["min_layers"] = max(1, _num_layers(key) - _MAX_REMOVED.value)
     study.run(Settings(model=model, task=_TASK.value, format=_FORMAT.value,
                        methods=("iterative", "block_influence", "decisive_only"),
                        num_items=_ITEMS.value, calibration_items=_CAL.value,
@@ -70,6 +85,28 @@ def _prune(work: str, key: str, model: str, study_dir: str, method: str) -> dict
     return {"error": str(e)}
 
 
+def finding(record: dict) -> str:
+  """What the table says, computed: per model, the methods ordered by blocks removed within
+  the budget (fewest kept first), and whether `decisive_only` met the budget at all."""
+  lines = []
+  for key, entry in record["models"].items():
+    met = {m: len(v["kept_blocks"]) for m, v in entry["methods"].items() if "kept_blocks" in v}
+    missed = [m for m in METHODS if m in entry["methods"] and m not in met]
+    if not met:
+      lines.append(f"{key}: no method finds a variant within the budget.")
+      continue
+    order = sorted(met, key=lambda m: (met[m], METHODS.index(m)))
+    best = met[order[0]]
+    ranked = ", ".join(f"{m} {entry['num_layers'] - met[m]}" for m in order)
+    tied = [m for m in order if met[m] == best]
+    text = (f"{key}: blocks removed within the budget: {ranked}; most: "
+            f"{' and '.join(tied)}")
+    if missed:
+      text += f"; {' and '.join(missed)} found no variant within it"
+    lines.append(text + ".")
+  return " ".join(lines)
+
+
 def main(argv) -> None:
   del argv
   from dpjax.fileio import cache_root
@@ -78,7 +115,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   work = os.path.abspath(_WORK.value) if _WORK.value else cache_root("real_study", "decisive")
   record = {"task": _TASK.value, "format": _FORMAT.value, "num_items": _ITEMS.value,
-            "max_drop": _BUDGET.value, "models": {}}
+            "max_drop": _BUDGET.value, "max_removed": _MAX_REMOVED.value, "models": {}}
   rows = ["| model | l* | method | blocks kept | held-out drop [95% CI] | decode speedup | "
           "prefill speedup |", "|---|---|---|---|---|---|---|"]
   for key in _MODELS.value:
@@ -103,19 +140,28 @@ def main(argv) -> None:
       pruned = next(r for r in plan["throughput"]["rows"] if r["variant"] == "pruned")
       entry["methods"][method] = {"kept_blocks": plan["kept_blocks"], "heldout_drop": held,
                                   "throughput": pruned}
+      # Iterative Pruning's curve was cut at max_removed: a variant at its end may not be
+      # the smallest within the budget.
+      at_end = (method == "iterative" and _MAX_REMOVED.value
+                and len(plan["kept_blocks"]) <= entry["num_layers"] - _MAX_REMOVED.value)
+      entry["methods"][method]["curve_end"] = bool(at_end)
       rows.append(f"| {key} | {entry['transition_block']} | {method} | "
-                  f"{len(plan['kept_blocks'])}/{entry['num_layers']} | {held['drop']:+.3f} "
+                  f"{len(plan['kept_blocks'])}/{entry['num_layers']}"
+                  f"{' (the curve ends here)' if at_end else ''} | {held['drop']:+.3f} "
                   f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}] | "
                   f"{pruned['decode_speedup']:.2f}x | {pruned['prefill_speedup']:.2f}x |")
     record["models"][key] = entry
+  record["finding"] = finding(record)
   os.makedirs(_OUT.value, exist_ok=True)
   fileio.write_json(os.path.join(_OUT.value, "decisive.json"), record)
   text = (f"# Pruning only the Decisive Phase, at one budget\n\n{record['task']} "
           f"({record['format']}), {record['num_items']} evaluation items, budget: the drop's "
           f"paired upper 95% bound on the selection half at most {record['max_drop']}; "
-          "judged on the held-out half, timed on this machine against the unpruned model. "
+          "judged on the held-out half, timed on this machine against the unpruned model"
+          + (f"; Iterative Pruning's curve stops after {record['max_removed']} removals"
+             if record["max_removed"] else "") + ". "
           "Generated by `python -m benchmarks.real_study.decisive`.\n\n" + "\n".join(rows)
-          + "\n")
+          + f"\n\n**Finding (computed):** {record['finding']}\n")
   fileio.atomic_write_text(os.path.join(_OUT.value, "DECISIVE.md"), text)
   print(text)
 

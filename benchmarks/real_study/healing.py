@@ -125,12 +125,34 @@ def _heldout_outcomes(plan: dict, study_dir: str, out: str) -> tuple[np.ndarray,
           np.array([healed[i] for i in held], float))
 
 
-def run_models(work: str) -> dict:
+SETTINGS = ("task", "format", "num_items", "heal_steps", "heal_corpus", "k_asked")
+
+
+def _recorded(out: str, record: dict) -> dict:
+  """The models of an earlier record at `out` made with the same settings: kept as they
+  are (their work directories may be gone), so a model can be added without rerunning the
+  others; delete healing.json to rerun them."""
+  path = os.path.join(out, "healing.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    earlier = json.load(f)
+  if any(earlier.get(name) != record[name] for name in SETTINGS):
+    return {}
+  return earlier.get("models", {})
+
+
+def run_models(work: str, out: str) -> dict:
   from dpjax.study import statistics
   record = {"task": _TASK.value, "format": _FORMAT.value, "num_items": _ITEMS.value,
             "heal_steps": _STEPS.value, "heal_corpus": _CORPUS.value, "k_asked": _K.value,
             "models": {}}
+  recorded = _recorded(out, record)
   for key in _MODELS.value:
+    if key in recorded and not os.path.isdir(os.path.join(work, key)):
+      print(f"{key}: kept from {os.path.join(out, 'healing.json')}", flush=True)
+      record["models"][key] = recorded[key]
+      continue
     started = time.perf_counter()
     study_dir = _study(work, key)
     k, kept, l_star = _arms(study_dir)
@@ -243,7 +265,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # the checkpointer's per-save lines
   work = os.path.abspath(_WORK.value) if _WORK.value else cache_root("real_study", "healing")
   os.makedirs(work, exist_ok=True)
-  record = run_models(work)
+  record = run_models(work, _OUT.value)
   write(record, _OUT.value)
   print(f"wrote {os.path.join(_OUT.value, 'HEALING.md')}")
 

@@ -1,4 +1,4 @@
-"""The healing science's computed finding: what it says follows from the numbers."""
+"""The real-study programs' computed findings (healing, decisive): what they say follows from the numbers."""
 
 from __future__ import annotations
 
@@ -21,3 +21,16 @@ def test_the_finding_is_computed_from_the_intervals_and_holm():
   assert "the two recoveries cannot be told apart" in text
   text = healing.finding(_record((0.0, 0.1), (1.0, 0.01), -0.1, [-0.2, -0.01]))
   assert "healing recovers the Decisive-Phase removal more" in text
+
+
+def test_the_decisive_finding_ranks_the_methods_by_blocks_removed():
+  from benchmarks.real_study import decisive
+  record = {"models": {"m": {"num_layers": 16, "methods": {
+      "iterative": {"kept_blocks": list(range(11))},
+      "block_influence": {"kept_blocks": list(range(13))},
+      "decisive_only": {"error": "no variant within the budget"}}}}}
+  text = decisive.finding(record)
+  assert text == ("m: blocks removed within the budget: iterative 5, block_influence 3; "
+                  "most: iterative; decisive_only found no variant within it.")
+  record["models"]["m"]["methods"]["decisive_only"] = {"kept_blocks": list(range(11))}
+  assert "most: iterative and decisive_only." in decisive.finding(record)
