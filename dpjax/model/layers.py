@@ -110,8 +110,11 @@ def mlp_activation(x: Array, kind: str) -> Array:
     # 0.5 x (1 + tanh(z)) written as x / (1 + exp(-2z)): XLA:CPU's float32 tanh is up
     # to ~4.5 ulp off (torch's <= 1), its exp ~1 ulp, and Gemma 3's massive activations
     # carried that to 4x HF float32's distance from float64; this form is within 1.4x.
+    # exp(-2z) is capped at e^40 (x below about -7, where the value is under 5e-18 |x|):
+    # uncapped it overflows to inf for x below about -11, and the gradient there, inf/inf,
+    # is NaN (Gemma 3's gate pre-activations reach it, and healing trains through them).
     z = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
-    return x / (1.0 + jnp.exp(-2.0 * z))
+    return x / (1.0 + jnp.exp(jnp.minimum(-2.0 * z, 40.0)))
   return jax.nn.silu(x)
 
 

@@ -99,9 +99,11 @@ class PruneSettings:
                             "and pruning_plan.json go.")
   plan: str = setting("", "A pruning_plan.json: export its kept blocks again from its "
                       "source model, checking that the weights come out identical.")
-  gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf; the source "
-                       "must be a GGUF file: its stored tensors are copied, per-layer "
-                       "metadata cut), reloaded by transformers' GGUF loading and checked.")
+  gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf): from a "
+                       "GGUF source its stored tensors are copied and per-layer metadata cut; "
+                       "from an HF Llama, Mistral or Qwen2/3 source the exported weights are "
+                       "written unquantized with its byte-level BPE tokenizer. Reloaded by "
+                       "transformers' GGUF loading and checked (logits and tokenizer).")
   heal_steps: int = setting(0, "Heal the chosen variant: training steps (0: none).")
   heal_method: str = setting("lora", "lora (adapters, Gromov et al.) or last_blocks (the "
                              "head and the last --heal_last_blocks kept blocks trained in "
@@ -290,32 +292,73 @@ def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
     raise ValueError(f"the export's logits under transformers differ from dpjax's kept-block "
                      f"logits by {relative:.2e} of the largest logit (tolerance "
                      f"{LOGIT_TOLERANCE}); the export is not usable.")
+  tokenizer = None
+  if gguf_file:  # the file carries its own tokenizer: it must encode as the HF export's
+    tokenizer = _same_tokenization(os.path.join(export_dir, MODEL_DIR), export_dir, gguf_file)
   return {"loader": f"transformers {transformers.__version__} AutoModelForCausalLM"
                     + (" (GGUF)" if gguf_file else ""),
           "blocks_loaded": int(hf.config.num_hidden_layers), "max_relative_difference": relative,
-          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
+          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all()),
+          **({"tokenizer": tokenizer} if tokenizer else {})}
+
+
+PROBE_TEXTS = ("Question: Which gas do plants take in from the air?\nAnswer: carbon dioxide",
+               "  two spaces, tabs\tand\nnew lines; digits 12345 and caf\u00e9 \u2014 ok",
+               "def f(x):\n    return x ** 2  # squares")
+
+
+def _same_tokenization(hf_dir: str, gguf_dir: str, gguf_file: str) -> dict[str, Any]:
+  """The GGUF file's tokenizer (as transformers builds it) against the HF export's, on
+  probe texts and on the task's own words: the same ids and the same special tokens."""
+  import transformers
+  want = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  got = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+  for text in PROBE_TEXTS:
+    a = want(text, add_special_tokens=False)["input_ids"]
+    b = got(text, add_special_tokens=False)["input_ids"]
+    if a != b:
+      raise ValueError(f"the GGUF file's tokenizer encodes {text!r} as {b[:12]}..., the HF "
+                       f"export's as {a[:12]}...; the GGUF file is not usable.")
+  for name in ("bos_token_id", "eos_token_id"):
+    if getattr(want, name) is not None and getattr(got, name) != getattr(want, name):
+      raise ValueError(f"the GGUF file's tokenizer has {name} {getattr(got, name)}, the HF "
+                       f"export's {getattr(want, name)}; the GGUF file is not usable.")
+  return {"probe_texts": len(PROBE_TEXTS), "same_ids": True}
+
+
+def _check_gguf_writable(source: str, kept: list[int] | None) -> None:
+  """Refuses `--gguf` for a source (and kept set) whose GGUF form would not load back the
+  same: a Gemma GGUF source's kept blocks that change attention kind; an HF source of a
+  family or setting the written file cannot state."""
+  from dpjax.checkpoints.gguf import is_gguf
+  if is_gguf(source):
+    if kept is not None:
+      from dpjax.checkpoints.gguf_export import check_index_pattern, gguf_architecture
+      check_index_pattern(gguf_architecture(source), kept)
+  elif os.path.isfile(os.path.join(source, "config.json")):  # (else: the export is checked)
+    from dpjax.checkpoints.gguf_from_hf import check_writable
+    check_writable(source)
 
 
 def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
             ) -> dict[str, Any]:
   from dpjax.checkpoints.export import export
   from dpjax.checkpoints.gguf import is_gguf
-  if s.gguf and not is_gguf(source):
-    raise ValueError(f"--gguf copies a GGUF source's stored tensors; {source} is not a GGUF "
-                     "file (writing GGUF from HF weights is not built: export HF, then use "
-                     "llama.cpp's convert_hf_to_gguf.py).")
   if s.gguf:
-    from dpjax.checkpoints.gguf_export import check_index_pattern, gguf_architecture
-    check_index_pattern(gguf_architecture(source), kept)  # refused before anything is written
+    _check_gguf_writable(source, kept)  # refused before anything is written
   model_dir = os.path.join(out, MODEL_DIR)
   gguf_path = os.path.join(out, GGUF_FILE)
   export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite)
   try:
     check = verify_export(source, model_dir, kept, s.seed, model=model) if s.verify else None
     gguf_record = None
-    if s.gguf:
+    if s.gguf and is_gguf(source):
       from dpjax.checkpoints.gguf_export import prune_gguf
-      prune_gguf(source, gguf_path, kept)
+      prune_gguf(source, gguf_path, kept)  # the stored (quantized) tensors, copied
+    elif s.gguf:
+      from dpjax.checkpoints.gguf_from_hf import write_gguf_from_hf
+      write_gguf_from_hf(model_dir, gguf_path)  # the exported weights, unquantized
+    if s.gguf:
       with open(gguf_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
       gguf_record = {"file": GGUF_FILE, "sha256": digest, "verification": verify_export(
@@ -352,10 +395,8 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   if os.path.exists(os.path.join(out, PLAN_FILE)) and not s.overwrite:
     raise FileExistsError(f"{os.path.abspath(os.path.join(out, PLAN_FILE))} exists; choose "
                           "another --output_dir or pass --overwrite.")
-  from dpjax.checkpoints.gguf import is_gguf
-  if s.gguf and not s.study and not is_gguf(s.model):
-    raise ValueError(f"--gguf copies a GGUF source's stored tensors; {s.model} is not a GGUF "
-                     "file (writing GGUF from HF weights is not built).")
+  if s.gguf and not s.study:
+    _check_gguf_writable(s.model, None)  # before the study, not after it
   study_settings = _study_settings(s)
   if s.study:
     study_dir = s.study

@@ -19,7 +19,7 @@ def pruned(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("pruned"))
   result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
                            "--num_items=128", "--calibration_items=32", "--nothroughput",
-                           f"--output_dir={out}"],
+                           "--gguf", f"--output_dir={out}"],
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(out, budget.PLAN_FILE)) as f:
@@ -45,6 +45,16 @@ def test_the_export_has_fewer_blocks_and_transformers_loads_it(pruned):
     got = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
   assert plan["export"]["verification"]["max_relative_difference"] <= budget.LOGIT_TOLERANCE
+  # The GGUF file beside it (written from the exported weights): transformers' GGUF loading
+  # reads the same logits, and the same tokenizer.
+  gguf = plan["export"]["gguf"]
+  assert gguf["file"] == "model.gguf" and gguf["verification"]["tokenizer"]["same_ids"]
+  from_gguf = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
+                                                                dtype=torch.float32)
+  assert from_gguf.config.num_hidden_layers == len(kept)
+  with torch.no_grad():
+    got = from_gguf(input_ids=torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_the_choice_and_the_held_out_drop_recompute_from_variants_jsonl(pruned):
@@ -105,9 +115,12 @@ def test_a_bad_budget_is_refused_with_what_to_do(tmp_path):
   assert not os.path.exists(tmp_path / "out")
   with pytest.raises(ValueError, match="give one budget"):
     budget.PruneSettings(max_drop=0.05, target_blocks=8)
-  with pytest.raises(ValueError, match="is not a GGUF file"):
-    budget.prune(budget.PruneSettings(max_drop=0.05, gguf=True,
+  from tests.support import reference
+  gemma2 = reference.save_variant("gemma2_softcap_window", str(tmp_path / "gemma2"))
+  with pytest.raises(ValueError, match="HF 'gemma2' checkpoint is not built"):
+    budget.prune(budget.PruneSettings(model=gemma2, max_drop=0.05, gguf=True,
                                       output_dir=str(tmp_path / "g")))
+  assert not os.path.exists(tmp_path / "g")  # refused before the study
   with pytest.raises(ValueError, match="--max_drop=5 is a fraction"):
     budget.PruneSettings(max_drop=5)
   with pytest.raises(ValueError, match="--max_ppl_ratio=0.9 needs a ratio of at least 1"):
