@@ -114,7 +114,9 @@ def _pre_tokenizer(directory: str) -> str:
                    "export an HF checkpoint only.")
 
 
-def _tokenizer(writer, directory: str) -> None:
+def _tokenizer(writer, directory: str, vocab_size: int) -> None:
+  """The tokenizer's keys; the token list padded to the embedding's rows (`[PADi]`, as
+  llama.cpp's converter pads it: llama.cpp wants one token per row)."""
   import gguf
   spec = _tokenizer_spec(directory)
   model = spec["model"]
@@ -124,7 +126,7 @@ def _tokenizer(writer, directory: str) -> None:
     vocab[added["content"]] = added["id"]
     if added.get("special"):
       special.add(added["id"])
-  size = max(vocab.values()) + 1
+  size = max(max(vocab.values()) + 1, vocab_size)
   tokens = [f"[PAD{i}]" for i in range(size)]
   for token, index in vocab.items():
     tokens[index] = token
@@ -188,7 +190,7 @@ def write_gguf_from_hf(directory: str, output: str) -> str:
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    _tokenizer(writer, directory)
+    _tokenizer(writer, directory, config.vocab_size)
     for name, array in _tensors(directory).items():
       stem, _, suffix = name.rpartition(".")
       mapped = names.get_name(stem)

@@ -33,21 +33,21 @@ def _bpe_tokenizer():
                                               eos_token="</s>", pad_token="<pad>")
 
 
-CASES = {  # case: (variant, config overrides)
-    "llama_gqa_tied_sharded": ("llama_gqa_tied_sharded", {}),
-    "llama_bf16": ("llama_bf16", {}),
-    "mistral_head_dim_no_window": ("mistral_window_head_dim", {"sliding_window": None}),
-    "qwen2_bias": ("qwen2_bias_window_sharded", {"use_sliding_window": False}),
-    "qwen3_qk_norm": ("qwen3_qk_norm", {"head_dim": 128}),
+CASES = {  # case: (variant, config overrides, embedding rows beyond the tokenizer's)
+    "llama_gqa_tied_sharded": ("llama_gqa_tied_sharded", {}, 0),
+    "llama_bf16": ("llama_bf16", {}, 0),
+    "mistral_head_dim_no_window": ("mistral_window_head_dim", {"sliding_window": None}, 0),
+    "qwen2_bias_padded_vocab": ("qwen2_bias_window_sharded", {"use_sliding_window": False}, 7),
+    "qwen3_qk_norm": ("qwen3_qk_norm", {"head_dim": 128}, 0),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_gguf_file_reloads_with_the_kept_blocks_logits_and_tokenizer(case, tmp_path):
-  name, overrides = CASES[case]
+  name, overrides, extra_rows = CASES[case]
   variant = reference.VARIANTS[name]
   tokenizer = _bpe_tokenizer()
-  config = dict(variant.config, vocab_size=len(tokenizer), **overrides)
+  config = dict(variant.config, vocab_size=len(tokenizer) + extra_rows, **overrides)
   hf = reference.build_hf_model(variant.family, config, seed=3)
   if variant.dtype == "bfloat16":
     hf = hf.to(torch.bfloat16)
@@ -61,6 +61,9 @@ def test_the_gguf_file_reloads_with_the_kept_blocks_logits_and_tokenizer(case, t
   out.mkdir()
   write_gguf_from_hf(str(tmp_path / "hf"), str(out / "model.gguf"))
   assert os.listdir(out) == ["model.gguf"]  # nothing else left beside it
+  from gguf import GGUFReader
+  tokens = GGUFReader(str(out / "model.gguf")).fields["tokenizer.ggml.tokens"]
+  assert len(tokens.data) == config["vocab_size"]  # one token per embedding row
   loaded = transformers.AutoModelForCausalLM.from_pretrained(
       str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
   assert loaded.config.num_hidden_layers == 3
