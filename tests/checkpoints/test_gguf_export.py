@@ -102,3 +102,21 @@ def test_a_pruned_real_gemma3_exports_as_hf_and_as_gguf_and_both_reload(tmp_path
   assert [t == "full_attention" for t in config.layer_types] == [
       (k + 1) % 6 == 0 for k in kept]  # every block keeps its kind
   assert _relative(got, want) <= 1e-5
+
+
+def test_dpjax_prune_exports_a_gguf_source_as_hf_and_gguf_and_checks_both(tmp_path):
+  """dpjax-prune's export step on a GGUF source: the HF checkpoint and the pruned GGUF
+  file, each reloaded by transformers and checked (logits; the GGUF file's tokenizer
+  against the HF export's), with the checks recorded."""
+  from dpjax.study import budget
+  source = str(tmp_path / "tiny.gguf")
+  reference.write_gguf("llama_gqa_tied_sharded", source, seed=2)
+  out = tmp_path / "out"
+  out.mkdir()
+  record = budget._export(source, str(out), [0, 3],
+                          budget.PruneSettings(target_blocks=2, gguf=True))
+  assert sorted(os.listdir(out)) == ["model", "model.gguf"]
+  assert record["verification"]["blocks_loaded"] == 2
+  check = record["gguf"]["verification"]
+  assert check["blocks_loaded"] == 2 and check["max_relative_difference"] <= 1e-5
+  assert check["tokenizer"]["same_ids"]
