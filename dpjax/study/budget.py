@@ -53,8 +53,13 @@ STUDY_DIR = "study"
 CURVE_METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
                  "phase_aware", "decisive_only")
 # Logits of the export, reloaded by transformers, against dpjax's for the kept blocks:
-# the largest difference relative to the largest logit.
-LOGIT_TOLERANCE = 1e-5
+# the largest difference relative to the largest logit. The check is for a usable export
+# (a block out of place, a weight unpermuted, a norm off by one differ by more than 1e-1),
+# run in float32 on real checkpoints, where HF float32's own distance from HF float64
+# reaches 6.6e-5 (SmolLM2 without blocks 10 and 15, random ids; dpjax's is 7.0e-6 there):
+# 1e-5 refused exports that were exact. The tests pin exactness at 1e-5 on small models;
+# the plan records the difference measured.
+LOGIT_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
