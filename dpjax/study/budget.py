@@ -314,7 +314,8 @@ PROBE_TEXTS = ("Question: Which gas do plants take in from the air?\nAnswer: car
 
 def _same_tokenization(hf_dir: str, gguf_dir: str, gguf_file: str) -> dict[str, Any]:
   """The GGUF file's tokenizer (as transformers builds it) against the HF export's, on
-  probe texts and on the task's own words: the same ids and the same special tokens."""
+  probe texts (spaces, tabs, new lines, digits, accents, code): the same ids and the same
+  BOS and EOS tokens."""
   import transformers
   want = transformers.AutoTokenizer.from_pretrained(hf_dir)
   got = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
