@@ -60,6 +60,12 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def check_writable(directory: str) -> None:
   """Refuses, before any work, an HF checkpoint this module cannot write faithfully."""
+  _inspect(directory)
+
+
+def _inspect(directory: str) -> tuple[Any, dict, str]:
+  """(the config, tokenizer.json, the pre-tokenizer's GGUF name) of a checkpoint this
+  module can write faithfully; anything else is refused by name."""
   import transformers
   config = transformers.AutoConfig.from_pretrained(directory)
   if config.model_type not in ARCHITECTURES:
@@ -68,8 +74,7 @@ def check_writable(directory: str) -> None:
                      f"{sorted(ARCHITECTURES)}. Export the HF checkpoint and convert it with "
                      "llama.cpp's convert_hf_to_gguf.py, or prune a GGUF source with --gguf.")
   _refuse_unstated(config, config.model_type)
-  _tokenizer_spec(directory)
-  _pre_tokenizer(directory)
+  return config, _tokenizer_spec(directory), _pre_tokenizer(directory)
 
 
 def _tokenizer_spec(directory: str) -> dict:
@@ -114,11 +119,10 @@ def _pre_tokenizer(directory: str) -> str:
                    "export an HF checkpoint only.")
 
 
-def _tokenizer(writer, directory: str, vocab_size: int) -> None:
+def _tokenizer(writer, directory: str, spec: dict, pre: str, vocab_size: int) -> None:
   """The tokenizer's keys; the token list padded to the embedding's rows (`[PADi]`, as
   llama.cpp's converter pads it: llama.cpp wants one token per row)."""
   import gguf
-  spec = _tokenizer_spec(directory)
   model = spec["model"]
   vocab = dict(model["vocab"])
   special = set()
@@ -134,7 +138,7 @@ def _tokenizer(writer, directory: str, vocab_size: int) -> None:
            for i in range(size)]
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
   writer.add_tokenizer_model("gpt2")
-  writer.add_tokenizer_pre(_pre_tokenizer(directory))
+  writer.add_tokenizer_pre(pre)
   writer.add_token_list(tokens)
   writer.add_token_types(kinds)
   writer.add_token_merges(merges)
@@ -164,9 +168,7 @@ def write_gguf_from_hf(directory: str, output: str) -> str:
   """Writes `output` (atomically) from the HF checkpoint in `directory`; returns it."""
   import gguf
   import ml_dtypes
-  import transformers
-  check_writable(directory)
-  config = transformers.AutoConfig.from_pretrained(directory)
+  config, spec, pre = _inspect(directory)
   model_type = config.model_type
   arch = ARCHITECTURES[model_type]
   enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -190,7 +192,7 @@ def write_gguf_from_hf(directory: str, output: str) -> str:
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    _tokenizer(writer, directory, config.vocab_size)
+    _tokenizer(writer, directory, spec, pre, config.vocab_size)
     for name, array in _tensors(directory).items():
       stem, _, suffix = name.rpartition(".")
       mapped = names.get_name(stem)
