@@ -106,8 +106,9 @@ class PruneSettings:
                       "source model, checking that the weights come out identical.")
   gguf: bool = setting(False, "Also write the variant as a GGUF file (model.gguf): from a "
                        "GGUF source its stored tensors are copied and per-layer metadata cut; "
-                       "from an HF Llama, Mistral or Qwen2/3 source the exported weights are "
-                       "written unquantized with its byte-level BPE tokenizer. Reloaded by "
+                       "from an HF Llama, Mistral without a window, Qwen2 or Qwen3 (head size "
+                       "128) source the exported weights are written unquantized with its "
+                       "byte-level BPE tokenizer (anything else is refused by name). Reloaded by "
                        "transformers' GGUF loading and checked (logits and tokenizer).")
   heal_steps: int = setting(0, "Heal the chosen variant: training steps (0: none).")
   heal_method: str = setting("lora", "lora (adapters, Gromov et al.) or last_blocks (the "
