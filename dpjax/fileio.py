@@ -111,6 +111,24 @@ def write_npz(path: str, **arrays) -> None:
       np.savez_compressed(f, **arrays)
 
 
+def write_npz_stable(path: str, **arrays) -> None:
+  """Compressed numpy arrays, atomically, as the same bytes for the same arrays (the zip
+  entries carry a fixed time, unlike `np.savez_compressed`'s): files kept in a
+  repository change only when their numbers do. `np.load` reads them."""
+  import io
+  import zipfile
+
+  import numpy as np
+  with atomic_file(path, suffix=".npz") as tmp:
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+      for name in sorted(arrays):
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(arrays[name]), allow_pickle=False)
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        archive.writestr(info, buffer.getvalue())
+
+
 def save_figure(fig, path: str, dpi: int = 120) -> None:
   """A matplotlib figure as PNG, atomically; the figure is closed."""
   import matplotlib.pyplot as plt

@@ -18,6 +18,7 @@ same command continues after a kill and ends with identical results.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from dpjax.engine import resume
 from dpjax.study import statistics
 from dpjax.lens import tuned as tuned_lens
 from dpjax.engine.devices import Placement, is_main_process
+from dpjax.fileio import write_npz_stable
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.model.load import load_model
 from dpjax.study.methods import METHODS, Context, profile_of
@@ -46,7 +48,8 @@ from dpjax.study.results import (CurvePoint, EngineCounters, FullProfile, StudyR
 from dpjax.study.settings import Settings
 from dpjax.engine.sweep import Sweep
 
-STATE_DIR = "state"
+STATE_DIR = "state"        # Orbax copies of the saved records (a speed-up; deletable)
+PROGRESS_DIR = "progress"  # the portable copies, and the unpruned model's readouts
 
 
 def calibration_size(s: Settings, available: int) -> int:
@@ -209,6 +212,45 @@ def full_profile(ctx: Context, encoded: tasks.EncodedTask | None = None,
   return one, profile_of(one, encoded, ctx.settings)
 
 
+def _items_key(encoded: tasks.EncodedTask, num_layers: int) -> str:
+  """What a saved readout must match: the items (ids and prompts as fed) and the depth."""
+  digest = hashlib.sha256()
+  for item_id, prompt in zip((item.id for item in encoded.items), encoded.prompts):
+    digest.update(f"{item_id}\x00{prompt}\x01".encode())
+  digest.update(f"layers={num_layers}".encode())
+  return digest.hexdigest()
+
+
+def recorded_profile(ctx: Context, name: str, encoded: tasks.EncodedTask | None = None,
+                     sweep: Sweep | None = None) -> tuple[Readout, metrics.Profile]:
+  """`full_profile`, kept in the run's progress directory as `readout_<name>.npz` (the
+  per-layer readout arrays, compressed) when the run saves state: a rerun, on this
+  machine or a fresh one holding only the progress files, reads them back instead of
+  running the model again (the settings were checked when the state was opened)."""
+  encoded = encoded or ctx.evaluation
+  state = ctx.state
+  if state is None or state.progress_dir is None:
+    return full_profile(ctx, encoded, sweep)
+  path = os.path.join(state.progress_dir, f"readout_{name}.npz")
+  key = _items_key(encoded, ctx.num_layers)
+  if os.path.isfile(path):
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        state.loads += 1
+        state.loaded_from[f"readout_{name}"] = "progress"
+        one = Readout(saved["option_logits"], saved["log_normalizer"],
+                      saved["option_logprob"] if "option_logprob" in saved else None)
+        return one, profile_of(one, encoded, ctx.settings)
+  one, prof = full_profile(ctx, encoded, sweep)
+  if state.write:
+    arrays = {"key": np.array(key), "option_logits": np.asarray(one.option_logits),
+              "log_normalizer": np.asarray(one.log_normalizer)}
+    if one.option_logprob is not None:
+      arrays["option_logprob"] = np.asarray(one.option_logprob)
+    write_npz_stable(path, **arrays)
+  return one, prof
+
+
 def transition_intervals(prof: metrics.Profile, encoded: tasks.EncodedTask,
                          s: Settings) -> dict[str, Any]:
   """l* of the unpruned model on the calibration items it is read on, by the margin rule
@@ -309,13 +351,17 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   if main:
     os.makedirs(out, exist_ok=True)
   state_dir = os.path.join(out, STATE_DIR)
-  if s.restart and main and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
+  progress_dir = os.path.join(out, PROGRESS_DIR)
+  for where in (state_dir, progress_dir):
+    if s.restart and main and os.path.isdir(where):
+      shutil.rmtree(where)
   if s.methods:
-    ctx.state = resume.RunState(state_dir, s.fingerprint(), write=main)
+    ctx.state = resume.RunState(state_dir, s.fingerprint(), write=main,
+                                progress_dir=progress_dir,
+                                defaults=Settings.default_fingerprint())
 
   clock = time.perf_counter()
-  readout, prof = full_profile(ctx)
+  readout, prof = recorded_profile(ctx, "evaluation")
   timings["full_profile_seconds"] = time.perf_counter() - clock
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(prof, ctx.evaluation, s)
@@ -342,7 +388,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
       item_final_dm=np.asarray(prof.margin[s.normalization][last]))
   if s.methods:
     clock = time.perf_counter()
-    _, cal_prof = full_profile(ctx, ctx.transition_items, ctx.transition_sweep)
+    _, cal_prof = recorded_profile(ctx, "transition", ctx.transition_items,
+                                   ctx.transition_sweep)
     l_star = int(cal_prof.transition)
     ctx.calibration_transition = None if l_star == metrics.NO_TRANSITION else l_star
     results.calibration_transition_block = ctx.calibration_transition

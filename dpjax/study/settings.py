@@ -28,10 +28,12 @@ DTYPES = SUPPORTED_DTYPES
 PHASE_KS = ("all", "doublings")
 
 # Settings that cannot change a result beyond float rounding, or only which variants run
-# (a saved curve is keyed by its masks): resuming does not require them equal.
+# (a saved curve is keyed by its masks), or only the noise probe (which saves no state):
+# resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
                       "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix",
-                      "batch_size", "candidates_per_call", "fit_margin")
+                      "batch_size", "candidates_per_call", "fit_margin", "noise_levels",
+                      "noise_seeds", "noise_profile_seeds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +113,23 @@ class Settings:
   phase_sizing: str = setting("count", "Size the phase arms by the same number of blocks "
                               "(count) or the same share of each phase (fraction: k/n of each, "
                               "n the smaller phase's size).", choices=PHASE_SIZINGS)
+  phase_min_gap: float = setting(0.0, "The phase experiment (and the noise probe) run only "
+                                 "where the unpruned model's final accuracy on the "
+                                 "evaluation items is at least chance plus this (a model "
+                                 "near chance has no decision to lose); 0: always.")
   phase_ks: str = setting("all", "Which k the phase experiment runs: all (1 to its largest "
                           "k), or doublings (1, 2, 4, ... and its largest k: far fewer "
                           "variants on a deep model).", choices=PHASE_KS)
+  noise_levels: tuple[float, ...] = setting(
+      (0.02, 0.05, 0.1, 0.2), "Noise probe (method noise): the levels eps^2 of the Gaussian "
+      "noise eps * sigma(h) * N(0, I) added to the residual stream after a block (sigma(h): "
+      "the standard deviation of that position's residual over the hidden dimension).")
+  noise_seeds: int = setting(3, "Noise probe: seeds of each phase arm (noise after every "
+                             "block of the Silent Phase, or of the Decisive Phase) at each "
+                             "level.")
+  noise_profile_seeds: int = setting(1, "Noise probe: seeds of its profile (noise after one "
+                                     "block at a time, every block, every level); 0: no "
+                                     "profile.")
   curve_layers: str = setting("all", "Which pruning-curve points read every layer: all, or "
                               "iterative (Iterative Pruning's and the phase-aware method's; the "
                               "one-shot baselines' points read their last block only, which "
@@ -146,6 +162,7 @@ class Settings:
       object.__setattr__(self, "calibration_items", 0)  # nothing to calibrate
     for name in ("methods", "criteria", "phase_selections"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    object.__setattr__(self, "noise_levels", _noise_levels(self.noise_levels))
     lens_spec(self.lens)  # refuses a malformed --lens by name
     if self.format not in FORMATS:
       raise ValueError(f"format={self.format!r}; use one of {FORMATS}.")
@@ -184,6 +201,10 @@ class Settings:
       raise ValueError(f"phase_sizing={self.phase_sizing!r}; use one of {PHASE_SIZINGS}.")
     if self.phase_ks not in PHASE_KS:
       raise ValueError(f"phase_ks={self.phase_ks!r}; use one of {PHASE_KS}.")
+    if self.noise_seeds < 1 or self.noise_profile_seeds < 0:
+      raise ValueError(f"noise_seeds={self.noise_seeds} must be at least 1 and "
+                       f"noise_profile_seeds={self.noise_profile_seeds} at least 0 (0: no "
+                       "profile).")
     if self.random_seeds < 1 or self.phase_seeds < 1:
       raise ValueError(f"random_seeds={self.random_seeds} and phase_seeds={self.phase_seeds} "
                        "must be at least 1.")
@@ -194,6 +215,27 @@ class Settings:
   def replace(self, **changes: Any) -> "Settings":
     return dataclasses.replace(self, **changes)
 
+  @classmethod
+  def default_fingerprint(cls) -> dict[str, Any]:
+    """The fingerprinted settings at their defaults (a setting added after a run began is
+    compared with its default when the run resumes)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in _NOT_FINGERPRINTED}
+
   def fingerprint(self) -> dict[str, Any]:
     """The settings that can change a result (resuming requires them equal)."""
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_FINGERPRINTED}
+
+
+def _noise_levels(levels) -> tuple[float, ...]:
+  """`--noise_levels` as floats (the flag gives strings): distinct, positive, finite `eps^2`."""
+  try:
+    values = tuple(float(level) for level in levels)
+  except (TypeError, ValueError):
+    values = None
+  if (not values or not all(0 < v < float("inf") for v in values)
+      or len(set(values)) < len(values)):
+    raise ValueError(f"noise_levels={tuple(levels)!r}: give one or more distinct positive "
+                     "numbers (each the noise's variance relative to the row's, eps^2), e.g. "
+                     "--noise_levels=0.02,0.05,0.1,0.2.")
+  return values

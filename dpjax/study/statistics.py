@@ -12,6 +12,27 @@ same evaluation items:
   (the discordant pairs against a fair coin).
 * `holm`: Holm's step-down adjustment of many p-values (family-wise error).
 
+Testing the claim (non-inferiority, equivalence, a random rule's seeds, runs pooled):
+
+* `sign_flip_test`: the exact sign-flip permutation test of a random rule's per-seed paired
+  differences (the seed is the unit of randomness, not the item).
+* `paired_interval`: the difference of two paired binary outcome vectors with Tango's
+  score interval, which keeps a width when no item is discordant.
+* `exact_drop_upper`: the Clopper-Pearson upper bound of the share of items only the first
+  variant got right (a conservative upper bound on the drop).
+* `two_stage_interval`: the two-stage bootstrap interval widened to hold Tango's interval
+  on the seed-averaged discordant counts.
+* `equivalent`: two one-sided tests (TOST) from a 90% interval and a margin.
+* `minimum_detectable_difference`: the smallest paired difference McNemar's test detects
+  with a given power (Connor's sample-size formula solved for the difference).
+* `random_effects_meta`: DerSimonian-Laird pooling of per-run differences, with Cochran's
+  Q, its p, I^2 and tau^2.
+* `fixed_sequence`: how many points of an ordered curve pass a bound, stopping at the first
+  failure (the fixed-sequence rule, no multiplicity correction needed).
+
+None of them needs scipy: normal and binomial quantiles, the chi-square tail and the
+interval roots are computed here.
+
 Each returns its statistic, interval and p-value together (`Comparison`), as
 statsmodels and scipy.stats do, and the name says which test.
 """
@@ -46,12 +67,24 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
   return float(d.mean()), (float(low), float(high))
 
 
+def _tails(confidence: float) -> tuple[float, float]:
+  """The two percentile levels of a two-sided `confidence` interval (0.025 and 0.975 at
+  0.95, exactly)."""
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must lie in (0, 1); got {confidence}.")
+  tail = round((1 - confidence) / 2, 12)
+  return tail, 1 - tail
+
+
 def two_stage_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
-                        seed: int = 0) -> tuple[float, tuple[float, float]]:
+                        seed: int = 0, confidence: float = 0.95
+                        ) -> tuple[float, tuple[float, float]]:
   """`mean(a) - mean(b)` of seed-by-item outcomes `a`, `b` `[S, N]` (a random rule's seeds,
-  the same items) and its 95% interval from a two-stage bootstrap: seeds resampled first
-  (the same seed indices for both: seed `s` draws both arms), then items (the same items
-  for both), each resample's difference of means."""
+  the same items) and its two-sided `confidence` (default 95%) percentile interval from a
+  two-stage bootstrap: seeds resampled first (the same seed indices for both: seed `s`
+  draws both arms), then items (the same items for both), each resample's difference of
+  means."""
+  tails = _tails(confidence)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
     raise ValueError(f"two-stage outcomes need two equal [seeds, items] arrays; got {a.shape} "
@@ -63,7 +96,7 @@ def two_stage_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES
   d = a - b
   # Mean over the resampled seeds and items of each resample: d[s_idx][:, :, i_idx] per row.
   means = np.array([d[s][:, i].mean() for s, i in zip(s_idx, i_idx)])
-  low, high = np.quantile(means, [0.025, 0.975])
+  low, high = np.quantile(means, tails)
   return float(d.mean()), (float(low), float(high))
 
 
@@ -202,3 +235,374 @@ def verdict(comparisons: Sequence[Comparison], alpha: float = 0.05) -> tuple[str
                            f"{', '.join(higher)}")
   return "cannot tell", (f"no difference survives Holm's correction at {alpha} with an "
                          f"interval apart from 0 ({len(comparisons)} comparisons)")
+
+
+# Testing the claim: exact and score-based tests and intervals, TOST, power, pooling.
+# Everything below is numpy and the standard library only (scipy is for the tests).
+
+SIGN_FLIP_EXACT_SEEDS = 20   # up to this many seeds every sign assignment is enumerated
+SIGN_FLIP_DRAWS = 2 ** 20    # random sign assignments drawn above it
+_TIE = 1e-12                 # relative tolerance: a permuted statistic this close ties
+
+
+def _normal_cdf(x: float) -> float:
+  """The standard normal distribution function, `erfc(-x / sqrt 2) / 2`."""
+  return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+_ACKLAM_A = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+             1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00)
+_ACKLAM_B = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+             6.680131188771972e+01, -1.328068155288572e+01)
+_ACKLAM_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+             -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
+_ACKLAM_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+             3.754408661907416e+00)
+
+
+def _normal_quantile(p: float) -> float:
+  """The standard normal quantile `Phi^-1(p)`: Acklam's rational approximation (relative
+  error below 1.2e-9) refined by one Halley step on `erfc`, to about machine precision.
+  Computed on the lower half and mirrored (`-Phi^-1(1 - p)` for p > 1/2), where `1 - p` is
+  exact, so the upper tail keeps its precision."""
+  if not 0 < p < 1:
+    raise ValueError(f"a normal quantile needs a probability in (0, 1); got {p}.")
+  if p > 0.5:
+    return -_normal_quantile(1.0 - p)
+  a, b, c, d = _ACKLAM_A, _ACKLAM_B, _ACKLAM_C, _ACKLAM_D
+  if p < 0.02425:
+    q = math.sqrt(-2.0 * math.log(p))
+    x = ((((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5])
+         / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0))
+  else:
+    q = p - 0.5
+    r = q * q
+    x = ((((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q
+         / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0))
+  if x * x / 2.0 > 700:  # beyond double range for the step (p below about 1e-305)
+    return x
+  # Halley's step on Phi(x) - p.
+  e = _normal_cdf(x) - p
+  u = e * math.sqrt(2.0 * math.pi) * math.exp(x * x / 2.0)
+  return x - u / (1.0 + x * u / 2.0)
+
+
+def _bisect(f, low: float, high: float) -> float:
+  """A root of `f`, decreasing on `[low, high]` with `f(low) >= 0 >= f(high)`, by bisection
+  until the bracket cannot shrink in floating point."""
+  for _ in range(2000):
+    mid = 0.5 * (low + high)
+    if not low < mid < high:
+      break
+    if f(mid) >= 0:
+      low = mid
+    else:
+      high = mid
+  return 0.5 * (low + high)
+
+
+def _seed_item_pair(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """`a`, `b` as float arrays, checked to be two equal, non-empty `[seeds, items]`."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
+    raise ValueError(f"{what} needs two equal [seeds, items] arrays; got {a.shape} and "
+                     f"{b.shape}.")
+  return a, b
+
+
+def _binary_pair(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """`a`, `b` as integer arrays, checked to be equal in shape, non-empty and 0/1."""
+  a, b = np.asarray(a), np.asarray(b)
+  if a.shape != b.shape or not a.size:
+    raise ValueError(f"{what} needs two equal, non-empty outcome arrays; got {a.shape} and "
+                     f"{b.shape}.")
+  if not (np.isin(a, (0, 1)).all() and np.isin(b, (0, 1)).all()):
+    raise ValueError(f"{what} takes binary outcomes (0/1 per item).")
+  return a.astype(np.int64), b.astype(np.int64)
+
+
+def sign_flip_test(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+  """The two-sided sign-flip permutation p-value of two arms drawn by a random rule over
+  seeds. `a`, `b` `[S, N]` are per-seed, per-item outcomes (seed `s` draws both arms, on
+  the same items); the seed is the unit of randomness, so the test takes the per-seed
+  paired differences `d_s = mean_i a[s] - mean_i b[s]` and, under the null that each
+  `d_s` is symmetric about 0, flips their signs: p is the share of sign assignments `e`
+  (+1/-1 per seed) with `|mean_s e_s d_s| >= |mean_s d_s|` (a relative tolerance of 1e-12
+  counts ties; the identity assignment is one of them).
+
+  With S <= 20 seeds every one of the 2^S assignments is enumerated (exact). With more,
+  2^20 assignments are drawn at random (seeded by `seed`) and the Monte Carlo p-value is
+  `(hits + 1) / (draws + 1)`. p is 1 when every `d_s` is 0. The smallest exact p is
+  `2 / 2^S` (1/512 with ten seeds)."""
+  a, b = _seed_item_pair(a, b, "a sign-flip test")
+  d = a.mean(1) - b.mean(1)
+  seeds = len(d)
+  if not np.any(d):
+    return 1.0
+  observed = abs(d.mean())
+  threshold = observed * (1.0 - _TIE)
+  hits = 0
+  chunk = 1 << 16
+  if seeds <= SIGN_FLIP_EXACT_SEEDS:
+    total = 1 << seeds
+    bits = np.arange(seeds, dtype=np.int64)
+    for start in range(0, total, chunk):
+      idx = np.arange(start, min(start + chunk, total), dtype=np.int64)
+      signs = 1.0 - 2.0 * ((idx[:, None] >> bits) & 1)
+      hits += int(np.sum(np.abs(signs @ d) / seeds >= threshold))
+    return hits / total
+  rng = _rng(seed)
+  for start in range(0, SIGN_FLIP_DRAWS, chunk):
+    rows = min(chunk, SIGN_FLIP_DRAWS - start)
+    signs = 2.0 * rng.integers(0, 2, size=(rows, seeds)) - 1.0
+    hits += int(np.sum(np.abs(signs @ d) / seeds >= threshold))
+  return (hits + 1) / (SIGN_FLIP_DRAWS + 1)
+
+
+def _tango_statistic(delta: float, n10: float, n01: float, n: float) -> float:
+  """Tango's (1998) score statistic for H0: p10 - p01 = delta,
+  `(n10 - n01 - n delta) / sqrt(n (2 p01~ + delta (1 - delta)))`, with p01~ the maximum
+  likelihood estimate of p01 under H0: the root `(sqrt(B^2 - 4AC) - B) / 2A` of
+  `A p^2 + B p + C` with `A = 2n`, `B = -n10 - n01 + (2n - n10 + n01) delta`,
+  `C = -n01 delta (1 - delta)`. +-inf where the variance vanishes."""
+  big_a = 2.0 * n
+  big_b = -n10 - n01 + (2.0 * n - n10 + n01) * delta
+  big_c = -n01 * delta * (1.0 - delta)
+  root = math.sqrt(max(big_b * big_b - 4.0 * big_a * big_c, 0.0))
+  # The same root, written without cancellation when B > 0.
+  p01 = (root - big_b) / (2.0 * big_a) if big_b <= 0 else -2.0 * big_c / (root + big_b)
+  numerator = n10 - n01 - n * delta
+  variance = n * (2.0 * p01 + delta * (1.0 - delta))
+  if variance <= 0:
+    return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+  return numerator / math.sqrt(variance)
+
+
+def _tango_interval(n10: float, n01: float, n: float, confidence: float
+                    ) -> tuple[float, float]:
+  """Tango's (1998) score interval for p10 - p01 from `n10`, `n01` discordant pairs of `n`
+  (non-integer counts allowed): the `delta` in [-1, 1] where
+  `|_tango_statistic(delta)| <= z_{1 - (1 - confidence)/2}`, each end found by bisection
+  (the statistic decreases in delta)."""
+  if not (n > 0 and 0 <= n10 and 0 <= n01 and n10 + n01 <= n * (1 + 1e-12)):
+    raise ValueError(f"Tango's interval needs 0 <= n10, n01 and n10 + n01 <= n > 0; got "
+                     f"n10={n10}, n01={n01}, n={n}.")
+  z = _normal_quantile(_tails(confidence)[1])
+  estimate = (n10 - n01) / n
+  stat = lambda delta: _tango_statistic(delta, n10, n01, n)
+  low = -1.0 if estimate <= -1 else _bisect(lambda t: stat(t) - z, -1.0, estimate)
+  high = 1.0 if estimate >= 1 else _bisect(lambda t: stat(t) + z, estimate, 1.0)
+  return low, high
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95
+                    ) -> tuple[float, tuple[float, float]]:
+  """`mean(a) - mean(b)` of paired binary outcomes `a`, `b` `[N]` and Tango's (1998) score
+  confidence interval (two-sided `confidence`) for the difference of paired proportions
+  `p10 - p01` (p10: the share of items only `a` got right, p01: only `b`): the asymptotic
+  score test of `p10 - p01 = delta`, with p01 estimated under that null, inverted; each end
+  is found by bisection on the score statistic. Unlike the Wald or bootstrap interval it
+  keeps a width when no pair is discordant (0 of 60: about [-0.060, 0.060]).
+
+  T. Tango, Equivalence test and confidence interval for the difference in proportions for
+  the paired-sample design, Statistics in Medicine 17:891-908 (1998)."""
+  a, b = _binary_pair(a, b, "a paired interval")
+  if a.ndim != 1:
+    raise ValueError(f"a paired interval needs two [N] outcome vectors; got {a.shape}.")
+  n10 = int(np.sum((a == 1) & (b == 0)))
+  n01 = int(np.sum((a == 0) & (b == 1)))
+  return float(a.mean() - b.mean()), _tango_interval(n10, n01, len(a), confidence)
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+  """P(X <= k) for X ~ Binomial(n, p), summed term by term in log space."""
+  if p <= 0:
+    return 1.0
+  if p >= 1:
+    return 1.0 if k >= n else 0.0
+  log_p, log_q = math.log(p), math.log1p(-p)
+  log_n = math.lgamma(n + 1)
+  return min(1.0, sum(math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                               + i * log_p + (n - i) * log_q) for i in range(k + 1)))
+
+
+def exact_drop_upper(b10: int, n: int, confidence: float = 0.95) -> float:
+  """The Clopper-Pearson (exact) upper limit of a two-sided `confidence` interval for the
+  proportion `b10 / n`: the p with `P(X <= b10) = (1 - confidence) / 2` for
+  X ~ Binomial(n, p) (1 when `b10 == n`), found by bisection. With `b10` the items only the
+  first variant (the unpruned model) got right, the drop
+  `acc(first) - acc(second) = p10 - p01 <= p10`, so this bounds the drop from above,
+  conservatively and never at 0 (1 of 60: 0.0894; 0 of 60: 0.0596)."""
+  if isinstance(b10, (bool, np.bool_)) or int(b10) != b10 or int(n) != n:
+    raise ValueError(f"the exact bound takes integer counts; got b10={b10}, n={n}.")
+  b10, n = int(b10), int(n)
+  if not 0 <= b10 <= n or n < 1:
+    raise ValueError(f"the exact bound needs 0 <= b10 <= n, n >= 1; got b10={b10}, n={n}.")
+  tail = _tails(confidence)[0]
+  if b10 == n:
+    return 1.0
+  return _bisect(lambda p: _binomial_cdf(b10, n, p) - tail, b10 / n, 1.0)
+
+
+def two_stage_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95,
+                       resamples: int = RESAMPLES, seed: int = 0
+                       ) -> tuple[float, tuple[float, float]]:
+  """`mean(a) - mean(b)` of binary seed-by-item outcomes `a`, `b` `[S, N]` (a random rule's
+  seeds, the same items) and the union of two two-sided `confidence` intervals: the
+  two-stage bootstrap's (`two_stage_bootstrap`: seeds, then items) and Tango's score
+  interval (`paired_interval`) on the seed-averaged discordant counts
+  `mean_s #(a[s] = 1, b[s] = 0)` and `mean_s #(a[s] = 0, b[s] = 1)` of the N items (the
+  score statistic takes non-integer counts). So seeds that are never discordant (every
+  resample's difference 0) still give an interval as wide as one item-level sample
+  allows, not [0, 0]."""
+  a, b = _seed_item_pair(a, b, "a two-stage interval")
+  _binary_pair(a, b, "a two-stage interval")
+  diff, (low, high) = two_stage_bootstrap(a, b, resamples=resamples, seed=seed,
+                                          confidence=confidence)
+  n10 = float(np.mean(np.sum((a == 1) & (b == 0), axis=1)))
+  n01 = float(np.mean(np.sum((a == 0) & (b == 1), axis=1)))
+  t_low, t_high = _tango_interval(n10, n01, a.shape[1], confidence)
+  return diff, (min(low, t_low), max(high, t_high))
+
+
+def equivalent(interval90: tuple[float, float], margin: float) -> bool:
+  """Two one-sided tests (TOST) of equivalence at alpha 0.05: True when the two-sided 90%
+  interval of a difference lies strictly inside (-margin, +margin), i.e. both
+  `difference <= -margin` and `difference >= margin` are rejected at 5%
+  (Schuirmann 1987)."""
+  low, high = (float(v) for v in interval90)
+  if not margin > 0:
+    raise ValueError(f"an equivalence margin must be positive; got {margin}.")
+  if not low <= high:
+    raise ValueError(f"an interval needs low <= high; got ({low}, {high}).")
+  return -margin < low and high < margin
+
+
+def minimum_detectable_difference(discordant_share: float, n: int, power: float = 0.8,
+                                  alpha: float = 0.05) -> float:
+  """The smallest |p10 - p01| that the two-sided McNemar test at level `alpha` detects with
+  probability `power` on `n` pairs whose discordant share is psi: Connor's (1987)
+  sample-size formula `n = (z_{1-alpha/2} sqrt(psi) + z_power sqrt(psi - delta^2))^2 /
+  delta^2` solved for delta in (0, sqrt(psi)] by bisection (the required n falls as delta
+  grows). psi is `max(discordant_share, 1/n)`: with no discordant pair observed the
+  answer is the one for a single discordant pair, finite rather than 0. The formula's
+  delta may exceed psi (an observed difference that large would need more discordant
+  pairs than psi gives). `math.inf` when even delta = sqrt(psi) needs more than n pairs
+  (n < z_{1-alpha/2}^2, about 4 at alpha 0.05). Power must be in [0.5, 1).
+
+  R. J. Connor, Sample size for testing differences in proportions for the paired-sample
+  design, Biometrics 43:207-211 (1987)."""
+  if not 0 <= discordant_share <= 1:
+    raise ValueError(f"a discordant share lies in [0, 1]; got {discordant_share}.")
+  if not n >= 1:
+    raise ValueError(f"the number of pairs must be at least 1; got {n}.")
+  if not 0.5 <= power < 1:
+    raise ValueError(f"power must lie in [0.5, 1); got {power}.")
+  if not 0 < alpha < 1:
+    raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
+  psi = max(float(discordant_share), 1.0 / n)
+  z_alpha, z_power = _normal_quantile(1 - alpha / 2), _normal_quantile(power)
+  required = lambda delta: ((z_alpha * math.sqrt(psi)
+                             + z_power * math.sqrt(max(psi - delta * delta, 0.0))) ** 2
+                            / (delta * delta))
+  top = math.sqrt(psi)
+  if required(top) > n:
+    return math.inf
+  return _bisect(lambda delta: required(delta) - n, top * 1e-12, top)
+
+
+def _chi2_sf(x: float, df: float) -> float:
+  """P(X >= x) for X ~ chi-square with `df` degrees of freedom: the regularized upper
+  incomplete gamma Q(df/2, x/2), by its series (1 - P) below `df/2 + 1` and by its
+  continued fraction (modified Lentz) above (Numerical Recipes, section 6.2)."""
+  s, x = df / 2.0, x / 2.0
+  if x <= 0:
+    return 1.0
+  log_front = -x + s * math.log(x) - math.lgamma(s)
+  if x < s + 1:
+    term = total = 1.0 / s
+    a = s
+    for _ in range(100000):
+      a += 1.0
+      term *= x / a
+      total += term
+      if abs(term) < abs(total) * 1e-17:
+        break
+    return max(0.0, 1.0 - total * math.exp(log_front))
+  tiny = 1e-300
+  b = x + 1.0 - s
+  c, d = 1.0 / tiny, 1.0 / b
+  h = d
+  for i in range(1, 100000):
+    an = -i * (i - s)
+    b += 2.0
+    d = an * d + b
+    d = tiny if abs(d) < tiny else d
+    c = b + an / c
+    c = tiny if abs(c) < tiny else c
+    d = 1.0 / d
+    step = d * c
+    h *= step
+    if abs(step - 1.0) < 1e-16:
+      break
+  return math.exp(log_front) * h
+
+
+def random_effects_meta(estimates: Sequence[float], standard_errors: Sequence[float]
+                        ) -> dict:
+  """DerSimonian-Laird random-effects pooling of k per-run estimates with their standard
+  errors: fixed-effect weights `w = 1/se^2`, Cochran's `Q = sum w (y - y_w)^2`,
+  `tau^2 = max(0, (Q - (k-1)) / (sum w - sum w^2 / sum w))`, random-effects weights
+  `1 / (se^2 + tau^2)`, the pooled estimate and its standard error `sqrt(1 / sum w*)` with
+  the normal 95% interval. Returns `estimate`, `standard_error`, `ci95`, `tau2`, `q`,
+  `q_p` (chi-square with k-1 degrees of freedom, upper tail), `i2`
+  (`max(0, (Q - (k-1)) / Q)`, 0 when Q is 0) and `k`. With k = 1: the run itself,
+  tau^2 = 0, Q = 0, and `q_p`, `i2` None.
+
+  R. DerSimonian and N. Laird, Meta-analysis in clinical trials, Controlled Clinical Trials
+  7:177-188 (1986); J. Higgins and S. Thompson, Statistics in Medicine 21:1539-1558 (2002)
+  for I^2."""
+  y = np.asarray(estimates, np.float64)
+  se = np.asarray(standard_errors, np.float64)
+  if y.ndim != 1 or y.shape != se.shape or not len(y):
+    raise ValueError(f"a meta-analysis needs as many estimates as standard errors, at least "
+                     f"one; got {y.shape} and {se.shape}.")
+  for i, (value, error) in enumerate(zip(y, se)):
+    if not math.isfinite(value):
+      raise ValueError(f"the estimate of run {i} is {value}.")
+    if not (math.isfinite(error) and error > 0):
+      raise ValueError(f"the standard error of run {i} is {error}; it must be positive.")
+  k = len(y)
+  w = 1.0 / se ** 2
+  fixed = float(np.sum(w * y) / np.sum(w))
+  q = float(np.sum(w * (y - fixed) ** 2)) if k > 1 else 0.0
+  scale = float(np.sum(w) - np.sum(w ** 2) / np.sum(w))
+  tau2 = max(0.0, (q - (k - 1)) / scale) if k > 1 else 0.0
+  w_star = 1.0 / (se ** 2 + tau2)
+  estimate = float(np.sum(w_star * y) / np.sum(w_star))
+  error = float(math.sqrt(1.0 / np.sum(w_star)))
+  z = _normal_quantile(0.975)
+  return {
+      "estimate": estimate,
+      "standard_error": error,
+      "ci95": (estimate - z * error, estimate + z * error),
+      "tau2": tau2,
+      "q": q,
+      "q_p": _chi2_sf(q, k - 1) if k > 1 else None,
+      "i2": (max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0) if k > 1 else None,
+      "k": k,
+  }
+
+
+def fixed_sequence(bounds: Sequence[float | None], margin: float) -> int:
+  """The fixed-sequence rule: with upper bounds ordered from the fewest blocks removed to
+  the most, the number of leading points whose bound is at most `margin`, walking from
+  the first and stopping at the first that fails (a None or NaN bound fails). Each point
+  is tested at the full level only because every point before it passed, so the family
+  needs no multiplicity correction (Maurer, Hothorn and Lehmacher 1995)."""
+  passed = 0
+  for bound in bounds:
+    if bound is None or not float(bound) <= margin:
+      break
+    passed += 1
+  return passed

@@ -1,0 +1,452 @@
+"""The real-model campaign: its plan, its units of work, their predicted cost and its ledger.
+
+A *run* is one model on one task (one dpjax study, in `runs/<name>/`). A run's work is
+cut into *units*, each one `dpjax.study.run.run` call that adds methods to what the run
+recorded before:
+
+| unit | methods | what it gives |
+|---|---|---|
+| `phase` | `phase` | the profile, l* with its interval, the phase experiment |
+| `noise` | `phase`, `noise` | the noise probe by phase |
+| `iterative` | ..., `iterative` | Iterative Pruning (exact greedy search) and its curve |
+| `baselines` | ..., the one-shot baselines | block influence, angular, single layer, reverse, random |
+
+Every unit records what it computed in the run's `progress/` directory (the study's
+saved records, `dpjax.engine.resume`, and the unpruned readouts) and in its
+results.json, variants.jsonl and items.jsonl, all kept in the repository: a unit that
+finished is never computed again, on this machine or a fresh clone with an empty
+cache (a later unit restores it from `progress/` at the cost of loading the model).
+
+`ledger.json` beside the runs records every finished unit: its measured seconds, the
+seconds predicted for it before it started, and the run's unpruned accuracy. The units
+run in `priority` order (`PLAN`'s docstring says which); `--hours` stops before a unit
+whose prediction would pass the budget.
+
+Predictions (`predict`) count the work of a unit as the planner counts a study's
+(`dpjax.engine.planner.schedule`: block evaluations on tokens, lens reads), turn it
+into floating-point operations with the model's shapes, divide by a block rate and a
+lens rate (priors for two CPU cores, fitted to earlier measured runs), and add the
+unit's fixed cost (loading the model, encoding, compiling). A scale on the priors is
+fitted to the finished units of the same model and kind (else model), so the
+prediction for the next unit uses every measurement made so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from dpjax.fileio import atomic_write_text
+
+LEDGER_FILE = "ledger.json"
+
+# ----------------------------------------------------------------------------
+# Models and tasks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """What the cost of one model depends on (its GGUF file's config; `tests.support.
+  real_models` names the files)."""
+  num_layers: int
+  hidden: int
+  intermediate: int
+  q_dim: int      # heads x head size
+  kv_dim: int     # key/value heads x head size
+  vocab: int
+
+  @property
+  def block_flops_per_token(self) -> float:
+    d = self.hidden
+    params = d * self.q_dim * 2 + d * self.kv_dim * 2 + 3 * d * self.intermediate
+    return 2.0 * params
+
+  @property
+  def lens_flops_per_read(self) -> float:
+    return 2.0 * self.hidden * self.vocab
+
+
+SHAPES = {
+    "smollm2": Shape(30, 576, 1536, 9 * 64, 3 * 64, 49152),
+    "gemma3": Shape(18, 640, 2048, 4 * 256, 1 * 256, 262144),
+    "qwen25": Shape(24, 896, 4864, 14 * 64, 2 * 64, 151936),
+}
+
+# Tokens per item in the cloze format (the context once, every option's continuation)
+# and lens reads per item (the continuations' tokens): the priors until a run's
+# items.jsonl gives its own (`run_facts`). SciQ's context holds its support paragraph.
+TASK_TOKENS = {"arc_easy": (40, 16), "arc_challenge": (45, 18), "sciq": (130, 12),
+               "piqa": (65, 50), "hellaswag": (140, 100)}
+# The unpruned models' cloze accuracy in the earlier runs (300 items; FACTS): where it is
+# below chance plus the bar, the plan expects the phase unit to stop after the profile
+# and the run's other units not to be needed (the run's own profile decides).
+PRIOR_ACCURACY = {("smollm2", "arc_easy"): 0.54, ("smollm2", "sciq"): 0.75,
+                  ("smollm2", "piqa"): 0.62, ("gemma3", "arc_easy"): 0.41,
+                  ("gemma3", "sciq"): 0.69, ("gemma3", "piqa"): 0.57,
+                  ("qwen25", "arc_easy"): 0.51, ("qwen25", "sciq"): 0.85}
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "sciq": 0.25, "piqa": 0.5,
+          "hellaswag": 0.25}
+
+# Priors for two CPU cores, fitted to the earlier real-model runs' measured times (older
+# code; see REPORT.md): the rate of block work and of lens work (a lens read is one large
+# matrix product with the unembedding, faster per FLOP than a block on a few rows), and
+# a unit's fixed cost (loading the GGUF file, encoding, compiling the programs).
+PRIOR_BLOCK_RATE = 67e9
+PRIOR_LENS_RATE = 219e9
+PRIOR_FIXED = {"smollm2": 60.0, "gemma3": 120.0, "qwen25": 90.0}
+# The noise probe's settings where this dpjax has none (so the plan can be costed).
+NOISE_DEFAULTS = {"noise_levels": (0.02, 0.05, 0.1, 0.2), "noise_seeds": 3,
+                  "noise_profile_seeds": 1}
+
+# ----------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  model: str          # a key of tests.support.real_models.MODELS
+  task: str
+  format: str = "cloze"
+  settings: tuple = ()  # extra Settings fields, as (name, value) pairs
+  lens: str = "logit"
+
+  @property
+  def fields(self) -> dict[str, Any]:
+    return dict(self.settings)
+
+
+UNIT_METHODS = {
+    "phase": ("phase",),
+    "noise": ("noise",),
+    "iterative": ("iterative",),
+    "baselines": ("block_influence", "angular", "single_layer", "reverse", "random"),
+}
+UNIT_KINDS = tuple(UNIT_METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  run: Run
+  kind: str
+  priority: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.run.name}:{self.kind}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """How big every run is: items, seeds, the k values, and what is cut."""
+  name: str
+  common: tuple            # Settings fields every run shares
+  items: dict              # evaluation items per model
+  iterative_runs: tuple    # runs whose Iterative Pruning is in the plan
+  baselines_runs: tuple    # runs whose one-shot baselines are in the plan
+  tasks: tuple = ("arc_easy", "sciq", "piqa", "arc_challenge", "hellaswag")
+
+
+# Every run reads l* on 128 calibration items (the search takes the first 64), the
+# Decision Margin under the options normalization (a softmax over the options' summed
+# log-probabilities: under the vocab normalization a multi-token option's probability is
+# a product of its tokens', so the mean margin is decided by the items with the shortest
+# options), one-shot curves at their last block only, and the phase experiment and the
+# noise probe only where the unpruned model is at least 0.1 above chance on its
+# evaluation items (`--phase_min_gap`).
+_COMMON = (("calibration_items", 64), ("transition_items", 128),
+           ("curve_layers", "iterative"), ("normalization", "options"),
+           ("phase_min_gap", 0.1))
+
+# On two CPU cores (the default): 120 evaluation items (80 for Qwen2.5, whose blocks
+# are 4x SmolLM2's; HellaSwag, whose items are 3x longer, 80 and 50), the random rule
+# over 5 seeds, k = 1, 2, 4, ... and the smaller phase's size, the noise probe's arms at
+# four levels over 2 seeds without its block-by-block profile, Iterative Pruning on each
+# model's ARC-Easy run and the one-shot baselines on SmolLM2's.
+LOCAL = Size(
+    name="local",
+    common=_COMMON + (("phase_seeds", 5), ("phase_ks", "doublings"), ("random_seeds", 3),
+                      ("noise_seeds", 2), ("noise_profile_seeds", 0)),
+    items={"smollm2": 120, "gemma3": 120, "qwen25": 80,
+           ("smollm2", "hellaswag"): 80, ("gemma3", "hellaswag"): 80,
+           ("qwen25", "hellaswag"): 50},
+    iterative_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze",
+                    "qwen25_arc_easy_cloze"),
+    baselines_runs=("smollm2_arc_easy_cloze",))
+
+# On one GPU: the full size (300 items, 10 seeds, every k, the noise profile, Iterative
+# Pruning and the baselines on every run).
+FULL = Size(
+    name="full",
+    common=_COMMON + (("phase_seeds", 10), ("phase_ks", "all"), ("random_seeds", 3),
+                      ("noise_seeds", 3), ("noise_profile_seeds", 1)),
+    items={"smollm2": 300, "gemma3": 300, "qwen25": 300},
+    iterative_runs=("*",), baselines_runs=("*",))
+
+SIZES = {"local": LOCAL, "full": FULL}
+MODELS = ("smollm2", "gemma3", "qwen25")
+
+
+def runs(size: Size) -> list[Run]:
+  """Every run of the plan: each model on each task, cloze format, `size`'s items."""
+  out = []
+  for task in size.tasks:
+    for model in MODELS:
+      items = size.items.get((model, task), size.items[model])
+      out.append(Run(f"{model}_{task}_cloze", model, task, "cloze",
+                     (("num_items", items),) + size.common))
+  return out
+
+
+def plan(size: Size) -> list[Unit]:
+  """The units in the order they run: (1) every run's phase unit, then every run's noise
+  unit (the claim's two probes; cheaper tasks first), (2) Iterative Pruning on one run
+  per model, (3) the one-shot baselines."""
+  every = runs(size)
+  chosen = lambda names, run: "*" in names or run.name in names
+  units = [Unit(run, "phase", 1) for run in every]
+  units += [Unit(run, "noise", 1) for run in every]
+  units += [Unit(run, "iterative", 2) for run in every if chosen(size.iterative_runs, run)]
+  units += [Unit(run, "baselines", 3) for run in every if chosen(size.baselines_runs, run)]
+  return units
+
+
+def methods_of(unit: Unit, done: Sequence[str]) -> tuple[str, ...]:
+  """The study methods a unit's call runs: its own and every finished unit's of the same
+  run (restored from the progress files), in the study's order."""
+  from dpjax.study.settings import METHODS
+  wanted = set(UNIT_METHODS[unit.kind]) | {"phase"}
+  for kind in done:
+    wanted |= set(UNIT_METHODS[kind])
+  return tuple(m for m in METHODS if m in wanted)
+
+
+# ----------------------------------------------------------------------------
+# The work of a unit, counted as the planner counts a study.
+
+
+def _fields(run: Run) -> dict[str, Any]:
+  from dpjax.study.settings import Settings
+  defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+  return {**NOISE_DEFAULTS, **defaults, **run.fields}
+
+
+def phase_masks(num_layers: int, l_star: int, fields: dict[str, Any]) -> int:
+  """How many variants the phase experiment evaluates for a transition at `l_star`."""
+  from dpjax.study import methods
+  silent, decisive = l_star - 1, num_layers - l_star + 1
+  if silent < 1 or decisive < 1:
+    return 0
+  max_k = min(silent, decisive)
+  ks = len(methods.phase_ks(max_k, fields["phase_ks"]))
+  rules = 2 + fields["phase_seeds"] + 1 + (1 if silent > 1 else 0)
+  return rules * ks * 2
+
+
+@dataclasses.dataclass
+class Work:
+  """Block evaluations (on one token) and lens reads (on one read token) of a unit."""
+  block_tokens: float = 0.0
+  lens_reads: float = 0.0
+
+  def flops(self, shape: Shape) -> float:
+    return (self.block_tokens * shape.block_flops_per_token
+            + self.lens_reads * shape.lens_flops_per_read)
+
+  def base_seconds(self, shape: Shape) -> float:
+    """Seconds at the prior rates, before the fixed cost and the fitted scale."""
+    return (self.block_tokens * shape.block_flops_per_token / PRIOR_BLOCK_RATE
+            + self.lens_reads * shape.lens_flops_per_read / PRIOR_LENS_RATE)
+
+
+def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
+              profile_only: bool = False) -> Work:
+  """The unit's work, `l_star` the run's transition (None: before its profile, assumed at
+  three quarters of the depth), `tokens` (tokens, read tokens) per item; `profile_only`:
+  the run is expected below the bar (its phase unit stops after the profile, its other
+  units are not needed)."""
+  shape, f = SHAPES[unit.run.model], _fields(unit.run)
+  L, n = shape.num_layers, f["num_items"]
+  cal, transition = f["calibration_items"], f["transition_items"]
+  t, r = tokens
+  w = Work()
+  assumed = l_star if l_star is not None else max(2, round(0.75 * L))
+  if profile_only and unit.kind != "phase":
+    return w
+  if unit.kind == "phase":
+    w.block_tokens += (n + transition) * L * t  # the unpruned profile, every layer read
+    w.lens_reads += (n + transition) * (L + 1) * r
+    if profile_only:
+      return w
+    masks = phase_masks(L, assumed, f)
+    silent_share = 0.5  # half the variants remove Silent blocks: a tail from there on
+    tail = silent_share * (L - assumed / 2) + (1 - silent_share) * (L - assumed) / 2
+    w.block_tokens += n * t * (L + masks * tail) + cal * t * L  # stream, tails, influence
+    w.lens_reads += n * r * masks
+  elif unit.kind == "noise":
+    arms = 2 * len(f["noise_levels"]) * f["noise_seeds"]
+    profile = L * len(f["noise_levels"]) * f["noise_profile_seeds"]
+    w.block_tokens += n * t * L * (arms + profile)
+    w.lens_reads += n * r * (arms + profile)
+  elif unit.kind == "iterative":
+    for k in range(L, f["min_layers"], -1):  # the search: stream, then k candidates' tails
+      w.block_tokens += cal * t * (k + k * (k - 1) / 2)
+      w.lens_reads += cal * r * k
+    w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
+    w.lens_reads += n * r * (L - 1) * L / 2
+  elif unit.kind == "baselines":
+    curves = 4 + f["random_seeds"]
+    w.block_tokens += n * t * curves * (L + (L - 1) * L / 2)
+    w.lens_reads += n * r * curves * (L - 1)
+    w.block_tokens += cal * t * (L + L * (L - 1) / 2) + cal * t * L  # single layer, influence
+  else:
+    raise ValueError(f"unknown unit kind {unit.kind!r}; the kinds are {UNIT_KINDS}.")
+  return w
+
+
+# ----------------------------------------------------------------------------
+# The ledger: what finished, measured against what was predicted.
+
+
+def read_ledger(out_dir: str) -> dict[str, Any]:
+  path = os.path.join(out_dir, LEDGER_FILE)
+  if not os.path.isfile(path):
+    return {"units": {}}
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_ledger(out_dir: str, ledger: dict[str, Any]) -> None:
+  atomic_write_text(os.path.join(out_dir, LEDGER_FILE),
+                    json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+
+
+def record_unit(out_dir: str, unit: Unit, seconds: float, predicted: float,
+                **details: Any) -> None:
+  """Adds a finished unit to the ledger (read again first: the file is the truth);
+  `details` holds its `base_seconds` (the prior's figure the calibration scales)."""
+  ledger = read_ledger(out_dir)
+  ledger["units"][unit.name] = {
+      "run": unit.run.name, "kind": unit.kind, "model": unit.run.model,
+      "seconds": round(float(seconds), 1), "predicted_seconds": round(float(predicted), 1),
+      "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+      **details}
+  write_ledger(out_dir, ledger)
+
+
+def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
+  """What the run's committed files tell the planner: l* on the calibration items, its
+  tokens per item, whether the unpruned model clears the bar."""
+  results_path = os.path.join(out_dir, "runs", run.name, "results.json")
+  items_path = os.path.join(out_dir, "runs", run.name, "items.jsonl")
+  prior = PRIOR_ACCURACY.get((run.model, run.task))
+  gap = _fields(run)["phase_min_gap"]
+  facts: dict[str, Any] = {"l_star": None, "tokens": TASK_TOKENS[run.task], "eligible": None,
+                           "expected_eligible": prior is None
+                           or prior >= CHANCE[run.task] + gap}
+  if os.path.isfile(items_path):
+    tokens, reads = [], []
+    with open(items_path) as f:
+      for line in f:
+        item = json.loads(line)
+        tokens.append(item["num_prompt_tokens"])
+        reads.append(sum(len(c.split()) * 1.4 for c in item.get("continuations", ["x"])))
+    facts["tokens"] = (float(np.mean(tokens)), float(np.mean(reads)))
+  if os.path.isfile(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    facts["l_star"] = results.get("calibration_transition_block")
+    full = results["full_model"]
+    facts["accuracy"] = full["accuracy"][-1]
+    facts["eligible"] = full["accuracy"][-1] >= full["chance"] + gap
+    facts["expected_eligible"] = facts["eligible"]
+  return facts
+
+
+@dataclasses.dataclass
+class Calibration:
+  """Scales on the prior rates, fitted to finished units: per (model, unit kind) where
+  that kind has finished on that model, else per model, else 1."""
+  scale: dict[tuple[str, str], float]
+  fixed: dict[str, float]
+
+  def seconds(self, model: str, kind: str, base: float) -> float:
+    scale = self.scale.get((model, kind), self.scale.get((model, "*"), 1.0))
+    return self.fixed[model] + scale * base
+
+
+def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
+  """The measured seconds of the finished units (less the fixed cost) over their prior
+  seconds, summed per (model, kind) and per model."""
+  ledger = read_ledger(out_dir)["units"]
+  known = {u.name for u in units}
+  sums: dict[tuple[str, str], list[float]] = {}
+  for name, rec in ledger.items():
+    if name not in known or not rec.get("base_seconds"):
+      continue
+    spent = max(rec["seconds"] - PRIOR_FIXED[rec["model"]], 1.0)
+    for key in ((rec["model"], rec["kind"]), (rec["model"], "*")):
+      total = sums.setdefault(key, [0.0, 0.0])
+      total[0] += spent
+      total[1] += rec["base_seconds"]
+  scale = {key: spent / base for key, (spent, base) in sums.items() if base > 0}
+  return Calibration(scale, dict(PRIOR_FIXED))
+
+
+def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, float]:
+  """(seconds, prior seconds) predicted for `unit` from its run's committed files."""
+  facts = run_facts(out_dir, unit.run)
+  work = unit_work(unit, facts["l_star"], facts["tokens"],
+                   profile_only=not facts["expected_eligible"])
+  base = work.base_seconds(SHAPES[unit.run.model])
+  return calibration.seconds(unit.run.model, unit.kind, base), base
+
+
+def status(out_dir: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
+  """Every unit of the plan with its state (done / skipped / to do / not needed) and its
+  predicted and measured seconds."""
+  ledger = read_ledger(out_dir)["units"]
+  calibration = calibrate(out_dir, units)
+  rows = []
+  for unit in units:
+    rec = ledger.get(unit.name)
+    facts = run_facts(out_dir, unit.run)
+    predicted, _ = predict(out_dir, unit, calibration)
+    if rec is not None:
+      state = "skipped" if rec.get("skipped") else "done"
+    elif unit.kind != "phase" and not facts["expected_eligible"]:
+      state = "not needed"  # below the bar: the phase unit recorded why
+    else:
+      state = "to do"
+    rows.append({"unit": unit.name, "state": state, "priority": unit.priority, "predicted_seconds": predicted,
+                 "measured_seconds": None if rec is None else rec["seconds"],
+                 "predicted_before": None if rec is None else rec["predicted_seconds"],
+                 "why": None if rec is None else rec.get("skipped")})
+  return rows
+
+
+def hours(seconds: float) -> str:
+  return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+  lines = [f"{'unit':<44} {'state':<11} {'predicted':>10} {'measured':>10}"]
+  for r in rows:
+    measured = "-" if r["measured_seconds"] is None else hours(r["measured_seconds"])
+    lines.append(f"{r['unit']:<44} {r['state']:<11} {hours(r['predicted_seconds']):>10} "
+                 f"{measured:>10}" + (f"  ({r['why']})" if r["why"] else ""))
+  left = sum(r["predicted_seconds"] for r in rows if r["state"] == "to do")
+  done = sum(r["measured_seconds"] or 0 for r in rows if r["state"] in ("done", "skipped"))
+  for priority in sorted({r["priority"] for r in rows}):
+    upto = [r for r in rows if r["priority"] <= priority and r["state"] != "not needed"]
+    lines.append(f"priorities 1-{priority}: {hours(sum(r['predicted_seconds'] for r in upto))} "
+                 f"predicted ({len(upto)} units)")
+  lines.append(f"done: {hours(done)} measured; left: {hours(left)} predicted "
+               f"({sum(r['state'] == 'to do' for r in rows)} units)")
+  return "\n".join(lines)
