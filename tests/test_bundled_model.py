@@ -171,8 +171,11 @@ def test_default_run_runs_every_method_without_a_skip(default_run):
 
 def test_every_comparison_recomputes_from_variants_jsonl(default_run):
   """variants.jsonl holds every evaluated variant's per-item outcomes: each paired
-  comparison's difference and exact McNemar p recompute from it with numpy and scipy,
-  the curves' accuracies too, and Holm over them all gives the reported holm_p."""
+  comparison's difference and p recompute from it with numpy and scipy (exact McNemar for a
+  deterministic rule, scipy's exact permutation test over the seeds' paired differences for
+  the random rule), the curves' accuracies too, Holm over the distinct comparisons gives the
+  reported holm_p, and a control that removes what `adjacent` removes is marked and counted
+  once."""
   from scipy import stats as scipy_stats
   out, results = default_run
   with open(os.path.join(out, "variants.jsonl")) as f:
@@ -187,32 +190,60 @@ def test_every_comparison_recomputes_from_variants_jsonl(default_run):
     (v,) = [v for v in variants if v["method"] == "reverse" and v["k"] == point["removed"]]
     assert v["kept"] == [b - 1 for b in point["kept"]]
     assert outcome(v).mean() == pytest.approx(point["accuracy"])
-  ps = []
-  for c in results["phase_experiment"]["comparisons"]:
-    arm = lambda name: np.array([outcome(v) for v in variants if v["method"] == "phase"
-                                 and v["rule"] == c["rule"] and v["phase"] == name
-                                 and v["k"] == c["k"]])
-    silent, decisive = arm("silent"), arm("decisive")
+  comparisons = results["phase_experiment"]["comparisons"]
+  ps, seen, distinct = {}, {}, []
+  for c in comparisons:
+    picked = lambda name: [v for v in variants if v["method"] == "phase"
+                           and v["rule"] == c["rule"] and v["phase"] == name
+                           and v["k"] == c["k"]]
+    silent_v, decisive_v = picked("silent"), picked("decisive")
+    silent = np.array([outcome(v) for v in silent_v])
+    decisive = np.array([outcome(v) for v in decisive_v])
     assert len(silent) == len(decisive) == c["seeds"]
     assert silent.mean() - decisive.mean() == pytest.approx(c["difference"], abs=1e-12)
-    if c["seeds"] > 1:  # the random rule: each item's majority outcome over the seeds
-      silent, decisive = (silent.mean(0) > 0.5).astype(int), (decisive.mean(0) > 0.5).astype(int)
+    if c["seeds"] > 1:  # the seed is the unit: sign flips of the per-seed differences
+      d = silent.mean(1) - decisive.mean(1)
+      p = scipy_stats.permutation_test((d,), np.mean, permutation_type="samples",
+                                       n_resamples=np.inf).pvalue
     else:
-      silent, decisive = silent[0], decisive[0]
-    only_silent = int(np.sum((silent == 1) & (decisive == 0)))
-    only_decisive = int(np.sum((silent == 0) & (decisive == 1)))
-    discordant = only_silent + only_decisive
-    p = (1.0 if discordant == 0 else
-         scipy_stats.binomtest(only_silent, discordant, 0.5).pvalue)
-    assert c["mcnemar_p"] == pytest.approx(p, rel=1e-9, abs=1e-300)
-    ps.append(p)
-  m, order, running = len(ps), np.argsort(ps), 0.0
-  holm = np.empty(m)
+      only_silent = int(np.sum((silent[0] == 1) & (decisive[0] == 0)))
+      discordant = only_silent + int(np.sum((silent[0] == 0) & (decisive[0] == 1)))
+      p = 1.0 if discordant == 0 else scipy_stats.binomtest(only_silent, discordant,
+                                                             0.5).pvalue
+    assert c["p"] == pytest.approx(p, rel=1e-9, abs=1e-300)
+    key = (tuple(tuple(v["kept"]) for v in silent_v), tuple(tuple(v["kept"]) for v in decisive_v))
+    name = f"{c['rule']} k={c['k']}"
+    assert c["same_as"] == seen.get(key)
+    if key not in seen:
+      seen[key] = name
+      distinct.append(name)
+    ps[name] = p
+  # The bundled model's Decisive Phase is blocks 15-16: adjacent_keep_last removes, at
+  # k = 1, what adjacent removes (block 15 and block 1 ... the Silent arm's first block).
+  assert any(c["same_as"] for c in comparisons)
+  m, order, running = len(distinct), np.argsort([ps[d] for d in distinct]), 0.0
+  holm = {}
   for rank, i in enumerate(order):
-    running = max(running, min(1.0, (m - rank) * ps[i]))
-    holm[i] = running
-  assert [c["holm_p"] for c in results["phase_experiment"]["comparisons"]] == pytest.approx(
-      holm.tolist(), rel=1e-9, abs=1e-300)
+    running = max(running, min(1.0, (m - rank) * ps[distinct[i]]))
+    holm[distinct[i]] = running
+  for c in comparisons:
+    expected = holm[c["same_as"] or f"{c['rule']} k={c['k']}"]
+    assert c["holm_p"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_the_random_rule_is_tested_over_its_seeds(default_run):
+  """The random rule's p is the exact sign-flip test's over its ten seeds (never below
+  2 / 2^10, where McNemar on the items' majority outcomes went to 4e-58 on the default
+  run), and each arm is compared with the unpruned model."""
+  _, results = default_run
+  (c,) = [c for c in results["phase_experiment"]["comparisons"]
+          if c["rule"] == "random" and c["k"] == 1]
+  assert "sign-flip" in c["test"] and c["seeds"] == 10
+  assert c["p"] >= 2 / 2 ** 10 - 1e-12
+  for arm in ("silent_drop", "decisive_drop"):
+    drop = c[arm]
+    assert drop["drop_ci95"][0] <= drop["drop"] <= drop["drop_ci95"][1]
+    assert drop["non_inferior"] == (drop["drop_ci95"][1] <= results["settings"]["margin"])
 
 
 def test_default_run_numbers_recomputed_with_hf(default_run):

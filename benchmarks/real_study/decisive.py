@@ -6,8 +6,9 @@
 For each model: one `dpjax` study with Iterative Pruning, block influence and
 `decisive_only` (greedy removal inside the Decisive Phase, every Silent-Phase block kept)
 on the same items, then `dpjax-prune --study=... --method=M --max_drop=B` for each
-method: the smallest variant whose drop's paired upper 95% bound on the selection items
-is within the budget, judged on the held-out items, and timed against the unpruned model
+method: the variant the fixed-sequence walk chooses on the selection items (the drop's
+paired upper 95% bound within the budget), judged on the held-out items (whether the
+budget holds there too), and timed against the unpruned model
 (dpjax-throughput's measurement). Writes `decisive.json` and `DECISIVE.md` to `--out_dir`
 (default `benchmarks/real_study/decisive/`); a re-run skips what finished.
 """
@@ -42,6 +43,9 @@ _WORK = flags.DEFINE_string("work_dir", "", "Where the studies and exports live 
 _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "decisive"), "Where the record goes.",
                            flag_values=FLAGS)
+
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Write DECISIVE.md from decisive.json "
+                                 "alone (no model runs).", flag_values=FLAGS)
 
 METHODS = ("iterative", "block_influence", "decisive_only")
 
@@ -99,25 +103,98 @@ def finding(record: dict) -> str:
     best = met[order[0]]
     ranked = ", ".join(f"{m} {entry['num_layers'] - met[m]}" for m in order)
     tied = [m for m in order if met[m] == best]
-    text = (f"{key}: blocks removed within the budget: {ranked}; most: "
+    text = (f"{key}: blocks removed within the budget on the selection half: {ranked}; most: "
             f"{' and '.join(tied)}")
     if missed:
       text += f"; {' and '.join(missed)} found no variant within it"
+    holds = [m for m in order if entry["methods"][m].get("holds_on_heldout")]
+    text += ("; on the held-out half the budget holds for "
+             + (" and ".join(holds) if holds else "none of them"))
     lines.append(text + ".")
   return " ".join(lines)
 
 
+EARLIER_RULE = ("the fewest blocks among the curve points whose percentile-bootstrap bound "
+                "passed the budget (the rule before the fixed-sequence walk; a rerun applies "
+                "the walk)")
+WALK_RULE = ("the fixed-sequence walk (from the fewest blocks removed, the last point before "
+             "the first whose Tango bound exceeds the budget)")
+
+
+def heldout_judgement(held: dict, num_items: int, max_drop: float) -> dict:
+  """The held-out drop's paired 95% interval recomputed from its discordant counts with
+  Tango's score interval (the items are the held-out half of `num_items`, as
+  `dpjax.study.budget.split_items` splits them), and whether the budget holds there."""
+  from dpjax.study import budget, statistics
+  n = len(budget.split_items(num_items, 0.5, 0)[1])
+  low, high = statistics._tango_interval(held["only_unpruned_right"],
+                                          held["only_variant_right"], n, 0.95)
+  return {"drop": held["drop"], "ci95": [low, high], "upper95": high, "items": n,
+          "holds": bool(high <= max_drop)}
+
+
+def render(record: dict) -> str:
+  """DECISIVE.md from the record alone (and each method's held-out judgement set in it)."""
+  rows = ["| model | l* | method | blocks kept | held-out drop [95% CI] | budget holds on "
+          "held-out | decode speedup | prefill speedup |",
+          "|---|---|---|---|---|---|---|---|"]
+  for key, entry in record["models"].items():
+    for method in METHODS:
+      m = entry["methods"].get(method)
+      if m is None:
+        continue
+      if "kept_blocks" not in m:
+        rows.append(f"| {key} | {entry['transition_block']} | {method} | none within the "
+                    "budget | | | | |")
+        continue
+      held = heldout_judgement(m["heldout_drop"], record["num_items"], record["max_drop"])
+      m["holds_on_heldout"] = held["holds"]
+      at_end = " (the curve ends here)" if m.get("curve_end") else ""
+      pruned = m["throughput"]
+      rows.append(f"| {key} | {entry['transition_block']} | {method} | "
+                  f"{len(m['kept_blocks'])}/{entry['num_layers']}{at_end} | "
+                  f"{held['drop']:+.3f} [{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}] | "
+                  f"{'yes' if held['holds'] else 'no'} (upper bound {held['upper95']:.3f}) | "
+                  f"{pruned['decode_speedup']:.2f}x | {pruned['prefill_speedup']:.2f}x |")
+  record["finding"] = finding(record)
+  rule = record.get("selection_rule", EARLIER_RULE)
+  return (f"# Pruning only the Decisive Phase, at one budget\n\n{record['task']} "
+          f"({record['format']}), {record['num_items']} evaluation items, budget: the drop's "
+          f"paired upper 95% bound at most {record['max_drop']}. Chosen on the selection "
+          f"half by {rule}; judged on the held-out half (Tango's score interval of the drop, "
+          "recomputed from its discordant counts), timed on this machine against the "
+          "unpruned model"
+          + (f"; Iterative Pruning's curve stops after {record['max_removed']} removals"
+             if record["max_removed"] else "") + ". "
+          "Generated by `python -m benchmarks.real_study.decisive` (`--render_only`: from "
+          "decisive.json alone).\n\n" + "\n".join(rows)
+          + f"\n\n**Finding (computed):** {record['finding']}\n")
+
+
+def _write(record: dict) -> str:
+  from dpjax import fileio
+  text = render(record)
+  os.makedirs(_OUT.value, exist_ok=True)
+  fileio.write_json(os.path.join(_OUT.value, "decisive.json"), record)
+  fileio.atomic_write_text(os.path.join(_OUT.value, "DECISIVE.md"), text)
+  print(text)
+  return text
+
+
 def main(argv) -> None:
   del argv
+  if _RENDER_ONLY.value:
+    with open(os.path.join(_OUT.value, "decisive.json")) as f:
+      _write(json.load(f))
+    return
   from dpjax.fileio import cache_root
   from absl import logging
   from dpjax import fileio
   logging.set_verbosity(logging.WARNING)
   work = os.path.abspath(_WORK.value) if _WORK.value else cache_root("real_study", "decisive")
   record = {"task": _TASK.value, "format": _FORMAT.value, "num_items": _ITEMS.value,
+            "calibration_items": _CAL.value,
             "max_drop": _BUDGET.value, "max_removed": _MAX_REMOVED.value, "models": {}}
-  rows = ["| model | l* | method | blocks kept | held-out drop [95% CI] | decode speedup | "
-          "prefill speedup |", "|---|---|---|---|---|---|---|"]
   for key in _MODELS.value:
     if key == "bundled":
       from dpjax.bundled import BUNDLED_MODEL as model
@@ -133,8 +210,6 @@ def main(argv) -> None:
       plan = _prune(work, key, model, study_dir, method)
       if "error" in plan:
         entry["methods"][method] = plan
-        rows.append(f"| {key} | {entry['transition_block']} | {method} | none within the "
-                    f"budget | | | |")
         continue
       held = plan["accuracy"]["drop"]["heldout"]
       pruned = next(r for r in plan["throughput"]["rows"] if r["variant"] == "pruned")
@@ -145,25 +220,9 @@ def main(argv) -> None:
       at_end = (method == "iterative" and _MAX_REMOVED.value
                 and len(plan["kept_blocks"]) <= entry["num_layers"] - _MAX_REMOVED.value)
       entry["methods"][method]["curve_end"] = bool(at_end)
-      rows.append(f"| {key} | {entry['transition_block']} | {method} | "
-                  f"{len(plan['kept_blocks'])}/{entry['num_layers']}"
-                  f"{' (the curve ends here)' if at_end else ''} | {held['drop']:+.3f} "
-                  f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}] | "
-                  f"{pruned['decode_speedup']:.2f}x | {pruned['prefill_speedup']:.2f}x |")
     record["models"][key] = entry
-  record["finding"] = finding(record)
-  os.makedirs(_OUT.value, exist_ok=True)
-  fileio.write_json(os.path.join(_OUT.value, "decisive.json"), record)
-  text = (f"# Pruning only the Decisive Phase, at one budget\n\n{record['task']} "
-          f"({record['format']}), {record['num_items']} evaluation items, budget: the drop's "
-          f"paired upper 95% bound on the selection half at most {record['max_drop']}; "
-          "judged on the held-out half, timed on this machine against the unpruned model"
-          + (f"; Iterative Pruning's curve stops after {record['max_removed']} removals"
-             if record["max_removed"] else "") + ". "
-          "Generated by `python -m benchmarks.real_study.decisive`.\n\n" + "\n".join(rows)
-          + f"\n\n**Finding (computed):** {record['finding']}\n")
-  fileio.atomic_write_text(os.path.join(_OUT.value, "DECISIVE.md"), text)
-  print(text)
+  record["selection_rule"] = WALK_RULE
+  _write(record)
 
 
 if __name__ == "__main__":

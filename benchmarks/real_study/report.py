@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from dpjax.report import claim
+from dpjax.report.summary import class_definitions, comparison_table
 from dpjax.study import metrics
 from dpjax.study import statistics
 from dpjax.fileio import atomic_write_text, save_figure
@@ -31,7 +33,8 @@ from dpjax.fileio import atomic_write_text, save_figure
 # and the HF reference both dequantize to float32.
 PRECISION = {"smollm2": "SmolLM2-135M-Instruct, Q4_1", "gemma3": "Gemma 3 270M, Q4_K_M",
              "qwen25": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M"}
-ALPHA = 0.05
+ALPHA = statistics.ALPHA
+MARGIN = statistics.MARGIN  # the study's default --margin
 
 
 # Accuracy the models' authors publish for the same model and task, as (fraction, where).
@@ -121,37 +124,50 @@ def transition_collapse_rows(found) -> list[dict]:
 
 
 
-def _comparison(c: dict) -> statistics.Comparison:
-  fields = {k: v for k, v in c.items() if k in statistics.Comparison.__dataclass_fields__}
-  fields["ci95"] = tuple(fields["ci95"])
-  return statistics.Comparison(**fields)
-
-
-def study_comparisons(found) -> dict[str, list[statistics.Comparison]]:
-  """Every run's paired comparisons, Holm-adjusted over every comparison of the study
+def study_comparisons(out_dir, found) -> dict[str, list[statistics.Comparison]]:
+  """Every run's paired comparisons recomputed from its variants.jsonl
+  (`dpjax.report.claim`), Holm-adjusted over the distinct comparisons of the whole study
   (all runs together; each results.json's own `holm_p` is over its run alone)."""
-  per_run = {run.name: [_comparison(c) for c in
-                        (r.get("phase_experiment") or {}).get("comparisons", [])]
-             for run, r in found}
+  per_run = {}
+  for run, r in found:
+    phase = r.get("phase_experiment") or {}
+    if not phase or phase.get("skipped"):
+      continue
+    variants = claim.read_variants(os.path.join(out_dir, "runs", run.name))
+    comparisons = claim.phase_comparisons(variants, r, MARGIN)
+    for c in comparisons:  # the same kept sets in two runs are two comparisons
+      c.variants = (run.name, c.variants)
+    per_run[run.name] = comparisons
   every = [c for comparisons in per_run.values() for c in comparisons]
-  statistics.with_holm(every)
+  statistics.with_holm(every, ALPHA, MARGIN)
   return per_run
 
 
-def classify(found) -> tuple[dict[str, tuple[str, str]], str, dict[str, int]]:
+def why_no_phase(r: dict) -> str | None:
+  """Why a run has no phase experiment (below the bar, no transition), or None."""
+  phase = r.get("phase_experiment") or {}
+  return phase.get("skipped") if phase else "the phase experiment has not run"
+
+
+def classify(out_dir, found) -> tuple[dict[str, tuple[str, str]], dict[str, int],
+                                      dict[str, list[str]]]:
   """Each run with a phase experiment classed by `statistics.verdict` on its comparisons
-  (Holm over the study), and the study as a whole: `holds` when some run holds and none is
-  reversed, `reversed` the other way round, else `cannot tell`."""
-  comparisons = study_comparisons(found)
-  classes = {name: statistics.verdict(c, ALPHA) for name, c in comparisons.items() if c}
+  (Holm over the study), the count of runs per class, and the runs without one by why
+  (no transition, below the bar, not run)."""
+  comparisons = study_comparisons(out_dir, found)
+  classes = {name: statistics.verdict(c, ALPHA, MARGIN)
+             for name, c in comparisons.items() if c}
   counts = {v: sum(cls == v for cls, _ in classes.values()) for v in statistics.VERDICTS}
-  if counts["holds"] and not counts["reversed"]:
-    overall = "holds"
-  elif counts["reversed"] and not counts["holds"]:
-    overall = "reversed"
-  else:
-    overall = "cannot tell"
-  return classes, overall, counts
+  without: dict[str, list[str]] = {}
+  for run, r in found:
+    if run.name in classes:
+      continue
+    why = why_no_phase(r) or "no comparison"
+    kind = ("below the bar" if "phase_min_gap" in why else
+            "no transition" if "transition" in why or "Silent Phase is empty" in why else
+            "not run")
+    without.setdefault(kind, []).append(run.name)
+  return classes, counts, without
 
 
 def _interval(cal: dict, key: str) -> str:
@@ -162,26 +178,27 @@ def _interval(cal: dict, key: str) -> str:
   return f"{entry['block']} [{'none' if low is None else low}, {'none' if high is None else high}]"
 
 
-def verdict_markdown(found, runs) -> str:
+def verdict_markdown(out_dir, found, runs) -> str:
   """VERDICT.md: every statement a number computed from the runs' files."""
-  classes, overall, counts = classify(found)
-  comparisons = study_comparisons(found)
-  total = sum(len(c) for c in comparisons.values())
+  classes, counts, without = classify(out_dir, found)
+  comparisons = study_comparisons(out_dir, found)
+  total = sum(c.same_as is None for cs in comparisons.values() for c in cs)
   lines = ["# The verdict", "",
            "Computed by `benchmarks/real_study/report.py` from the runs' "
            "`runs/<name>/results.json` and `variants.jsonl` (regenerate: `python -m "
-           "benchmarks.real_study --report_only`); nothing here is written by hand.", ""]
+           "benchmarks.real_study --report_only`); nothing here is written by hand.", "",
+           "The paper's claim: pruning Decisive-Phase blocks costs little, pruning "
+           "Silent-Phase blocks collapses accuracy. " + class_definitions(MARGIN), ""]
   if not classes:
     lines.append("No run has a phase experiment yet: no verdict.")
   else:
-    lines += [f"**The paper's claim (pruning the Silent Phase costs more than pruning the "
-              f"Decisive Phase) on these models: {overall}.** Of the {len(classes)} runs with "
-              f"a phase experiment it holds in {counts['holds']}, is reversed in "
-              f"{counts['reversed']} and cannot be told in {counts['cannot tell']}: each run "
-              "is judged by its Silent-minus-Decisive accuracy differences (paired on the "
-              "same evaluation items) that survive Holm's correction over all "
-              f"{total} comparisons of the study at {ALPHA} with a paired 95% interval "
-              "apart from 0.", "",
+    lines += [f"Of the {len(classes)} runs with a phase experiment the claim holds in "
+              f"{counts['holds']}, is reversed in {counts['reversed']}, the arms are "
+              f"equivalent in {counts['equivalent']} and it cannot be told in "
+              f"{counts['cannot tell']} (Holm over the {total} distinct comparisons of the "
+              f"study at {ALPHA})."
+              + "".join(f" {kind.capitalize()}: {len(names)} run(s) ({', '.join(names)})."
+                        for kind, names in sorted(without.items())), "",
               "| run | l* on the calibration items [95%] (items) | l* / L on the evaluation "
               "items | verdict | what it rests on |", "|---|---|---|---|---|"]
     for run, r in found:
@@ -195,6 +212,24 @@ def verdict_markdown(found, runs) -> str:
                    f"({cal.get('items', '-')}) | "
                    f"{'none' if l_eval is None else f'{l_eval}/{L} = {l_eval / L:.2f}'} | "
                    f"**{cls}** | {why} |")
+    lines += ["", "## Across runs: random-effects meta-analysis", "",
+              "The paired Silent-minus-Decisive difference pooled over the runs "
+              "(DerSimonian-Laird; each run's standard error from its 95% interval), at "
+              "k = 1 and at the largest k every run has, per rule. Negative: pruning the "
+              "Silent Phase costs more.", "",
+              "| rule | k | runs | pooled difference [95%] | tau^2 | I^2 | Q (p) |",
+              "|---|---|---|---|---|---|---|"]
+    rules = list(dict.fromkeys(c.rule for cs in comparisons.values() for c in cs))
+    for rule in rules:
+      for k in (1, "largest"):
+        pooled = claim.meta_analysis(comparisons, rule, k)
+        if pooled is None:
+          continue
+        i2 = "-" if pooled["i2"] is None else f"{pooled['i2']:.0%}"
+        q = "-" if pooled["q_p"] is None else f"{pooled['q']:.2f} ({pooled['q_p']:.2g})"
+        lines.append(f"| {rule} | {pooled['k']} | {pooled['studies']} | "
+                     f"{pooled['estimate']:+.3f} [{pooled['ci95'][0]:+.3f}, "
+                     f"{pooled['ci95'][1]:+.3f}] | {pooled['tau2']:.4f} | {i2} | {q} |")
   # Where the transition sits, and how firmly.
   with_l = [(run, r) for run, r in found if r.get("calibration_transition")]
   if with_l:
@@ -277,24 +312,79 @@ def _dm_series(run, r):
           f"{norm} DM")
 
 
+def campaign_lines(out_dir: str, runs) -> list[str]:
+  """REPORT.md's account of the campaign: its size and what it cut (from the plan), and
+  every finished unit's measured time against the time predicted before it started
+  (from ledger.json)."""
+  from benchmarks.real_study import campaign
+  size = next((z for z in campaign.SIZES.values()
+               if [r.name for r in campaign.runs(z)] == [r.name for r in runs]
+               and all(dict(r.settings) == dict(q.settings)
+                       for r, q in zip(campaign.runs(z), runs))), None)
+  lines = ["## The campaign", ""]
+  if size is not None:
+    items = {}
+    for r in runs:
+      items.setdefault(r.model, {})[r.task] = dict(r.settings)["num_items"]
+    described = []
+    for model, per_task in items.items():
+      usual = max(set(per_task.values()), key=list(per_task.values()).count)
+      other = [f"{t} {n}" for t, n in per_task.items() if n != usual]
+      described.append(f"{model} {usual}" + (f" ({', '.join(other)})" if other else ""))
+    common = dict(size.common)
+    lines += [f"Plan `{size.name}` (`benchmarks/real_study/campaign.py`): "
+              f"{len(runs)} runs (three models, cloze format, on "
+              f"{', '.join(size.tasks)}), each cut into units run in priority order: every "
+              "run's profile and phase experiment, then every run's noise probe; then "
+              "Iterative Pruning on " + ", ".join(size.iterative_runs) + "; then the one-shot "
+              "baselines on " + ", ".join(size.baselines_runs) + ".", "",
+              "Evaluation items per run: " + "; ".join(described)
+              + f"; the random rule over {common['phase_seeds']} seeds, k by "
+              f"`--phase_ks={common['phase_ks']}`, the noise probe over "
+              f"{common['noise_seeds']} seeds"
+              + (" without its block-by-block profile" if not common["noise_profile_seeds"]
+                 else "") + "; the phase experiment and the noise probe only where the "
+              f"unpruned model is at least {common['phase_min_gap']} above chance."]
+    if size.name == "local":
+      calibration = campaign.calibrate(out_dir, campaign.plan(size))
+      predicted = lambda z: sum(campaign.predict(out_dir, u, calibration)[0]
+                                for u in campaign.plan(z))
+      lines += ["", "What this plan cuts from the full size (300 items, 10 seeds, every k, "
+                "the noise profile, Iterative Pruning and the baselines on every run), and "
+                f"why: on two CPU cores the full plan is predicted at "
+                f"{campaign.hours(predicted(campaign.FULL))} and this one at "
+                f"{campaign.hours(predicted(size))} (`--dry_run`, the same calibration), so items and seeds are cut before runs (fewer items widen each "
+                "run's intervals; the meta-analysis across runs pools them; the two-stage "
+                "statistics carry the random rule's seed spread with fewer seeds), k is "
+                "sampled by doublings, the noise profile (one forward per block and level) "
+                "is left out, and the searches run on one run per model (`python -m "
+                "benchmarks.real_study --size=full` on an accelerator runs the rest)."]
+  ledger = campaign.read_ledger(out_dir)["units"]
+  if ledger:
+    lines += ["", "Finished units: the time predicted before each started (from the "
+              "planner's work count calibrated on the units before it) against the time it "
+              "took on two CPU cores.", "",
+              "| unit | predicted | measured | measured / predicted |", "|---|---|---|---|"]
+    total = 0.0
+    for name, rec in sorted(ledger.items(), key=lambda kv: kv[1]["finished"]):
+      total += rec["seconds"]
+      lines.append(f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
+                   f"{campaign.hours(rec['seconds'])} | "
+                   f"{rec['seconds'] / max(rec['predicted_seconds'], 1e-9):.2f} |")
+    lines += ["", f"Compute so far: {campaign.hours(total)} in {len(ledger)} units."]
+  return lines + [""]
+
+
 def write_report(out_dir: str, runs) -> str:
   from dpjax.report import figures
   plt = figures.pyplot()
   found = _load(out_dir, runs)
-  verdict = verdict_markdown(found, runs)
+  verdict = verdict_markdown(out_dir, found, runs)
   atomic_write_text(os.path.join(out_dir, "VERDICT.md"), verdict)
   lines = ["# dpjax on real pretrained models: does the Silent/Decisive asymmetry hold?", ""]
+  lines += campaign_lines(out_dir, runs)
   if not found:
     lines.append("No run has finished yet.")
-    older = sorted(name for name in (os.listdir(os.path.join(out_dir, "runs"))
-                                     if os.path.isdir(os.path.join(out_dir, "runs")) else ())
-                   if not os.path.isfile(os.path.join(out_dir, "runs", name, "variants.jsonl")))
-    if older:
-      lines += ["", f"{len(older)} runs under `runs/` ({', '.join(older)}) were made before "
-                "per-item outcomes were written: without `variants.jsonl` they cannot be "
-                "compared paired, and are left out of this report and the verdict. "
-                "`python -m benchmarks.real_study --methods=phase` runs the plan's first "
-                "pass again with them, cheapest run first."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(out_dir, "REPORT.md"), text)
     return text
@@ -359,24 +449,18 @@ def write_report(out_dir: str, runs) -> str:
         f"{cp('reverse')} / {cp('random')} of {L} |")
 
   # 2. The phase experiment, paired.
-  comparisons = study_comparisons(found)
+  comparisons = study_comparisons(out_dir, found)
   lines += ["", "## Silent arm against Decisive arm, paired", "",
             "Accuracy after removing k blocks inside each phase (l* from the calibration "
-            "items), both arms on the same evaluation items: their difference with a paired "
-            "95% bootstrap interval (two-stage over seeds and items for the random rule), the "
-            "exact McNemar p (for the random rule on each item's majority outcome over the "
-            "seeds) and Holm's adjustment over every comparison of the study.", "",
-            "| run | rule | k | Silent | Decisive | Silent - Decisive [95%] | McNemar p | Holm p "
-            "(study) |", "|---|---|---|---|---|---|---|---|"]
+            "items), both arms on the same evaluation items, recomputed from each run's "
+            "variants.jsonl; Holm p is over the distinct comparisons of the whole study."]
   for run, r in found:
     phase = r.get("phase_experiment") or {}
-    if "skipped" in phase:
-      lines.append(f"| {run.name} | skipped: {phase['skipped']} | | | | | | |")
-    for c in comparisons.get(run.name, []):
-      k = c.k if c.k_silent is None else f"{c.k_silent}/{c.k_decisive}"
-      lines.append(f"| {run.name} | {c.rule} | {k} | {c.silent_accuracy:.3f} | "
-                   f"{c.decisive_accuracy:.3f} | {c.difference:+.3f} [{c.ci95[0]:+.3f}, "
-                   f"{c.ci95[1]:+.3f}] | {c.mcnemar_p:.2g} | {c.holm_p:.2g} |")
+    if phase.get("skipped"):
+      lines += ["", f"### {run.name}", "", f"Skipped: {phase['skipped']}."]
+    elif run.name in comparisons:
+      lines += ["", f"### {run.name}", "",
+                *comparison_table(comparisons[run.name], MARGIN)]
 
   # 3. l* against the collapse of Iterative Pruning.
   rows = transition_collapse_rows(found)

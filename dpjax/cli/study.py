@@ -17,6 +17,8 @@ import jax
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.cli.program import run_program
 from dpjax.engine import devices
+from dpjax.report import headline
+from dpjax.report.files import SUMMARY_HTML
 from dpjax.study import run as study
 from dpjax.study.settings import Settings
 
@@ -33,12 +35,16 @@ def run_study(settings: Settings, launch: devices.Launch) -> None:
   if not devices.is_main_process():
     return
   full = results.full_model
-  print(f"wrote the report to {os.path.abspath(settings.output_dir)}")
   print(f"final-layer accuracy {full.final_accuracy:.3f} (chance {full.chance:.3f}); "
         f"transition block {full.transition_block}")
   for name, result in results.methods.items():
     said = result.skipped if result.skipped is not None else result.collapse_point
     print(f"{name}: collapse point {said}")
+  # The last lines: the verdict in one sentence, and where to read the rest.
+  verdict = headline.verdict_sentence(results.to_json())
+  if verdict:
+    print(verdict.replace("**", ""))
+  print(f"report: {os.path.join(os.path.abspath(settings.output_dir), SUMMARY_HTML)}")
 
 
 def run() -> None:

@@ -12,16 +12,18 @@ the stack runs as a single `jax.lax.scan`. Which blocks run is an *input*:
   serves every mask.
 
 Both give the same numbers; `DecoderModel` wraps them behind `logits` and
-`hidden_states`. The arithmetic mirrors Hugging Face's Llama, Mistral, Qwen2 and
-Qwen3 modelling code (norms and softmax in float32, rotary tables in float32),
-so float32 logits agree with HF to float32 precision.
+`hidden_states`. Either form also takes Gaussian noise added to the residual stream
+after chosen blocks as an optional input (`ResidualNoise`, the noise probe). The
+arithmetic mirrors Hugging Face's Llama, Mistral, Qwen2 and Qwen3 modelling code
+(norms and softmax in float32, rotary tables in float32), so float32 logits agree
+with HF to float32 precision.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import chex
 from flax import nnx
@@ -37,6 +39,55 @@ Array = jax.Array
 from dpjax.model.block import AttentionContext, Block
 from dpjax.model.layers import (CPU_DOT_CHUNK, _param, rms_norm, rope_inv_freq, rope_tables,
                                 soft_cap)
+
+
+class ResidualNoise(NamedTuple):
+  """Gaussian noise added to the residual stream after chosen blocks (the noise probe).
+
+  After block `l` (1-based) runs, the residual `h` of a row at each position becomes
+  `h + scale[l - 1] * sigma(h) * z`: `sigma(h)` the standard deviation of that
+  position's residual over the hidden dimension (float32, population), `z ~ N(0, I)`
+  `[d]` drawn by `noise_draw(row_keys[b], l, positions[b, t], d)`. A block whose scale
+  is 0 leaves the stream exactly as it is (bit for bit). The draw depends only on the
+  row's key (a seed and an item: `noise_row_keys`), the block and the position, never
+  on the batch or the other rows, so it is the same in any batch and any padding.
+
+  scale: `[L]` float32 `eps` per block (the level `eps^2` is the noise's variance
+    relative to the row's).
+  row_keys: `[B]` typed PRNG keys, one per row (`noise_row_keys`).
+  positions: `[B, T]` int: the position each column's draw is keyed by (a row's real
+    tokens count from 0, as `Transformer.attention_context` counts them).
+  """
+  scale: Array
+  row_keys: Array
+  positions: Array
+
+
+def noise_row_keys(seed, items) -> Array:
+  """`[B]` keys of the rows holding `items` `[B]` (item indices; a negative index, a
+  filler row, is keyed as item 0) under noise seed `seed`:
+  `fold_in(jax.random.key(seed), item)`."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda item: jax.random.fold_in(base, item))(jnp.maximum(items, 0))
+
+
+def noise_draw(row_key: Array, block, positions: Array, size: int) -> Array:
+  """`z` `[T, size]` float32 of one row after `block` (1-based): position `p`'s draw is
+  `jax.random.normal(fold_in(fold_in(row_key, block), p), (size,))`."""
+  key = jax.random.fold_in(row_key, block)
+  return jax.vmap(lambda p: jax.random.normal(jax.random.fold_in(key, p), (size,),
+                                              jnp.float32))(positions)
+
+
+def add_residual_noise(h: Array, block, noise: ResidualNoise) -> Array:
+  """`h` `[B, T, d]` after `block` (1-based, may be traced) with `noise` added (see
+  `ResidualNoise`); exactly `h` where the block's scale is 0."""
+  eps = noise.scale[block - 1]
+  z = jax.vmap(noise_draw, in_axes=(0, None, 0, None))(noise.row_keys, block, noise.positions,
+                                                      h.shape[-1])
+  x = h.astype(jnp.float32)
+  noised = (x + eps * jnp.std(x, axis=-1, keepdims=True) * z).astype(h.dtype)
+  return jnp.where(eps > 0, noised, h)
 
 
 class Transformer(nnx.Module):
@@ -148,7 +199,7 @@ class Transformer(nnx.Module):
 
   def scan_blocks(self, h: Array, ctx: "AttentionContext", block_index: Array | None,
                   block_valid: Array, readout: Callable[[Array], Any] | None = None,
-                  rows: Array | None = None):
+                  rows: Array | None = None, noise: ResidualNoise | None = None):
     """Runs blocks on the residual stream `h` `[B, T, d]` as one loop.
 
     Args:
@@ -173,6 +224,10 @@ class Transformer(nnx.Module):
         every position (the prefix's too) but its attention output and MLP only
         at these, and the final residual comes back as `[B, R, d]` (exactly
         those rows of the whole computation).
+      noise: optional `ResidualNoise` added to the stream after every block that runs
+        (before the readout sees it; with `rows`, after the last block at those rows
+        only). Not with a shared prefix: the prefix's stream is shared by every row,
+        a row's noise is its own.
 
     Returns:
       The final residual `[B, T, d]` (`[B, R, d]` with `rows`) and the stacked
@@ -205,10 +260,17 @@ class Transformer(nnx.Module):
 
     if ctx.prefix is not None and block_index is None:
       raise ValueError("a shared prefix runs in the gather form only (give block_index).")
+    if ctx.prefix is not None and noise is not None:
+      raise ValueError("residual noise is drawn per row; run the batch without a shared "
+                       "prefix (Batch.unshared()).")
+
+    def perturbed(h, layer):  # after block `layer` (1-based) ran
+      return h if noise is None else add_residual_noise(h, layer, noise)
+
     if block_index is None:
       def body(h, x):
         state, valid, sliding, layer = x
-        h = jnp.where(valid, run(h, state, sliding), h)
+        h = jnp.where(valid, perturbed(run(h, state, sliding), layer), h)
         return h, (None if readout is None else readout(h, layer))
       layers = jnp.arange(1, self.cfg.num_layers + 1, dtype=jnp.int32)
       return jax.lax.scan(body, h, (block_state, block_valid, is_sliding, layers))
@@ -222,7 +284,8 @@ class Transformer(nnx.Module):
     def loop(s, carry):
       h, outs = carry
       index = block_index[s]
-      h = run(h, jax.tree.map(lambda w: w[index], block_state), is_sliding[index])
+      h = perturbed(run(h, jax.tree.map(lambda w: w[index], block_state), is_sliding[index]),
+                    index + 1)
       if readout is not None:
         outs = jax.tree.map(lambda buf, v: buf.at[s].set(v), outs, readout(h, index + 1))
       return h, outs
@@ -247,7 +310,10 @@ class Transformer(nnx.Module):
       q, k, v = block.project(h, cos, sin)
       if ctx.prefix is not None:
         k, v = with_prefix(kp, vp, k, v)
-      return block.attend_and_mlp(take(h), take(q), k, v, take(mask))
+      out = block.attend_and_mlp(take(h), take(q), k, v, take(mask))
+      if noise is None:
+        return out
+      return add_residual_noise(out, index + 1, noise._replace(positions=take(noise.positions)))
 
     def rows_only(h):
       return take(h if ctx.prefix is None else h[0])
@@ -258,11 +324,12 @@ class Transformer(nnx.Module):
   def run_blocks(self, input_ids: Array, attention_mask: Array, block_index: Array | None,
                  block_valid: Array, readout: Callable[[Array], Any] | None = None,
                  positions: Array | None = None, segments: Array | None = None,
-                 rows: Array | None = None, prefix: tuple[Array, Array] | None = None):
+                 rows: Array | None = None, prefix: tuple[Array, Array] | None = None,
+                 noise: ResidualNoise | None = None):
     """Embeds `input_ids` `[B, T]` and runs the blocks (see `scan_blocks`, also for
-    `rows`; `positions`, `segments`: see `attention_context`). `prefix`: (ids, mask)
-    `[P]` of a prefix every row continues, computed once (the readout then sees the
-    pair (rows, prefix), see `scan_blocks`).
+    `rows` and `noise`; `positions`, `segments`: see `attention_context`). `prefix`:
+    (ids, mask) `[P]` of a prefix every row continues, computed once (the readout then
+    sees the pair (rows, prefix), see `scan_blocks`).
 
     Returns the final residual of the rows `[B, T, d]`, `readout(h_0, 0)`, and the
     stacked readouts after each step `[n, ...]` (both None without a readout).
@@ -273,7 +340,8 @@ class Transformer(nnx.Module):
       h0 = (h0, self.embed_tokens(prefix[0][None]))
     else:
       ctx = self.attention_context(attention_mask, positions, segments)
-    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout, rows=rows)
+    h, per_step = self.scan_blocks(h0, ctx, block_index, block_valid, readout, rows=rows,
+                                   noise=noise)
     if prefix is not None and rows is None:
       h = h[0]
     return h, (None if readout is None else readout(h0, jnp.int32(0))), per_step

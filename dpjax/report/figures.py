@@ -3,7 +3,7 @@
 Each function draws one PNG from the typed results (`dpjax.study.results`):
 the decision margin and Option Frequency per layer, per subject, the pruning
 curves, the Iterative Pruning heatmap, the phase experiment and where each
-method's removed blocks fall.
+method's removed blocks fall, and the noise probe.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from dpjax.study import metrics
 from dpjax.fileio import save_figure
-from dpjax.study.results import FullProfile, MethodResult, PhaseExperiment
+from dpjax.study.results import FullProfile, MethodResult, NoiseProbe, PhaseExperiment
 from dpjax.tasks import LETTERS
 
 MARGIN_FIGURE = "decision_margin.png"
@@ -22,11 +22,12 @@ FREQUENCY_FIGURE = "option_frequency.png"
 CURVES_FIGURE = "pruning_curves.png"
 PHASE_FIGURE = "phase_comparison.png"
 DIFFERENCES_FIGURE = "phase_differences.png"
+NOISE_FIGURE = "noise_by_phase.png"
 HEATMAP_FIGURE = "iterative_heatmap.png"
 REMOVED_FIGURE = "removed_blocks.png"
 # Figures in the order the HTML summary shows them.
 FIGURES = (MARGIN_FIGURE, LENSES_FIGURE, SUBJECT_FIGURE, FREQUENCY_FIGURE, CURVES_FIGURE,
-           DIFFERENCES_FIGURE, PHASE_FIGURE,
+           DIFFERENCES_FIGURE, PHASE_FIGURE, NOISE_FIGURE,
            HEATMAP_FIGURE, REMOVED_FIGURE)
 LAYER_AXIS = "layer (0 = embeddings, l = after block l)"
 
@@ -232,7 +233,7 @@ def plot_forest(path: str, rows: list[tuple[str, object]], title: str,
                 alpha: float = 0.05) -> None:
   """A forest plot of Silent-minus-Decisive accuracy differences: one row per
   (label, `statistics.Comparison`), its paired 95% interval, a filled marker where the
-  Holm-adjusted McNemar p is below `alpha` (left of 0: the Silent arm costs more, the
+  Holm-adjusted p is below `alpha` (left of 0: the Silent arm costs more, the
   paper's direction)."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.24 * len(rows) + 1.2)))
@@ -247,7 +248,7 @@ def plot_forest(path: str, rows: list[tuple[str, object]], title: str,
   ax.set_yticks(y)
   ax.set_yticklabels([label for label, _ in rows], fontsize=7)
   ax.set_xlabel("accuracy, Silent arm minus Decisive arm (paired 95% interval)")
-  ax.set_title(f"{title}\nfilled: Holm-adjusted exact McNemar p < {alpha}; "
+  ax.set_title(f"{title}\nfilled: Holm-adjusted p < {alpha} (McNemar, or sign-flip over seeds); "
                "left of 0: pruning the Silent Phase costs more", fontsize=9)
   save_figure(fig, path)
 
@@ -258,6 +259,79 @@ def plot_phase_differences(path: str, phase: PhaseExperiment, title: str) -> Non
            f"{c.rule}, {c.k_silent} silent / {c.k_decisive} decisive", c)
           for c in phase.comparisons]
   plot_forest(path, rows, f"{title}: Silent vs Decisive (l* = {phase.transition_block})")
+
+
+def plot_noise_by_phase(path: str, probe: NoiseProbe, full: FullProfile, title: str) -> None:
+  """The noise probe: accuracy against the noise level `eps^2` with noise after every
+  block of the Silent or of the Decisive Phase (the band: the range over seeds), the
+  unpruned model and chance as horizontal lines; beside it, when there is a profile, the
+  accuracy with noise after one block at a time (block x level, the phase boundary
+  marked)."""
+  plt = pyplot()
+  has_profile = bool(probe.profile_points)
+  fig, axes = plt.subplots(1, 2 if has_profile else 1, figsize=(12 if has_profile else 6.5, 5),
+                           squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]
+                                                       if has_profile else [1]})
+  ax = axes[0, 0]
+  levels = np.array(probe.levels, float)
+  order = np.argsort(levels)
+  colours = {"silent": "tab:red", "decisive": "tab:green"}
+  names = {"silent": f"Silent Phase (blocks 1-{probe.transition_block - 1})",
+           "decisive": f"Decisive Phase (blocks {probe.transition_block}-{probe.num_layers})"}
+  for arm, arm_levels in probe.arms.items():
+    acc = np.array([a.accuracy for a in arm_levels])[order]
+    low = np.array([min(a.seed_accuracies) for a in arm_levels])[order]
+    high = np.array([max(a.seed_accuracies) for a in arm_levels])[order]
+    ax.plot(levels[order], acc, marker="o", ms=5, lw=2, color=colours[arm],
+            label=f"noise after every block of the {names[arm]}")
+    ax.fill_between(levels[order], low, high, color=colours[arm], alpha=0.2)
+  ax.axhline(full.final_accuracy, color="black", lw=1.2,
+             label=f"no noise ({full.final_accuracy:.3f})")
+  ax.axhline(full.chance, color="black", ls=":", lw=1, label="chance")
+  ax.set_xscale("log")
+  ax.set_xticks(levels[order])
+  ax.set_xticklabels([f"{v:g}" for v in levels[order]])
+  ax.minorticks_off()
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("noise level eps² (variance relative to the residual's)", fontsize=11)
+  ax.set_ylabel("accuracy (evaluation items)", fontsize=11)
+  ax.tick_params(labelsize=10)
+  ax.set_title(f"phase arms: mean over {len(probe.seeds)} seeds (band: their range)",
+               fontsize=11)
+  ax.legend(fontsize=9, loc="lower left")
+  if has_profile:
+    ax = axes[0, 1]
+    grid = probe.profile_grid()[:, order]
+    # The colours span the profile's own range (up to the unpruned accuracy), so a few
+    # points of accuracy show; every cell is written out where there is room.
+    low = float(np.nanmin(grid))
+    high = max(float(np.nanmax(grid)), full.final_accuracy, low + 1e-3)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=low,
+                      vmax=high, interpolation="nearest",
+                      extent=(-0.5, len(levels) - 0.5, probe.num_layers + 0.5, 0.5))
+    colourbar = fig.colorbar(image, ax=ax)
+    colourbar.set_label("accuracy", fontsize=11)
+    if probe.num_layers <= 40 and len(levels) <= 8:
+      for row in range(probe.num_layers):
+        for col in range(len(levels)):
+          if np.isfinite(grid[row, col]):
+            dark = grid[row, col] < low + 0.5 * (high - low)
+            ax.text(col, row + 1, f"{grid[row, col]:.3f}", ha="center", va="center",
+                    fontsize=8 if probe.num_layers <= 24 else 6,
+                    color="white" if dark else "black")
+    ax.axhline(probe.transition_block - 0.5, color="red", ls="--", lw=1.5,
+               label=f"l* = {probe.transition_block}: Decisive Phase below")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.set_xticks(range(len(levels)))
+    ax.set_xticklabels([f"{v:g}" for v in levels[order]])
+    ax.yaxis.set_major_locator(_integer_ticks())
+    ax.tick_params(labelsize=10)
+    ax.set_xlabel("noise level eps²", fontsize=11)
+    ax.set_ylabel("noised block (noise after it alone)", fontsize=11)
+    ax.set_title("profile: noise after one block at a time", fontsize=11)
+  fig.suptitle(f"{title}: noise in the residual stream by phase (l* = {probe.transition_block})",
+               fontsize=12)
+  save_figure(fig, path)
 
 
 def plot_removed_blocks(path: str, methods: dict[str, MethodResult], l_star: int | None,

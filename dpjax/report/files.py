@@ -125,6 +125,9 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
     figures.plot_phase_comparison(path(figures.PHASE_FIGURE), phase, full, title)
     if phase.comparisons:
       figures.plot_phase_differences(path(figures.DIFFERENCES_FIGURE), phase, title)
+  noise = results.noise_probe
+  if noise is not None and noise.skipped is None:
+    figures.plot_noise_by_phase(path(figures.NOISE_FIGURE), noise, full, title)
   variants = variant_records(results)
   if variants:
     atomic_write_text(path(VARIANTS_FILE), "".join(json.dumps(v) + "\n" for v in variants))

@@ -8,6 +8,8 @@ import html
 import os
 from typing import Sequence
 
+import numpy as np
+
 from dpjax.study import metrics
 from dpjax.study import statistics
 from dpjax.study.results import StudyResults
@@ -50,8 +52,9 @@ def findings(results: StudyResults) -> list[str]:
                  f"unpruned {unpruned:.3f}, collapse threshold {threshold:.3f}.")
     if phase.comparisons:
       claim, why = statistics.verdict(phase.comparisons)
+      distinct = sum(c.same_as is None for c in phase.comparisons)
       out.append(f"- The paper's claim on this run, from the paired comparisons (Holm over "
-                 f"{len(phase.comparisons)}): **{claim}** ({why}).")
+                 f"{distinct} distinct comparisons): **{claim}** ({why}).")
   for name, result in results.curves().items():
     if result.kind != "iterative":
       continue
@@ -139,14 +142,11 @@ def summary_markdown(results: StudyResults) -> str:
                   f"{cal['items']} items" if used.get("ci95") else "")
       lines.append(f"- Phase-targeted pruning (l* = {phase.transition_block} on the "
                    f"calibration items{interval}): Silent arm against Decisive arm, paired on "
-                   "the same evaluation items:")
-      lines += ["", "| rule | k | Silent | Decisive | Silent - Decisive [95%] | McNemar p | "
-                "Holm p |", "|---|---|---|---|---|---|---|"]
-      for c in phase.comparisons:
-        k = c.k if c.k_silent is None else f"{c.k_silent} / {c.k_decisive}"
-        lines.append(f"| {c.rule} | {k} | {c.silent_accuracy:.3f} | {c.decisive_accuracy:.3f} "
-                     f"| {c.difference:+.3f} [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] | "
-                     f"{c.mcnemar_p:.3g} | {c.holm_p:.3g} |")
+                   f"the same evaluation items. {CLAIM}")
+      lines += ["", *comparison_table(phase.comparisons, results.settings.get("margin",
+                                                                        statistics.MARGIN))]
+  if results.noise_probe is not None:
+    lines += ["", *noise_lines(results.noise_probe)]
   lines += findings(results)
   engine = results.engine
   if engine is not None:
@@ -156,6 +156,90 @@ def summary_markdown(results: StudyResults) -> str:
               f"{engine.block_evaluations_minimum} needed "
               f"({engine.block_evaluations_naive} without prefix sharing)."]
   return "\n".join(lines) + "\n"
+
+
+CLAIM = ("The paper's claim: pruning Decisive-Phase blocks costs little, pruning Silent-Phase "
+         "blocks collapses accuracy.")
+
+
+def class_definitions(margin: float) -> str:
+  return (f"Classes: **holds**: the Decisive arm is non-inferior to the unpruned model (the "
+          f"upper 95% bound of its paired drop is at most the margin {margin}) and the Silent "
+          "arm is significantly below the Decisive arm (Holm p < 0.05, interval below 0); "
+          "**reversed**: the Decisive arm is significantly below the Silent arm; "
+          f"**equivalent**: the 90% interval of the difference lies inside +-{margin}; "
+          "**cannot tell**: none of these (the reason gives the difference these items could "
+          "detect at 80% power).")
+
+
+def comparison_table(comparisons, margin: float, what: str = "rule") -> list[str]:
+  """Silent against Decisive at every (rule or level, k), with each arm against the
+  unpruned model and the class (Markdown lines, the columns explained below the table)."""
+  lines = [f"| {what} | k | Silent | Decisive | Silent - Decisive [95%] | p | Holm p | "
+           "Decisive drop [95%] | Silent collapsed | class |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  tests = []
+  for c in comparisons:
+    k = c.k if c.k_silent is None else f"{c.k_silent} / {c.k_decisive}"
+    if c.test not in tests:
+      tests.append(c.test)
+    mark = "*" * (tests.index(c.test) + 1)
+    drop = c.decisive_drop
+    drop_text = "-" if drop is None else (f"{drop.drop:+.3f} [{drop.drop_ci95[0]:+.3f}, "
+                                          f"{drop.drop_ci95[1]:+.3f}]")
+    collapsed = "-" if c.silent_drop is None else (
+        "yes" if c.silent_drop.collapsed else "no")
+    verdict = c.verdict or "-"
+    if c.same_as is not None:
+      verdict = f"same variants as {c.same_as}"
+    lines.append(f"| {c.rule} | {k} | {c.silent_accuracy:.3f} | {c.decisive_accuracy:.3f} | "
+                 f"{c.difference:+.3f} [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] | "
+                 f"{c.p:.3g}{mark} | {c.holm_p:.3g} | {drop_text} | {collapsed} | {verdict} |")
+  lines += ["", "Columns: Silent and Decisive are each arm's accuracy (the mean over seeds for "
+            "a random rule); the difference is Silent minus Decisive with its paired 95% "
+            "interval; p is the paired test's " + "; ".join(
+                f"({'*' * (i + 1)}) {t}" for i, t in enumerate(tests))
+            + "; Holm p adjusts p over the distinct comparisons (a row marked 'same variants' "
+            "removes exactly the blocks of an earlier row and is counted once); the Decisive "
+            "drop is the unpruned accuracy minus the Decisive arm's, paired, with its 95% "
+            "interval (the arm is non-inferior when the upper end is at most the margin "
+            f"{margin}); Silent collapsed: the Silent arm's 95% accuracy interval lies below the "
+            "collapse threshold (chance plus half the unpruned model's gap above chance).",
+            "", class_definitions(margin)]
+  return lines
+
+
+def noise_lines(probe) -> list[str]:
+  """The noise probe (`results.NoiseProbe`) in Markdown: the arms at every level, compared
+  paired, and the profile's extremes at the highest level."""
+  if probe.skipped is not None:
+    return [f"- Noise probe skipped: {probe.skipped}."]
+  l_star, n = probe.transition_block, probe.num_layers
+  lines = [f"- Noise probe (l* = {l_star} on the calibration items): Gaussian noise "
+           "eps * sigma(h) * N(0, I) added to the residual stream after every block of the "
+           f"Silent Phase (1-{l_star - 1}) or of the Decisive Phase ({l_star}-{n}), every "
+           f"block kept, {len(probe.seeds)} seeds per level; the arms paired on the same "
+           "evaluation items (`noise_by_phase.png`):",
+           "", "| eps^2 | Silent (std over seeds) | Decisive (std over seeds) | "
+           "Silent - Decisive [95%] | p | Holm p |", "|---|---|---|---|---|---|"]
+  silent, decisive = probe.arms["silent"], probe.arms["decisive"]
+  for a, b, c in zip(silent, decisive, probe.comparisons):
+    lines.append(f"| {a.level:g} | {a.accuracy:.3f} ({a.accuracy_std:.3f}) | "
+                 f"{b.accuracy:.3f} ({b.accuracy_std:.3f}) | {c.difference:+.3f} "
+                 f"[{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] | {c.p:.3g} | {c.holm_p:.3g} |")
+  if probe.comparisons:
+    lines += ["", f"The interval and p: {probe.comparisons[0].test}; Holm p adjusts p over the "
+              f"{len(probe.comparisons)} levels."]
+  if probe.profile_points:
+    top = max(probe.levels)
+    column = probe.profile_grid()[:, list(probe.levels).index(top)]
+    worst, best = int(np.nanargmin(column)), int(np.nanargmax(column))
+    lines += ["", f"- Noise profile (noise after one block at a time, {len(probe.profile_seeds)} "
+              f"seed(s)): at eps^2 = {top:g}, accuracy {column[worst]:.3f} after block "
+              f"{worst + 1} (the lowest) to {column[best]:.3f} after block {best + 1}; mean "
+              f"{np.mean(column[:l_star - 1]):.3f} over the Silent Phase's blocks, "
+              f"{np.mean(column[l_star - 1:]):.3f} over the Decisive Phase's."]
+  return lines
 
 
 def markdown_to_html(text: str) -> str:

@@ -9,10 +9,12 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
    (`variants.jsonl`).
 2. The evaluation items are split in two by a seeded permutation (`--selection_fraction`):
    the selection items choose the variant, the held-out items judge it. With
-   `--max_drop`, the chosen variant is the one with the fewest blocks whose accuracy drop
-   below the unpruned model on the selection items has a paired upper 95% bound (the
-   upper end of the paired bootstrap interval of `unpruned - variant`) at most the
-   budget; with `--target_blocks`, the curve point that keeps that many blocks.
+   `--max_drop`, the curve is walked from the fewest blocks removed (fixed-sequence
+   testing): each point's accuracy drop below the unpruned model on the selection items
+   has a paired upper 95% bound (Tango's score interval of `unpruned - variant`), the walk
+   stops at the first point whose bound exceeds the budget, and the chosen variant is the
+   last point before it; with `--target_blocks`, the curve point that keeps that many
+   blocks.
    With `--max_ppl_ratio`, the variants within the accuracy budget are asked, fewest
    blocks first, for the paired upper 95% bound of their perplexity ratio on the
    selection windows of a corpus (`dpjax.study.perplexity`); the first within it wins.
@@ -213,8 +215,10 @@ def _accuracy(outcomes: np.ndarray, seed: int) -> dict[str, Any]:
 
 
 def _drop(full: np.ndarray, variant: np.ndarray, seed: int) -> dict[str, Any]:
-  """Accuracy drop `full - variant`, paired over the same items."""
-  drop, (low, high) = statistics.paired_bootstrap(full, variant, seed=seed)
+  """Accuracy drop `full - variant`, paired over the same items: Tango's score interval
+  (never [0, 0] merely because no item is discordant) and the exact McNemar test."""
+  del seed  # the interval is not resampled
+  drop, (low, high) = statistics.paired_interval(full, variant)
   only_full, only_variant, p = statistics.mcnemar_exact(full.astype(int), variant.astype(int))
   return {"drop": round(drop, 6), "ci95": [round(low, 6), round(high, 6)],
           "upper95": round(high, 6), "mcnemar_p": p, "only_unpruned_right": only_full,
@@ -240,8 +244,16 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
       raise ValueError(f"--target_blocks={s.target_blocks}: the curve has variants of "
                        f"{sizes[0]}..{sizes[-1]} blocks; choose one of them.")
     return chosen[0], table
-  within = sorted((row["blocks"], i) for i, row in enumerate(table)
-                  if s.max_drop is None or row["upper95"] <= s.max_drop)
+  # Fixed-sequence testing: from the fewest blocks removed, every point is tested at the
+  # full level only while every point before it passed; the walk stops at the first
+  # failure, so no point beyond it can be chosen by chance (no multiplicity to correct).
+  order = sorted(range(len(table)), key=lambda i: -table[i]["blocks"])
+  passed = (len(order) if s.max_drop is None else statistics.fixed_sequence(
+      [table[i]["upper95"] for i in order], s.max_drop))
+  for rank, i in enumerate(order):
+    table[i]["walk"] = ("within" if rank < passed else
+                        "first failure: the walk stops" if rank == passed else "not tested")
+  within = sorted((table[i]["blocks"], i) for i in order[:passed])
   if not within:
     raise ValueError(f"no variant of the {s.method} curve loses at most {s.max_drop} "
                      "(paired upper 95% bound on the selection items); even one block removed "

@@ -2,7 +2,8 @@
 
 Every method is a function of the study's `Context` that adds its results to
 a `StudyResults`: one `MethodResult` per curve (Iterative Pruning adds one per
-criterion) or, for `phase`, the `PhaseExperiment`. `METHODS` maps the names
+criterion) or, for `phase`, the `PhaseExperiment` and, for `noise`, the
+`NoiseProbe`. `METHODS` maps the names
 `--methods` takes to those functions, in the order a study runs them; the
 collapse point of every curve is added afterwards, in one place
 (`study.run`). Masks are evaluated on the evaluation items; blocks are chosen
@@ -29,8 +30,9 @@ from dpjax.study import statistics
 from dpjax.tasks import scoring
 from dpjax.engine.devices import Placement, is_main_process
 from dpjax.lens.readout import Readout
-from dpjax.study.results import (ArmPoint, CurvePoint, MethodResult, PhaseExperiment, Spread,
-                                 StudyResults, bootstrap_ci)
+from dpjax.study.results import (ArmPoint, CurvePoint, MethodResult, NoiseArm, NoiseProbe,
+                                 PhaseExperiment, Spread, StudyResults, bootstrap_ci)
+from dpjax.engine import noise as noise_engine
 from dpjax.engine.sweep import FinalStats, Sweep
 
 if TYPE_CHECKING:  # the settings import this module for its method names
@@ -72,7 +74,11 @@ class Context:
   @functools.cached_property
   def influence_and_angles(self) -> tuple[np.ndarray, np.ndarray]:
     """Block influence `[L]` (every calibration token) and angular distances `[L+1, L+1]`
-    (answer positions) of the unpruned model."""
+    (answer positions) of the unpruned model; a run with saved state keeps them."""
+    saved = self.state.load("influence_and_angles") if self.state is not None else None
+    if saved is not None:
+      return (np.asarray(saved["influence"], np.float64),
+              np.asarray(saved["angles"], np.float64))
     answer_states = []
 
     def hidden():
@@ -84,8 +90,13 @@ class Context:
         answer_states.append(states[:, rows, -1])
         yield states[:, rows], batch.attention_mask[rows]
 
-    influence = pruning.block_influence(hidden())
-    return influence, pruning.angular_distances(np.concatenate(answer_states, axis=1))
+    influence = np.asarray(pruning.block_influence(hidden()), np.float64)
+    angles = np.asarray(pruning.angular_distances(np.concatenate(answer_states, axis=1)),
+                        np.float64)
+    if self.state is not None:  # float64 survives JSON exactly
+      self.state.save("influence_and_angles", 1, {"influence": influence.tolist(),
+                                                  "angles": angles.tolist()})
+    return influence, angles
 
   @property
   def influence(self) -> np.ndarray:
@@ -194,7 +205,9 @@ def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exac
     points.append(CurvePoint(
         removed=int((~mask).sum()),
         kept=tuple(int(b) + 1 for b in np.flatnonzero(mask)),
-        accuracy=float(prof.accuracy[m, last]),
+        # From the per-item outcomes in float64: the same figure every report recomputes
+        # from variants.jsonl (the profile's float32 mean can round the other way).
+        accuracy=float(np.mean(np.asarray(prof.top[m, last]) == answer)),
         mean_final_dm={norm: float(prof.margin_summary[norm].mean[m, last])
                        for norm in metrics.NORMALIZATIONS},
         nll=float(np.mean(nll)),
@@ -336,11 +349,25 @@ def _no_transition(s) -> str:
   return f"the unpruned model has no transition on the calibration items ({s.transition_rule} rule)"
 
 
+def below_the_bar(out: StudyResults, s) -> str | None:
+  """Why the phase methods skip a run whose unpruned model is too close to chance
+  (`--phase_min_gap`), or None."""
+  full = out.full_model
+  if s.phase_min_gap <= 0 or full.final_accuracy >= full.chance + s.phase_min_gap:
+    return None
+  return (f"the unpruned model's accuracy {full.final_accuracy:.3f} is below chance "
+          f"{full.chance:.3f} plus --phase_min_gap={s.phase_min_gap}")
+
+
 def run_phase(ctx: Context, out: StudyResults) -> None:
   """Silent arm against Decisive arm per selection rule, `k` blocks each (or the same share
   of each phase, `--phase_sizing=fraction`), and the two arms compared paired on the
   same evaluation items at every (rule, k), Holm-adjusted over all of them."""
   s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
+  below = below_the_bar(out, s)
+  if below:
+    out.phase_experiment = PhaseExperiment(transition_block=l_star, skipped=below)
+    return
   if l_star is None or l_star <= 1:
     why = (_no_transition(s) if l_star is None
            else "the Silent Phase is empty (transition at block 1 on the calibration items)")
@@ -382,12 +409,110 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
             accuracy_ci95=bootstrap_ci(outcomes[arm].mean(0)), points=chosen))
       sized = ({} if s.phase_sizing == "count"
                else {"k_silent": k_silent, "k_decisive": k_decisive})
-      comparisons.append(statistics.compare_arms(selection, k, outcomes["silent"],
-                                                 outcomes["decisive"], **sized))
+      variants = tuple(tuple(tuple(sorted(p.kept)) for p in (
+          [q for q, (a, kk, _) in zip(points, where) if a == arm and kk == k]))
+          for arm in ("silent", "decisive"))
+      comparisons.append(statistics.compare_arms(
+          selection, k, outcomes["silent"], outcomes["decisive"],
+          unpruned=ctx.unpruned_point.item_correct, margin=s.margin,
+          threshold=out.full_model.collapse_threshold(), variants=variants, **sized))
     experiment.arms[selection] = arms
     experiment.max_k = max(experiment.max_k, max(size[0] for size in sizes))
-  experiment.comparisons = statistics.with_holm(comparisons)
+  experiment.comparisons = statistics.with_holm(comparisons, margin=s.margin)
   out.phase_experiment = experiment
+
+
+def final_points(ctx: Context, readout: Readout) -> list[CurvePoint]:
+  """One point per variant of final readouts `[V, N, K]` of the unpruned model's blocks
+  (every block kept): accuracy, mean final DM, NLL, per-item outcomes and final DM."""
+  layered = Readout(*(None if f is None else np.asarray(f)[:, None] for f in readout))
+  prof = profile_of(layered, ctx.evaluation, ctx.settings)  # one "layer": the final one
+  answer, rows = ctx.evaluation.answer, np.arange(len(ctx.evaluation.answer))
+  if readout.option_logprob is not None:  # cloze: the correct continuation's log-probability
+    nll = -np.asarray(readout.option_logprob)[:, rows, answer]
+  else:
+    nll = (np.asarray(readout.log_normalizer)
+           - np.asarray(readout.option_logits)[:, rows, answer])
+  kept = tuple(range(1, ctx.num_layers + 1))
+  return [CurvePoint(
+      removed=0, kept=kept, accuracy=float(prof.accuracy[v, 0]),
+      mean_final_dm={norm: float(prof.margin_summary[norm].mean[v, 0])
+                     for norm in metrics.NORMALIZATIONS},
+      nll=float(np.mean(nll[v])),
+      item_correct=np.asarray(prof.top[v, 0]) == answer,
+      item_final_dm=np.asarray(prof.margin[ctx.settings.normalization][v, 0]))
+      for v in range(len(nll))]
+
+
+def run_noise(ctx: Context, out: StudyResults) -> None:
+  """The noise probe (the paper's Section 4.3.1): Gaussian noise `eps * sigma(h) * N(0, I)`
+  after every block of the Silent Phase (blocks `1..l*-1`) or of the Decisive Phase
+  (`l*..L`), every block kept, at each level `eps^2` of `--noise_levels` over
+  `--noise_seeds` seeds; the two arms compared paired on the same evaluation items at
+  every level, Holm-adjusted over the levels; and the profile, noise after one block at a
+  time, every block at every level, over `--noise_profile_seeds` seeds. All variants are
+  evaluated together (`dpjax.engine.noise.noised_readouts`), each resuming from the
+  unpruned model's stream at its first noised block, its noise keyed by its seed, the
+  item, the block and the position."""
+  s, L, l_star = ctx.settings, ctx.num_layers, ctx.calibration_transition
+  why = below_the_bar(out, s)
+  if why is None and (l_star is None or l_star <= 1):
+    why = (_no_transition(s) if l_star is None
+           else "the Silent Phase is empty (transition at block 1 on the calibration items)")
+  if why is not None:
+    out.noise_probe = NoiseProbe(transition_block=l_star, skipped=why)
+    return
+  probe = NoiseProbe(transition_block=l_star, num_layers=L, levels=tuple(s.noise_levels),
+                     seeds=list(range(s.noise_seeds)),
+                     profile_seeds=list(range(s.noise_profile_seeds)))
+  phases = {"silent": probe.silent_phase, "decisive": probe.decisive_phase}
+  where, scales, seeds = [], [], []  # per variant: (arm or block, level), its scales, its seed
+
+  def add(key, blocks, level, seed):
+    scale = np.zeros(L, np.float32)
+    scale[[b - 1 for b in blocks]] = np.sqrt(level)
+    where.append(key)
+    scales.append(scale)
+    seeds.append(seed)
+
+  for arm, blocks in phases.items():
+    for level in probe.levels:
+      for seed in probe.seeds:
+        add((arm, level), blocks, level, seed)
+  for block in range(1, L + 1):
+    for level in probe.levels:
+      for seed in probe.profile_seeds:
+        add((block, level), [block], level, seed)
+  readout = noise_engine.noised_readouts(ctx.eval_sweep, np.stack(scales), np.array(seeds),
+                                         description="noise probe")
+  grouped: dict[Any, list[CurvePoint]] = {}
+  for key, point in zip(where, final_points(ctx, readout)):
+    grouped.setdefault(key, []).append(point)  # in seed order
+  comparisons = []
+  for arm in phases:
+    probe.arms[arm] = []
+    for level in probe.levels:
+      points = grouped[(arm, level)]
+      accs = [p.accuracy for p in points]
+      outcomes = np.stack([p.item_correct for p in points])  # [seeds, N]
+      probe.arms[arm].append(NoiseArm(
+          level=level, accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
+          seed_accuracies=accs,
+          mean_final_dm={norm: float(np.mean([p.mean_final_dm[norm] for p in points]))
+                         for norm in metrics.NORMALIZATIONS},
+          accuracy_ci95=bootstrap_ci(outcomes.mean(0)), points=points))
+  unpruned = (out.unpruned_point or ctx.unpruned_point).item_correct  # the same items
+  for level in probe.levels:
+    outcome = lambda arm: np.stack([p.item_correct for p in grouped[(arm, level)]])
+    # k = 0: no block is removed; the arms differ in which blocks are noised. Each arm is
+    # also compared with the unpruned model, as the phase experiment's arms are.
+    comparisons.append(statistics.compare_arms(
+        f"noise {level:g}", 0, outcome("silent"), outcome("decisive"), unpruned=unpruned,
+        margin=s.margin, threshold=out.full_model.collapse_threshold(), unit="item"))
+  probe.comparisons = statistics.with_holm(comparisons, margin=s.margin)
+  probe.profile_points = {key: points for key, points in grouped.items()
+                          if isinstance(key[0], int)}
+  out.noise_probe = probe
 
 
 def run_phase_aware(ctx: Context, out: StudyResults) -> None:
@@ -456,6 +581,7 @@ METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
     "reverse": run_reverse,
     "random": run_random,
     "phase": run_phase,
+    "noise": run_noise,
     "phase_aware": run_phase_aware,
     "decisive_only": run_decisive_only,  # after phase_aware: reuses its first steps
 }

@@ -6,6 +6,8 @@
 * `MethodResult`: a pruning method's curve, its order of removal and its
   collapse point (or why it was skipped).
 * `PhaseExperiment`: Silent arm against Decisive arm per selection rule.
+* `NoiseProbe`: the same two phases perturbed by residual noise instead of pruned,
+  per noise level, and the one-block-at-a-time profile.
 * `StudyResults`: all of it, with the model, task, settings, engine counters
   and timings; `to_json()` is the content of results.json.
 
@@ -327,20 +329,101 @@ class PhaseExperiment:
             "comparisons": [c.to_json() for c in self.comparisons]}
 
 
+@dataclasses.dataclass
+class NoiseArm:
+  """One arm of the noise probe (noise after every block of one phase, every block kept)
+  at one level `eps^2`: the mean accuracy over seeds, its spread over seeds, a 95%
+  bootstrap interval over evaluation items of the per-item mean over seeds, and the mean
+  final DM under both normalizations."""
+  level: float
+  accuracy: float
+  accuracy_std: float
+  seed_accuracies: list[float]
+  mean_final_dm: dict[str, float]
+  accuracy_ci95: tuple[float, float] | None = None
+  points: list[CurvePoint] = dataclasses.field(default_factory=list, repr=False)  # per seed
+
+  def to_json(self) -> dict[str, Any]:
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "points"}
+    return to_plain(out)
+
+
+@dataclasses.dataclass
+class NoiseProbe:
+  """The noise probe (the paper's Section 4.3.1): Gaussian noise
+  `eps * sigma(h) * N(0, I)` added to the residual stream after every block of the
+  Silent Phase (`arms["silent"]`) or of the Decisive Phase (`arms["decisive"]`), one
+  `NoiseArm` per level `eps^2`, every block kept; the arms compared paired at every level
+  (`comparisons`, `dpjax.study.statistics.Comparison`, Holm-adjusted over the levels);
+  and the profile: noise after one block at a time, `profile_points[(block, level)]`
+  (1-based block) one point per profile seed (empty when `profile_seeds` is 0).
+  `transition_block` is `l*` on the calibration items; blocks are 1-based."""
+  transition_block: int | None
+  num_layers: int = 0
+  levels: tuple[float, ...] = ()
+  seeds: list[int] = dataclasses.field(default_factory=list)
+  profile_seeds: list[int] = dataclasses.field(default_factory=list)
+  arms: dict[str, list[NoiseArm]] = dataclasses.field(default_factory=dict)
+  profile_points: dict[tuple[int, float], list[CurvePoint]] = dataclasses.field(
+      default_factory=dict, repr=False)
+  comparisons: list = dataclasses.field(default_factory=list)
+  skipped: str | None = None
+
+  @property
+  def silent_phase(self) -> list[int]:
+    return list(range(1, self.transition_block))
+
+  @property
+  def decisive_phase(self) -> list[int]:
+    return list(range(self.transition_block, self.num_layers + 1))
+
+  def profile_grid(self, normalization: str | None = None) -> np.ndarray:
+    """`[L, levels]`: the profile's accuracy (or, given a `normalization`, its mean final
+    DM) with noise after block `1 + row` at level `levels[column]`, the mean over the
+    profile's seeds; NaN everywhere when there is no profile."""
+    grid = np.full((self.num_layers, len(self.levels)), np.nan)
+    for (block, level), points in self.profile_points.items():
+      values = [p.accuracy if normalization is None else p.mean_final_dm[normalization]
+                for p in points]
+      grid[block - 1, list(self.levels).index(level)] = np.mean(values)
+    return grid
+
+  def to_json(self) -> dict[str, Any]:
+    if self.skipped is not None:
+      return {"skipped": self.skipped, "transition_block": self.transition_block}
+    out: dict[str, Any] = {
+        "transition_block": self.transition_block, "silent_phase": self.silent_phase,
+        "decisive_phase": self.decisive_phase, "levels": list(self.levels),
+        "seeds": self.seeds, "noise": "h + eps * sigma(h) * N(0, I) after a block; level = "
+        "eps^2; sigma(h) the residual's standard deviation over the hidden dimension",
+        "arms": {arm: [a.to_json() for a in arm_levels] for arm, arm_levels in self.arms.items()},
+        "comparisons": [c.to_json() for c in self.comparisons]}
+    if self.profile_points:
+      out["profile"] = {"seeds": self.profile_seeds, "blocks": list(range(1, self.num_layers + 1)),
+                        "levels": list(self.levels), "accuracy": self.profile_grid(),
+                        "mean_final_dm_vocab": self.profile_grid("vocab")}
+    return to_plain(out)
+
+
 def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
   """One record per evaluated variant, per-item outcomes included (variants.jsonl): the
   unpruned model, every curve point of every method (the random baseline's per seed),
-  every phase arm at every k and seed. `kept` is 0-based; `correct` holds one "0"/"1"
-  per evaluation item in items.jsonl order; `final_dm` each item's final Decision Margin
-  (the study's normalization), to 4 decimals."""
+  every phase arm at every k and seed, every noise-probe variant. `kept` is 0-based;
+  `correct` holds one "0"/"1" per evaluation item in items.jsonl order; `final_dm` each
+  item's final Decision Margin (the study's normalization), to 4 decimals. A noise-probe
+  record (method "noise", k 0: every block kept) adds `level` (`eps^2`) and
+  `noised_blocks` (0-based, as `kept`); its `phase` is "silent" or "decisive" for an
+  arm, and the noised block's number (1-based, as results.json numbers blocks) for the
+  profile; `seed` is the noise seed."""
   records: list[dict[str, Any]] = []
 
-  def add(point: CurvePoint, method: str, rule=None, phase=None, k=None, seed=None) -> None:
+  def add(point: CurvePoint, method: str, rule=None, phase=None, k=None, seed=None,
+          **extra) -> None:
     if point.kept is None or point.item_correct is None:
       return
     dm = point.item_final_dm
     records.append({
-        "method": method, "rule": rule, "phase": phase, "k": k, "seed": seed,
+        "method": method, "rule": rule, "phase": phase, "k": k, "seed": seed, **extra,
         "kept": [b - 1 for b in point.kept],
         "correct": "".join("1" if c else "0" for c in np.asarray(point.item_correct, bool)),
         "final_dm": None if dm is None else [round(float(x), 4) for x in np.asarray(dm)]})
@@ -365,6 +448,18 @@ def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
           for seed, point in enumerate(arm_point.points):
             add(point, "phase", rule=rule, phase=arm, k=arm_point.k,
                 seed=seed if rule == "random" else None)
+  noise = results.noise_probe
+  if noise is not None and noise.skipped is None:
+    zero_based = lambda blocks: [b - 1 for b in blocks]
+    for arm, arm_levels in noise.arms.items():
+      blocks = zero_based(noise.silent_phase if arm == "silent" else noise.decisive_phase)
+      for arm_level in arm_levels:
+        for seed, point in zip(noise.seeds, arm_level.points):
+          add(point, "noise", phase=arm, k=0, seed=seed, level=arm_level.level,
+              noised_blocks=blocks)
+    for (block, level), points in noise.profile_points.items():
+      for seed, point in zip(noise.profile_seeds, points):
+        add(point, "noise", phase=block, k=0, seed=seed, level=level, noised_blocks=[block - 1])
   return records
 
 
@@ -397,6 +492,7 @@ class StudyResults:
   calibration_transition: dict[str, Any] | None = None  # l* with intervals, every rule
   block_influence: np.ndarray | None = None
   phase_experiment: PhaseExperiment | None = None
+  noise_probe: NoiseProbe | None = None
   engine: EngineCounters | None = None
   ran_methods: bool = False
   lens: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "logit"})
@@ -432,6 +528,8 @@ class StudyResults:
         out["block_influence"] = self.block_influence
       if self.phase_experiment is not None:
         out["phase_experiment"] = self.phase_experiment.to_json()
+      if self.noise_probe is not None:
+        out["noise_probe"] = self.noise_probe.to_json()
       if self.engine is not None:
         out["engine"] = self.engine.to_json()
     return to_plain(out)

@@ -381,7 +381,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
 
   last = ctx.num_layers
   results.unpruned_point = CurvePoint(
-      removed=0, kept=tuple(range(1, last + 1)), accuracy=float(prof.accuracy[last]),
+      removed=0, kept=tuple(range(1, last + 1)),
+      accuracy=float(np.mean(np.asarray(prof.top[last]) == ctx.evaluation.answer)),
       mean_final_dm={norm: float(prof.margin_summary[norm].mean[last])
                      for norm in metrics.NORMALIZATIONS},
       item_correct=np.asarray(prof.top[last]) == ctx.evaluation.answer,

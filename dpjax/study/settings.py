@@ -32,7 +32,7 @@ PHASE_KS = ("all", "doublings")
 # resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
                       "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix",
-                      "batch_size", "candidates_per_call", "fit_margin", "noise_levels",
+                      "batch_size", "candidates_per_call", "fit_margin", "margin", "noise_levels",
                       "noise_seeds", "noise_profile_seeds")
 
 
@@ -113,6 +113,11 @@ class Settings:
   phase_sizing: str = setting("count", "Size the phase arms by the same number of blocks "
                               "(count) or the same share of each phase (fraction: k/n of each, "
                               "n the smaller phase's size).", choices=PHASE_SIZINGS)
+  margin: float = setting(0.05, "The claim's margin, in accuracy: the Decisive arm 'costs "
+                          "little' when the upper 95% bound of its paired drop from the "
+                          "unpruned model is at most this (non-inferiority), and the arms are "
+                          "'equivalent' when the 90% interval of their difference lies "
+                          "inside +-margin.")
   phase_min_gap: float = setting(0.0, "The phase experiment (and the noise probe) run only "
                                  "where the unpruned model's final accuracy on the "
                                  "evaluation items is at least chance plus this (a model "

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -142,6 +142,50 @@ def majority(outcomes: np.ndarray) -> np.ndarray:
   return (outcomes.mean(0) > 0.5).astype(int)
 
 
+MARGIN = 0.05  # --margin: the non-inferiority / equivalence margin, in accuracy
+ALPHA = 0.05
+
+
+@dataclasses.dataclass
+class ArmDrop:
+  """One arm against the unpruned model on the same items: its accuracy with a score
+  interval, the paired drop `acc(unpruned) - acc(arm)` with its interval, whether the arm
+  is non-inferior (the drop's upper bound at most the margin) and whether it collapsed
+  (its accuracy's upper bound below the collapse threshold)."""
+  accuracy: float
+  accuracy_ci95: tuple[float, float]
+  drop: float
+  drop_ci95: tuple[float, float]
+  non_inferior: bool
+  collapsed: bool
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["accuracy_ci95"], out["drop_ci95"] = list(self.accuracy_ci95), list(self.drop_ci95)
+    return out
+
+
+def arm_drop(unpruned: np.ndarray, arm: np.ndarray, margin: float, threshold: float
+             ) -> ArmDrop:
+  """`ArmDrop` of an arm's binary outcomes `[seeds, N]` (one row: a deterministic rule)
+  against the unpruned model's `[N]`: Tango's interval for one row, the two-stage
+  interval (widened by Tango) over seeds and items for several; the arm's accuracy
+  interval is the same interval against an all-wrong vector (Tango's, then, is a score
+  interval for one proportion)."""
+  arm = np.atleast_2d(np.asarray(arm, np.float64))
+  unpruned = np.asarray(unpruned, np.float64)
+  zeros = np.zeros_like(arm)
+  if arm.shape[0] == 1:
+    accuracy, accuracy_ci = paired_interval(arm[0], zeros[0])
+    drop, drop_ci = paired_interval(unpruned, arm[0])
+  else:
+    accuracy, accuracy_ci = two_stage_interval(arm, zeros)
+    drop, drop_ci = two_stage_interval(np.tile(unpruned, (arm.shape[0], 1)), arm)
+  return ArmDrop(accuracy=accuracy, accuracy_ci95=accuracy_ci, drop=drop, drop_ci95=drop_ci,
+                 non_inferior=bool(drop_ci[1] <= margin),
+                 collapsed=bool(accuracy_ci[1] < threshold))
+
+
 @dataclasses.dataclass
 class Comparison:
   """Silent arm against Decisive arm at one (rule, k), on the same evaluation items."""
@@ -150,46 +194,173 @@ class Comparison:
   silent_accuracy: float
   decisive_accuracy: float
   difference: float                 # silent minus decisive
-  ci95: tuple[float, float]         # paired bootstrap (two-stage for a random rule)
-  mcnemar_p: float                  # exact, two-sided
+  ci95: tuple[float, float]         # Tango's score interval (two-stage for a random rule)
+  p: float                          # exact McNemar, or the sign-flip test over seeds
   seeds: int
-  test: str                         # what ci95 and mcnemar_p are
-  holm_p: float | None = None       # Holm over every comparison of the study
+  test: str                         # which interval and which test
+  holm_p: float | None = None       # Holm over the distinct comparisons of the family
   k_silent: int | None = None       # when the arms are sized as fractions of their phase
   k_decisive: int | None = None
+  ci90: tuple[float, float] | None = None  # for equivalence (two one-sided tests)
+  detectable: float | None = None   # the difference detectable at 80% power (McNemar)
+  silent_drop: ArmDrop | None = None    # each arm against the unpruned model
+  decisive_drop: ArmDrop | None = None
+  same_as: str | None = None        # an earlier comparison of exactly these variants
+  verdict: str | None = None        # holds / reversed / equivalent / cannot tell
+  reason: str | None = None
+  variants: Any = dataclasses.field(default=None, repr=False)  # the kept sets compared
+
+  @property
+  def name(self) -> str:
+    return f"{self.rule} k={self.k}"
 
   def to_json(self) -> dict:
-    out = dataclasses.asdict(self)
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name not in ("variants", "silent_drop", "decisive_drop")}
     out["ci95"] = list(self.ci95)
+    out["ci90"] = None if self.ci90 is None else list(self.ci90)
+    for arm in ("silent_drop", "decisive_drop"):
+      value = getattr(self, arm)
+      out[arm] = None if value is None else value.to_json()
     return out
 
 
 def compare_arms(rule: str, k: int, silent: np.ndarray, decisive: np.ndarray,
-                 seed: int = 0, **sizes) -> Comparison:
+                 seed: int = 0, unpruned: np.ndarray | None = None, margin: float = MARGIN,
+                 threshold: float | None = None, variants: Any = None,
+                 unit: str = "seed", **sizes) -> Comparison:
   """The paired comparison of two arms' per-item correctness `[seeds, N]` (one row: a
-  deterministic rule)."""
-  silent, decisive = np.atleast_2d(silent).astype(np.float64), np.atleast_2d(decisive).astype(
-      np.float64)
-  seeds = silent.shape[0]
+  deterministic rule). A deterministic rule: Tango's score interval and the exact McNemar
+  test. A random rule (several seeds, seed `s` drawing both arms): the two-stage interval
+  over seeds and items (widened by Tango on the seed-averaged counts) and the exact
+  sign-flip test over seeds on the per-seed paired differences: the seed is the unit of
+  randomness, so McNemar on items (or on majority outcomes) is not a valid test here.
+  With `unit="item"` (randomness drawn independently per item, as the noise probe's), the
+  items are the units: the sign-flip test over the items' seed-averaged differences.
+  With `unpruned` (`[N]`), each arm's drop from it (`arm_drop`, non-inferiority at
+  `margin`, collapse below `threshold`). `variants` identifies the kept sets compared
+  (two comparisons with equal `variants` are one)."""
+  silent = np.atleast_2d(silent).astype(np.float64)
+  decisive = np.atleast_2d(decisive).astype(np.float64)
+  seeds, n = silent.shape
   if seeds == 1:
-    diff, ci = paired_bootstrap(silent[0], decisive[0], seed=seed)
+    diff, ci = paired_interval(silent[0], decisive[0])
+    _, ci90 = paired_interval(silent[0], decisive[0], confidence=0.90)
     _, _, p = mcnemar_exact(silent[0].astype(int), decisive[0].astype(int))
-    test = "paired bootstrap over items; exact McNemar"
+    discordant = float(np.mean(silent[0] != decisive[0]))
+    test = "Tango's score interval; exact McNemar test"
+  elif unit == "item":
+    diff, ci = two_stage_interval(silent, decisive, seed=seed)
+    _, ci90 = two_stage_interval(silent, decisive, confidence=0.90, seed=seed)
+    p = item_sign_flip_test(silent, decisive, seed=seed)
+    discordant = float(np.mean(silent != decisive))
+    test = (f"two-stage bootstrap over {seeds} seeds and items, widened by Tango's score "
+            "interval; sign-flip test over the items' seed-averaged paired differences "
+            f"({ITEM_FLIP_DRAWS} random assignments: each item's draw is its own)")
+  elif unit == "seed":
+    diff, ci = two_stage_interval(silent, decisive, seed=seed)
+    _, ci90 = two_stage_interval(silent, decisive, confidence=0.90, seed=seed)
+    p = sign_flip_test(silent, decisive)
+    discordant = float(np.mean(silent != decisive))
+    test = (f"two-stage bootstrap over {seeds} seeds and items, widened by Tango's score "
+            f"interval; exact sign-flip test over the {seeds} seeds' paired differences")
   else:
-    diff, ci = two_stage_bootstrap(silent, decisive, seed=seed)
-    _, _, p = mcnemar_exact(majority(silent), majority(decisive))
-    test = (f"two-stage bootstrap over {seeds} seeds and items; exact McNemar on each item's "
-            "majority outcome over the seeds")
-  return Comparison(rule=rule, k=k, silent_accuracy=float(silent.mean()),
-                    decisive_accuracy=float(decisive.mean()), difference=diff, ci95=ci,
-                    mcnemar_p=p, seeds=seeds, test=test, **sizes)
+    raise ValueError(f"unit={unit!r}: the unit of randomness is 'seed' (a random rule: a "
+                     "seed draws the kept set of every item) or 'item' (a draw per item).")
+  out = Comparison(rule=rule, k=k, silent_accuracy=float(silent.mean()),
+                   decisive_accuracy=float(decisive.mean()), difference=diff, ci95=ci, p=p,
+                   seeds=seeds, test=test, ci90=ci90,
+                   detectable=minimum_detectable_difference(discordant, n),
+                   variants=variants, **sizes)
+  if unpruned is not None:
+    if threshold is None:
+      raise ValueError("an arm's collapse needs the collapse threshold (chance plus half "
+                       "the unpruned model's gap above it).")
+    out.silent_drop = arm_drop(unpruned, silent, margin, threshold)
+    out.decisive_drop = arm_drop(unpruned, decisive, margin, threshold)
+  return out
 
 
-def with_holm(comparisons: list[Comparison]) -> list[Comparison]:
-  """The comparisons with `holm_p` set, Holm's adjustment over all of them."""
-  for c, p in zip(comparisons, holm([c.mcnemar_p for c in comparisons])):
+def with_holm(comparisons: list[Comparison], alpha: float = ALPHA,
+              margin: float = MARGIN) -> list[Comparison]:
+  """The comparisons with `holm_p`, `same_as` and their class set: a comparison of the
+  same kept sets as an earlier one (a control rule that removes what `adjacent` removes
+  where a phase is small) is marked `same_as` that one and shares its adjusted p; Holm's
+  adjustment runs over the distinct ones only."""
+  first: dict[Any, Comparison] = {}
+  distinct = []
+  for c in comparisons:
+    key = None if c.variants is None else repr(c.variants)
+    if key is not None and key in first:
+      c.same_as = first[key].name
+    else:
+      if key is not None:
+        first[key] = c
+      distinct.append(c)
+  for c, p in zip(distinct, holm([c.p for c in distinct])):
     c.holm_p = p
+  for c in comparisons:
+    if c.same_as is not None:
+      c.holm_p = next(d.holm_p for d in distinct if d.name == c.same_as)
+    c.verdict, c.reason = classify(c, alpha, margin)
   return comparisons
+
+
+VERDICTS = ("holds", "reversed", "equivalent", "cannot tell")
+
+
+def classify(c: Comparison, alpha: float = ALPHA, margin: float = MARGIN) -> tuple[str, str]:
+  """One comparison's class. `holds`: the Decisive arm non-inferior to the unpruned model
+  (its drop's upper 95% bound at most `margin`) and the Silent arm significantly below the
+  Decisive arm (Holm p < alpha and the interval below 0); `reversed`: the Decisive arm
+  significantly below the Silent arm; `equivalent`: the 90% interval of the difference
+  inside +-margin (two one-sided tests at 0.05); else `cannot tell`, with the difference
+  this many items could have detected at 80% power."""
+  significant = c.holm_p is not None and c.holm_p < alpha and (c.ci95[0] > 0 or c.ci95[1] < 0)
+  decisive = c.decisive_drop
+  if significant and c.difference > 0:
+    return "reversed", (f"Decisive arm below the Silent arm by {c.difference:.3f} "
+                        f"[{-c.ci95[1]:.3f}, {-c.ci95[0]:.3f}], Holm p {c.holm_p:.2g}")
+  if significant and c.difference < 0:
+    if decisive is not None and decisive.non_inferior:
+      return "holds", (f"Silent arm below the Decisive arm by {-c.difference:.3f}, Holm p "
+                       f"{c.holm_p:.2g}; the Decisive arm's drop at most "
+                       f"{decisive.drop_ci95[1]:.3f} <= margin {margin}")
+    bound = "not measured" if decisive is None else f"up to {decisive.drop_ci95[1]:.3f}"
+    return "cannot tell", (f"Silent arm below the Decisive arm (Holm p {c.holm_p:.2g}), but "
+                           f"the Decisive arm's drop is {bound}, above margin {margin}: it "
+                           "costs more than little")
+  if c.ci90 is not None and equivalent(c.ci90, margin):
+    return "equivalent", (f"90% interval [{c.ci90[0]:+.3f}, {c.ci90[1]:+.3f}] inside "
+                          f"+-{margin}")
+  return "cannot tell", (f"no significant difference and no equivalence within +-{margin}; "
+                         f"{c.detectable:.3f} is the smallest difference detectable at 80% "
+                         "power here")
+
+
+def verdict(comparisons: Sequence[Comparison], alpha: float = ALPHA,
+            margin: float = MARGIN) -> tuple[str, str]:
+  """A run's class from its comparisons' classes (`classify`; each distinct pair of
+  variants once): `holds` when some comparison holds and none is reversed, `reversed`
+  when some is reversed and none holds, `equivalent` when every one is, else `cannot
+  tell` (none counts either way, or they point both ways). Returns the class and the
+  comparisons it rests on, in words."""
+  distinct = [c for c in comparisons if c.same_as is None]
+  classes = {c.name: c.verdict or classify(c, alpha, margin)[0] for c in distinct}
+  holds = [n for n, v in classes.items() if v == "holds"]
+  reversed_ = [n for n, v in classes.items() if v == "reversed"]
+  if holds and not reversed_:
+    return "holds", f"holds at {', '.join(holds)}"
+  if reversed_ and not holds:
+    return "reversed", f"Decisive arm significantly lower at {', '.join(reversed_)}"
+  if holds and reversed_:
+    return "cannot tell", (f"both ways: holds at {', '.join(holds)}, reversed at "
+                           f"{', '.join(reversed_)}")
+  if classes and all(v == "equivalent" for v in classes.values()):
+    return "equivalent", f"the arms equivalent within +-{margin} at every comparison"
+  return "cannot tell", (f"no comparison holds or is reversed ({len(classes)} distinct "
+                         f"comparisons; {sum(v == 'equivalent' for v in classes.values())} "
+                         "equivalent)")
 
 
 def bootstrap_block(per_item: np.ndarray, rule, resamples: int = RESAMPLES, seed: int = 0
@@ -209,36 +380,6 @@ def bootstrap_block(per_item: np.ndarray, rule, resamples: int = RESAMPLES, seed
   as_block = lambda v: None if np.isinf(v) else int(v)
   return point, (as_block(low), as_block(high)), float(none)
 
-
-VERDICTS = ("holds", "reversed", "cannot tell")
-
-
-def verdict(comparisons: Sequence[Comparison], alpha: float = 0.05) -> tuple[str, str]:
-  """The paper's claim (pruning the Silent Phase costs more than pruning the Decisive Phase)
-  judged from paired comparisons. A difference counts when it survives Holm's correction
-  (`holm_p < alpha`) and its paired 95% interval leaves out 0 (for a random rule the
-  McNemar test sees the items only, the two-stage interval the seeds too: both must
-  agree). `holds` when every difference that counts has the Silent arm below the
-  Decisive arm, `reversed` when every one has it above, `cannot tell` when none counts or
-  they point both ways. Returns the class and the comparisons it rests on, in words."""
-  significant = [c for c in comparisons if c.holm_p is not None and c.holm_p < alpha
-                 and (c.ci95[0] > 0 or c.ci95[1] < 0)]
-  name = lambda c: f"{c.rule} k={c.k}"
-  lower = [name(c) for c in significant if c.difference < 0]
-  higher = [name(c) for c in significant if c.difference > 0]
-  if lower and not higher:
-    return "holds", f"Silent arm lower at {', '.join(lower)}"
-  if higher and not lower:
-    return "reversed", f"Silent arm higher at {', '.join(higher)}"
-  if lower and higher:
-    return "cannot tell", (f"both ways: Silent arm lower at {', '.join(lower)}, higher at "
-                           f"{', '.join(higher)}")
-  return "cannot tell", (f"no difference survives Holm's correction at {alpha} with an "
-                         f"interval apart from 0 ({len(comparisons)} comparisons)")
-
-
-# Testing the claim: exact and score-based tests and intervals, TOST, power, pooling.
-# Everything below is numpy and the standard library only (scipy is for the tests).
 
 SIGN_FLIP_EXACT_SEEDS = 20   # up to this many seeds every sign assignment is enumerated
 SIGN_FLIP_DRAWS = 2 ** 20    # random sign assignments drawn above it
@@ -357,6 +498,32 @@ def sign_flip_test(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
     signs = 2.0 * rng.integers(0, 2, size=(rows, seeds)) - 1.0
     hits += int(np.sum(np.abs(signs @ d) / seeds >= threshold))
   return (hits + 1) / (SIGN_FLIP_DRAWS + 1)
+
+
+ITEM_FLIP_DRAWS = 2 ** 15  # random sign assignments of the item-level test
+
+
+def item_sign_flip_test(a: np.ndarray, b: np.ndarray, draws: int = ITEM_FLIP_DRAWS,
+                        seed: int = 0) -> float:
+  """A paired permutation test whose unit is the item, for arms whose randomness is drawn
+  independently per item (the noise probe: every item's noise is its own draw, and a
+  seed repeats the draw): the per-item differences of the seed-averaged outcomes
+  `d_i = mean_s a[s, i] - mean_s b[s, i]` of `a`, `b` `[S, N]`, and the two-sided Monte
+  Carlo sign-flip p `(1 + #{|mean(signs * d)| >= |mean(d)|}) / (1 + draws)` over `draws`
+  seeded random sign assignments (1 when every `d_i` is 0)."""
+  a, b = _seed_item_pair(a, b, "the item-level sign-flip test")
+  d = a.mean(0) - b.mean(0)
+  observed = abs(float(d.mean()))
+  if observed == 0.0:
+    return 1.0
+  threshold = observed * (1.0 - _TIE)
+  rng = _rng(seed)
+  hits, chunk = 0, max(1, (1 << 22) // len(d))
+  for start in range(0, draws, chunk):
+    rows = min(chunk, draws - start)
+    signs = 2.0 * rng.integers(0, 2, size=(rows, len(d))) - 1.0
+    hits += int(np.sum(np.abs(signs @ d) / len(d) >= threshold))
+  return (hits + 1) / (draws + 1)
 
 
 def _tango_statistic(delta: float, n10: float, n01: float, n: float) -> float:

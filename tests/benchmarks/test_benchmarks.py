@@ -145,5 +145,7 @@ def test_every_benchmark_program_imports_beside_the_others_and_runs_its_own_flag
                            "--only=smollm2_arc_easy_cloze"], capture_output=True, text=True,
                           timeout=300)
   assert listed.returncode == 0, listed.stderr[-3000:]
-  assert listed.stdout.splitlines()[0].startswith("Run(name='smollm2_arc_easy_cloze'")
-  assert len(listed.stdout.splitlines()) == 1
+  units = [line.split()[0] for line in listed.stdout.splitlines()[1:]
+           if line.startswith("smollm2_arc_easy_cloze:")]
+  assert units == ["smollm2_arc_easy_cloze:phase", "smollm2_arc_easy_cloze:noise",
+                   "smollm2_arc_easy_cloze:iterative", "smollm2_arc_easy_cloze:baselines"]

@@ -47,83 +47,104 @@ def test_transition_collapse_rows_and_correlations_match_scipy():
   assert abs(pearson - spearman) > 1e-3
 
 
-def test_relative_out_dir_is_the_callers_not_the_work_dirs(tmp_path):
-  """real_study moves into its work directory; a relative --out_dir still means the caller's."""
+def test_relative_out_dir_is_the_callers(tmp_path):
+  """A relative --out_dir names a folder under the caller's directory."""
   import os
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
   subprocess.run([sys.executable, "-m", "benchmarks.real_study", "--report_only",
-                  "--out_dir=report", f"--work_dir={tmp_path / 'work'}"],
-                 cwd=tmp_path, env=env, check=True, capture_output=True)
+                  "--out_dir=report"], cwd=tmp_path, env=env, check=True, capture_output=True)
   with open(tmp_path / "report" / "REPORT.md") as f:
     assert "No run has finished yet." in f.read()
-  assert not os.path.exists(tmp_path / "work" / "report")
 
 
-def test_a_run_cut_by_methods_is_not_finished(tmp_path):
-  """A first pass (`--methods=phase`) leaves the run's other methods for a later pass."""
+N = 300
+
+
+def _vector(right):
+  out = np.zeros(N, int)
+  out[list(right)] = 1
+  return out
+
+
+def _write_run(root, name, arms, *, skipped=None, l_star=8, num_layers=10):
+  """A run directory: results.json and variants.jsonl with the unpruned model right on
+  the first 180 items and, per (rule, k), the two arms' outcome vectors (one per seed)."""
   import json
   import os
+  unpruned = _vector(range(180))
+  run_dir = os.path.join(root, "runs", name)
+  os.makedirs(run_dir)
+  records = [{"method": "unpruned", "k": 0, "kept": list(range(num_layers)),
+              "correct": "".join(map(str, unpruned))}]
+  for (rule, k), (silent, decisive) in arms.items():
+    for arm, vectors in (("silent", silent), ("decisive", decisive)):
+      for seed, vector in enumerate(vectors):
+        removed = [l_star - 2 - j for j in range(k)] if arm == "silent" else [
+            l_star - 1 + j for j in range(k)]
+        records.append({"method": "phase", "rule": rule, "phase": arm, "k": k,
+                        "seed": seed if rule == "random" else None,
+                        "kept": [b for b in range(num_layers) if b not in removed],
+                        "correct": "".join(map(str, vector))})
+  with open(os.path.join(run_dir, "variants.jsonl"), "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  results = {"model": {"num_layers": num_layers},
+             "task": {"num_items": N, "num_calibration_items": 64},
+             "settings": {"normalization": "options", "methods": ["phase"]},
+             "full_model": {"transition_block": l_star, "accuracy": [0.25, 0.6],
+                            "chance": 0.25},
+             "calibration_transition": {"items": 128, "used": "margin_options",
+                                        "margin_options": {"block": l_star, "ci95": [7, 9]}},
+             "methods": {},
+             "phase_experiment": ({"skipped": skipped} if skipped else {"comparisons": []})}
+  with open(os.path.join(run_dir, "results.json"), "w") as f:
+    json.dump(results, f)
+  return results
 
-  from benchmarks.real_study import study as real_study
-  os.makedirs(tmp_path / "runs" / "r")
-  assert not real_study._finished(str(tmp_path), os.path.join("runs", "r"), ("phase",))
-  with open(tmp_path / "runs" / "r" / "results.json", "w") as f:
-    json.dump({"settings": {"methods": ["phase"]}}, f)
-  assert real_study._finished(str(tmp_path), os.path.join("runs", "r"), ("phase",))
-  assert not real_study._finished(str(tmp_path), os.path.join("runs", "r"),
-                                  ("phase", "iterative"))
 
-
-def _phase_results(comparisons, num_layers=10, l_star=8):
-  return {"model": {"num_layers": num_layers}, "task": {"num_items": 300,
-                                                        "num_calibration_items": 64},
-          "settings": {"normalization": "options", "methods": ["phase"]},
-          "full_model": {"transition_block": l_star},
-          "calibration_transition": {"items": 128, "used": "margin_options",
-                                     "margin_options": {"block": l_star, "ci95": [7, 9]}},
-          "methods": {}, "phase_experiment": {"comparisons": comparisons}}
-
-
-def _c(rule, k, difference, p, low, high):
-  return {"rule": rule, "k": k, "silent_accuracy": 0.5 + difference, "decisive_accuracy": 0.5,
-          "difference": difference, "ci95": [low, high], "mcnemar_p": p, "seeds": 1,
-          "test": "paired", "holm_p": p}
-
-
-def test_runs_and_the_study_are_classed_from_holm_over_every_comparison():
-  """Holm runs over the whole study, not a run: a p of 0.02 that stands alone in its run
-  does not survive beside four others; the study holds when a run holds and none is
-  reversed."""
+def test_runs_are_classed_from_their_variants_with_holm_over_the_study(tmp_path):
+  """Every comparison is recomputed from variants.jsonl: a run whose Decisive arm equals
+  the unpruned model and whose Silent arm is far below holds; one whose arms differ by
+  three items of 300 is equivalent; one whose Decisive arm is far below is reversed; a run
+  skipped for want of a transition is counted as such; a control removing the same blocks
+  is counted once in Holm; and the meta-analysis pools the runs."""
+  import pytest
+  from dpjax.study import statistics
+  unpruned = _vector(range(180))
+  low = _vector(range(100))
   found = [
-      (Run("a", "smollm2", "sciq", "cloze"), _phase_results(
-          [_c("adjacent", 2, -0.2, 1e-6, -0.25, -0.15), _c("random", 2, -0.05, 0.3, -0.1, 0.01)])),
-      (Run("b", "gemma3", "sciq", "cloze"), _phase_results(
-          [_c("adjacent", 2, +0.03, 0.02, 0.01, 0.05)])),
-      (Run("c", "qwen25", "sciq", "cloze"), _phase_results(
-          [_c("adjacent", 2, +0.10, 0.001, 0.05, 0.15), _c("redundant", 2, +0.1, 0.4, -0.01, 0.2)])),
+      (Run("a", "smollm2", "sciq", "cloze"), _write_run(tmp_path, "a", {
+          ("adjacent", 1): ([low], [unpruned]),
+          ("adjacent_keep_last", 1): ([low], [unpruned])})),
+      (Run("b", "gemma3", "sciq", "cloze"), _write_run(tmp_path, "b", {
+          ("adjacent", 1): ([_vector(range(183))], [unpruned])})),
+      (Run("c", "qwen25", "sciq", "cloze"), _write_run(tmp_path, "c", {
+          ("adjacent", 1): ([unpruned], [low]),
+          ("random", 1): ([unpruned] * 3, [low, _vector(range(120)), low])})),
+      (Run("d", "qwen25", "piqa", "cloze"), _write_run(
+          tmp_path, "d", {}, skipped="the unpruned model has no transition on the "
+          "calibration items (margin rule)")),
   ]
-  per_run = real_study_report.study_comparisons(found)
-  # Holm over 5: 1e-6 x 5, 0.001 x 4, 0.02 x 3 = 0.06, 0.3 x 2 = 0.6, 0.4 x 1 -> 0.6.
-  approx = lambda xs: __import__("pytest").approx(xs, rel=1e-12)
-  assert [c.holm_p for c in per_run["a"]] == approx([5e-6, 0.6])
-  assert [c.holm_p for c in per_run["b"]] == approx([0.06])
-  assert [c.holm_p for c in per_run["c"]] == approx([0.004, 0.6])
-  classes, overall, counts = real_study_report.classify(found)
-  assert classes["a"][0] == "holds" and classes["b"][0] == "cannot tell"
-  assert classes["c"][0] == "reversed" and overall == "cannot tell"
-  assert counts == {"holds": 1, "reversed": 1, "cannot tell": 1}
-  text = real_study_report.verdict_markdown(found, [run for run, _ in found])
-  assert "on these models: cannot tell.** Of the 3 runs" in text
+  out = str(tmp_path)
+  per_run = real_study_report.study_comparisons(out, found)
+  assert per_run["a"][1].same_as == "adjacent k=1"
+  distinct = [c for name in "abc" for c in per_run[name] if c.same_as is None]
+  assert len(distinct) == 4
+  assert [c.holm_p for c in distinct] == pytest.approx(statistics.holm([c.p for c in distinct]))
+  assert per_run["c"][1].p == pytest.approx(0.25)  # three seeds that agree: 2 / 2^3
+  classes, counts, without = real_study_report.classify(out, found)
+  assert {name: cls for name, (cls, _) in classes.items()} == {
+      "a": "holds", "b": "equivalent", "c": "reversed"}
+  assert counts == {"holds": 1, "reversed": 1, "equivalent": 1, "cannot tell": 0}
+  assert without == {"no transition": ["d"]}
+  text = real_study_report.verdict_markdown(out, found, [run for run, _ in found])
+  assert "the claim holds in 1, is reversed in 1, the arms are equivalent in 1" in text
+  assert "No transition: 1 run(s) (d)." in text
   assert "| a | 8 [7, 9] (128) | 8/10 = 0.80 | **holds** |" in text
+  assert "| adjacent | 1 | 3 |" in text  # the meta-analysis row: three runs pooled
   assert "4-bit GGUF file" in text
-  # Without the third run, Holm over three comparisons lets b's 0.02 through (x 2 = 0.04):
-  # then b is reversed too.
-  classes, overall, _ = real_study_report.classify(found[:2])
-  assert classes["b"][0] == "reversed" and overall == "cannot tell"
-  assert real_study_report.classify(found[:1])[1] == "holds"
 
 
 def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp_path):
@@ -131,14 +152,18 @@ def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp
   runs' results.json and variants.jsonl they come out the same, byte for byte."""
   import os
   import shutil
-  from benchmarks.real_study import report
-  from benchmarks.real_study.study import PLAN, TUNED_RUNS
+  from benchmarks.real_study import campaign, report
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), "benchmarks", "real_study")
-  shutil.copytree(os.path.join(here, "runs"), tmp_path / "runs")
-  if os.path.isdir(os.path.join(here, "lenses")):
-    shutil.copytree(os.path.join(here, "lenses"), tmp_path / "lenses")
-  report.write_report(str(tmp_path), PLAN + TUNED_RUNS)
+  if os.path.isdir(os.path.join(here, "runs")):
+    shutil.copytree(os.path.join(here, "runs"), tmp_path / "runs")
+  for name in ("lenses", campaign.LEDGER_FILE):
+    path = os.path.join(here, name)
+    if os.path.isdir(path):
+      shutil.copytree(path, tmp_path / name)
+    elif os.path.isfile(path):
+      shutil.copy2(path, tmp_path / name)
+  report.write_report(str(tmp_path), campaign.runs(campaign.LOCAL))
   for name in ("REPORT.md", "VERDICT.md"):
     with open(os.path.join(here, name)) as f, open(tmp_path / name) as g:
       assert g.read() == f.read(), name

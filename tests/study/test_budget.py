@@ -70,10 +70,15 @@ def test_the_choice_and_the_held_out_drop_recompute_from_variants_jsonl(pruned):
   held = [ids.index(i) for i in plan["items"]["heldout_ids"]]
   assert not set(sel) & set(held) and len(sel) + len(held) == len(ids) == 128
   outcome = lambda r, idx: np.array([r["correct"][i] == "1" for i in idx], float)
-  # The smallest curve point whose paired upper bound on the selection items is within 0.05.
-  ok = [r for r in curve
-        if statistics.paired_bootstrap(outcome(full, sel), outcome(r, sel))[1][1] <= 0.05]
-  assert plan["kept_blocks"] == min(ok, key=lambda r: len(r["kept"]))["kept"]
+  # The walk from the fewest blocks removed, stopping at the first point whose paired upper
+  # bound (Tango's score interval) on the selection items passes 0.05.
+  walk = sorted(curve, key=lambda r: -len(r["kept"]))
+  passed = []
+  for r in walk:
+    if statistics.paired_interval(outcome(full, sel), outcome(r, sel))[1][1] > 0.05:
+      break
+    passed.append(r)
+  assert passed and plan["kept_blocks"] == passed[-1]["kept"]
   variant = next(r for r in curve if r["kept"] == plan["kept_blocks"])
   drop = outcome(full, held).mean() - outcome(variant, held).mean()
   assert plan["accuracy"]["drop"]["heldout"]["drop"] == pytest.approx(drop, abs=1e-6)
@@ -105,6 +110,31 @@ def test_a_second_run_from_the_plan_alone_gives_identical_weights(pruned, tmp_pa
     import hashlib
     with open(tmp_path / "model" / name, "rb") as f:
       assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+def test_the_walk_stops_at_the_first_failure_where_skipping_would_go_deeper():
+  """A curve whose third point fails the budget and whose fourth passes: the fixed-sequence
+  walk chooses the second point; taking the fewest blocks among all that pass (the old
+  rule) would have chosen the fourth, favoured by chance past a failure."""
+  n = 60
+  full = np.ones(n, int)
+  def point(blocks, wrong):
+    outcomes = np.ones(n, int)
+    outcomes[:wrong] = 0
+    return {"kept": list(range(blocks)), "correct": "".join(map(str, outcomes)),
+            "method": "iterative_accuracy"}
+  curve = [point(15, 0), point(14, 0), point(13, 4), point(12, 0)]
+  unpruned = {"kept": list(range(16)), "correct": "1" * n, "method": "unpruned"}
+  s = budget.PruneSettings(max_drop=0.08)
+  chosen, table = budget.choose(unpruned, curve, np.arange(n), s)
+  assert [row["upper95"] <= 0.08 for row in table] == [True, True, False, True]
+  assert chosen["kept"] == list(range(14))
+  assert [row["walk"] for row in table] == ["within", "within",
+                                            "first failure: the walk stops", "not tested"]
+  # 0 and 1 discordant of 60 still bound the drop away from 0 (a percentile bootstrap
+  # gave 0 and 0.05).
+  assert 0.05 < table[0]["upper95"] < 0.07
+  assert 0.08 < budget._drop(full, np.r_[0, np.ones(n - 1, int)], 0)["upper95"] < 0.1
 
 
 def test_a_bad_budget_is_refused_with_what_to_do(tmp_path):

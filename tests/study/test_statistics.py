@@ -85,18 +85,49 @@ def test_the_two_stage_interval_holds_the_seed_to_seed_spread():
 
 def test_a_comparison_and_the_verdict_it_gives():
   a, b = _correlated()
-  c = statistics.compare_arms("adjacent", 2, b, a)  # the Silent arm (b) lower
+  n = len(a)
+  threshold = 0.25 + 0.5 * (a.mean() - 0.25)
+  # The Silent arm (b) 12 items below a Decisive arm that equals the unpruned model (a).
+  c = statistics.compare_arms("adjacent", 2, b, a, unpruned=a, threshold=threshold,
+                              variants=("b", "a"))
   assert c.difference == pytest.approx(-0.04) and c.ci95[1] < 0 and c.seeds == 1
-  assert c.mcnemar_p == pytest.approx(2 * 0.5 ** 12)
-  other = statistics.compare_arms("redundant", 2, a, a)
-  statistics.with_holm([c, other])
-  assert c.holm_p == pytest.approx(2 * c.mcnemar_p) and other.holm_p == 1.0
-  assert statistics.verdict([c, other]) == ("holds", "Silent arm lower at adjacent k=2")
-  flipped = statistics.compare_arms("random", 1, np.tile(a, (3, 1)), np.tile(b, (3, 1)))
-  assert flipped.seeds == 3 and "two-stage" in flipped.test and "majority" in flipped.test
-  statistics.with_holm([c, flipped])
-  assert statistics.verdict([c, flipped])[0] == "cannot tell"
-  assert statistics.verdict([other])[0] == "cannot tell"
+  assert c.p == pytest.approx(2 * 0.5 ** 12) and "McNemar" in c.test
+  assert c.decisive_drop.drop == 0 and 0 < c.decisive_drop.drop_ci95[1] < 0.05
+  assert c.decisive_drop.non_inferior and not c.silent_drop.collapsed
+  same = statistics.compare_arms("adjacent_keep_last", 2, b, a, unpruned=a,
+                                 threshold=threshold, variants=("b", "a"))
+  other = statistics.compare_arms("redundant", 2, a, a, unpruned=a, threshold=threshold,
+                                  variants=("a", "a"))
+  statistics.with_holm([c, same, other])
+  assert same.same_as == "adjacent k=2" and same.holm_p == c.holm_p
+  assert c.holm_p == pytest.approx(2 * c.p) and other.holm_p == 1.0  # two distinct, not three
+  assert c.verdict == "holds" and other.verdict == "equivalent"
+  assert statistics.verdict([c, same, other])[0] == "holds"
+  assert statistics.verdict([other]) == ("equivalent", "the arms equivalent within +-0.05 at "
+                                         "every comparison")
+  # The Decisive arm significantly lower: reversed.
+  flipped = statistics.compare_arms("adjacent", 1, a, b, unpruned=a, threshold=threshold)
+  statistics.with_holm([flipped])
+  assert flipped.verdict == "reversed"
+  assert statistics.verdict([c, flipped])[0] == "cannot tell"  # both ways
+  # Silent lower, but the Decisive arm itself far below the unpruned model: not "little".
+  costly = statistics.compare_arms("adjacent", 3, b, a, unpruned=np.ones(n, int),
+                                   threshold=threshold)
+  statistics.with_holm([costly])
+  assert not costly.decisive_drop.non_inferior and costly.verdict == "cannot tell"
+  assert "costs more than little" in costly.reason
+  # Twenty items, one discordant: nothing shown; the reason says what could have been.
+  x = a[-20:].copy()
+  y = x.copy()
+  y[np.flatnonzero(x)[0]] = 0
+  small = statistics.compare_arms("adjacent", 1, y, x)
+  statistics.with_holm([small])
+  assert small.verdict == "cannot tell" and small.detectable > 0.05
+  assert f"{small.detectable:.3f}" in small.reason
+  # A random rule over three seeds that agree: the sign-flip test's smallest p, 2 / 2^3.
+  seeds = statistics.compare_arms("random", 1, np.tile(b, (3, 1)), np.tile(a, (3, 1)))
+  assert seeds.seeds == 3 and "sign-flip" in seeds.test and seeds.p == pytest.approx(0.25)
+
 
 
 def test_the_transition_interval_over_items():

@@ -455,3 +455,23 @@ def test_the_fixed_sequence_stops_at_the_first_failure():
   assert statistics.fixed_sequence([0.01, None, 0.01], 0.05) == 1
   assert statistics.fixed_sequence([0.01, float("nan"), 0.01], 0.05) == 1
   assert statistics.fixed_sequence([], 0.05) == 0
+
+
+def test_the_item_level_sign_flip_test_approximates_the_exact_one():
+  """With ten items the exact test enumerates 2^10 assignments (scipy); the Monte Carlo
+  one over 2^15 draws is within its sampling error, and a clear difference over 200 items
+  reaches the smallest p the draws allow."""
+  rng = np.random.default_rng(3)
+  a = (rng.random((3, 10)) < 0.7).astype(int)
+  b = (rng.random((3, 10)) < 0.4).astype(int)
+  d = a.mean(0) - b.mean(0)
+  exact = scipy_stats.permutation_test((d,), np.mean, permutation_type="samples",
+                                 n_resamples=np.inf).pvalue
+  p = statistics.item_sign_flip_test(a, b)
+  assert abs(p - exact) < 4 * np.sqrt(exact * (1 - exact) / statistics.ITEM_FLIP_DRAWS) + 1e-4
+  many = np.ones((2, 200), int)
+  assert statistics.item_sign_flip_test(many, np.zeros_like(many)) == pytest.approx(
+      1 / (statistics.ITEM_FLIP_DRAWS + 1))
+  assert statistics.item_sign_flip_test(many, many) == 1.0
+  c = statistics.compare_arms("noise 0.1", 0, many, np.zeros_like(many), unit="item")
+  assert "items' seed-averaged" in c.test and c.p < 1e-4

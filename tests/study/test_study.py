@@ -174,7 +174,7 @@ def test_python_settings_and_the_command_line_run_the_same_study(synthetic_model
   assert Settings(model="m", methods=()).calibration_items == 0
   assert Settings(model="m").methods == ("iterative", "block_influence", "angular",
                                          "single_layer", "reverse", "random", "phase",
-                                         "phase_aware", "decisive_only")
+                                         "noise", "phase_aware", "decisive_only")
 
 
 def test_cloze_and_open_studies_from_the_command_line(synthetic_model_dir, tmp_path):

@@ -1,0 +1,110 @@
+"""The real-model campaign's plan, units, ledger, predictions and time budget (no model runs:
+the units are recorded by hand or by a stand-in)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks.real_study import campaign
+from benchmarks.real_study import study as real_study
+
+
+def test_the_plan_runs_the_claims_probes_first_and_fits_twelve_hours(tmp_path):
+  units = campaign.plan(campaign.LOCAL)
+  kinds = [u.kind for u in units]
+  first_noise = kinds.index("noise")
+  assert set(kinds[:first_noise]) == {"phase"} and len(kinds[:first_noise]) == 15
+  assert [u.priority for u in units] == sorted(u.priority for u in units)
+  assert {u.run.model for u in units if u.kind == "iterative"} == set(campaign.MODELS)
+  rows = campaign.status(str(tmp_path), units)
+  upto_two = sum(r["predicted_seconds"] for r in rows
+                 if r["priority"] <= 2 and r["state"] != "not needed")
+  assert upto_two <= 12.5 * 3600  # the priors' figure; calibration refines it as units end
+  text = campaign.format_status(rows)
+  assert "priorities 1-2:" in text and "left:" in text
+
+
+def test_a_unit_runs_its_methods_with_the_runs_finished_ones():
+  run = campaign.runs(campaign.LOCAL)[0]
+  noise = campaign.Unit(run, "noise", 1)
+  assert campaign.methods_of(noise, ["phase"]) == ("phase", "noise")
+  iterative = campaign.Unit(run, "iterative", 2)
+  assert campaign.methods_of(iterative, ["phase", "noise"]) == ("iterative", "phase", "noise")
+
+
+def test_predictions_are_calibrated_on_finished_units(tmp_path):
+  out = str(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  first, second = units[0], units[3]  # smollm2 arc_easy and sciq phase units
+  assert first.run.model == second.run.model == "smollm2"
+  prior = campaign.calibrate(out, units)
+  before, base = campaign.predict(out, first, prior)
+  assert before == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + base)
+  # The unit took twice the prior's figure (beyond the fixed cost): the next unit of the
+  # same model and kind is predicted at twice its own.
+  measured = campaign.PRIOR_FIXED["smollm2"] + 2 * base
+  campaign.record_unit(out, first, measured, before, base_seconds=base)
+  calibration = campaign.calibrate(out, units)
+  predicted, base2 = campaign.predict(out, second, calibration)
+  assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 2 * base2, rel=1e-4)
+  # Another model is left at its prior.
+  other = next(u for u in units if u.run.model == "qwen25")
+  assert campaign.predict(out, other, calibration)[0] == pytest.approx(
+      campaign.predict(out, other, prior)[0])
+  with open(tmp_path / campaign.LEDGER_FILE) as f:
+    assert json.load(f)["units"][first.name]["seconds"] == pytest.approx(measured, abs=0.1)
+
+
+def _fake_run(out, run, accuracy):
+  path = os.path.join(out, "runs", run.name)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"calibration_transition_block": 20,
+               "full_model": {"accuracy": [0.25, accuracy], "chance": 0.25}}, f)
+
+
+def test_a_run_below_the_bar_needs_no_further_unit(tmp_path):
+  out = str(tmp_path)
+  run = campaign.runs(campaign.LOCAL)[0]
+  units = [u for u in campaign.plan(campaign.LOCAL) if u.run == run]
+  campaign.record_unit(out, units[0], 100.0, 90.0, base_seconds=40.0)
+  _fake_run(out, run, 0.30)  # 0.05 above chance: below the 0.1 bar
+  states = {r["unit"]: r["state"] for r in campaign.status(out, units)}
+  assert states[units[0].name] == "done"
+  assert {states[u.name] for u in units[1:]} == {"not needed"}
+  _fake_run(out, run, 0.50)
+  states = {r["unit"]: r["state"] for r in campaign.status(out, units)}
+  assert {states[u.name] for u in units[1:]} == {"to do"}
+
+
+def test_the_time_budget_stops_before_a_unit_that_would_pass_it(tmp_path, monkeypatch):
+  """Units run in priority order while their predictions fit --hours; the first that does
+  not is left, with everything before it recorded."""
+  out = str(tmp_path)
+  ran, clock = [], [0.0]
+
+  def stand_in(out_dir, unit, predicted, base):  # takes exactly its predicted time
+    ran.append(unit.name)
+    clock[0] += predicted
+    campaign.record_unit(out_dir, unit, predicted, predicted, base_seconds=base)
+    return {}
+
+  monkeypatch.setattr(real_study, "run_unit", stand_in)
+  monkeypatch.setattr(real_study.time, "perf_counter", lambda: clock[0])
+  monkeypatch.setattr("dpjax.tasks.fetch.fetch_benchmarks", lambda *a, **k: {})
+  monkeypatch.chdir(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  calibration = campaign.calibrate(out, units)
+  first_two = sum(campaign.predict(out, u, calibration)[0] for u in units[:2])
+  hours = (first_two + 1) / 3600  # room for two units, not three
+  real_study.FLAGS.unparse_flags()
+  real_study.FLAGS(["real_study", f"--out_dir={out}", f"--hours={hours}"])
+  try:
+    real_study.main([])
+  finally:
+    real_study.FLAGS.unparse_flags()
+  assert ran == [u.name for u in units[:2]]
+  assert os.path.isfile(tmp_path / "REPORT.md")
