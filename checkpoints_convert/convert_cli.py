@@ -1,4 +1,4 @@
-"""The `dpjax-convert` program: `--hf_model=ID_OR_DIR --output_dir=DIR [--dtype=...]`."""
+"""The `dpjax-convert` program: `--model=ID_OR_DIR --output_dir=DIR [--dtype=...]`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dpjax.fields import setting
 
 @dataclasses.dataclass(frozen=True)
 class ConvertSettings:
-  hf_model: str = setting(BUNDLED_MODEL, "HF checkpoint to convert: a local directory "
+  model: str = setting(BUNDLED_MODEL, "HF checkpoint to convert: a local directory "
                           "(config.json + safetensors, sharded or not) or a hub model id. "
                           "Default: the small model bundled with dpjax.")
   output_dir: str = setting("dpjax_converted", "Where to write the dpjax checkpoint.")
@@ -24,12 +24,13 @@ class ConvertSettings:
 
 
 def convert_checkpoint(s: ConvertSettings) -> None:
-  out = convert(s.hf_model, s.output_dir, dtype=s.dtype, overwrite=s.overwrite)
+  out = convert(s.model, s.output_dir, dtype=s.dtype, overwrite=s.overwrite)
   print(f"wrote dpjax checkpoint to {out}")
 
 
 def run() -> None:
-  run_program("dpjax-convert", [ConvertSettings], convert_checkpoint)
+  run_program("dpjax-convert", [ConvertSettings], convert_checkpoint,
+              aliases={"hf_model": "model"})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `dpjax-export` program: `--checkpoint=ID_OR_DIR --keep=3,4,7 --output_dir=DIR`."""
+"""The `dpjax-export` program: `--model=ID_OR_DIR --keep=3,4,7 --output_dir=DIR`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dpjax.fields import setting
 
 @dataclasses.dataclass(frozen=True)
 class ExportSettings:
-  checkpoint: str = setting(BUNDLED_MODEL, "Model to export: a dpjax checkpoint, an HF "
+  model: str = setting(BUNDLED_MODEL, "Model to export: a dpjax checkpoint, an HF "
                             "directory or a hub id. Default: the small model bundled with "
                             "dpjax.")
   output_dir: str = setting("dpjax_export", "Where to write the HF checkpoint.")
@@ -45,7 +45,7 @@ def export_checkpoint(s: ExportSettings) -> None:
   if s.keep is not None and s.mask is not None:
     raise ValueError("give --keep or --mask, not both.")
   out = export(
-      s.checkpoint, s.output_dir,
+      s.model, s.output_dir,
       kept_blocks=_parse_indices(s.keep) if s.keep is not None else None,
       keep=_parse_mask(s.mask) if s.mask is not None else None,
       overwrite=s.overwrite, max_shard_bytes=s.max_shard_mb * 1024**2)
@@ -53,7 +53,8 @@ def export_checkpoint(s: ExportSettings) -> None:
 
 
 def run() -> None:
-  run_program("dpjax-export", [ExportSettings], export_checkpoint)
+  run_program("dpjax-export", [ExportSettings], export_checkpoint,
+              aliases={"checkpoint": "model"})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,30 @@ def cache_root(*parts: str) -> str:
   return os.path.join(root, *parts)
 
 
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+  """Refuses, before any work, an output directory that is a file or cannot be written
+  (a read-only file system, no permission): the error names the path and what to do.
+  Nothing is left behind (a probe file is written and removed in the directory, or in
+  its nearest existing parent when it does not exist yet)."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"{flag}={path} is a file, not a directory; choose another "
+                             "path.")
+  probe_dir = path
+  while not os.path.exists(probe_dir):
+    probe_dir = os.path.dirname(probe_dir)
+  if not os.path.isdir(probe_dir):
+    raise NotADirectoryError(f"{flag}={path}: {probe_dir} is a file, not a directory; "
+                             "choose another path.")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=probe_dir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"{flag}={path} cannot be written ({e.strerror}); choose a "
+                          "directory you can write to.") from None
+
+
 def default_mode(directory: bool = False) -> int:
   """The permissions a plain `open` or `mkdir` would give under the current umask."""
   mask = os.umask(0)

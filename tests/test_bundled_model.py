@@ -94,6 +94,10 @@ def default_run(tmp_path_factory):
        f"--output_dir={out}"], capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "transition block" in result.stdout
+  # The last lines: the verdict in one sentence, then where the report is.
+  last = result.stdout.strip().splitlines()[-2:]
+  assert "class this run as" in last[0]
+  assert last[1] == f"report: {os.path.join(os.path.abspath(out), 'summary.html')}"
   with open(os.path.join(out, "results.json")) as f:
     return out, json.load(f)
 

@@ -41,3 +41,22 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
   with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
     with fileio.atomic_directory(str(target)):
       pass
+
+
+def test_a_bad_output_dir_is_refused_before_any_work(tmp_path):
+  """`dpjax --output_dir=` naming a file, or a path that cannot be written: one line, exit
+  1, nothing written, before the model loads."""
+  import subprocess
+  import sys
+  a_file = tmp_path / "results.txt"
+  a_file.write_text("not a directory")
+  for bad, said in ((a_file, "is a file, not a directory"),
+                    (a_file / "below", "is a file, not a directory"),
+                    ("/proc/dpjax_out", "cannot be written")):
+    result = subprocess.run([sys.executable, "-m", "dpjax.cli.study", f"--output_dir={bad}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and said in lines[0] and lines[0].startswith("dpjax: error:")
+  assert a_file.read_text() == "not a directory" and sorted(os.listdir(tmp_path)) == [
+      "results.txt"]

@@ -191,11 +191,16 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
   from dpjax.study import run as study
   output = os.path.join("runs", unit.run.name)
   methods = campaign.methods_of(unit, done_kinds(out, unit.run))
-  started = time.perf_counter()
+  started, cpu = time.perf_counter(), time.process_time()
+  load = os.getloadavg()[0]
   results = study.run(_settings(out, unit.run, output, methods))
   seconds = time.perf_counter() - started
+  # What else ran beside it: the load at its start and end, and its own CPU time (a unit
+  # measured on a busy machine takes longer than its work says).
+  details_load = {"cpu_seconds": round(time.process_time() - cpu, 1),
+                  "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
   full = results.full_model
-  details = {"base_seconds": round(base, 2), "accuracy": round(float(full.final_accuracy), 4),
+  details = {"base_seconds": round(base, 2), **details_load, "accuracy": round(float(full.final_accuracy), 4),
              "chance": round(float(full.chance), 4),
              "l_star": results.calibration_transition_block}
   phase = results.phase_experiment

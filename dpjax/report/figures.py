@@ -50,10 +50,15 @@ def plot_decision_margin(path: str, full: FullProfile, headline: str, title: str
   fig, ax = plt.subplots(figsize=(7, 4))
   layers = np.array(full.layers)
   colours = {"vocab": "tab:blue", "options": "tab:orange"}
-  for norm in metrics.NORMALIZATIONS:
+  # The headline normalization drawn last and thicker, the other dashed beneath it: where
+  # the two coincide (a letter format's late layers) the headline line stays visible.
+  for norm in sorted(metrics.NORMALIZATIONS, key=lambda n: n == headline):
     stats = full.decision_margin[norm]
-    ax.plot(layers, np.asarray(stats.mean, float), marker="o", ms=3, color=colours[norm],
-            label=f"mean DM ({norm}){' (headline)' if norm == headline else ''}")
+    main = norm == headline
+    ax.plot(layers, np.asarray(stats.mean, float), marker="o", ms=4 if main else 3,
+            lw=2.2 if main else 1.2, ls="-" if main else "--", color=colours[norm],
+            zorder=3 if main else 2,
+            label=f"mean DM ({norm}){' (headline)' if main else ''}")
     if norm == headline:
       ax.fill_between(layers, np.asarray(stats.q10, float), np.asarray(stats.q90, float),
                       color=colours[norm], alpha=0.15, label=f"10-90% of items ({norm})")
@@ -204,7 +209,17 @@ def plot_phase_comparison(path: str, phase: PhaseExperiment, full: FullProfile,
   """Silent-arm against Decisive-arm pruning, per selection rule."""
   plt = pyplot()
   selections = list(phase.arms)
-  fig, axes = plt.subplots(2, len(selections), figsize=(4 * len(selections), 6), squeeze=False)
+  # Two panels per row at most, readable fonts, whole-number ticks that never crowd.
+  cols = min(len(selections), 3)
+  rows = 2 * ((len(selections) + cols - 1) // cols)
+  fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+  axes = np.empty((2, len(selections)), dtype=object)
+  for i in range(len(selections)):
+    axes[0, i] = grid[2 * (i // cols), i % cols]
+    axes[1, i] = grid[2 * (i // cols) + 1, i % cols]
+  for i in range(len(selections), (rows // 2) * cols):
+    grid[2 * (i // cols), i % cols].set_visible(False)
+    grid[2 * (i // cols) + 1, i % cols].set_visible(False)
   colours = {"silent": "tab:red", "decisive": "tab:green"}
   for col, selection in enumerate(selections):
     for arm, points in phase.arms[selection].items():
@@ -218,14 +233,19 @@ def plot_phase_comparison(path: str, phase: PhaseExperiment, full: FullProfile,
                         color=colours[arm], label=f"{arm} arm")
     axes[0, col].axhline(full.chance, color="black", ls=":", lw=1)
     axes[0, col].set_ylim(0, 1.02)
-    axes[0, col].set_title(f"selection: {selection}")
-    axes[1, col].set_xlabel("blocks removed inside the phase")
+    axes[0, col].set_title(f"selection: {selection}", fontsize=11)
+    axes[1, col].set_xlabel("blocks removed inside the phase (k)", fontsize=10)
+    ks = sorted({p.k for points in phase.arms[selection].values() for p in points})
     for row in range(2):
-      axes[row, col].xaxis.set_major_locator(_integer_ticks())
-  axes[0, 0].set_ylabel("accuracy")
-  axes[1, 0].set_ylabel("mean final DM (vocab)")
-  axes[0, 0].legend(fontsize=8)
-  fig.suptitle(f"{title}: Silent vs Decisive pruning (l* = {phase.transition_block})")
+      axes[row, col].set_xticks(ks)  # only the k that ran: a single k is one tick
+      axes[row, col].set_xlim(min(ks) - 0.5, max(ks) + 0.5)
+      axes[row, col].tick_params(labelsize=10)
+    axes[0, col].set_ylabel("accuracy", fontsize=10)
+    axes[1, col].set_ylabel("mean final DM (vocab)", fontsize=10)
+  axes[0, 0].legend(fontsize=9)
+  fig.suptitle(f"{title}: Silent vs Decisive pruning (l* = {phase.transition_block})",
+               fontsize=12)
+  fig.tight_layout()
   save_figure(fig, path)
 
 
@@ -348,7 +368,8 @@ def plot_removed_blocks(path: str, methods: dict[str, MethodResult], l_star: int
                  alpha=0.8)
   if l_star is not None:
     ax.axvline(l_star - 0.5, color="black", ls="--", lw=1, label=f"transition l* = {l_star}")
-    ax.legend(fontsize=8, loc="upper right")
+    # Below the axes, under the x label: it covers no method's points and no title.
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
   ax.set_yticks(range(len(names)), names)
   ax.set_xlim(0.5, num_layers + 0.5)
   ax.xaxis.set_major_locator(_integer_ticks())

@@ -72,7 +72,7 @@ def headline(results: dict) -> list[str]:
   full = results["full_model"]
   n = results["model"]["num_layers"]
   accuracy, chance = full["accuracy"][-1], full["chance"]
-  out = [f"The unpruned model answers {accuracy:.3f} of its "
+  out = [f"The unpruned model's accuracy is {accuracy:.3f} on its "
          f"{results['task']['num_items']} evaluation items (chance {chance:.3f})."]
   l_star = full["transition_block"]
   if l_star is None:
@@ -101,6 +101,19 @@ def headline(results: dict) -> list[str]:
   sentence = verdict_sentence(results)
   if sentence:
     out.append(sentence)
+  timings = results.get("timings") or {}
+  seconds = sum(timings.get(k, 0.0) for k in ("prepare_seconds", "full_profile_seconds",
+                                              "methods_seconds"))
+  noise = results.get("noise_probe") or {}
+  if noise.get("arms"):
+    top = max(noise["levels"])
+    at = lambda arm: next(a["accuracy"] for a in noise["arms"][arm] if a["level"] == top)
+    low = min(noise["levels"])
+    out.append(f"Noise instead of removal (eps^2 = {low:g} to {top:g}, after every block of "
+               f"one phase): the Silent arm falls from "
+               f"{next(a['accuracy'] for a in noise['arms']['silent'] if a['level'] == low):.3f}"
+               f" to {at('silent'):.3f}, the Decisive arm is at {at('decisive'):.3f} at "
+               f"{top:g}.")
   iterative = results.get("methods", {}).get("iterative_accuracy") or {}
   if iterative.get("curve"):
     half = next((p["accuracy"] for p in iterative["curve"] if p["removed"] == n // 2), None)
@@ -109,6 +122,8 @@ def headline(results: dict) -> list[str]:
       out.append(f"Iterative Pruning keeps {half:.3f} accuracy with {n // 2} of {n} blocks "
                  "removed and " + (f"collapses at {point} removed." if point is not None
                                    else "does not collapse."))
+  if seconds:
+    out.append(f"The study took {seconds:.0f} s on the machine that ran it.")
   return out
 
 

@@ -352,8 +352,10 @@ def _no_transition(s) -> str:
 def below_the_bar(out: StudyResults, s) -> str | None:
   """Why the phase methods skip a run whose unpruned model is too close to chance
   (`--phase_min_gap`), or None."""
+  if s.phase_min_gap <= 0:
+    return None
   full = out.full_model
-  if s.phase_min_gap <= 0 or full.final_accuracy >= full.chance + s.phase_min_gap:
+  if full.final_accuracy >= full.chance + s.phase_min_gap:
     return None
   return (f"the unpruned model's accuracy {full.final_accuracy:.3f} is below chance "
           f"{full.chance:.3f} plus --phase_min_gap={s.phase_min_gap}")
@@ -435,7 +437,7 @@ def final_points(ctx: Context, readout: Readout) -> list[CurvePoint]:
            - np.asarray(readout.option_logits)[:, rows, answer])
   kept = tuple(range(1, ctx.num_layers + 1))
   return [CurvePoint(
-      removed=0, kept=kept, accuracy=float(prof.accuracy[v, 0]),
+      removed=0, kept=kept, accuracy=float(np.mean(np.asarray(prof.top[v, 0]) == answer)),
       mean_final_dm={norm: float(prof.margin_summary[norm].mean[v, 0])
                      for norm in metrics.NORMALIZATIONS},
       nll=float(np.mean(nll[v])),

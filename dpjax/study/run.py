@@ -38,7 +38,7 @@ from dpjax.engine import resume
 from dpjax.study import statistics
 from dpjax.lens import tuned as tuned_lens
 from dpjax.engine.devices import Placement, is_main_process
-from dpjax.fileio import write_npz_stable
+from dpjax.fileio import check_output_dir, write_npz_stable
 from dpjax.checkpoints.convert import load_tokenizer
 from dpjax.model.load import load_model
 from dpjax.study.methods import METHODS, Context, profile_of
@@ -331,6 +331,8 @@ def _add_collapse_points(results: StudyResults) -> None:
 def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   """The whole study; returns what it wrote to `results.json` (as typed records)."""
   s = settings
+  if is_main_process():
+    check_output_dir(s.output_dir)  # before the model loads: a bad path costs nothing
   compilation.enable_persistent_cache(s.compilation_cache_dir)
   counter = compilation.CompileCounter()
   timings: dict[str, float] = {}

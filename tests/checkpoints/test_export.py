@@ -132,10 +132,23 @@ def test_command_line_exports(hf_checkpoint_dir, tmp_path):
   out = tmp_path / "cli"
   result = subprocess.run(
       [sys.executable, "-m", "checkpoints_convert.export_cli",
-       f"--checkpoint={hf_checkpoint_dir('llama_mha')}", "--keep=0,3", f"--output_dir={out}"],
+       f"--model={hf_checkpoint_dir('llama_mha')}", "--keep=0,3", f"--output_dir={out}"],
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert HFCheckpoint.open(str(out)).config.num_layers == 2
+  # The old name of --model still works, and says it is old.
+  old = subprocess.run(
+      [sys.executable, "-m", "checkpoints_convert.export_cli",
+       f"--checkpoint={hf_checkpoint_dir('llama_mha')}", "--keep=0,3",
+       f"--output_dir={tmp_path / 'old'}"], capture_output=True, text=True, timeout=300)
+  assert old.returncode == 0, old.stderr
+  assert "--checkpoint is the old name of --model" in old.stderr
+  # --help lists the program's own flags, one line each, and no other library's.
+  shown = subprocess.run([sys.executable, "-m", "checkpoints_convert.export_cli", "-h"],
+                         capture_output=True, text=True, timeout=300)
+  assert shown.returncode == 0 and "--model=(the bundled model): " in shown.stdout
+  assert "--keep=" in shown.stdout and "--xla_" not in shown.stdout
+  assert "chex" not in shown.stdout and "orbax" not in shown.stdout.lower()
   bad = subprocess.run(
       [sys.executable, "-m", "checkpoints_convert.export_cli",
        f"--checkpoint={hf_checkpoint_dir('llama_mha')}", "--mask=1021",

@@ -248,8 +248,12 @@ def test_phase_experiment_doublings_are_the_same_points_as_all(monkeypatch):
                                                   phase_selections=("adjacent", "redundant",
                                                                     "random")),
                                 model=types.SimpleNamespace(num_layers=L),
-                                num_layers=L, calibration_transition=l_star, influence=influence)
+                                num_layers=L, calibration_transition=l_star, influence=influence,
+                                unpruned_point=types.SimpleNamespace(
+                                    item_correct=np.ones(n_items, bool)))
     out = StudyResults.__new__(StudyResults)
+    out.full_model = types.SimpleNamespace(final_accuracy=1.0, chance=0.25,
+                                           collapse_threshold=lambda: 0.625)
     methods.run_phase(ctx, out)
     assert out.phase_experiment.max_k == l_star - 1
     arms[which] = out.phase_experiment.arms
