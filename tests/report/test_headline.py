@@ -26,7 +26,7 @@ def test_the_readme_block_is_generated_from_the_committed_default_run():
   assert headline.update_readme(readme, os.path.join(RUN, "results.json")) == text, (
       "README.md's headline differs from the committed default run: run "
       "`python -m dpjax.report.headline`")
-  block = text.split(headline.BEGIN)[1].split(headline.END)[0]
+  block = " ".join(text.split(headline.BEGIN)[1].split(headline.END)[0].split())
   assert "l* =" in block and "class this run as" in block
   # The report's word for the transition is the README's.
   word = headline.transition_word(_results())
