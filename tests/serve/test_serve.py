@@ -3,6 +3,8 @@ against dpjax's own full forward passes."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,23 @@ def test_bad_input_is_refused_by_name(hf_checkpoint_dir):
     server.generate(ids, right_padded)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     server.generate(ids, max_new_tokens=10_000)
+
+
+def test_the_documented_serving_example_runs():
+  """docs/checkpoints.md's serving example, as written, on the bundled model."""
+  import re
+
+  import dpjax
+  from dpjax.bundled import BUNDLED_MODEL
+  docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "docs", "checkpoints.md")
+  with open(docs) as f:
+    text = f.read()
+  (example,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S)
+                if "serve.Server" in block]
+  model = dpjax.load_model(BUNDLED_MODEL)
+  scope = {"model": model, "keep": dpjax.keep_mask([0, 1, 2, 5, 9, 15], model.num_layers),
+           "ids": np.array([[1, 45, 99, 17, 3]])}
+  exec(example, scope)  # pylint: disable=exec-used
+  assert np.asarray(scope["tokens"]).shape == (1, 32)
+  assert np.asarray(scope["next_logits"]).shape == (1, model.config.vocab_size)
