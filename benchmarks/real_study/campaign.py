@@ -9,6 +9,7 @@ recorded before:
 | `phase` | `phase` | the profile, l* with its interval, the phase experiment |
 | `noise` | `phase`, `noise` | the noise probe by phase |
 | `iterative` | ..., `iterative` | Iterative Pruning (exact greedy search) and its curve |
+| `screened` | ..., `iterative_screened` | the screened search (`--screen_items`, `--screen_keep`) |
 | `baselines` | ..., the one-shot baselines | block influence, angular, single layer, reverse, random |
 
 Every unit records what it computed in the run's `progress/` directory (the study's
@@ -126,6 +127,7 @@ UNIT_METHODS = {
     "phase": ("phase",),
     "noise": ("noise",),
     "iterative": ("iterative",),
+    "screened": ("iterative_screened",),
     "baselines": ("block_influence", "angular", "single_layer", "reverse", "random"),
 }
 UNIT_KINDS = tuple(UNIT_METHODS)
@@ -148,8 +150,9 @@ class Size:
   name: str
   common: tuple            # Settings fields every run shares
   items: dict              # evaluation items per model
-  iterative_runs: tuple    # runs whose Iterative Pruning is in the plan
+  iterative_runs: tuple    # runs whose (exact) Iterative Pruning is in the plan
   baselines_runs: tuple    # runs whose one-shot baselines are in the plan
+  screened_runs: tuple = ()  # runs whose screened Iterative Pruning is in the plan
   tasks: tuple = ("arc_easy", "sciq", "piqa", "arc_challenge", "hellaswag")
 
 
@@ -169,7 +172,9 @@ _COMMON = (("calibration_items", 64), ("transition_items", 128),
 # runs, 120 and 80), the random rule
 # over 5 seeds, k = 1, 2, 4, ... and the smaller phase's size, the noise probe's arms at
 # four levels over 2 seeds without its block-by-block profile, Iterative Pruning on each
-# model's ARC-Easy run and the one-shot baselines on SmolLM2's.
+# model's ARC-Easy run (the exact search on SmolLM2's and Gemma 3's; the screened search,
+# 16 items screening every candidate and 4 evaluated on all 64, on all three: where both
+# ran, the report compares their removals) and the one-shot baselines on SmolLM2's.
 LOCAL = Size(
     name="local",
     common=_COMMON + (("phase_seeds", 5), ("phase_ks", "doublings"), ("random_seeds", 3),
@@ -179,9 +184,10 @@ LOCAL = Size(
            ("qwen25", "arc_easy"): 80,
            ("smollm2", "hellaswag"): 60, ("gemma3", "hellaswag"): 60,
            ("qwen25", "hellaswag"): 40},
-    iterative_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze",
-                    "qwen25_arc_easy_cloze"),
-    baselines_runs=("smollm2_arc_easy_cloze",))
+    iterative_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze"),
+    baselines_runs=("smollm2_arc_easy_cloze",),
+    screened_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze",
+                   "qwen25_arc_easy_cloze"))
 
 # On one GPU: the full size (300 items, 10 seeds, every k, the noise profile, Iterative
 # Pruning and the baselines on every run).
@@ -210,12 +216,13 @@ def runs(size: Size) -> list[Run]:
 def plan(size: Size) -> list[Unit]:
   """The units in the order they run: (1) every run's phase unit, then every run's noise
   unit (the claim's two probes; cheaper tasks first), (2) Iterative Pruning on one run
-  per model, (3) the one-shot baselines."""
+  per model (exact, then screened), (3) the one-shot baselines."""
   every = runs(size)
   chosen = lambda names, run: "*" in names or run.name in names
   units = [Unit(run, "phase", 1) for run in every]
   units += [Unit(run, "noise", 1) for run in every]
   units += [Unit(run, "iterative", 2) for run in every if chosen(size.iterative_runs, run)]
+  units += [Unit(run, "screened", 2) for run in every if chosen(size.screened_runs, run)]
   units += [Unit(run, "baselines", 3) for run in every if chosen(size.baselines_runs, run)]
   return units
 
@@ -301,6 +308,14 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
     for k in range(L, f["min_layers"], -1):  # the search: stream, then k candidates' tails
       w.block_tokens += cal * t * (k + k * (k - 1) / 2)
       w.lens_reads += cal * r * k
+    w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
+    w.lens_reads += n * r * (L - 1) * L / 2
+  elif unit.kind == "screened":
+    screen, keep = f["screen_items"], f["screen_keep"]
+    for k in range(L, f["min_layers"], -1):  # proxy on every candidate, exact on the best
+      w.block_tokens += screen * t * (k + k * (k - 1) / 2)
+      w.block_tokens += cal * t * (k + min(keep, k) * (k - 1) / 2)
+      w.lens_reads += screen * r * k + cal * r * min(keep, k)
     w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
     w.lens_reads += n * r * (L - 1) * L / 2
   elif unit.kind == "baselines":

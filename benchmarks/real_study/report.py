@@ -272,6 +272,26 @@ def verdict_markdown(out_dir, found, runs) -> str:
         i2 = "-" if pooled["i2"] is None else f"{pooled['i2']:.0%}"
         lines.append(f"| {rule.split()[-1]} | {pooled['studies']} | {pooled['estimate']:+.3f} "
                      f"[{pooled['ci95'][0]:+.3f}, {pooled['ci95'][1]:+.3f}] | {i2} |")
+  # The screened search against the exact one, where both ran.
+  pairs = [(run.name, r["methods"]["iterative_accuracy"],
+            r["methods"]["iterative_screened_accuracy"]) for run, r in found
+           if "removed_order" in r["methods"].get("iterative_accuracy", {})
+           and "removed_order" in r["methods"].get("iterative_screened_accuracy", {})]
+  if pairs:
+    lines += ["", "## The screened search against the exact one", "",
+              "Iterative Pruning's exact greedy search against the screened search (every "
+              "candidate scored on the first calibration items, the best few evaluated on "
+              "all of them), on the same run: the blocks each removes, in order.", "",
+              "| run | screen (items x kept) | steps | same removals | first step that "
+              "differs |", "|---|---|---|---|---|"]
+    for name, exact, screened in pairs:
+      a, b = exact["removed_order"], screened["removed_order"]
+      steps = min(len(a), len(b))
+      differ = next((i + 1 for i in range(steps) if a[i] != b[i]), None)
+      lines.append(f"| {name} | {screened.get('screen_items')} x "
+                   f"{screened.get('screen_keep')} | {steps} | "
+                   f"{'yes' if differ is None else 'no'} | "
+                   f"{'-' if differ is None else differ} |")
   # Where the transition sits, and how firmly.
   with_l = [(run, r) for run, r in found if r.get("calibration_transition")]
   if with_l:

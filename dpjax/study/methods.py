@@ -60,6 +60,7 @@ class Context:
   fit: Any = None                            # the chunking the fit step chose (`dpjax.engine.fit`)
   transition_items: tasks.EncodedTask | None = None  # the calibration items l* is read on
   transition_sweep: Sweep | None = None
+  make_sweep: Callable[[tasks.EncodedTask], Sweep] | None = None  # another item set's
 
   @property
   def num_layers(self) -> int:
@@ -235,8 +236,10 @@ def _removal_masks(removed: Sequence[int], num_layers: int) -> np.ndarray:
 
 
 def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
-                     kind: str = "iterative") -> MethodResult:
-  """Iterative Pruning, resumable step by step; the curve on the evaluation items."""
+                     kind: str = "iterative", screen: Sweep | None = None,
+                     screen_keep: int = 0) -> MethodResult:
+  """Iterative Pruning, resumable step by step; the curve on the evaluation items.
+  With `screen`, the screened search (`pruning.iterative_prune`)."""
   state = ctx.state
   saved = state.load(name) or {"removed": [], "calibration": [], "done": False}
   if not saved["done"]:
@@ -253,7 +256,7 @@ def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
 
     pruning.iterative_prune(ctx.cal_sweep, criterion=criterion,
                             min_layers=ctx.settings.min_layers, done=removed, allowed=allowed,
-                            on_step=on_step)
+                            on_step=on_step, screen=screen, screen_keep=screen_keep)
     saved = {"removed": removed, "calibration": calibration, "done": True}
     state.save(name, len(removed) + 1, saved)
   removed = [int(b) for b in saved["removed"]]
@@ -283,6 +286,24 @@ def run_iterative(ctx: Context, out: StudyResults) -> None:
   for criterion in ctx.settings.criteria:
     name = f"iterative_{criterion}"
     out.methods[name] = iterative_result(ctx, criterion, name)
+
+
+def run_iterative_screened(ctx: Context, out: StudyResults) -> None:
+  """Iterative Pruning by a screened search: each step scores every candidate on the
+  first `--screen_items` calibration items (the proxy), evaluates the best
+  `--screen_keep` on all of them and removes the best; a fraction of the exact search's
+  work on deep models. Recorded as `iterative_screened_<criterion>` (its saved steps are
+  keyed by the two settings, so changing them starts a new search)."""
+  s = ctx.settings
+  n = min(s.screen_items, len(ctx.calibration.items))
+  screen = ctx.make_sweep(ctx.calibration.subset(range(n)))
+  for criterion in s.criteria:
+    name = f"iterative_screened_{criterion}"
+    result = iterative_result(ctx, criterion, f"{name}_{n}x{s.screen_keep}",
+                              kind="iterative_screened", screen=screen,
+                              screen_keep=s.screen_keep)
+    result.details = {"screen_items": n, "screen_keep": s.screen_keep}
+    out.methods[name] = result
 
 
 def run_block_influence(ctx: Context, out: StudyResults) -> None:
@@ -577,6 +598,7 @@ def run_decisive_only(ctx: Context, out: StudyResults) -> None:
 
 METHODS: dict[str, Callable[[Context, StudyResults], None]] = {
     "iterative": run_iterative,
+    "iterative_screened": run_iterative_screened,  # not in a study's default methods
     "block_influence": run_block_influence,
     "angular": run_angular,
     "single_layer": run_single_layer,

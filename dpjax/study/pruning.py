@@ -48,11 +48,16 @@ def choose(stats: dict[int, FinalStats], criterion: str) -> int:
   return max(stats, key=lambda b: criterion_key(stats[b], b, criterion))
 
 
+def ranking(stats: dict[int, FinalStats], criterion: str) -> list[int]:
+  """The candidates, best first (the order `choose` would take them in)."""
+  return sorted(stats, key=lambda b: criterion_key(stats[b], b, criterion), reverse=True)
+
+
 def iterative_prune(sweep: Sweep, *, criterion: str = "accuracy", min_layers: int = 1,
                     done: Sequence[int] = (),
                     allowed: Callable[[list[int]], Iterable[int]] | None = None,
-                    on_step: Callable[[int, list[int], FinalStats], None] | None = None
-                    ) -> list[int]:
+                    on_step: Callable[[int, list[int], FinalStats], None] | None = None,
+                    screen: Sweep | None = None, screen_keep: int = 4) -> list[int]:
   """Greedy pruning; returns the removed blocks in order.
 
   Args:
@@ -64,6 +69,10 @@ def iterative_prune(sweep: Sweep, *, criterion: str = "accuracy", min_layers: in
       offers none, pruning stops.
     on_step: called after each new step with (removed block, kept blocks,
       the chosen candidate's calibration stats).
+    screen: a screened search: each step first scores every candidate on `screen`'s
+      items (a few of the calibration items: the cheap proxy), then evaluates only the
+      best `screen_keep` of them on `sweep`'s and removes the best of those. With
+      `screen_keep` at least the number of candidates it is the exact search.
   """
   if criterion not in CRITERIA:
     raise ValueError(f"criterion={criterion!r}; use one of {CRITERIA}.")
@@ -77,6 +86,9 @@ def iterative_prune(sweep: Sweep, *, criterion: str = "accuracy", min_layers: in
     candidates = list(kept if allowed is None else allowed(kept))
     if not candidates:
       break
+    if screen is not None and len(candidates) > screen_keep:
+      proxy = screen.drop_one(kept, candidates)
+      candidates = sorted(ranking(proxy, criterion)[:screen_keep])
     stats = sweep.drop_one(kept, candidates, stop_early=(criterion == "accuracy"))
     block = choose(stats, criterion)
     kept.remove(block)

@@ -165,6 +165,7 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
                 split=split, fewshot_split=fewshot_split if s.k_shot else None)
   ctx.lens_record = lens_record
   ctx.fit = fitted
+  ctx.make_sweep = lambda encoded: sweep(encoded, translators)
   ctx.transition_items = encoded_transition
   ctx.transition_sweep = (ctx.cal_sweep if encoded_transition is encoded_cal else
                           sweep(encoded_transition, translators)) if encoded_cal else None

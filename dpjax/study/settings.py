@@ -22,18 +22,21 @@ from dpjax.checkpoints.architectures import SUPPORTED_DTYPES
 from dpjax.study.methods import METHODS as METHOD_REGISTRY
 
 # The pruning methods a study can run, in the order it runs them (`dpjax.study.methods`
-# owns the registry), and the weight dtypes (`dpjax.checkpoints.architectures`'s).
+# owns the registry), those it runs by default (the screened search is asked for by
+# name), and the weight dtypes (`dpjax.checkpoints.architectures`'s).
 METHODS = tuple(METHOD_REGISTRY)
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "iterative_screened")
 DTYPES = SUPPORTED_DTYPES
 PHASE_KS = ("all", "doublings")
 
 # Settings that cannot change a result beyond float rounding, or only which variants run
 # (a saved curve is keyed by its masks), or only the noise probe (which saves no state):
 # resuming does not require them equal.
-_NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods", "mask_chunk",
-                      "masks_in_flight", "compilation_cache_dir", "phase_ks", "share_prefix",
-                      "batch_size", "candidates_per_call", "fit_margin", "margin", "noise_levels",
-                      "noise_seeds", "noise_profile_seeds")
+_NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods",
+                      "mask_chunk", "masks_in_flight", "compilation_cache_dir", "phase_ks",
+                      "share_prefix", "batch_size", "candidates_per_call", "fit_margin",
+                      "margin", "noise_levels", "noise_seeds", "noise_profile_seeds",
+                      "screen_items", "screen_keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +99,16 @@ class Settings:
   dtype: str | None = setting(None, "Weight dtype (default: the checkpoint's).", choices=DTYPES)
   compute_dtype: str | None = setting(None, "Activation dtype (default: the weights').",
                                       choices=DTYPES)
-  methods: tuple[str, ...] = setting(METHODS, "Pruning methods to run; empty: only the "
-                                     "full-model profile.", choices=METHODS)
+  methods: tuple[str, ...] = setting(DEFAULT_METHODS, "Pruning methods to run (default: all "
+                                     "but iterative_screened); empty: only the full-model "
+                                     "profile.", choices=METHODS)
   criteria: tuple[str, ...] = setting(("accuracy",), "Iterative Pruning criteria.",
                                       choices=CRITERIA)
   min_layers: int = setting(1, "Iterative Pruning stops at this many blocks.")
+  screen_items: int = setting(16, "iterative_screened: calibration items (the first ones) "
+                              "every candidate is scored on before the exact evaluation.")
+  screen_keep: int = setting(4, "iterative_screened: candidates evaluated on every "
+                             "calibration item at each step (the best on the screen).")
   random_seeds: int = setting(3, "Seeds of the random baseline's pruning curves (their mean "
                               "and range are reported).")
   phase_seeds: int = setting(10, "Seeds of the phase experiment's random rule (its paired "
@@ -200,6 +208,9 @@ class Settings:
       raise ValueError("the pruning methods need calibration items; set calibration_items >= 1.")
     if self.min_layers < 1:
       raise ValueError(f"min_layers={self.min_layers} must be at least 1.")
+    if self.screen_items < 1 or self.screen_keep < 1:
+      raise ValueError(f"screen_items={self.screen_items} and screen_keep={self.screen_keep} "
+                       "must be at least 1.")
     if self.masks_in_flight < 0:
       raise ValueError(f"masks_in_flight={self.masks_in_flight} must be >= 0 (0: automatic).")
     if self.phase_sizing not in PHASE_SIZINGS:

@@ -148,4 +148,5 @@ def test_every_benchmark_program_imports_beside_the_others_and_runs_its_own_flag
   units = [line.split()[0] for line in listed.stdout.splitlines()[1:]
            if line.startswith("smollm2_arc_easy_cloze:")]
   assert units == ["smollm2_arc_easy_cloze:phase", "smollm2_arc_easy_cloze:noise",
-                   "smollm2_arc_easy_cloze:iterative", "smollm2_arc_easy_cloze:baselines"]
+                   "smollm2_arc_easy_cloze:iterative", "smollm2_arc_easy_cloze:screened",
+                   "smollm2_arc_easy_cloze:baselines"]

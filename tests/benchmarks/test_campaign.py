@@ -18,7 +18,8 @@ def test_the_plan_runs_the_claims_probes_first_and_fits_twelve_hours(tmp_path):
   first_noise = kinds.index("noise")
   assert set(kinds[:first_noise]) == {"phase"} and len(kinds[:first_noise]) == 15
   assert [u.priority for u in units] == sorted(u.priority for u in units)
-  assert {u.run.model for u in units if u.kind == "iterative"} == set(campaign.MODELS)
+  assert {u.run.model for u in units if u.kind == "screened"} == set(campaign.MODELS)
+  assert {u.run.model for u in units if u.kind == "iterative"} == {"smollm2", "gemma3"}
   rows = campaign.status(str(tmp_path), units)
   upto_two = sum(r["predicted_seconds"] for r in rows
                  if r["priority"] <= 2 and r["state"] != "not needed")

@@ -264,3 +264,23 @@ def test_phase_experiment_doublings_are_the_same_points_as_all(monkeypatch):
       for p in points:
         assert p.removed_sets == every[p.k].removed_sets and len(p.removed_sets[0]) == p.k
         assert p.accuracy == every[p.k].accuracy
+
+
+def test_the_screened_search_on_every_calibration_item_is_the_exact_search(
+    synthetic_model_dir, tmp_path):
+  """Screening every candidate on all the calibration items and keeping the best one
+  removes what the exact search removes, step for step; a screen of 4 items keeping 2
+  candidates runs and records its settings."""
+  out = str(tmp_path / "screened")
+  _run(synthetic_model_dir, out, "--methods=iterative,iterative_screened", "--screen_items=8",
+       "--screen_keep=1")
+  methods = _results(out)["methods"]
+  exact, screened = methods["iterative_accuracy"], methods["iterative_screened_accuracy"]
+  assert screened["removed_order"] == exact["removed_order"]
+  assert [p["accuracy"] for p in screened["curve"]] == [p["accuracy"] for p in exact["curve"]]
+  small = str(tmp_path / "small")
+  _run(synthetic_model_dir, small, "--methods=iterative_screened", "--screen_items=4",
+       "--screen_keep=2")
+  record = _results(small)["methods"]["iterative_screened_accuracy"]
+  assert record["screen_items"] == 4 and record["screen_keep"] == 2
+  assert len(record["removed_order"]) == 3  # the synthetic model's 4 blocks to 1
