@@ -218,6 +218,8 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
 
 def main(argv):
   del argv
+  from dpjax.cli.program import quiet_logs
+  quiet_logs()  # Orbax logs every save at INFO: off unless --verbosity asks
   size = campaign.SIZES[_SIZE.value]
   out = out_dir()
   os.makedirs(os.path.join(out, "runs"), exist_ok=True)
