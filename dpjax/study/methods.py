@@ -506,10 +506,24 @@ def run_noise(ctx: Context, out: StudyResults) -> None:
     for level in probe.levels:
       for seed in probe.profile_seeds:
         add((block, level), [block], level, seed)
-  readout = noise_engine.noised_readouts(ctx.eval_sweep, np.stack(scales), np.array(seeds),
-                                         description="noise probe")
+  # A finished probe is kept with the run's state, keyed by its variants (scales and
+  # seeds): a later call of the same run restores it instead of evaluating it again.
+  digest = hashlib.sha256(np.stack(scales).tobytes() + np.array(seeds).tobytes()).hexdigest()
+  saved = ctx.state.load("noise_probe") if ctx.state is not None else None
+  if saved is not None and saved["key"] == digest:
+    points = [CurvePoint.from_state(p) for p in saved["points"]]
+    if is_main_process():
+      print(f"noise probe: {len(points)} variants restored from the saved state", flush=True)
+  else:
+    readout = noise_engine.noised_readouts(ctx.eval_sweep, np.stack(scales), np.array(seeds),
+                                           description="noise probe")
+    points = final_points(ctx, readout)
+    if ctx.state is not None:
+      step = 1 if saved is None else saved["step"] + 1
+      ctx.state.save("noise_probe", step, {"key": digest, "step": step,
+                                           "points": [p.to_state() for p in points]})
   grouped: dict[Any, list[CurvePoint]] = {}
-  for key, point in zip(where, final_points(ctx, readout)):
+  for key, point in zip(where, points):
     grouped.setdefault(key, []).append(point)  # in seed order
   comparisons = []
   for arm in phases:

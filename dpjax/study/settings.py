@@ -30,8 +30,8 @@ DTYPES = SUPPORTED_DTYPES
 PHASE_KS = ("all", "doublings")
 
 # Settings that cannot change a result beyond float rounding, or only which variants run
-# (a saved curve is keyed by its masks), or only the noise probe (which saves no state):
-# resuming does not require them equal.
+# (a saved curve, the noise probe, a screened search are keyed by their variants or
+# settings): resuming does not require them equal.
 _NOT_FINGERPRINTED = ("output_dir", "progress", "model_axis", "restart", "methods",
                       "mask_chunk", "masks_in_flight", "compilation_cache_dir", "phase_ks",
                       "share_prefix", "batch_size", "candidates_per_call", "fit_margin",

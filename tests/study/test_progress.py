@@ -20,8 +20,8 @@ from dpjax.engine import resume
 # Iterative Pruning three steps deep, and the phase experiment.
 FLAGS = dict(model=BUNDLED_MODEL, task="synthetic", num_items=24, calibration_items=16,
              transition_items=16, batch_size=8, phase_seeds=2, random_seeds=1,
-             min_layers=13, methods=("iterative", "phase"), progress=False,
-             compilation_cache_dir="")
+             min_layers=13, methods=("iterative", "phase", "noise"), noise_seeds=2,
+             noise_profile_seeds=0, progress=False, compilation_cache_dir="")
 
 
 def _settings(out, **changes):
@@ -65,8 +65,10 @@ def test_a_fresh_copy_computes_nothing_its_files_record(finished, tmp_path, monk
       return original(*args, **kwargs)
     return call
 
+  from dpjax.engine import noise
   for owner, name in ((Sweep, "readouts"), (Sweep, "drop_one"), (Sweep, "final_stats"),
-                      (DecoderModel, "hidden_states"), (DecoderModel, "logits")):
+                      (DecoderModel, "hidden_states"), (DecoderModel, "logits"),
+                      (noise, "noised_readouts")):
     if hasattr(owner, name):
       monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
   loads = []
@@ -75,7 +77,7 @@ def test_a_fresh_copy_computes_nothing_its_files_record(finished, tmp_path, monk
                       lambda self, name: loads.append(name) or original_load(self, name))
   study.run(_settings(copy))
   assert calls == [], f"model calls on a run whose files record everything: {calls}"
-  assert "iterative_accuracy" in loads and "influence_and_angles" in loads
+  assert {"iterative_accuracy", "influence_and_angles", "noise_probe"} <= set(loads)
   assert _comparable(copy) == _comparable(finished)
 
 
@@ -104,8 +106,9 @@ def test_killed_mid_unit_resumes_from_the_progress_files_alone(finished, tmp_pat
   """SIGKILL during Iterative Pruning's second step, then the Orbax state deleted (a fresh
   machine): the rerun starts at step 2 and ends with the uninterrupted run's files."""
   out = str(tmp_path / "killed")
-  flags = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in FLAGS.items()
-           if k != "progress"] + ["--noprogress", f"--output_dir={out}"]
+  flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+           for k, v in FLAGS.items() if k != "progress"] + ["--noprogress",
+                                                              f"--output_dir={out}"]
   proc = subprocess.Popen([sys.executable, "-m", "dpjax.cli.study", *flags],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
