@@ -437,7 +437,7 @@ def run_phase(ctx: Context, out: StudyResults) -> None:
           for arm in ("silent", "decisive"))
       comparisons.append(statistics.compare_arms(
           selection, k, outcomes["silent"], outcomes["decisive"],
-          unpruned=ctx.unpruned_point.item_correct, margin=s.margin,
+          unpruned=(out.unpruned_point or ctx.unpruned_point).item_correct, margin=s.margin,
           threshold=out.full_model.collapse_threshold(), variants=variants, **sized))
     experiment.arms[selection] = arms
     experiment.max_k = max(experiment.max_k, max(size[0] for size in sizes))
