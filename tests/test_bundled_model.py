@@ -104,7 +104,8 @@ def default_run(tmp_path_factory):
 
 def test_default_run_writes_the_whole_report(default_run):
   out, results = default_run
-  assert results["model"]["path"] == BUNDLED_MODEL and results["task"]["spec"] == "synthetic"
+  assert results["model"]["path"] == "dpjax/bundled_model" and results["task"]["spec"] == "synthetic"
+  assert results["settings"]["model"] == "dpjax/bundled_model"  # no machine's path
   pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
   assert {"decision_margin.png", "decision_margin_by_subject.png", "option_frequency.png",
           "pruning_curves.png", "phase_comparison.png"} <= set(pngs)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from dpjax import fileio
-from dpjax.bundled import BUNDLED_MODEL
+from dpjax.bundled import BUNDLED_MODEL, resolve_recorded
 from dpjax.fields import command_line, setting
 from dpjax.study import statistics
 from dpjax.study.results import bootstrap_ci
@@ -427,7 +427,7 @@ def prune(s: PruneSettings) -> dict[str, Any]:
     results = json.load(f)
   with open(os.path.join(study_dir, "items.jsonl")) as f:
     ids = [json.loads(line)["id"] for line in f if line.strip()]
-  source = s.model if not s.study else results["model"]["path"]
+  source = s.model if not s.study else resolve_recorded(results["model"]["path"])
   from dpjax.study.run import select_items
   from dpjax.study.settings import Settings
   ran = Settings(**{k: tuple(v) if isinstance(v, list) else v

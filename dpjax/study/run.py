@@ -37,6 +37,7 @@ from dpjax.report import files as report
 from dpjax.engine import resume
 from dpjax.study import statistics
 from dpjax.lens import tuned as tuned_lens
+from dpjax.bundled import recorded_path
 from dpjax.engine.devices import Placement, is_main_process
 from dpjax.fileio import check_output_dir, write_npz_stable
 from dpjax.checkpoints.convert import load_tokenizer
@@ -279,7 +280,8 @@ def transition_intervals(prof: metrics.Profile, encoded: tasks.EncodedTask,
 def _describe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
   """The model and task records of results.json."""
   s, cfg = ctx.settings, ctx.model.config
-  model = {"path": s.model, "architecture": cfg.architecture, "num_layers": ctx.num_layers,
+  model = {"path": recorded_path(s.model), "architecture": cfg.architecture,
+           "num_layers": ctx.num_layers,
            "fingerprint": tuned_lens.fingerprint(ctx.model),
            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
            "param_dtype": cfg.param_dtype, "compute_dtype": str(ctx.model.compute_dtype)}
@@ -378,6 +380,7 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
     logit_full = FullProfile.from_metrics(logit_prof, ctx.num_layers)
   model_info, task_info = _describe(ctx)
   recorded = {k: v for k, v in dataclasses.asdict(s).items() if k != "compilation_cache_dir"}
+  recorded["model"] = recorded_path(s.model)
   results = StudyResults(model=model_info, task=task_info, settings=recorded,
                          full_model=full, timings=timings, ran_methods=bool(s.methods),
                          lens=lens_info(ctx), full_model_logit_lens=logit_full)
