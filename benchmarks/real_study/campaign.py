@@ -436,8 +436,8 @@ def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, 
 
 
 def status(out_dir: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
-  """Every unit of the plan with its state (done / skipped / to do / not needed) and its
-  predicted and measured seconds."""
+  """Every unit of the plan with its state (done / skipped / to do / after phase / not
+  needed) and its predicted and measured seconds."""
   ledger = read_ledger(out_dir)["units"]
   calibration = calibrate(out_dir, units)
   rows = []
@@ -449,6 +449,8 @@ def status(out_dir: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
       state = "skipped" if rec.get("skipped") else "done"
     elif unit.kind != "phase" and not facts["expected_eligible"]:
       state = "not needed"  # below the bar: the phase unit recorded why
+    elif unit.kind != "phase" and f"{unit.run.name}:phase" not in ledger:
+      state = "after phase"  # every unit of a run builds on its profile and l*
     elif (unit.kind == "noise" and f"{unit.run.name}:phase" in ledger
           and not (facts["l_star"] or 0) > 1):
       state = "not needed"  # no transition (or an empty Silent Phase): no phases to noise
@@ -471,12 +473,12 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     measured = "-" if r["measured_seconds"] is None else hours(r["measured_seconds"])
     lines.append(f"{r['unit']:<44} {r['state']:<11} {hours(r['predicted_seconds']):>10} "
                  f"{measured:>10}" + (f"  ({r['why']})" if r["why"] else ""))
-  left = sum(r["predicted_seconds"] for r in rows if r["state"] == "to do")
+  left = sum(r["predicted_seconds"] for r in rows if r["state"] in ("to do", "after phase"))
   done = sum(r["measured_seconds"] or 0 for r in rows if r["state"] in ("done", "skipped"))
   for priority in sorted({r["priority"] for r in rows}):
     upto = [r for r in rows if r["priority"] <= priority and r["state"] != "not needed"]
     lines.append(f"priorities 1-{priority}: {hours(sum(r['predicted_seconds'] for r in upto))} "
                  f"predicted ({len(upto)} units)")
   lines.append(f"done: {hours(done)} measured; left: {hours(left)} predicted "
-               f"({sum(r['state'] == 'to do' for r in rows)} units)")
+               f"({sum(r['state'] in ('to do', 'after phase') for r in rows)} units)")
   return "\n".join(lines)
