@@ -338,29 +338,22 @@ def verdict_markdown(out_dir, found, runs) -> str:
             + "; ".join(PRECISION.get(m, m) for m in models) + "): the quantized weights, not "
             "the published full-precision ones."]
   if found:
+    counts = sorted({r["task"]["num_items"] for _, r in found}, reverse=True)
     lines.append(
-        "- Items: " + "; ".join(sorted({f"{r['task']['num_items']} evaluation items"
-                                        for _, r in found})) + " per run; the "
-        "transition is read on " + ", ".join(sorted({str((r.get('calibration_transition')
-                                                            or {}).get('items', '-'))
-                                                       for _, r in found})) +
-        " calibration items, the pruning search uses "
-        + ", ".join(sorted({str(r['task']['num_calibration_items']) for _, r in found}))
+        f"- Items: {' or '.join(map(str, counts))} evaluation items per run; the transition "
+        "is read on " + ", ".join(sorted({str((r.get("calibration_transition") or {})
+                                              .get("items", "-")) for _, r in found}))
+        + " calibration items, the pruning search uses "
+        + ", ".join(sorted({str(r["task"]["num_calibration_items"]) for _, r in found}))
         + " of them.")
-  ran = {run.name for run, _ in found}
-  missing = [run.name for run in runs if run.name not in ran]
-  if missing:
-    lines.append(f"- Not run (or run before per-item outcomes were recorded): "
-                 f"{', '.join(missing)}.")
-  from dpjax.study.settings import METHODS
-  cut = []
-  for run, r in found:
-    planned = dict(run.settings).get("methods", METHODS)
-    left = [m for m in planned if m not in r["settings"]["methods"]]
-    if left:
-      cut.append(f"{run.name} ({', '.join(left)})")
-  if cut:
-    lines.append(f"- Methods of the plan not run yet: {'; '.join(cut)}.")
+  from benchmarks.real_study import campaign
+  size = size_of(runs)
+  left = [] if size is None else [
+      row for row in campaign.status(out_dir, campaign.plan(size))
+      if row["state"] in ("to do", "after phase")]
+  if left:
+    lines.append(f"- Units of the plan not run yet ({len(left)}): "
+                 + ", ".join(row["unit"] for row in left) + ".")
   return "\n".join(lines) + "\n"
 
 
@@ -374,15 +367,21 @@ def _dm_series(run, r):
           f"{norm} DM")
 
 
+def size_of(runs):
+  """The campaign size (`campaign.SIZES`) whose runs these are, or None."""
+  from benchmarks.real_study import campaign
+  return next((z for z in campaign.SIZES.values()
+               if [r.name for r in campaign.runs(z)] == [r.name for r in runs]
+               and all(dict(r.settings) == dict(q.settings)
+                       for r, q in zip(campaign.runs(z), runs))), None)
+
+
 def campaign_lines(out_dir: str, runs) -> list[str]:
   """REPORT.md's account of the campaign: its size and what it cut (from the plan), and
   every finished unit's measured time against the time predicted before it started
   (from ledger.json)."""
   from benchmarks.real_study import campaign
-  size = next((z for z in campaign.SIZES.values()
-               if [r.name for r in campaign.runs(z)] == [r.name for r in runs]
-               and all(dict(r.settings) == dict(q.settings)
-                       for r, q in zip(campaign.runs(z), runs))), None)
+  size = size_of(runs)
   lines = ["## The campaign", ""]
   if size is not None:
     items = {}

@@ -92,7 +92,8 @@ def meta_analysis(per_run: dict[str, list[statistics.Comparison]], rule: str,
                   k: int | str) -> dict[str, Any] | None:
   """DerSimonian-Laird random-effects pooling of the Silent-minus-Decisive difference of
   `rule` at `k` (an int, or "largest": the largest k every run has) across the runs that
-  have it; None when no run has it."""
+  have it as a distinct comparison (not `same_as` another of the run's); None when none
+  has it."""
   chosen = {}
   if k == "largest":
     shared = None
@@ -104,7 +105,8 @@ def meta_analysis(per_run: dict[str, list[statistics.Comparison]], rule: str,
       return None
     k = max(shared)
   for name, comparisons in per_run.items():
-    found = [c for c in comparisons if c.rule == rule and c.k == k]
+    # A comparison of the same kept sets as an earlier one of its run counts once.
+    found = [c for c in comparisons if c.rule == rule and c.k == k and c.same_as is None]
     if found:
       chosen[name] = found[0]
   if not chosen:
