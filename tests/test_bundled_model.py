@@ -90,7 +90,7 @@ def default_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("default_run"))
   result = subprocess.run(
       [sys.executable, "-m", "dpjax.cli.study", "--num_items=64", "--calibration_items=16",
-       "--random_seeds=1", "--noprogress",
+       "--random_seeds=1", "--noise_profile_seeds=0", "--noprogress",
        f"--output_dir={out}"], capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "transition block" in result.stdout
