@@ -222,7 +222,6 @@ def main(argv):
   quiet_logs()  # Orbax logs every save at INFO: off unless --verbosity asks
   size = campaign.SIZES[_SIZE.value]
   out = out_dir()
-  os.makedirs(os.path.join(out, "runs"), exist_ok=True)
   unknown = sorted(set(_KINDS.value) - set(campaign.UNIT_KINDS))
   if unknown:
     raise app.UsageError(f"--units={','.join(_KINDS.value)} names {unknown}; the kinds are "
@@ -237,6 +236,7 @@ def main(argv):
   if _DRY_RUN.value:
     print(campaign.format_status(campaign.status(out, units)))
     return
+  os.makedirs(os.path.join(out, "runs"), exist_ok=True)
   if not _REPORT_ONLY.value:
     from dpjax.tasks.benchmarks import default_data_dir
     from dpjax.tasks.fetch import fetch_benchmarks
