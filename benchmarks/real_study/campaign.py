@@ -28,8 +28,8 @@ Predictions (`predict`) count the work of a unit as the planner counts a study's
 into floating-point operations with the model's shapes, divide by a block rate and a
 lens rate (priors for two CPU cores, fitted to earlier measured runs), and add the
 unit's fixed cost (loading the model, encoding, compiling). A scale on the priors is
-fitted to the finished units of the same model and kind (else model), so the
-prediction for the next unit uses every measurement made so far.
+fitted to the finished units of the same model and kind (else the same kind on every
+model), so the prediction for the next unit uses every measurement made so far.
 """
 
 from __future__ import annotations
@@ -390,12 +390,15 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
 @dataclasses.dataclass
 class Calibration:
   """Scales on the prior rates, fitted to finished units: per (model, unit kind) where
-  that kind has finished on that model, else per model, else 1."""
+  that kind has finished on that model, else per kind over every model, else 1."""
   scale: dict[tuple[str, str], float]
   fixed: dict[str, float]
 
   def seconds(self, model: str, kind: str, base: float) -> float:
-    scale = self.scale.get((model, kind), self.scale.get((model, "*"), 1.0))
+    # The same kind on the same model, else the same kind on the other models (the
+    # measured units showed a model's scale on one kind mispredicting its next kind by
+    # 3-5x, where another model's scale on the same kind was within 1.5x), else the prior.
+    scale = self.scale.get((model, kind), self.scale.get(("*", kind), 1.0))
     return self.fixed[model] + scale * base
 
 
@@ -418,7 +421,7 @@ def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
     if base <= 0:
       continue
     spent = max(rec["seconds"] - PRIOR_FIXED[rec["model"]], 1.0)
-    for key in ((rec["model"], rec["kind"]), (rec["model"], "*")):
+    for key in ((rec["model"], rec["kind"]), ("*", rec["kind"])):
       total = sums.setdefault(key, [0.0, 0.0])
       total[0] += spent
       total[1] += base
