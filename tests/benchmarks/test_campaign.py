@@ -51,10 +51,14 @@ def test_predictions_are_calibrated_on_finished_units(tmp_path):
   calibration = campaign.calibrate(out, units)
   predicted, base2 = campaign.predict(out, second, calibration)
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 2 * base2, rel=1e-4)
-  # Another model is left at its prior.
-  other = next(u for u in units if u.run.model == "qwen25")
-  assert campaign.predict(out, other, calibration)[0] == pytest.approx(
-      campaign.predict(out, other, prior)[0])
+  # Another model's unit of the same kind takes the kind's scale; a kind not measured on
+  # any model stays at its prior.
+  other = next(u for u in units if u.run.model == "qwen25" and u.kind == "phase")
+  predicted, base3 = campaign.predict(out, other, calibration)
+  assert predicted == pytest.approx(campaign.PRIOR_FIXED["qwen25"] + 2 * base3, rel=1e-4)
+  noise = next(u for u in units if u.kind == "noise")
+  assert campaign.predict(out, noise, calibration)[0] == pytest.approx(
+      campaign.predict(out, noise, prior)[0])
   with open(tmp_path / campaign.LEDGER_FILE) as f:
     assert json.load(f)["units"][first.name]["seconds"] == pytest.approx(measured, abs=0.1)
 
