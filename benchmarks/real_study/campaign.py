@@ -438,11 +438,13 @@ def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, 
   return calibration.seconds(unit.run.model, unit.kind, base), base
 
 
-def status(out_dir: str, units: Sequence[Unit]) -> list[dict[str, Any]]:
-  """Every unit of the plan with its state (done / skipped / to do / after phase / not
-  needed) and its predicted and measured seconds."""
+def status(out_dir: str, units: Sequence[Unit],
+           every: Sequence[Unit] | None = None) -> list[dict[str, Any]]:
+  """Every unit of `units` with its state (done / skipped / to do / after phase / not
+  needed) and its predicted and measured seconds, calibrated on the finished units of
+  `every` (the whole plan; default `units`)."""
   ledger = read_ledger(out_dir)["units"]
-  calibration = calibrate(out_dir, units)
+  calibration = calibrate(out_dir, every or units)  # on every finished unit of the plan
   rows = []
   for unit in units:
     rec = ledger.get(unit.name)

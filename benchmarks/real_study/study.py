@@ -234,7 +234,7 @@ def main(argv):
   if _KINDS.value:
     units = [u for u in units if u.kind in _KINDS.value]
   if _DRY_RUN.value:
-    print(campaign.format_status(campaign.status(out, units)))
+    print(campaign.format_status(campaign.status(out, units, campaign.plan(size))))
     return
   os.makedirs(os.path.join(out, "runs"), exist_ok=True)
   if not _REPORT_ONLY.value:
@@ -245,7 +245,8 @@ def main(argv):
     clock = time.perf_counter()
     budget = _HOURS.value * 3600
     for unit in units:
-      row = {r["unit"]: r for r in campaign.status(out, [unit])}[unit.name]
+      row = {r["unit"]: r for r in campaign.status(out, [unit], campaign.plan(size))}[
+          unit.name]
       if row["state"] != "to do":
         continue
       calibration = campaign.calibrate(out, campaign.plan(size))
