@@ -124,37 +124,34 @@ def transition_collapse_rows(found) -> list[dict]:
 
 
 
-def study_comparisons(out_dir, found) -> dict[str, list[statistics.Comparison]]:
-  """Every run's paired comparisons recomputed from its variants.jsonl
-  (`dpjax.report.claim`), Holm-adjusted over the distinct comparisons of the whole study
-  (all runs together; each results.json's own `holm_p` is over its run alone)."""
+def _study_family(out_dir, found, record: str, compute) -> dict[str, list]:
+  """`compute(variants, results)` for every run whose `record` ran, recomputed from its
+  variants.jsonl, with Holm over the distinct comparisons of all runs together (the same
+  kept sets in two runs are two comparisons; each results.json's own `holm_p` is over
+  its run alone)."""
   per_run = {}
   for run, r in found:
-    phase = r.get("phase_experiment") or {}
-    if not phase or phase.get("skipped"):
+    done = r.get(record) or {}
+    if not done or done.get("skipped"):
       continue
-    variants = claim.read_variants(os.path.join(out_dir, "runs", run.name))
-    comparisons = claim.phase_comparisons(variants, r, MARGIN)
-    for c in comparisons:  # the same kept sets in two runs are two comparisons
-      c.variants = (run.name, c.variants)
+    comparisons = compute(claim.read_variants(os.path.join(out_dir, "runs", run.name)), r)
+    for c in comparisons:
+      c.variants = None if c.variants is None else (run.name, c.variants)
     per_run[run.name] = comparisons
-  every = [c for comparisons in per_run.values() for c in comparisons]
-  statistics.with_holm(every, ALPHA, MARGIN)
+  statistics.with_holm([c for cs in per_run.values() for c in cs], ALPHA, MARGIN)
   return per_run
+
+
+def study_comparisons(out_dir, found) -> dict[str, list[statistics.Comparison]]:
+  """Every run's phase-experiment comparisons (`dpjax.report.claim`), Holm over the study."""
+  return _study_family(out_dir, found, "phase_experiment",
+                       lambda variants, r: claim.phase_comparisons(variants, r, MARGIN))
 
 
 def noise_comparisons(out_dir, found) -> dict[str, list[statistics.Comparison]]:
-  """Every run's noise-probe comparisons from its variants.jsonl, Holm over the study's."""
-  per_run = {}
-  for run, r in found:
-    probe = r.get("noise_probe") or {}
-    if not probe or probe.get("skipped"):
-      continue
-    variants = claim.read_variants(os.path.join(out_dir, "runs", run.name))
-    per_run[run.name] = claim.noise_comparisons(variants, r, MARGIN)
-  every = [c for comparisons in per_run.values() for c in comparisons]
-  statistics.with_holm(every, ALPHA, MARGIN)
-  return per_run
+  """Every run's noise-probe comparisons, Holm over the study's."""
+  return _study_family(out_dir, found, "noise_probe",
+                       lambda variants, r: claim.noise_comparisons(variants, r, MARGIN))
 
 
 def why_no_phase(r: dict) -> str | None:

@@ -276,6 +276,12 @@ class MethodResult:
     return out
 
 
+def _without_points(record) -> dict[str, Any]:
+  """A dataclass's fields as plain JSON, less its per-seed `points` (variants.jsonl has them)."""
+  return to_plain({f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+                   if f.name != "points"})
+
+
 @dataclasses.dataclass
 class ArmPoint:
   """One arm of the phase experiment after removing `k` blocks (mean over seeds), with a
@@ -289,8 +295,7 @@ class ArmPoint:
   points: list[CurvePoint] = dataclasses.field(default_factory=list, repr=False)  # per seed
 
   def to_json(self) -> dict[str, Any]:
-    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "points"}
-    return to_plain(out)
+    return _without_points(self)
 
 
 def bootstrap_ci(per_item: np.ndarray, resamples: int = 2000, seed: int = 0
@@ -344,8 +349,7 @@ class NoiseArm:
   points: list[CurvePoint] = dataclasses.field(default_factory=list, repr=False)  # per seed
 
   def to_json(self) -> dict[str, Any]:
-    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "points"}
-    return to_plain(out)
+    return _without_points(self)
 
 
 @dataclasses.dataclass
