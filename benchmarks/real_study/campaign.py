@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
@@ -154,6 +155,7 @@ class Size:
   baselines_runs: tuple    # runs whose one-shot baselines are in the plan
   screened_runs: tuple = ()  # runs whose screened Iterative Pruning is in the plan
   tasks: tuple = ("arc_easy", "sciq", "piqa", "arc_challenge", "hellaswag")
+  task_settings: dict = dataclasses.field(default_factory=dict)  # extra fields per task
 
 
 # Every run reads l* on 128 calibration items (the search takes the first 64), the
@@ -182,8 +184,11 @@ LOCAL = Size(
     items={"smollm2": 100, "gemma3": 100, "qwen25": 60,
            ("smollm2", "arc_easy"): 120, ("gemma3", "arc_easy"): 120,
            ("qwen25", "arc_easy"): 80,
-           ("smollm2", "hellaswag"): 60, ("gemma3", "hellaswag"): 60,
-           ("qwen25", "hellaswag"): 40},
+           ("smollm2", "hellaswag"): 60, ("gemma3", "hellaswag"): 30,
+           ("qwen25", "hellaswag"): 40, ("gemma3", "sciq"): 60,
+           ("gemma3", "arc_challenge"): 80},
+    task_settings={task: (("transition_items", 64),)
+                   for task in ("sciq", "piqa", "arc_challenge", "hellaswag")},
     iterative_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze"),
     baselines_runs=("smollm2_arc_easy_cloze",),
     screened_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze",
@@ -208,8 +213,10 @@ def runs(size: Size) -> list[Run]:
   for task in size.tasks:
     for model in MODELS:
       items = size.items.get((model, task), size.items[model])
+      common = dict(size.common)
+      common.update(size.task_settings.get(task, ()))
       out.append(Run(f"{model}_{task}_cloze", model, task, "cloze",
-                     (("num_items", items),) + size.common))
+                     (("num_items", items),) + tuple(common.items())))
   return out
 
 
@@ -367,7 +374,9 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
   gap = _fields(run)["phase_min_gap"]
   facts: dict[str, Any] = {"l_star": None, "tokens": TASK_TOKENS[run.task], "eligible": None,
                            "expected_eligible": prior is None
-                           or prior >= CHANCE[run.task] + gap}
+                           or prior >= CHANCE[run.task] + gap,
+                           "assumed_l_star": _model_l_star(out_dir, run),
+                           "phase_ran": False}
   if os.path.isfile(items_path):
     tokens, reads = [], []
     with open(items_path) as f:
@@ -380,11 +389,37 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
     with open(results_path) as f:
       results = json.load(f)
     facts["l_star"] = results.get("calibration_transition_block")
+    facts["phase_ran"] = True
     full = results["full_model"]
     facts["accuracy"] = full["accuracy"][-1]
     facts["eligible"] = full["accuracy"][-1] >= full["chance"] + gap
     facts["expected_eligible"] = facts["eligible"]
   return facts
+
+
+def _model_l_star(out_dir: str, run: Run) -> int | None:
+  """Before a run's profile: l* at the depth fraction the model's other runs measured
+  (their mean), None where none has a transition (`unit_work` then assumes 3/4)."""
+  fractions = []
+  for path in glob.glob(os.path.join(out_dir, "runs", f"{run.model}_*", "results.json")):
+    with open(path) as f:
+      l_star = json.load(f).get("calibration_transition_block")
+    if l_star:
+      fractions.append(l_star / SHAPES[run.model].num_layers)
+  if not fractions:
+    return None
+  return max(2, round(float(np.mean(fractions)) * SHAPES[run.model].num_layers))
+
+
+def _work(unit: Unit, facts: dict[str, Any]) -> Work:
+  """The unit's work from its run's facts: a run whose profile found no transition ran
+  no phase experiment (its phase unit was the profile)."""
+  l_star = facts["l_star"] if facts["phase_ran"] else facts["assumed_l_star"]
+  no_transition = facts["phase_ran"] and facts["l_star"] is None
+  if no_transition and unit.kind == "noise":
+    return Work()
+  profile_only = not facts["expected_eligible"] or (no_transition and unit.kind == "phase")
+  return unit_work(unit, l_star, facts["tokens"], profile_only=profile_only)
 
 
 @dataclasses.dataclass
@@ -415,9 +450,7 @@ def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
       continue
     unit = by_name[name]
     facts = run_facts(out_dir, unit.run)
-    base = unit_work(unit, facts["l_star"], facts["tokens"],
-                     profile_only=not facts["expected_eligible"]).base_seconds(
-                         SHAPES[unit.run.model])
+    base = _work(unit, facts).base_seconds(SHAPES[unit.run.model])
     if base <= 0:
       continue
     spent = max(rec["seconds"] - PRIOR_FIXED[rec["model"]], 1.0)
@@ -432,8 +465,7 @@ def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
 def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, float]:
   """(seconds, prior seconds) predicted for `unit` from its run's committed files."""
   facts = run_facts(out_dir, unit.run)
-  work = unit_work(unit, facts["l_star"], facts["tokens"],
-                   profile_only=not facts["expected_eligible"])
+  work = _work(unit, facts)
   base = work.base_seconds(SHAPES[unit.run.model])
   return calibration.seconds(unit.run.model, unit.kind, base), base
 

@@ -406,6 +406,17 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               + (" without its block-by-block profile" if not common["noise_profile_seeds"]
                  else "") + "; the phase experiment and the noise probe only where the "
               f"unpruned model is at least {common['phase_min_gap']} above chance."]
+    grouped: dict[tuple, list[str]] = {}
+    for task, fields in size.task_settings.items():
+      grouped.setdefault(tuple(fields), []).append(task)
+    for fields, tasks in grouped.items():
+      lines[-1] += (f" On {', '.join(tasks)}: " + ", ".join(f"`{k}={v}`" for k, v in fields)
+                    + f" (elsewhere {', '.join(f'{k}={common[k]}' for k, _ in fields)}).")
+    if size.task_settings:
+      lines[-1] += (" SciQ's, PIQA's and HellaSwag's items are 3x ARC's tokens, so their "
+                    "transition items and Gemma 3's evaluation items (its 262k-token "
+                    "unembedding makes every lens read 3-5x the others') are cut to keep the "
+                    "plan within 12 hours.")
     if size.name == "local":
       calibration = campaign.calibrate(out_dir, campaign.plan(size))
       predicted = lambda z: sum(campaign.predict(out_dir, u, calibration)[0]

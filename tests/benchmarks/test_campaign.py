@@ -113,3 +113,43 @@ def test_the_time_budget_stops_before_a_unit_that_would_pass_it(tmp_path, monkey
     real_study.FLAGS.unparse_flags()
   assert ran == [u.name for u in units[:2]]
   assert os.path.isfile(tmp_path / "REPORT.md")
+
+
+def test_a_runs_transition_is_assumed_from_the_models_other_runs(tmp_path):
+  """Before its profile a run's l* is taken at the depth fraction the model's finished runs
+  measured; a run whose profile found no transition counts its phase unit as the profile
+  alone and no noise unit, while its searches keep their full work."""
+  out = str(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  by = {u.name: u for u in units}
+  arc, sciq = by["smollm2_arc_easy_cloze:phase"], by["smollm2_sciq_cloze:phase"]
+  assert campaign.run_facts(out, sciq.run)["assumed_l_star"] is None
+  default = campaign.predict(out, sciq, campaign.calibrate(out, units))[1]
+  _fake_run(out, arc.run, 0.5)  # l* = 20 of SmolLM2's 30 blocks
+  facts = campaign.run_facts(out, sciq.run)
+  assert facts["assumed_l_star"] == 20 and facts["l_star"] is None
+  work = campaign._work(sciq, facts)
+  assert work.block_tokens == campaign.unit_work(sciq, 20, facts["tokens"]).block_tokens
+  assert campaign.predict(out, sciq, campaign.calibrate(out, units))[1] != pytest.approx(default)
+  # Gemma 3's profile found no transition.
+  g = "gemma3_arc_easy_cloze"
+  path = os.path.join(out, "runs", g)
+  os.makedirs(path)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"calibration_transition_block": None,
+               "full_model": {"accuracy": [0.25, 0.45], "chance": 0.25}}, f)
+  facts = campaign.run_facts(out, by[f"{g}:phase"].run)
+  profile = campaign.unit_work(by[f"{g}:phase"], None, facts["tokens"], profile_only=True)
+  assert campaign._work(by[f"{g}:phase"], facts).block_tokens == profile.block_tokens > 0
+  assert campaign._work(by[f"{g}:noise"], facts).block_tokens == 0
+  iterative = campaign._work(by[f"{g}:iterative"], facts)
+  assert iterative.block_tokens == campaign.unit_work(
+      by[f"{g}:iterative"], 14, facts["tokens"]).block_tokens > profile.block_tokens
+
+
+def test_longer_tasks_read_l_star_on_fewer_items():
+  fields = {r.name: r.fields for r in campaign.runs(campaign.LOCAL)}
+  assert fields["smollm2_arc_easy_cloze"]["transition_items"] == 128
+  assert fields["smollm2_hellaswag_cloze"]["transition_items"] == 64
+  assert fields["gemma3_sciq_cloze"]["num_items"] == 60
+  assert fields["qwen25_sciq_cloze"]["num_items"] == 60
