@@ -46,6 +46,35 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> None:
                           "directory you can write to.") from None
 
 
+# Every directory output dpjax writes holds one of these files (an exported, healed or
+# trained HF checkpoint its config.json; a converted checkpoint its dpjax_config.json):
+# --overwrite replaces only such a directory.
+OUTPUT_MARKERS = ("config.json", "dpjax_config.json")
+
+
+def check_replaceable(output_dir: str, overwrite: bool) -> None:
+  """Refuses an existing `output_dir` unless `overwrite`, and even then anything that is
+  not an earlier output (a file, or a directory holding other files): --overwrite never
+  replaces what dpjax did not write."""
+  output_dir = os.path.abspath(output_dir)
+  if not os.path.lexists(output_dir):
+    return
+  if not overwrite:
+    raise FileExistsError(
+        f"output directory {output_dir} already exists; choose another path or pass "
+        "--overwrite (overwrite=True) to replace it.")
+  if os.path.islink(output_dir) or not os.path.isdir(output_dir):
+    raise FileExistsError(
+        f"{output_dir} is a file, not an earlier output directory; --overwrite replaces only "
+        "a directory dpjax wrote: choose another path or remove the file.")
+  if os.listdir(output_dir) and not any(os.path.isfile(os.path.join(output_dir, m))
+                                        for m in OUTPUT_MARKERS):
+    raise FileExistsError(
+        f"{output_dir} holds files dpjax did not write (no {' or '.join(OUTPUT_MARKERS)}); "
+        "--overwrite "
+        "replaces only an earlier output directory: choose another path.")
+
+
 def default_mode(directory: bool = False) -> int:
   """The permissions a plain `open` or `mkdir` would give under the current umask."""
   mask = os.umask(0)
@@ -61,10 +90,7 @@ def atomic_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
   temporary directory is removed and an existing `output_dir` is untouched.
   """
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    raise FileExistsError(
-        f"output directory {output_dir} already exists; choose another path or pass "
-        "--overwrite (overwrite=True) to replace it.")
+  check_replaceable(output_dir, overwrite)
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)

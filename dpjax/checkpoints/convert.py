@@ -60,11 +60,8 @@ def save_tokenizer_of(source: HFCheckpoint | GGUFCheckpoint, directory: str) -> 
 def convert(hf_model: str, output_dir: str, *, dtype: str | None = None,
             overwrite: bool = False) -> str:
   """Converts an HF checkpoint (directory or hub id) or a GGUF file into `output_dir`."""
-  if os.path.exists(output_dir) and not overwrite:
-    # Checked before reading gigabytes; checked again at the final rename.
-    raise FileExistsError(
-        f"output directory {os.path.abspath(output_dir)} already exists; choose another "
-        "path or pass --overwrite to replace it.")
+  # Checked before reading gigabytes; checked again at the final rename.
+  fileio.check_replaceable(output_dir, overwrite)
   checkpoint = open_source(hf_model, dtype)
   params = checkpoint.read_params()
   # Orbax copies numpy leaves while it saves them; handing it device arrays,

@@ -117,10 +117,8 @@ def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = No
   """
   if keep is not None and kept_blocks is not None:
     raise ValueError("give keep (a mask) or kept_blocks (indices), not both.")
-  if os.path.exists(output_dir) and not overwrite:
-    raise FileExistsError(
-        f"output directory {os.path.abspath(output_dir)} already exists; choose another "
-        "path or pass --overwrite to replace it.")
+  # Checked before reading gigabytes; checked again at the final rename.
+  fileio.check_replaceable(output_dir, overwrite)
   loaded = load_checkpoint(checkpoint)
   num_layers = loaded.config.num_layers
   if kept_blocks is not None:

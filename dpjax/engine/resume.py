@@ -85,7 +85,12 @@ class RunState:
       differ = sorted(k for k in (set(saved) | set(self.fingerprint)) - added
                       if saved.get(k) != self.fingerprint.get(k))
       if differ:
-        details = "; ".join(f"--{k} was {saved.get(k)!r}, now {self.fingerprint.get(k)!r}"
+        def said(k: str, values: dict) -> str:
+          # A value at its default was most likely never given: say so, not just the value.
+          return (f"{values.get(k)!r}" + (" (the default: the flag not given)"
+                                           if k in defaults and values.get(k) == defaults[k]
+                                           else ""))
+        details = "; ".join(f"--{k} was {said(k, saved)}, now {said(k, self.fingerprint)}"
                             for k in differ)
         raise ResumeMismatch(
             f"the output directory holds a run made with other settings ({details}). Rerun "

@@ -11,6 +11,7 @@ from flax import nnx
 import jax
 import numpy as np
 
+from dpjax import fileio
 from dpjax.fields import command_line
 from dpjax.model.transformer import Transformer
 from dpjax.tasks import synthetic
@@ -62,10 +63,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
   `train_seconds`, `seconds_per_step` and `num_params`.
   """
   # Refuse before hours of training, not after (atomic_directory checks again).
-  if os.path.exists(settings.output_dir) and not settings.overwrite:
-    raise FileExistsError(
-        f"output directory {os.path.abspath(settings.output_dir)} already exists; choose "
-        "another path or pass --overwrite (overwrite=True) to replace it.")
+  fileio.check_replaceable(settings.output_dir, settings.overwrite)
   start = time.perf_counter()
   items = synthetic.generate("train", settings.num_train_items, seed=settings.seed)
   tokenizer = synthetic.build_tokenizer(synthetic.training_text(items),

@@ -157,3 +157,28 @@ def test_command_line_exports(hf_checkpoint_dir, tmp_path):
   assert bad.returncode != 0
   assert "--mask takes one 0 or 1 per block" in bad.stderr
   assert not os.path.exists(tmp_path / "bad")
+
+
+def test_overwrite_replaces_only_an_earlier_output(hf_checkpoint_dir, tmp_path):
+  """--overwrite onto a regular file, or onto a directory dpjax did not write: one line,
+  exit 1, the file or directory untouched; onto an earlier export: replaced."""
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  foreign = tmp_path / "photos"
+  foreign.mkdir()
+  (foreign / "cat.jpg").write_text("meow")
+  for target, said in ((a_file, "is a file, not an earlier output directory"),
+                       (foreign, "holds files dpjax did not write")):
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints_convert.export_cli",
+         f"--model={hf_checkpoint_dir('llama_mha')}", "--keep=0,3", f"--output_dir={target}",
+         "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and said in lines[0], result.stderr[-2000:]
+  assert a_file.read_text() == "mine" and os.listdir(foreign) == ["cat.jpg"]
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt", "photos"]
+  earlier = tmp_path / "pruned"
+  export(hf_checkpoint_dir("llama_mha"), str(earlier), kept_blocks=[0, 1, 2])
+  export(hf_checkpoint_dir("llama_mha"), str(earlier), kept_blocks=[0, 3], overwrite=True)
+  assert HFCheckpoint.open(str(earlier)).config.num_layers == 2

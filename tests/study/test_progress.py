@@ -102,6 +102,18 @@ def test_a_setting_added_later_at_its_default_does_not_block_resuming(tmp_path):
     resume.RunState(str(tmp_path / "s"), {**saved, "new_flag": 2}, defaults={"new_flag": 1})
 
 
+def test_a_changed_flag_at_its_default_is_said_to_be_the_default(tmp_path):
+  """A run made without --num_items, rerun with --num_items=40: the message says the
+  saved 0 was the default (the flag not given), not a 0 the user never typed."""
+  resume.RunState(str(tmp_path / "s"), {"model": "m", "num_items": 0})
+  with pytest.raises(resume.ResumeMismatch) as raised:
+    resume.RunState(str(tmp_path / "s"), {"model": "m", "num_items": 40},
+                    defaults={"model": "m", "num_items": 0})
+  assert "--num_items was 0 (the default: the flag not given), now 40;" not in str(raised.value)
+  assert "--num_items was 0 (the default: the flag not given), now 40)" in str(raised.value)
+  assert "--restart" in str(raised.value)
+
+
 def test_killed_mid_unit_resumes_from_the_progress_files_alone(finished, tmp_path):
   """SIGKILL during Iterative Pruning's second step, then the Orbax state deleted (a fresh
   machine): the rerun starts at step 2 and ends with the uninterrupted run's files."""
