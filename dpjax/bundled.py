@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
+# The committed output of `dpjax` with no flags (the study of the bundled model).
+DEFAULT_RUN = os.path.join(BUNDLED_MODEL, "default_run")
 
 
 def bundled_model_dir() -> str:

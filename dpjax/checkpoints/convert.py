@@ -30,6 +30,7 @@ from dpjax.checkpoints import hf as hf_checkpoint
 from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
 from dpjax.checkpoints.hf import HFCheckpoint
 from dpjax import fileio
+from dpjax.bundled import resolve_recorded
 from dpjax.model.config import ModelConfig
 
 CONFIG_FILE = "dpjax_config.json"
@@ -166,7 +167,10 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoint:
   """Reads a converted checkpoint, or converts an HF directory, a hub id or a GGUF file
-  in memory."""
+  in memory. `dpjax/bundled_model`, where no such directory is here, is the bundled model
+  (how results record it, and how the README names it from any directory)."""
+  if not os.path.exists(path_or_id):
+    path_or_id = resolve_recorded(path_or_id)
   if os.path.isdir(path_or_id) and is_converted(path_or_id):
     directory = os.path.abspath(path_or_id)
     config, params, raw = read_converted(directory)

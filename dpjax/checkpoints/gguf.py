@@ -272,8 +272,23 @@ def _hf_config(path: str):
     return transformers.AutoConfig.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   except ImportError as e:
-    raise CheckpointError(f"reading GGUF files needs the gguf package: pip install "
-                          f"'dpjax[gguf]' ({e}).") from e
+    raise CheckpointError(_missing_reader(e)) from e
   except Exception as e:
     raise CheckpointError(f"transformers cannot read the config of GGUF file {path}: "
                           f"{type(e).__name__}: {e}") from e
+
+
+def _missing_reader(error: ImportError) -> str:
+  """What to install when transformers cannot import its GGUF reader: the `gguf` package
+  (a dependency of dpjax), or torch, which transformers' own GGUF reader imports in
+  releases that read the metadata themselves (torch is optional in dpjax)."""
+  import importlib.util
+  import transformers
+  from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
+  if importlib.util.find_spec("gguf") is None:
+    return f"reading GGUF files needs the gguf package: pip install gguf ({error})."
+  if not torch_available():
+    return (f"transformers {transformers.__version__} reads a GGUF file's config and "
+            f"tokenizer with a reader that imports torch, which is not installed: "
+            f"{TORCH_INSTALL}.")
+  return f"transformers cannot import its GGUF reader: {error}"

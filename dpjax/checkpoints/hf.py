@@ -32,6 +32,16 @@ TOKENIZER_FILES = (
     "chat_template.json", "generation_config.json",
 )
 _HUB_PATTERNS = ["config.json", "*.safetensors", WEIGHTS_INDEX_FILE, *TOKENIZER_FILES]
+# torch is not a dependency of dpjax (PyPI's default torch wheel is a multi-GB CUDA build
+# and dpjax computes in JAX): only the checks against transformers' PyTorch models need
+# it, and where it is missing they are skipped with a note naming this command.
+TORCH_INSTALL = "pip install torch"
+
+
+def torch_available() -> bool:
+  """Whether transformers' PyTorch models can run here (torch is installed)."""
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
 
 
 def resolve(path_or_id: str) -> str:

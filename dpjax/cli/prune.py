@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 
+from dpjax.checkpoints.hf import TORCH_INSTALL
 from dpjax.cli.program import run_program
-from dpjax.study.budget import PLAN_FILE, PruneSettings, prune
+from dpjax.study.budget import PLAN_FILE, TRANSFORMERS_SKIPPED, PruneSettings, prune
 
 
 def prune_and_report(s: PruneSettings) -> None:
@@ -35,6 +36,11 @@ def prune_and_report(s: PruneSettings) -> None:
   if check:
     print(f"export verified with {check['loader']}: logits within "
           f"{check['max_relative_difference']:.1e} of dpjax's")
+  if check and check.get("transformers_check") == TRANSFORMERS_SKIPPED:
+    also = (" and the throughput's token check against HF generate"
+            if plan.get("throughput") else "")
+    print(f"transformers' check of the export{also} skipped: torch is not installed "
+          f"({TORCH_INSTALL} enables it)")
   if plan["export"].get("gguf"):
     g = plan["export"]["gguf"]
     line = f"GGUF export {g['file']}"

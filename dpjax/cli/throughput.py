@@ -1,5 +1,6 @@
 """`dpjax-throughput`: prefill and decode throughput of pruned variants
-(`dpjax.serve.throughput`); the bundled model by default."""
+(`dpjax.serve.throughput`); with no flags, the bundled model and three Iterative Pruning
+variants of its committed default run (see --study)."""
 
 from __future__ import annotations
 

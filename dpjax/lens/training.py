@@ -173,7 +173,9 @@ def train(settings: LensSettings) -> dict[str, Any]:
   unembed = unembedding_f32(module)
   norm_weight = module.final_norm[...].astype(jnp.float32)
   states = jax.jit(functools.partial(_states, model.graphdef))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, min(s.warmup_steps, s.steps),
+  # At least one step of decay after the warmup (optax refuses a schedule without one).
+  schedule = optax.warmup_cosine_decay_schedule(0.0, s.learning_rate,
+                                                min(s.warmup_steps, s.steps - 1),
                                                 s.steps, s.learning_rate * 0.1)
   optimizer = optax.adam(schedule)
   fresh = tuned_lens.zero_translators(cfg.num_layers, cfg.hidden_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from dpjax.bundled import resolve_recorded
 from dpjax.checkpoints import architectures
 from dpjax.checkpoints.convert import is_converted, open_source, read_converted_config, \
     restore_converted
@@ -17,7 +18,8 @@ def load_model(path_or_id: str, dtype: str | None = None, compute_dtype: str | N
   """Loads a converted dpjax checkpoint, an HF checkpoint directory, a GGUF file or a hub id.
 
   Args:
-    path_or_id: a directory written by `dpjax-convert`, an HF directory
+    path_or_id: `dpjax/bundled_model` (the bundled model), a directory written by
+      `dpjax-convert`, an HF directory
       (config.json + safetensors, sharded or not; converted on the fly), a GGUF
       file (`*.gguf`, dequantized on the fly), or a Hugging Face hub model id.
     dtype: weight dtype (`float32`, `bfloat16`, `float16`); default: the
@@ -29,6 +31,8 @@ def load_model(path_or_id: str, dtype: str | None = None, compute_dtype: str | N
       the first local device.
   """
   placement = placement or Placement.single()
+  if not os.path.exists(path_or_id):
+    path_or_id = resolve_recorded(path_or_id)  # `dpjax/bundled_model` from any directory
   if os.path.isdir(path_or_id) and is_converted(path_or_id):
     directory = os.path.abspath(path_or_id)
     config, _ = read_converted_config(directory)

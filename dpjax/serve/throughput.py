@@ -1,10 +1,12 @@
 """`dpjax-throughput`: how much faster pruned variants serve, next to what they cost.
 
+    dpjax-throughput                       # the bundled model's default run (below)
     dpjax-throughput --model=PATH --keep="0,1,2,5;0,2,4,6"
     dpjax-throughput --model=PATH --study=dpjax_out --above_collapse --reference=hf
 
 For the unpruned model and each variant (`--keep` lists, `;`-separated, or
-every curve point of a study's results.json with `--study`), at each
+every curve point of a study's results.json with `--study`, `--methods` to
+choose among them), at each
 `--batch_size` x `--prompt_len` x `--new_tokens`: prefill tokens/s (a prompt
 batch through the KV-cache server, `dpjax.serve.server`) and greedy decode tokens/s
 (`B * (N - 1)` tokens over the time of generating `N` minus generating 1), the
@@ -13,6 +15,21 @@ of the kept weights and of the KV cache. `--reference=hf` measures the same
 through HF PyTorch `generate` with the same blocks deleted. Before any time is
 reported, the first variant's tokens are checked against HF `generate`
 (greedy; `--check_tokens`).
+
+With no flags, the variants come from the study a researcher has in front of
+them, the committed default run of the bundled model
+(`dpjax/bundled_model/default_run`, what `dpjax` with no flags writes): its
+Iterative Pruning points with a quarter, a half and three quarters of the
+blocks removed, where they are above the collapse threshold, with their
+accuracies: `--study` of that directory with `--methods=iterative
+--removed=4,8,12 --above_collapse`. Three points show how throughput grows
+with the blocks removed, and the run stays short (each point is compiled
+apart: all 13 points above the collapse threshold took minutes on two CPU
+cores); the results go to `./dpjax_throughput`, never into the committed run.
+
+torch is optional (dpjax never needs it): without it the token check is
+skipped with a note naming `pip install torch`, and `--reference=hf` is
+refused before any work.
 
 Writes `throughput.json`, `throughput.csv` and `accuracy_throughput.png` (with
 `--study`: accuracy against decode throughput, each method a line, the Pareto
@@ -31,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from dpjax.bundled import BUNDLED_MODEL
+from dpjax.bundled import BUNDLED_MODEL, DEFAULT_RUN, RECORDED_NAME
+from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
 from dpjax.fields import setting
 from dpjax.model.plan import keep_mask
 
@@ -46,17 +64,28 @@ class ThroughputSettings:
                        "GGUF file. Default: the small model bundled with dpjax.")
   keep: str = setting("", "Variants as 0-based kept-block lists, ';' between variants "
                       "(e.g. '0,1,2,5;0,2,4,6').")
-  study: str = setting("", "A study's output directory: measure every method's curve points.")
+  study: str = setting("", "A study's output directory whose curve points are measured; with "
+                       "neither --keep nor --study, on the bundled model, its committed "
+                       "default run (dpjax/bundled_model/default_run) with "
+                       "--methods=iterative --removed=4,8,12 --above_collapse: Iterative "
+                       "Pruning's points with a quarter, a half and three quarters of the "
+                       "blocks removed, where above the collapse threshold.")
+  methods: tuple[str, ...] = setting((), "With --study: only the curve points of these methods "
+                                     "(a study method such as iterative, or a method name in "
+                                     "its results.json); default: every method.")
+  removed: tuple[str, ...] = setting((), "With --study: only the points with these numbers "
+                                     "of blocks removed; default: every point.")
   above_collapse: bool = setting(False, "With --study: only the points whose accuracy is above "
                                  "the collapse threshold.")
   batch_size: tuple[str, ...] = setting(("8",), "Batch sizes.")
   prompt_len: tuple[str, ...] = setting(("128",), "Prompt lengths in tokens.")
   new_tokens: tuple[str, ...] = setting(("32",), "Tokens generated per prompt.")
   repeats: int = setting(3, "Timed repeats (the median is reported) after one warm-up.")
-  reference: str = setting("none", "Also measure HF PyTorch generate with the blocks deleted.",
-                           choices=("none", "hf"))
+  reference: str = setting("none", "Also measure HF PyTorch generate with the blocks deleted "
+                           "(needs torch: pip install torch).", choices=("none", "hf"))
   check_tokens: bool = setting(True, "Check the first variant's greedy tokens against HF "
-                               "generate before reporting a time.")
+                               "generate before reporting a time (HF generate needs torch: "
+                               "without it the check is skipped, with a note).")
   dtype: str | None = setting(None, "Weight dtype (default: the checkpoint's).",
                               choices=("float32", "bfloat16", "float16"))
   output_dir: str = setting("", "Where the results go (default: the study directory, else "
@@ -96,8 +125,27 @@ def parse_keep(text: str, num_layers: int) -> list[Variant]:
   return variants
 
 
-def study_variants(directory: str, model, above_collapse: bool) -> tuple[list[Variant], dict]:
-  """Every method's curve points of a study (refused when it studied another model)."""
+def default_study(s: ThroughputSettings) -> str:
+  """The study whose variants are measured: `--study`, or with neither --keep nor --study,
+  on the bundled model, its committed default run (empty when there is none)."""
+  if s.study or s.keep:
+    return s.study
+  if os.path.abspath(s.model) == BUNDLED_MODEL and os.path.isfile(
+      os.path.join(DEFAULT_RUN, "results.json")):
+    return DEFAULT_RUN
+  return ""
+
+
+def _chosen(name: str, methods) -> bool:
+  """Whether the study's method `name` (e.g. iterative_accuracy) is among `methods`."""
+  return not methods or any(name == m or name.startswith(m + "_") for m in methods)
+
+
+def study_variants(directory: str, model, above_collapse: bool, methods=(), removed=()
+                   ) -> tuple[list[Variant], dict]:
+  """Every method's curve points of a study (`methods`: those methods' only; `removed`:
+  the points with those numbers of blocks removed only), refused when it studied another
+  model."""
   from dpjax.lens import tuned as tuned_lens
   path = os.path.join(directory, "results.json")
   if not os.path.isfile(path):
@@ -111,10 +159,16 @@ def study_variants(directory: str, model, above_collapse: bool) -> tuple[list[Va
                      "give the study of this model.")
   full = results["full_model"]
   threshold = full["chance"] + 0.5 * (full["accuracy"][-1] - full["chance"])
+  chosen = [name for name in results["methods"] if _chosen(name, methods)]
+  if not chosen:
+    raise ValueError(f"--methods={','.join(methods)}: {directory} has curves of "
+                     f"{sorted(results['methods'])}.")
   variants, seen = [], set()
-  for name, method in results["methods"].items():
-    for point in method.get("curve", []):
+  for name in chosen:
+    for point in results["methods"][name].get("curve", []):
       if "kept" not in point or point["removed"] == 0:
+        continue
+      if removed and point["removed"] not in removed:
         continue
       if above_collapse and point["accuracy"] < threshold:
         continue
@@ -156,12 +210,25 @@ def measure(settings: ThroughputSettings, unpruned_only: bool = False) -> dict[s
   from dpjax.engine import devices as distributed
   from dpjax.serve import server as serve
   s = settings
+  if s.reference == "hf" and not torch_available():  # refused before any work
+    raise ValueError(f"--reference=hf measures HF PyTorch generate, which needs torch: "
+                     f"{TORCH_INSTALL}.")
+  study = "" if unpruned_only else default_study(s)
   model = load_model(s.model, dtype=s.dtype)
   n = model.num_layers
+  if study and not s.study:
+    s = dataclasses.replace(s, study=study, methods=s.methods or ("iterative",),
+                            removed=s.removed or tuple(str(n * q // 4) for q in (1, 2, 3)),
+                            above_collapse=True)
+    print(f"no --keep or --study: the unpruned bundled model and the points of its committed "
+          f"default run (as --study={os.path.join(RECORDED_NAME, os.path.basename(DEFAULT_RUN))} "
+          f"--methods={','.join(s.methods)} --removed={','.join(s.removed)} "
+          "--above_collapse)", flush=True)
   variants = [Variant(tuple(range(n)), "unpruned", 0)]
   results: dict[str, Any] | None = None
   if s.study:
-    found, results = study_variants(s.study, model, s.above_collapse)
+    found, results = study_variants(s.study, model, s.above_collapse, s.methods,
+                                    s.ints("removed") if s.removed else ())
     variants[0].accuracy = results["full_model"]["accuracy"][-1]
     variants += found
   if s.keep:
@@ -190,9 +257,15 @@ def measure(settings: ThroughputSettings, unpruned_only: bool = False) -> dict[s
       hf_model = _hf_model(model)
     return hf_model
 
-  if s.check_tokens:
+  token_check = "off"
+  if s.check_tokens and not torch_available():
+    token_check = "skipped: torch is not installed"
+    print(f"the token check against HF generate skipped: torch is not installed "
+          f"({TORCH_INSTALL} enables it)", flush=True)
+  elif s.check_tokens:
     check = variants[1] if len(variants) > 1 else variants[0]
     _check_tokens(model, hf(), check.kept, rng.integers(3, vocab, size=(2, 16)))
+    token_check = f"passed: {[k + 1 for k in check.kept]}"
   rows = []
   for variant in variants:
     keep = keep_mask(variant.kept, n)
@@ -235,7 +308,7 @@ def measure(settings: ThroughputSettings, unpruned_only: bool = False) -> dict[s
                                 / row["hf_prefill_tokens_per_second"])
   return {"model": {"path": s.model, "num_layers": n, "architecture": model.config.architecture},
           "backend": jax.default_backend(), "mesh": mesh, "settings": dataclasses.asdict(s),
-          "rows": rows, "study_collapse_threshold": None if results is None else (
+          "token_check": token_check, "rows": rows, "study_collapse_threshold": None if results is None else (
               results["full_model"]["chance"] + 0.5 * (results["full_model"]["accuracy"][-1]
                                                         - results["full_model"]["chance"]))}
 

@@ -23,6 +23,9 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
 4. The kept blocks are exported (`dpjax.checkpoints.export`) to `OUTPUT_DIR/model`,
    reloaded by transformers' `AutoModelForCausalLM` and compared with dpjax's logits for
    the kept blocks before success is reported (the export is removed when they differ).
+   torch is optional: without it the export is reloaded by dpjax's own reader of the
+   written safetensors and compared the same way, and the plan and the output say that
+   the transformers check was skipped (`pip install torch` enables it).
 5. `OUTPUT_DIR/pruning_plan.json` records the source model and its weight fingerprint,
    the kept blocks, the method and its settings, the items (task, split, ids), the
    accuracies before and after with intervals, the exported files' SHA256, dpjax's
@@ -139,8 +142,11 @@ class PruneSettings:
   throughput_batch_size: int = setting(8, "Batch size of the throughput measurement.")
   throughput_prompt_len: int = setting(128, "Prompt tokens of the throughput measurement.")
   throughput_new_tokens: int = setting(32, "Generated tokens of the throughput measurement.")
-  verify: bool = setting(True, "Reload the export with transformers and compare its logits "
-                         "with dpjax's before reporting success (needs torch).")
+  verify: bool = setting(True, "Reload the export and compare its logits with dpjax's before "
+                         "reporting success: with transformers where torch is installed, "
+                         "else with dpjax's own reader of the written safetensors (a note "
+                         "says the transformers check was skipped). --gguf's check loads the "
+                         "file with transformers and needs torch.")
   overwrite: bool = setting(False, "Replace --output_dir's export and plan if they exist.")
 
   def __post_init__(self):
@@ -280,19 +286,44 @@ def _file_hashes(directory: str) -> dict[str, str]:
   return out
 
 
+def _check_verifiable(s: PruneSettings) -> None:
+  """Refuses, before any work, a check that needs torch where it is missing: the GGUF
+  file's, which is transformers' GGUF loading (the HF export's falls back to dpjax's
+  own reader)."""
+  from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
+  if s.gguf and s.verify and not torch_available():
+    raise ValueError(f"--gguf checks the GGUF file with transformers' GGUF loading, which "
+                     f"needs torch: {TORCH_INSTALL} (or pass --noverify to write it "
+                     "unchecked).")
+
+
+def _logits_check(want: np.ndarray, got: np.ndarray, who: str) -> float:
+  """The largest difference of `got` from `want` relative to the largest logit, refused
+  past LOGIT_TOLERANCE."""
+  relative = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+  if not relative <= LOGIT_TOLERANCE:
+    raise ValueError(f"the export's logits under {who} differ from dpjax's kept-block "
+                     f"logits by {relative:.2e} of the largest logit (tolerance "
+                     f"{LOGIT_TOLERANCE}); the export is not usable.")
+  return relative
+
+
 def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
                   gguf_file: str | None = None, model=None) -> dict[str, Any]:
   """The export (an HF directory, or `gguf_file` in it) reloaded by transformers against
   dpjax's logits for the kept blocks (of `model`, the source loaded in float32, when
-  given)."""
-  try:
-    import torch
-    import transformers
-  except ImportError as e:
-    raise ValueError("verifying the export needs torch (pip install torch); pass "
-                     "--noverify to skip the check.") from e
+  given). Without torch, an HF directory is reloaded by dpjax's own reader instead
+  (`transformers_check` then says it was skipped); a GGUF file is refused."""
+  from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
   from dpjax.model.load import load_model
   from dpjax.model.plan import keep_mask
+  if not torch_available():
+    if gguf_file:
+      raise ValueError(f"checking the GGUF export needs transformers' GGUF loading, which "
+                       f"needs torch: {TORCH_INSTALL} (or pass --noverify).")
+    return _verify_with_dpjax(source, export_dir, kept, seed, model)
+  import torch
+  import transformers
   model = model if model is not None else load_model(source, dtype="float32")
   extra = {"gguf_file": gguf_file} if gguf_file else {}
   hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
@@ -300,16 +331,11 @@ def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
   if hf.config.num_hidden_layers != len(kept):
     raise ValueError(f"transformers loaded {hf.config.num_hidden_layers} blocks from "
                      f"{export_dir}, not the {len(kept)} kept.")
-  ids = np.random.default_rng([seed, 11]).integers(3, min(model.config.vocab_size, 32000),
-                                                   size=(2, 24))
+  ids = _check_ids(model, seed)
   want = np.asarray(model.logits(ids, keep=keep_mask(kept, model.num_layers)), np.float64)
   with torch.no_grad():
     got = hf(input_ids=torch.as_tensor(ids)).logits.double().numpy()
-  relative = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-  if not relative <= LOGIT_TOLERANCE:
-    raise ValueError(f"the export's logits under transformers differ from dpjax's kept-block "
-                     f"logits by {relative:.2e} of the largest logit (tolerance "
-                     f"{LOGIT_TOLERANCE}); the export is not usable.")
+  relative = _logits_check(want, got, "transformers")
   tokenizer = None
   if gguf_file:  # the file carries its own tokenizer: it must encode as the HF export's
     tokenizer = _same_tokenization(os.path.join(export_dir, MODEL_DIR), export_dir, gguf_file)
@@ -318,6 +344,40 @@ def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
           "blocks_loaded": int(hf.config.num_hidden_layers), "max_relative_difference": relative,
           "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all()),
           **({"tokenizer": tokenizer} if tokenizer else {})}
+
+
+def _check_ids(model, seed: int) -> np.ndarray:
+  """The token ids both sides of a check read: random, seeded."""
+  return np.random.default_rng([seed, 11]).integers(3, min(model.config.vocab_size, 32000),
+                                                    size=(2, 24))
+
+
+TRANSFORMERS_SKIPPED = "skipped: torch is not installed"
+
+
+def _verify_with_dpjax(source: str, export_dir: str, kept: list[int], seed: int,
+                       model=None) -> dict[str, Any]:
+  """The HF export reloaded by dpjax's own reader (its config.json and safetensors, through
+  the architecture table, as any HF checkpoint is read) against the kept blocks of the
+  source in memory: the check of an export where transformers cannot run (no torch). It
+  catches what the transformers check catches in the written files (a block out of place,
+  a tensor misnamed or mis-shaped, a config not cut to the kept blocks); it does not
+  catch a mistake that dpjax's reader and writer would share."""
+  from dpjax.model.load import load_model
+  from dpjax.model.plan import keep_mask
+  model = model if model is not None else load_model(source, dtype="float32")
+  reloaded = load_model(export_dir, dtype="float32")
+  if reloaded.num_layers != len(kept):
+    raise ValueError(f"dpjax loaded {reloaded.num_layers} blocks from {export_dir}, not the "
+                     f"{len(kept)} kept.")
+  ids = _check_ids(model, seed)
+  want = np.asarray(model.logits(ids, keep=keep_mask(kept, model.num_layers)), np.float64)
+  got = np.asarray(reloaded.logits(ids), np.float64)
+  relative = _logits_check(want, got, "dpjax's reload")
+  return {"loader": f"dpjax {_version()} (the written safetensors reloaded)",
+          "transformers_check": TRANSFORMERS_SKIPPED,
+          "blocks_loaded": int(reloaded.num_layers), "max_relative_difference": relative,
+          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
 
 
 PROBE_TEXTS = ("Question: Which gas do plants take in from the air?\nAnswer: carbon dioxide",
@@ -363,6 +423,7 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
             ) -> dict[str, Any]:
   from dpjax.checkpoints.export import export
   from dpjax.checkpoints.gguf import is_gguf
+  _check_verifiable(s)
   if s.gguf:
     _check_gguf_writable(source, kept)  # refused before anything is written
   model_dir = os.path.join(out, MODEL_DIR)
@@ -414,8 +475,9 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   if os.path.exists(os.path.join(out, PLAN_FILE)) and not s.overwrite:
     raise FileExistsError(f"{os.path.abspath(os.path.join(out, PLAN_FILE))} exists; choose "
                           "another --output_dir or pass --overwrite.")
+  _check_verifiable(s)  # before the study, not after it
   if s.gguf and not s.study:
-    _check_gguf_writable(s.model, None)  # before the study, not after it
+    _check_gguf_writable(s.model, None)
   study_settings = _study_settings(s)
   if s.study:
     study_dir = s.study
@@ -514,11 +576,14 @@ def accuracy_throughput(s: PruneSettings, source: str, out: str, plan: dict[str,
   """The unpruned model, the variant and the healed variant: held-out accuracy (with its
   interval) next to decode and prefill throughput measured by dpjax-throughput's code
   (the healed weights measured themselves), as a table and a figure in OUTPUT_DIR."""
+  from dpjax.checkpoints.hf import torch_available
   from dpjax.serve import throughput as tp
+  # The token check against HF generate runs with the export's check (it needs torch too;
+  # without it the program's note says both were skipped).
   common = dict(batch_size=(str(s.throughput_batch_size),),
                 prompt_len=(str(s.throughput_prompt_len),),
-                new_tokens=(str(s.throughput_new_tokens),), check_tokens=s.verify,
-                seed=s.seed)
+                new_tokens=(str(s.throughput_new_tokens),),
+                check_tokens=s.verify and torch_available(), seed=s.seed)
   report = tp.measure(tp.ThroughputSettings(
       model=source, keep=",".join(map(str, plan["kept_blocks"])), **common))
   by_method = {r["method"]: r for r in report["rows"]}

@@ -12,18 +12,22 @@ import pytest
 
 from dpjax.serve import throughput
 from dpjax.bundled import BUNDLED_MODEL
+from tests.support import default_install
 
 FAST = ["--batch_size=2", "--prompt_len=8", "--new_tokens=3", "--repeats=1"]
 
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
+  """`dpjax` on the bundled model as the default install runs it (no torch), at a small
+  size."""
   out = tmp_path_factory.mktemp("study")
-  result = subprocess.run(
-      [sys.executable, "-m", "dpjax.cli.study", "--num_items=24", "--calibration_items=8",
+  result = default_install.run(
+      ["-m", "dpjax.cli.study", "--num_items=24", "--calibration_items=8",
        "--methods=iterative", "--min_layers=13", "--noprogress", f"--output_dir={out}"],
-      capture_output=True, text=True, timeout=900)
+      str(tmp_path_factory.mktemp("site")), timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"report: {os.path.join(out, 'summary.html')}" in result.stdout
   return str(out)
 
 

@@ -168,24 +168,33 @@ def test_split_items_is_a_seeded_partition():
 
 
 def test_the_perplexity_gate_picks_the_fewest_blocks_within_both_budgets(pruned, tmp_path):
-  """--max_ppl_ratio on the same curve (--study): the chosen variant is the smallest within
-  the accuracy budget whose perplexity ratio's paired upper bound is within the gate; the
+  """--max_ppl_ratio on the same curve (--study), run as the default install runs it (no
+  torch: the export is checked by dpjax's reload, one line says transformers' check and the
+  throughput's token check were skipped): the chosen variant is the smallest within the
+  accuracy budget whose perplexity ratio's paired upper bound is within the gate; the
   perplexities recompute in torch from the HF export and the bundled model."""
   import torch
   import transformers
   from dpjax.bundled import BUNDLED_MODEL
   from dpjax.lens.training import corpus_texts
+  from tests.support import default_install
   out, first = pruned
   again = str(tmp_path / "gated")
-  result = subprocess.run([sys.executable, "-m", "dpjax.cli.prune", "--max_drop=0.05",
-                           "--max_ppl_ratio=1.2", "--ppl_windows=16", "--ppl_seq_len=64",
-                           "--nothroughput",
-                           f"--study={os.path.join(out, first['method']['study'])}",
-                           f"--output_dir={again}"], capture_output=True, text=True,
-                          timeout=900)
+  result = default_install.run(
+      ["-m", "dpjax.cli.prune", "--max_drop=0.05", "--max_ppl_ratio=1.2", "--ppl_windows=16",
+       "--ppl_seq_len=64", "--throughput_batch_size=1", "--throughput_prompt_len=8",
+       "--throughput_new_tokens=3", f"--study={os.path.join(out, first['method']['study'])}",
+       f"--output_dir={again}"], str(tmp_path), timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert ("transformers' check of the export and the throughput's token check against HF "
+          "generate skipped: torch is not installed (pip install torch enables it)"
+          in result.stdout.splitlines())
   with open(os.path.join(again, budget.PLAN_FILE)) as f:
     plan = json.load(f)
+  check = plan["export"]["verification"]
+  assert check["loader"].startswith("dpjax ") and check["max_relative_difference"] <= 1e-5
+  assert check["transformers_check"] == budget.TRANSFORMERS_SKIPPED
+  assert [row["variant"] for row in plan["throughput"]["rows"]] == ["unpruned", "pruned"]
   table = plan["curve_on_selection"]
   within = sorted((row["blocks"], i) for i, row in enumerate(table) if row["upper95"] <= 0.05)
   asked = [i for _, i in within if "ppl_ratio" in table[i]]
@@ -294,6 +303,9 @@ def test_the_reload_check_refuses_an_export_with_two_blocks_swapped_or_q_unpermu
   with pytest.raises(ValueError, match="the export is not usable"):
     budget.verify_export(BUNDLED_MODEL, str(broken / "model"), kept)
   budget.verify_export(BUNDLED_MODEL, os.path.join(out, "model"), kept)  # the real one passes
+  # The check without torch (dpjax's own reload of the safetensors) refuses it too.
+  with pytest.raises(ValueError, match="under dpjax's reload .* the export is not usable"):
+    budget._verify_with_dpjax(BUNDLED_MODEL, str(broken / "model"), kept, 0)
   monkeypatch.setattr(gguf_from_hf, "_permute", lambda w, heads: w)
   gguf_from_hf.write_gguf_from_hf(os.path.join(out, "model"), str(broken / "model.gguf"))
   with pytest.raises(ValueError, match="the export is not usable"):
