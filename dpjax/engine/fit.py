@@ -14,7 +14,12 @@ per device) is held against the device's memory less a margin, and chooses:
 It starts from the largest setting (what an accelerator runs fastest) and
 lowers, in that order, the masks in flight, the candidates per call and the
 rows, until every program fits; a setting the user fixed is not lowered. When
-nothing fits, the error names the setting to change. On the CPU the ladders are
+nothing fits, the error names the setting to change. Compiling is the step's
+cost (tens of seconds a program for a large model's TPU topology), so each
+distinct program shape is compiled once (`ProgramCache`), a chunking is refused
+by the first of its programs that does not fit without compiling the others,
+and the masks-in-flight rungs between two compiled ones are predicted from them
+(`search`). On the CPU the ladders are
 chosen for throughput, not memory: a vmapped group of masks is no faster
 there, so masks and candidates run one at a time inside a call, and 16 rows
 per call ran fastest per row (the bundled model's drop-one step on 400
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -210,18 +217,105 @@ def program_arguments(name: str, num_layers: int, hidden_size: int, compute_dtyp
 
 
 PROGRAMS = ("readout", "readout_final", "stream", "tails", "tails_layers", "stream_layers")
+# What each program's shapes depend on: a program is compiled again only when that changes
+# between the chunkings a search tries.
+DEPENDS = {"readout": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
+           "readout_final": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
+           "stream": ("rows_per_shard",), "stream_layers": ("rows_per_shard",),
+           "tails": ("rows_per_shard", "masks_in_flight", "candidates"),
+           "tails_layers": ("rows_per_shard", "masks_in_flight", "candidates")}
+# The programs that read the stream program's output (placed as it places it).
+READS_STREAM = ("tails", "tails_layers", "stream_layers")
 
 
-def compile_programs(programs, names: Sequence[str], arguments: Callable[..., tuple]):
-  """`name -> compiled executable` of the jitted `programs` (a `sweep.Programs`);
-  `arguments(name, stream_sharding)` gives each one's abstract arguments. The stream
-  program goes first: the programs that read its output take it as it places it."""
-  out, stream_sharding = {}, None
-  for name in sorted(names, key=lambda n: n != "stream"):
-    out[name] = getattr(programs, name).lower(*arguments(name, stream_sharding)).compile()
-    if name == "stream":
-      stream_sharding = out[name].output_shardings
-  return out
+def program_key(name: str, chunking: Chunking) -> tuple:
+  """What program `name`'s compilation at `chunking` is known by."""
+  return (name, *(getattr(chunking, k) for k in DEPENDS[name]))
+
+
+def live_members(name: str, chunking: Chunking) -> int:
+  """Masks (readouts) or candidates (tails) whose activations program `name` holds at once
+  (1 for the programs that run one model)."""
+  if name.startswith("readout"):
+    members = chunking.mask_chunk
+  elif name.startswith("tails"):
+    members = chunking.candidates
+  else:
+    return 1
+  return members if chunking.masks_in_flight is None else min(chunking.masks_in_flight, members)
+
+
+_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def refused_memory(error: Exception) -> ProgramMemory | None:
+  """A TPU compiler's refusal for want of HBM (`RESOURCE_EXHAUSTED: ... HLO temporaries
+  (...) exceeds available HBM`) as the memory it asked for; None for another error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
+    return None
+  found = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", text)
+  need = float(found.group(1)) * _SCALE[found.group(2)] if found else float("inf")
+  return ProgramMemory(0, 0, int(min(need, 1e18)))
+
+
+class ProgramCache:
+  """The fit step's compilations, each distinct program shape compiled once.
+
+  `memory(name, chunking)` compiles program `name` only when no chunking tried before
+  gave it the same shapes (`DEPENDS`: the stream program depends on the rows alone, so
+  walking masks in flight and candidates reuses it; `readout` does not depend on the
+  candidates, the tails not on the mask chunk). The programs that read the stream get
+  its compiled output sharding at those rows (it is compiled first when needed).
+  `build(masks_in_flight)` gives the jitted programs (`sweep.Programs`);
+  `arguments(name, chunking, stream_sharding)` their abstract arguments;
+  `compiler_options`, XLA's options for every compilation. `compiled` counts the
+  compilations, `seconds` their time."""
+
+  def __init__(self, build: Callable[[int | None], Any],
+               arguments: Callable[[str, Chunking, Any], tuple],
+               progress: Callable[[str], None] | None = None,
+               compiler_options: dict[str, Any] | None = None):
+    self.build = build
+    self.arguments = arguments
+    self.progress = progress
+    self.compiler_options = compiler_options
+    self.known: dict[tuple, ProgramMemory] = {}
+    self.stream_shardings: dict[int, Any] = {}
+    self.compiled = 0
+    self.seconds = 0.0
+
+  def memory(self, name: str, chunking: Chunking) -> ProgramMemory:
+    key = program_key(name, chunking)
+    if key in self.known:
+      return self.known[key]
+    sharding = None
+    if name in READS_STREAM:
+      self.memory("stream", chunking)
+      sharding = self.stream_shardings.get(chunking.rows_per_shard)
+    program = getattr(self.build(chunking.masks_in_flight), name)
+    if self.progress is not None:
+      self.progress(f"  compiling {name} at {chunking.describe()}")
+    start = time.perf_counter()
+    try:
+      compiled = program.lower(*self.arguments(name, chunking, sharding)).compile(
+          self.compiler_options)
+    except Exception as e:  # RESOURCE_EXHAUSTED on TPUs: the compiler checks HBM itself
+      refused = refused_memory(e)
+      if refused is None:
+        raise
+      self.known[key] = refused
+    else:
+      self.known[key] = ProgramMemory.of(compiled)
+      if name == "stream":
+        self.stream_shardings[chunking.rows_per_shard] = compiled.output_shardings
+    finally:
+      self.compiled += 1
+      self.seconds += time.perf_counter() - start
+    return self.known[key]
+
+  def all(self, chunking: Chunking) -> dict[str, ProgramMemory]:
+    return {name: self.memory(name, chunking) for name in PROGRAMS}
 
 
 def device_memory(device=None) -> int:
@@ -246,6 +340,7 @@ class FitResult:
   budget: int                         # bytes per device the programs may use
   memory: dict[str, ProgramMemory]    # per program, at the chosen chunking
   tried: list[str]                    # what was tried before, and why it was refused
+  compilations: int = 0               # programs compiled to choose (each shape once)
 
   def to_json(self) -> dict[str, Any]:
     return {"rows_per_shard": self.chunking.rows_per_shard,
@@ -277,32 +372,56 @@ def estimate_peak(cfg, chunking: Chunking, workload: Workload, model_axis: int,
 
 # A chunking whose estimate passes the budget by this much is skipped without compiling.
 SKIP_ABOVE = 1.5
+# The order a chunking's programs are compiled in, the likeliest to refuse first (after
+# the program that refused the chunking before): a refused chunking compiles no more.
+COMPILE_ORDER = ("tails", "readout_final", "readout", "tails_layers", "stream",
+                 "stream_layers")
 
 
-def search(measure: Callable[[Chunking], dict[str, ProgramMemory]], budget: int, *,
+def search(measure: Callable[[str, Chunking], ProgramMemory], budget: int, *,
            rows: Sequence[int], in_flight: Sequence[int | None], candidates: Sequence[int],
            mask_chunk: int, fixed: dict[str, Any],
            estimate: Callable[[Chunking], float] | None = None) -> FitResult:
   """The first chunking, walking down the ladders (masks in flight, then candidates, then
-  rows), whose every program fits `budget`. `fixed`: the settings the user gave (their
-  flag name -> value), named by the error when nothing fits. `estimate`: a chunking it
-  puts above `SKIP_ABOVE` times the budget is not compiled (the last one always is)."""
+  rows), whose every program fits `budget`. `measure(name, chunking)`: program `name`'s
+  memory at `chunking` (a `ProgramCache`, which compiles each distinct shape once).
+  `fixed`: the settings the user gave (their flag name -> value), named by the error when
+  nothing fits. `estimate`: a chunking it puts above `SKIP_ABOVE` times the budget is not
+  compiled (the last one always is).
+
+  A chunking's programs are compiled until one refuses it (`COMPILE_ORDER`). When a
+  program that holds several masks at once refuses the top of the masks-in-flight
+  ladder, it is compiled at the bottom too: if that refuses, the rungs between are
+  skipped; else its memory, linear in the masks it holds, is interpolated between the
+  two and the search goes on from the first rung predicted to fit (compiled in full: a
+  wrong prediction walks on down as before)."""
   r, f, c = 0, 0, 0
   tried = []
+  first = None  # the program that refused the last chunking compiled
   while True:
     chunking = Chunking(rows[r], in_flight[f], candidates[c], mask_chunk)
     last = f + 1 == len(in_flight) and c + 1 == len(candidates) and r + 1 == len(rows)
     guess = estimate(chunking) if estimate is not None else 0.0
+    jump = None
     if guess > SKIP_ABOVE * budget and not last:
       tried.append(f"{chunking.describe()}: estimated at {guess / GB:.1f} GB, not compiled")
       memory = None
     else:
-      memory = measure(chunking)
+      memory = {}
+      for name in sorted(COMPILE_ORDER, key=lambda n: n != first):
+        memory[name] = measure(name, chunking)
+        if memory[name].peak > budget:
+          break
       worst = max(memory, key=lambda k: memory[k].peak)
       if memory[worst].peak <= budget:
-        return FitResult(chunking, budget, memory, tried)
+        return FitResult(chunking, budget, {name: memory[name] for name in PROGRAMS}, tried)
+      first = worst
       tried.append(f"{chunking.describe()}: {worst} needs {memory[worst].peak / GB:.2f} GB")
-    if f + 1 < len(in_flight):
+      if f == 0 and len(in_flight) > 2 and live_members(worst, chunking) > 1:
+        jump = _in_flight_jump(measure, worst, chunking, budget, in_flight, tried)
+    if jump is not None:
+      f = jump
+    elif f + 1 < len(in_flight):
       f += 1
     elif c + 1 < len(candidates):
       c += 1
@@ -318,6 +437,28 @@ def search(measure: Callable[[Chunking], dict[str, ProgramMemory]], budget: int,
           + (f"You fixed {given}; lower it, or " if given else "")
           + "split the weights over more devices (--model_axis), use bfloat16 weights "
           "(--dtype=bfloat16), or shorten the prompts (--k_shot, --max_length).")
+
+
+def _in_flight_jump(measure, name: str, top: Chunking, budget: int, in_flight: Sequence,
+                    tried: list[str]) -> int:
+  """Where the masks-in-flight ladder goes on after program `name` refused its top rung
+  `top`: `name` compiled at the bottom rung; the bottom when that refuses too (the rungs
+  between hold more masks), else the first rung whose memory, interpolated linearly in
+  the masks held between the two, fits."""
+  bottom = dataclasses.replace(top, masks_in_flight=in_flight[-1])
+  low, high = measure(name, bottom), measure(name, top)
+  low_live, high_live = live_members(name, bottom), live_members(name, top)
+  if low.peak > budget or high_live == low_live:
+    return len(in_flight) - 1
+  slope = (high.peak - low.peak) / (high_live - low_live)
+  for f in range(1, len(in_flight) - 1):
+    rung = dataclasses.replace(top, masks_in_flight=in_flight[f])
+    predicted = low.peak + slope * (live_members(name, rung) - low_live)
+    if predicted <= budget:
+      return f
+    tried.append(f"{rung.describe()}: {name} predicted at {predicted / GB:.2f} GB (linear in "
+                 "the masks in flight), not compiled")
+  return len(in_flight) - 1
 
 
 def ladders(platform: str, *, batch_size: int, masks_in_flight: int, candidates: int,
@@ -368,34 +509,24 @@ def fit_study(model, placement: Placement | None, encoded: Sequence, lens: Lens,
     lens = dataclasses.replace(lens, vocab_shards=placement.model_size)
   abstract_translators = None if translators is None else abstract_state(translators)
 
-  # What each program's memory depends on: a program is compiled again only when that
-  # changes between the chunkings the search tries.
-  depends = {"readout": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
-             "readout_final": ("rows_per_shard", "masks_in_flight", "mask_chunk"),
-             "stream": ("rows_per_shard",), "stream_layers": ("rows_per_shard",),
-             "tails": ("rows_per_shard", "masks_in_flight", "candidates"),
-             "tails_layers": ("rows_per_shard", "masks_in_flight", "candidates")}
-  known: dict[tuple, ProgramMemory] = {}
+  workloads: dict[int, Workload] = {}
 
-  def measure(chunking: Chunking) -> dict[str, ProgramMemory]:
-    key = lambda name: (name, *(getattr(chunking, k) for k in depends[name]))
-    todo = [name for name in PROGRAMS if key(name) not in known]
-    if todo:
+  def workload(rows_per_shard: int) -> Workload:
+    """The shapes of the item sets' batches at these rows (their widest batch)."""
+    if rows_per_shard not in workloads:
       prepared = [b for enc in encoded if enc is not None for b in make_batches(
-          enc, chunking.rows_per_shard * data_size, pad_id, share_prefix=share_prefix)]
-      workload = Workload.of_batches(prepared, encoded[0].format)
-      programs = Programs.build(model.graphdef, lens, chunking.masks_in_flight,
-                                last_at_reads, placement)
-      if "stream" not in todo and any(n.startswith(("tails", "stream_")) for n in todo):
-        todo.append("stream")  # its output sharding places the others' inputs
-      compiled = compile_programs(programs, todo, lambda name, stream_sharding:
-                                  program_arguments(name, cfg.num_layers, cfg.hidden_size,
-                                                    model.compute_dtype, state,
-                                                    abstract_translators, workload, chunking,
-                                                    abstract, data_size, stream_sharding))
-      for name, c in compiled.items():
-        known[key(name)] = ProgramMemory.of(c)
-    return {name: known[key(name)] for name in PROGRAMS}
+          enc, rows_per_shard * data_size, pad_id, share_prefix=share_prefix)]
+      workloads[rows_per_shard] = Workload.of_batches(prepared, encoded[0].format)
+    return workloads[rows_per_shard]
 
-  return search(measure, budget, rows=rows, in_flight=in_flight, candidates=cands,
-                mask_chunk=mask_chunk, fixed=fixed)
+  cache = ProgramCache(
+      lambda in_flight: Programs.build(model.graphdef, lens, in_flight, last_at_reads,
+                                       placement),
+      lambda name, chunking, stream_sharding: program_arguments(
+          name, cfg.num_layers, cfg.hidden_size, model.compute_dtype, state,
+          abstract_translators, workload(chunking.rows_per_shard), chunking, abstract,
+          data_size, stream_sharding))
+  found = search(cache.memory, budget, rows=rows, in_flight=in_flight, candidates=cands,
+                 mask_chunk=mask_chunk, fixed=fixed)
+  found.compilations = cache.compiled
+  return found

@@ -9,22 +9,30 @@ plugin alone), and
    fit step (`dpjax.engine.fit`) choose rows per data shard, masks in flight and candidates
    per call from the compiled memory against the chip's (TPU compilers also check
    capacity themselves; GPU compile-only figures leave out library workspaces, which
-   the margin keeps room for);
+   the margin keeps room for). Each distinct program shape is compiled once
+   (`fit.ProgramCache`), a chunking one program refuses compiles no other, and the
+   masks-in-flight rungs between two compiled ones are predicted, not compiled
+   (`fit.search`); a named TPU target's programs are compiled with the least effort on
+   execution time (`COMPILE_ONLY_OPTIONS`: nothing runs them);
 2. measures the work of each program's parts with XLA's cost analysis, per device:
    one block on a shard's rows, the last block at the read positions only, and one
    lens readout, compiled at the per-device shapes of the split weights. XLA counts a
    loop's body once, so a program's flops and bytes are its parts times their trip
    counts, which the planner knows (`schedule`);
-3. predicts each part's time from the chip's peak figures (the larger of its flops
-   over the peak rate and its bytes over the memory bandwidth) and the whole study's
-   wall time for N items by counting every call the engine makes (`schedule`, which
-   groups masks and candidates as the engine does).
+3. predicts each part's time (on the local CPU, the part run there and timed; on a
+   named target, the larger of its flops over the chip's peak rate and its bytes over
+   the memory bandwidth) and the whole study's time by counting every call the engine
+   makes, method by method (`schedule`, which groups masks and candidates as the engine
+   does), at each batch's own width.
 
-`dpjax-plan` (`dpjax.cli.plan`) prints the table and writes it as JSON.
+The study planned is `dpjax`'s (`Settings`, its defaults unless told otherwise), on
+its items as `dpjax` makes them (`study_items`). `dpjax-plan` (`dpjax.cli.plan`) prints
+the table and writes it as JSON.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -42,11 +50,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpjax.engine import fit
 from dpjax.checkpoints import architectures
+from dpjax.bundled import recorded_path
 from dpjax.model.config import ModelConfig
 from dpjax.engine.devices import DATA, MODEL, Placement
 from dpjax.model.plan import KeepPlan, bucket_size
 from dpjax.lens.readout import Lens, Reads, final_readout, packing
-from dpjax.engine.sweep import CANDIDATE_GROUP, Programs, step_groups
+from dpjax.engine.sweep import (CANDIDATE_GROUP, Programs, executed_steps, fixed_groups,
+                                step_groups)
+from dpjax.study.settings import Settings
 
 GB = 1e9
 
@@ -282,16 +293,26 @@ def shard_config(cfg: ModelConfig, model_axis: int) -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
+  """Work per device: flops and bytes (XLA's cost analysis) and, where the part was timed
+  on the device itself (the local target), its measured seconds."""
   flops: float
   bytes: float
+  measured: float | None = None
 
   def __add__(self, other: "Cost") -> "Cost":
-    return Cost(self.flops + other.flops, self.bytes + other.bytes)
+    both = None if self.measured is None or other.measured is None else (
+        self.measured + other.measured)
+    return Cost(self.flops + other.flops, self.bytes + other.bytes, both)
 
   def __mul__(self, n: float) -> "Cost":
-    return Cost(self.flops * n, self.bytes * n)
+    return Cost(self.flops * n, self.bytes * n,
+                None if self.measured is None else self.measured * n)
 
   def seconds(self, t: Target, compute_dtype) -> float:
+    """The measured time, else the roofline: the larger of the flops at the chip's peak
+    rate and the bytes at its memory bandwidth."""
+    if self.measured is not None:
+      return self.measured
     return max(self.flops / t.peak_flops(compute_dtype), self.bytes / t.bandwidth)
 
 
@@ -303,28 +324,49 @@ def _cost_of(compiled) -> Cost:
   return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
 
 
+def time_call(compiled, args, budget_seconds: float = 1.0, repeats: int = 10) -> float:
+  """What a call of `compiled` takes on this machine's cores when they are the study's
+  alone: the fastest of up to `repeats` calls (after one to warm up, stopping once
+  `budget_seconds` have been spent), each by the wall clock or by this process's CPU
+  time, whichever is less (on a shared machine the other processes slow the wall clock;
+  a call that runs on one core takes its CPU time)."""
+  jax.block_until_ready(compiled(*args))
+  best, spent = float("inf"), 0.0
+  for _ in range(repeats):
+    start, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(compiled(*args))
+    took = time.perf_counter() - start
+    best, spent = min(best, took, time.process_time() - cpu), spent + took
+    if spent > budget_seconds:
+      break
+  return best
+
+
 def part_costs(cfg: ModelConfig, model_axis: int, workload: fit.Workload, rows: int,
-               lens: Lens, compute_dtype) -> dict[str, Cost]:
+               lens: Lens, compute_dtype, timed: bool = False) -> dict[str, Cost]:
   """Per-device cost of the `embed`ding (with the rope tables and masks a call makes once),
   one `block` on a shard's rows, the `last` block at the read positions only, and one
   `lens` readout of those rows, from XLA's cost analysis of each compiled alone (no loop)
   on this machine's CPU at the per-device shapes. Flops and bytes are properties of the
   program more than of the chip; the collectives of a split model are left out, and the
   block's and the lens's costs include the rope tables and masks, a small part, that the
-  engine makes once per call."""
+  engine makes once per call. `timed` (the local target, whose CPU runs the study):
+  each part is also run on zero weights and timed (`time_call`), compiled as the engine
+  compiles it there."""
   from dpjax.model.transformer import Transformer
   shard = shard_config(cfg, model_axis)
   lens = dataclasses.replace(lens, vocab_shards=1)  # the shard holds its own vocabulary
   cpu = jax.local_devices(backend="cpu")[0]
-  module = nnx.eval_shape(lambda: Transformer(shard, compute_dtype=compute_dtype, dot_chunk=None,
+  module = nnx.eval_shape(lambda: Transformer(shard, compute_dtype=compute_dtype,
+                                              dot_chunk="auto" if timed else None,
                                               rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(module)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   batch = workload.batch(rows)
   sds = lambda x: None if x is None else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-  ids, attention = sds(batch.input_ids), sds(batch.attention_mask)
-  reads = jax.tree.map(sds, Reads.of(batch))
-  packed = tuple(sds(p) for p in packing(batch))
+  ids, attention = batch.input_ids, batch.attention_mask
+  reads = Reads.of(batch)
+  packed = packing(batch)
   h = jax.ShapeDtypeStruct((rows, workload.tokens, cfg.hidden_size), module.compute_dtype)
   local_rope = shard.local_rope_theta is not None
 
@@ -356,12 +398,22 @@ def part_costs(cfg: ModelConfig, model_axis: int, workload: fit.Workload, rows: 
     m = nnx.merge(graphdef, state)
     return lens(m, lens.unembedding(m), h, reads, shard.num_layers, None)
 
-  compile_ = lambda f, *args: _cost_of(jax.jit(f).lower(*args).compile())
+  parts = {"embed": (embed, (state, ids, attention, packed)),
+           "block": (block, (state, h, attention, packed)),
+           "last": (last, (state, h, attention, packed, reads)),
+           "lens": (read, (state, h, reads))}
+  abstract = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else sds(x)
+  concrete = lambda x: (jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct)
+                        else jnp.asarray(x))
+  costs = {}
   with jax.default_device(cpu):
-    costs = {"embed": compile_(embed, state, ids, attention, packed),
-             "block": compile_(block, state, h, attention, packed),
-             "last": compile_(last, state, h, attention, packed, reads),
-             "lens": compile_(read, state, h, reads)}
+    for name, (f, args) in parts.items():
+      compiled = jax.jit(f).lower(*jax.tree.map(abstract, args)).compile()
+      cost = _cost_of(compiled)
+      if timed:
+        cost = dataclasses.replace(cost, measured=time_call(compiled,
+                                                            jax.tree.map(concrete, args)))
+      costs[name] = cost
   return costs
 
 
@@ -390,141 +442,457 @@ class Work:
             + parts["last"] * self.last + parts["lens"] * self.lens)
 
 
+def study_default(name: str) -> Any:
+  """The default of `dpjax`'s setting `name` (`dpjax.study.settings.Settings`): the plan's
+  study is the one `dpjax` runs unless told otherwise."""
+  return _SETTINGS_FIELDS[name].default
+
+
+_SETTINGS_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+# Where a plan puts l* before the model has run: the last block but one. The studies run
+# so far found it there or at the last block (the bundled model: 15 of 16; Qwen2.5-0.5B:
+# 24 of 24; SmolLM2-135M: 30 of 30); an earlier l* costs the phase methods more
+# (`--transition_block` plans for one).
+TRANSITION_BEFORE_END = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyShape:
-  """What a whole study runs (the defaults of `dpjax`)."""
+  """What a whole study runs: its item sets, the chunking the fit chose, and the settings
+  that decide its masks (each by default `dpjax`'s). The transition block l* is not
+  known before the unpruned model runs: the phase methods are counted at
+  `transition_block` (0: `TRANSITION_BEFORE_END` blocks before the last)."""
   num_layers: int
   eval_items: int
-  calibration_items: int = 64
+  calibration_items: int = study_default("calibration_items")
   batch: int = 16               # rows per call (global)
   candidates: int = CANDIDATE_GROUP
   in_flight: int | None = None
-  random_seeds: int = 3
-  transition_fraction: float = 0.75  # where l* is assumed, for the phase experiment
-  per_layer_curves: bool = True
+  random_seeds: int = study_default("random_seeds")
+  per_layer_curves: bool = study_default("curve_layers") == "all"
+  transition_items: int = 0     # the items l* is read on (0: the calibration items)
+  transition_block: int = 0     # l*, 1-based (0: TRANSITION_BEFORE_END before the last)
+  mask_chunk: int = study_default("mask_chunk")
+  methods: tuple[str, ...] = study_default("methods")
+  criteria: int = len(study_default("criteria"))
+  min_layers: int = study_default("min_layers")
+  phase_seeds: int = study_default("phase_seeds")
+  phase_selections: tuple[str, ...] = study_default("phase_selections")
+  phase_ks: str = study_default("phase_ks")
+  phase_sizing: str = study_default("phase_sizing")
+  phase_max_k: int = study_default("phase_max_k")
+  noise_levels: int = len(study_default("noise_levels"))
+  noise_seeds: int = study_default("noise_seeds")
+  noise_profile_seeds: int = study_default("noise_profile_seeds")
+  screen_items: int = study_default("screen_items")
+  screen_keep: int = study_default("screen_keep")
+
+  @classmethod
+  def of(cls, settings: Settings, num_layers: int, eval_items: int, calibration_items: int,
+         transition_items: int, **chunking) -> "StudyShape":
+    """The shape of the study `settings` describes, on item sets of these sizes (after
+    the calibration split, as `dpjax.study.run` makes it)."""
+    s = settings
+    return cls(num_layers, eval_items, calibration_items, transition_items=transition_items,
+               random_seeds=s.random_seeds, per_layer_curves=s.curve_layers == "all",
+               mask_chunk=s.mask_chunk, methods=tuple(s.methods), criteria=len(s.criteria),
+               min_layers=s.min_layers, phase_seeds=s.phase_seeds,
+               phase_selections=tuple(s.phase_selections), phase_ks=s.phase_ks,
+               phase_sizing=s.phase_sizing, phase_max_k=s.phase_max_k,
+               noise_levels=len(s.noise_levels), noise_seeds=s.noise_seeds,
+               noise_profile_seeds=s.noise_profile_seeds, screen_items=s.screen_items,
+               screen_keep=s.screen_keep, **chunking)
+
+  @property
+  def l_star(self) -> int:
+    return self.transition_block or max(2, self.num_layers - TRANSITION_BEFORE_END)
+
+  def batches(self, items: int) -> int:
+    return math.ceil(items / self.batch)
 
 
 def _tails(work: dict[str, Work], tails: Sequence[int], L: int, s: StudyShape,
            final_only: bool, batches: int) -> None:
   """The tails of masks resuming from a stream, `batches` times: grouped as the engine
-  groups them (`sweep.step_groups`)."""
+  groups them (`sweep.step_groups`; a vmapped group runs as long as its longest member,
+  `sweep.executed_steps`)."""
   groups = step_groups(list(range(len(tails))), list(tails), L, s.candidates,
                        pad=s.in_flight is not None)
   for size, group in groups:
     lengths = [0 if m is None else tails[m] for m in group]
+    steps = executed_steps(lengths, s.in_flight)
     if final_only or size == 0:
-      w = work["tails"]
-      w.add(calls=batches, block=batches * sum(max(n - 1, 0) for n in lengths),
-            last=batches * sum(1 for n in lengths if n > 0), lens=batches * len(lengths))
+      last = sum(1 for n in lengths if n > 0)
+      work["tails"].add(calls=batches, block=batches * (steps - last), last=batches * last,
+                        lens=batches * len(lengths))
     else:
-      w = work["tails_layers"]
-      w.add(calls=batches, block=batches * sum(lengths), lens=batches * sum(lengths))
+      work["tails_layers"].add(calls=batches, block=batches * steps,
+                               lens=batches * sum(lengths))
+
+
+def readouts_work(work: dict[str, Work], masks: np.ndarray, s: StudyShape, batches: int,
+                  per_layer: bool) -> None:
+  """`Sweep.readouts(masks)` on `batches` batches: resumed from the unpruned model's
+  stream (its trunk read per layer once) when the blocks the masks share outweigh the
+  trunk, else the readout program in chunks of masks of one kept-count bucket."""
+  L = s.num_layers
+  masks = np.asarray(masks, bool)
+  first = np.where(masks.all(1), L, np.argmin(masks, axis=1))
+  if first.sum() > first.max():
+    shared = int(first.max())
+    work["stream"].add(calls=batches, embed=batches, block=batches * shared)
+    if per_layer:
+      work["stream_layers"].add(calls=batches, lens=batches * (shared + 1))
+    tails = [int(sum(1 for b in np.flatnonzero(m) if b > d)) for m, d in zip(masks, first)]
+    _tails(work, tails, L, s, not per_layer, batches)
+    return
+  counts = masks.sum(1)
+  buckets = np.array([bucket_size(int(k), L) for k in counts])
+  name = "readout" if per_layer else "readout_final"
+  for bucket in np.unique(buckets):
+    for chunk in fixed_groups(list(np.flatnonzero(buckets == bucket)), s.mask_chunk):
+      kept = [int(counts[m]) for m in chunk]
+      steps = executed_steps(kept, s.in_flight)
+      last = 0 if per_layer else len(chunk)
+      work[name].add(calls=batches, embed=batches * len(chunk),
+                     block=batches * (steps - last), last=batches * last,
+                     lens=batches * (sum(k + 1 for k in kept) if per_layer else len(chunk)))
 
 
 def _curve(work: dict[str, Work], masks: np.ndarray, s: StudyShape, batches: int,
            per_layer: bool) -> None:
-  """A curve's masks through `Sweep.readouts` (resumed from the unpruned stream)."""
-  L = s.num_layers
-  first = np.where(masks.all(1), L, np.argmin(masks, axis=1))
-  shared = int(first.max())
-  work["stream"].add(calls=batches, embed=batches, block=batches * shared)
-  if per_layer:
-    work["stream_layers"].add(calls=batches, lens=batches * (shared + 1))
-  tails = [int(sum(1 for b in np.flatnonzero(m) if b > d)) for m, d in zip(masks, first)]
-  _tails(work, tails, L, s, not per_layer, batches)
+  readouts_work(work, masks, s, batches, per_layer)
 
 
 def _removal_masks(order: Sequence[int], L: int) -> np.ndarray:
-  masks = np.ones((L - 1, L), bool)
-  for n in range(1, L):
-    masks[n - 1, list(order[:n])] = False
+  """`[n, L]`: mask `i` removes the first `i + 1` blocks of `order`."""
+  masks = np.ones((len(order), L), bool)
+  for n in range(len(order)):
+    masks[n, list(order[:n + 1])] = False
   return masks
 
 
-def iterative_work(work: dict[str, Work], s: StudyShape, batches: int, min_layers: int = 1
-                   ) -> None:
-  """Iterative Pruning from every block to `min_layers` on `batches` batches: at each step
-  with k blocks kept, the current model's stream, then the k candidates' tails."""
+def iterative_work(work: dict[str, Work], s: StudyShape, batches: int, min_layers: int = 1,
+                   allowed=None, seed: int = 0) -> list[int]:
+  """Iterative Pruning (`pruning.iterative_prune`) on `batches` batches, every candidate
+  evaluated on every item (no early stop: an upper bound): at each step with k blocks
+  kept, the current model's stream, then the candidates' tails. `allowed(kept)`: the
+  blocks a step may remove (default: every kept block). The block each step removes is
+  a seeded draw among its candidates (which the search picks is not known before it
+  runs); returns them in order."""
   L = s.num_layers
-  for k in range(L, min_layers, -1):
+  kept, removed = list(range(L)), []
+  rng = np.random.default_rng([seed, 11])
+  while len(kept) > min_layers:
+    candidates = list(kept if allowed is None else allowed(kept))
+    if not candidates:
+      break
+    k = len(kept)
+    position = {b: p for p, b in enumerate(kept)}
     work["stream"].add(calls=batches, embed=batches, block=batches * k)
-    _tails(work, [k - 1 - p for p in range(k)], L, s, True, batches)
+    _tails(work, [k - 1 - position[c] for c in candidates], L, s, True, batches)
+    block = candidates[int(rng.integers(len(candidates)))]
+    kept.remove(block)
+    removed.append(block)
+  return removed
+
+
+def _screened_work(work: dict[str, Work], s: StudyShape, batches: int, screen: int,
+                   seed: int) -> list[int]:
+  """The screened search: every candidate on the screen's batches, the best
+  `screen_keep` on the calibration batches."""
+  L = s.num_layers
+  kept, removed = list(range(L)), []
+  rng = np.random.default_rng([seed, 13])
+  while len(kept) > s.min_layers:
+    k = len(kept)
+    ranked = list(range(k))
+    if k > s.screen_keep:
+      work["stream"].add(calls=screen, embed=screen, block=screen * k)
+      _tails(work, [k - 1 - p for p in ranked], L, s, True, screen)
+      ranked = sorted(rng.permutation(k)[:s.screen_keep].tolist())
+    work["stream"].add(calls=batches, embed=batches, block=batches * k)
+    _tails(work, [k - 1 - p for p in ranked], L, s, True, batches)
+    block = kept[ranked[int(rng.integers(len(ranked)))]]
+    kept.remove(block)
+    removed.append(block)
+  return removed
+
+
+def noise_work(work: dict[str, Work], s: StudyShape, batches: int, l_star: int) -> None:
+  """The noise probe (`dpjax.engine.noise.noised_readouts`), counted as the tails program
+  it resembles: per batch the unpruned model's stream, then every variant from its
+  first noised block on (each phase arm at every level and seed; the profile, one
+  block at a time, every level and profile seed), final readouts only."""
+  L = s.num_layers
+  arm = s.noise_levels * s.noise_seeds
+  starts = ([1] * arm + [l_star] * arm
+            + [b for b in range(1, L + 1) for _ in range(s.noise_levels * s.noise_profile_seeds)])
+  work["stream"].add(calls=batches, embed=batches, block=batches * L)
+  _tails(work, [L - start for start in starts], L, s, True, batches)
+
+
+def _phase_masks(s: StudyShape, l_star: int, influence: np.ndarray) -> list[np.ndarray]:
+  """The phase experiment's masks, one array per selection rule it evaluates
+  (`methods.run_phase`)."""
+  from dpjax.study import methods, pruning
+  L, out = s.num_layers, []
+  for selection in s.phase_selections:
+    seeds = range(s.phase_seeds) if selection == "random" else [0]
+    orders = [pruning.phase_removals(l_star, L, selection, influence, seed) for seed in seeds]
+    n_silent, n_decisive = len(orders[0]["silent"]), len(orders[0]["decisive"])
+    if not n_silent or not n_decisive:
+      continue
+    sizes = pruning.phase_sizes(n_silent, n_decisive, s.phase_sizing, s.phase_max_k)
+    chosen = set(methods.phase_ks(len(sizes), s.phase_ks))
+    masks = []
+    for order in orders:
+      for k, k_silent, k_decisive in sizes:
+        if k not in chosen:
+          continue
+        for arm, n in (("silent", k_silent), ("decisive", k_decisive)):
+          mask = np.ones(L, bool)
+          mask[order[arm][:n]] = False
+          masks.append(mask)
+    out.append(np.array(masks))
+  return out
 
 
 def schedule(s: StudyShape) -> dict[str, Work]:
-  """Every call of a whole default study (profile, Iterative Pruning to one block, its curve,
-  the one-shot baselines, random over seeds, the phase experiment, the phase-aware method),
-  counted without the early stop (an upper bound) and with Iterative Pruning's removals in
-  a seeded random order (the curves' cost depends on which blocks go first)."""
+  """Every call of a whole study, method by method as `dpjax.study.run` makes them: the
+  unpruned model's profile (evaluation items) and its transition (calibration items),
+  then each of `s.methods` (searches on the calibration items, curves on the evaluation
+  items). Counted without the accuracy criterion's early stop (an upper bound), with the
+  blocks a search or a ranking removes drawn by a seeded generator (what a search will
+  pick is not known before it runs; the curves' cost depends on it a little), and the
+  phase methods at l* = `s.l_star`."""
   L = s.num_layers
   work = {name: Work() for name in fit.PROGRAMS}
-  ev = math.ceil(s.eval_items / s.batch)
-  cal = math.ceil(s.calibration_items / s.batch)
+  ev, cal = s.batches(s.eval_items), s.batches(s.calibration_items)
   rng = np.random.default_rng(0)
-  # The unpruned profile, on both item sets: one mask per call, every layer read.
-  work["readout"].add(calls=ev + cal, embed=ev + cal, block=(ev + cal) * L,
-                      lens=(ev + cal) * (L + 1))
-
-  for _ in range(2):  # Iterative Pruning, then the phase-aware method
-    iterative_work(work, s, cal)
-    _curve(work, _removal_masks(rng.permutation(L), L), s, ev, True)
-  _tails(work, [L - 1 - p for p in range(L)], L, s, True, cal)  # single-layer ranking
-  work["stream"].add(calls=cal, embed=cal, block=cal * L)
-  orders = [list(range(L - 1, -1, -1))] + [rng.permutation(L) for _ in range(3 + s.random_seeds)]
-  for order in orders:  # reverse, block influence, angular, single layer, random seeds
-    _curve(work, _removal_masks(order, L), s, ev, s.per_layer_curves)
-  l_star = max(2, int(round(s.transition_fraction * L)))
-  max_k = min(l_star - 1, L - l_star + 1)
-  masks = []
-  for rule in range(2 + s.random_seeds):
-    for arm in (range(0, l_star - 1), range(l_star - 1, L)):
-      blocks = list(arm)
-      order = blocks if rule == 0 else list(rng.permutation(blocks))
-      for k in range(1, max_k + 1):
-        mask = np.ones(L, bool)
-        mask[order[:k]] = False
-        masks.append(mask)
-  _curve(work, np.array(masks), s, ev, s.per_layer_curves)
-  # Block influence: the unpruned model's hidden states on the calibration items.
-  work["stream"].add(calls=cal, embed=cal, block=cal * L)
+  unpruned = np.ones((1, L), bool)
+  readouts_work(work, unpruned, s, ev, True)  # the profile
+  if not s.methods:
+    return work
+  readouts_work(work, unpruned, s, s.batches(s.transition_items or s.calibration_items),
+                True)  # l* on the calibration items
+  from dpjax.study import pruning
+  l_star = s.l_star
+  decisive = set(range(l_star - 1, L))
+  influence = rng.random(L)  # stands in for the block influence the study measures
+  one_shot = s.per_layer_curves
+  hidden = False  # the unpruned model's hidden states on the calibration items, once
+  unpruned_point = False  # the curves' first point, evaluated once
+  for method in s.methods:
+    if method in ("iterative", "iterative_screened"):
+      for c in range(s.criteria):
+        if method == "iterative":
+          removed = iterative_work(work, s, cal, s.min_layers, seed=c)
+        else:
+          removed = _screened_work(work, s, cal, s.batches(min(s.screen_items,
+                                                               s.calibration_items)), c)
+        _curve(work, _removal_masks(removed, L), s, ev, True)
+      unpruned_point = True
+    elif method in ("block_influence", "angular"):
+      hidden = unpruned_point = True
+      if method == "block_influence":
+        masks = pruning.masks_from_ranking(pruning.block_influence_ranking(influence), L)
+      else:
+        distances = rng.random((L + 1, L + 1))
+        masks = np.ones((L - 1, L), bool)
+        for n in range(1, L):
+          masks[n - 1, pruning.angular_blocks(distances, n)] = False
+      _curve(work, masks, s, ev, one_shot)
+    elif method == "single_layer":
+      work["stream"].add(calls=cal, embed=cal, block=cal * L)
+      _tails(work, [L - 1 - p for p in range(L)], L, s, True, cal)
+      _curve(work, pruning.masks_from_ranking(rng.permutation(L), L), s, ev, one_shot)
+      unpruned_point = True
+    elif method == "reverse":
+      _curve(work, pruning.masks_from_ranking(pruning.reverse_ranking(L), L), s, ev, one_shot)
+      unpruned_point = True
+    elif method == "random":
+      masks = np.concatenate([pruning.masks_from_ranking(pruning.random_ranking(L, seed), L)
+                              for seed in range(s.random_seeds)])
+      _curve(work, masks, s, ev, one_shot)
+      unpruned_point = True
+    elif method == "phase" and l_star > 1:
+      hidden = hidden or "redundant" in s.phase_selections
+      for masks in _phase_masks(s, l_star, influence):
+        _curve(work, masks, s, ev, one_shot)
+    elif method == "noise" and l_star > 1:
+      noise_work(work, s, ev, l_star)
+    elif method == "phase_aware" and len(decisive) > 1:
+      allowed = lambda kept: [b for b in kept if b in decisive] or kept
+      removed = iterative_work(work, s, cal, s.min_layers, allowed)
+      _curve(work, _removal_masks(removed, L), s, ev, True)
+      unpruned_point = True
+    elif method == "decisive_only" and ("phase_aware" not in s.methods or len(decisive) == 1):
+      removed = iterative_work(work, s, cal, s.min_layers,
+                               lambda kept: [b for b in kept if b in decisive])
+      _curve(work, _removal_masks(removed, L), s, ev, True)
+      unpruned_point = True
+  if unpruned_point:
+    readouts_work(work, unpruned, s, ev, True)
+  if hidden:
+    work["stream"].add(calls=cal, embed=cal, block=cal * L)
   return work
+
+
+# ----------------------------------------------------------------------------
+# The study's items: counted and measured as `dpjax` would make them.
+
+
+class WordPieces:
+  """A stand-in tokenizer for a model without one (a preset, a `config.json`): each word
+  with the spaces before it, in pieces of at most 4 characters (about what an English BPE
+  vocabulary gives), so that prompts can be measured before the model's tokenizer is
+  at hand."""
+
+  _PIECE = re.compile(r"\s*\S{1,4}|\s+$")
+
+  def __init__(self):
+    self.ids: dict[str, int] = {}
+
+  def _encode(self, text: str) -> list[int]:
+    return [self.ids.setdefault(p, len(self.ids)) for p in self._PIECE.findall(text)]
+
+  def __call__(self, texts, add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+    return {"input_ids": [self._encode(t) for t in texts]}
+
+  def convert_ids_to_tokens(self, ids):
+    names = {i: p for p, i in self.ids.items()}
+    return [names.get(i, "?") for i in ids]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyItems:
+  """The item sets a study runs on, as the plan counts them: evaluation, the search's
+  calibration items and the items l* is read on, and the shapes of their widest batch."""
+  evaluation: int
+  calibration: int
+  transition: int
+  workload: fit.Workload
+  how: str  # how the prompts were measured, for the table
+  widths: tuple[tuple[int, int], ...] = ()  # (tokens, batches of that width), all sets
+
+  @property
+  def width_share(self) -> float:
+    """The batches' mean width over the widest's (1 when not known)."""
+    if not self.widths:
+      return 1.0
+    batches = sum(n for _, n in self.widths)
+    return sum(w * n for w, n in self.widths) / batches / max(w for w, _ in self.widths)
+
+  def describe(self) -> str:
+    return (f"{self.evaluation} evaluation items, {self.calibration} calibration items "
+            f"(l* read on {self.transition}), prompts of up to {self.workload.tokens} tokens "
+            f"({self.how})")
+
+
+def _encode(tokenizer, chosen, dev, s: Settings, max_length: int):
+  """Items encoded as `dpjax.study.run.prepare` encodes them."""
+  from dpjax import tasks
+  if not chosen:
+    return None
+  shots = tasks.shots_for(chosen, dev, s.k_shot)
+  options = dict(max_length=max_length, truncation=s.truncation,
+                 add_special_tokens=s.add_special_tokens)
+  if s.format == "cloze":
+    return tasks.encode_cloze(tokenizer, chosen, [tasks.cloze_requests(item, shot) for item, shot
+                                                  in zip(chosen, shots)], **options)
+  if s.format == "open":
+    return tasks.encode_open(tokenizer, chosen, [tasks.open_prompt(item, shot) for item, shot
+                                                 in zip(chosen, shots)], **options)
+  return tasks.encode(tokenizer, chosen, [tasks.prompt(item, shot) for item, shot
+                                          in zip(chosen, shots)], **options)
+
+
+def study_items(model_spec: str, study: Settings, cfg: ModelConfig, *, tokens: int = 0,
+                options: int = 0, reads: int = 0, rows: int = fit.CPU_ROWS) -> StudyItems:
+  """The items `dpjax` would run `study` on: the task's items split into calibration and
+  evaluation sets as `dpjax.study.run.select_items` splits them (the synthetic suite is
+  generated here, a benchmark read from `--data_dir`), encoded with the model's tokenizer
+  (a model without one: `WordPieces`), and batched as the engine batches them (`rows` a
+  batch); their widest batch gives the workload's shapes. `tokens`, `options`, `reads`
+  (> 0) override what the items give. A task whose items are not here is planned from
+  `study.num_items` and `tokens`, which it then needs."""
+  from dpjax import tasks
+  from dpjax.study import run as study_run
+  try:
+    _, _, dev, calibration, evaluation = study_run.select_items(study)
+  except (tasks.TaskDataError, OSError) as e:
+    if not (study.num_items and tokens):
+      raise ValueError(f"the items of task {study.task!r} are not here ({e}); give "
+                       "--num_items and --tokens to plan without them.") from e
+    cal = study.calibration_items if study.methods else 0
+    return StudyItems(study.num_items, cal, max(cal, study.transition_items) if cal else 0,
+                      fit.Workload(study.format, tokens, options or 4, reads),
+                      "given: the task's items are not here")
+  from dpjax.checkpoints.convert import load_tokenizer
+  try:
+    tokenizer, how = load_tokenizer(model_spec), "the model's tokenizer"
+  except ValueError:
+    tokenizer, how = WordPieces(), "estimated: words in pieces of up to 4 characters"
+  max_length = study.max_length or cfg.max_position_embeddings
+  search = calibration[:study.calibration_items]
+  sets = [_encode(tokenizer, chosen, dev, study, max_length)
+          for chosen in (evaluation, search, calibration)]
+  prepared = [b for enc in sets if enc is not None for b in tasks.batches(
+      enc, rows, 0, share_prefix=study.share_prefix)]
+  found = fit.Workload.of_batches(prepared, study.format)
+  widths = collections.Counter(b.input_ids.shape[1] + (0 if b.prefix_ids is None
+                                                       else b.prefix_ids.shape[0])
+                               for b in prepared)
+  if tokens:
+    how, widths = "given", {}
+  workload = dataclasses.replace(found, tokens=tokens or found.tokens,
+                                 options=options or found.options, reads=reads or found.reads)
+  return StudyItems(len(evaluation), len(search), len(calibration), workload, how,
+                    tuple(sorted(widths.items())))
 
 
 # ----------------------------------------------------------------------------
 # The plan.
 
-
-def _compile_memory(programs, names, arguments) -> dict[str, fit.ProgramMemory]:
-  """Each program's memory; a TPU compiler that refuses a program for want of HBM gives
-  the temporaries it asked for."""
-  out, stream_sharding = {}, None
-  for name in sorted(names, key=lambda n: n != "stream"):
-    try:
-      compiled = getattr(programs, name).lower(*arguments(name, stream_sharding)).compile()
-    except Exception as e:  # RESOURCE_EXHAUSTED on TPUs
-      text = str(e)
-      if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
-        raise
-      found = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", text)
-      scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-      need = float(found.group(1)) * scale[found.group(2)] if found else float("inf")
-      out[name] = fit.ProgramMemory(0, 0, int(min(need, 1e18)))
-      continue
-    out[name] = fit.ProgramMemory.of(compiled)
-    if name == "stream":
-      stream_sharding = compiled.output_shardings
-  return out
+# XLA's options for programs compiled for their memory alone (a named TPU target's, which
+# nothing runs): the least effort on execution time. The TPU compiler then compiled
+# Llama-3-8B's programs for a v5p-8 (32 rows x 640 tokens per shard) 4-5x faster, in CPU
+# time: the final-only readout of 16 masks 16 s against 63 s, the tails of 8 candidates
+# 17 s against 66 s, the stream 5 s against 22 s; their memory analyses differ by 0.05%
+# at most (15 MB of 54 GB). The local target's and the GPU targets' programs (quicker to
+# compile; not compared) get the defaults.
+COMPILE_ONLY_OPTIONS = {"exec_time_optimization_effort": -1.0}
+# The most batch widths whose parts the local target times (each its own compilations).
+MAX_TIMED_WIDTHS = 4
 
 
-def plan(model_spec: str, target_name: str, *, num_items: int, calibration_items: int = 64,
-         fmt: str = "letter", tokens: int = 640, options: int = 4, reads: int = 0,
-         dtype: str = "bfloat16", model_axis: int = 0, batch_size: int = 0,
+def plan(model_spec: str, target_name: str, *, num_items: int = 300,
+         calibration_items: int = 64, fmt: str = "letter", tokens: int = 640, options: int = 4,
+         reads: int = 0, dtype: str = "bfloat16", model_axis: int = 0, batch_size: int = 0,
          masks_in_flight: int = 0, candidates: int = 0, margin: float = fit.DEFAULT_MARGIN,
-         mask_chunk: int = 16, progress=print) -> dict[str, Any]:
-  """The plan of a study of `model_spec` on `target_name` for `num_items` evaluation items
-  (see the module docstring); a JSON-ready record. `fits` is False when some program
-  does not fit even at the smallest chunking."""
+         mask_chunk: int = 16, progress=print, study: Settings | None = None,
+         items: StudyItems | None = None, transition_block: int = 0) -> dict[str, Any]:
+  """The plan of a study of `model_spec` on `target_name` (see the module docstring); a
+  JSON-ready record. `fits` is False when some program does not fit even at the smallest
+  chunking.
+
+  The study is `study` (default: `dpjax`'s defaults) on `items` (`study_items`); without
+  `items`, on `num_items` evaluation and `calibration_items` calibration items in the
+  `fmt` format, prompts of `tokens` tokens, `options` options and the cloze format's
+  `reads` read positions. `transition_block`: the l* the phase methods are counted at
+  (0: `TRANSITION_BEFORE_END` blocks before the last)."""
+  started = time.perf_counter()
   cfg = model_config(model_spec, dtype)
+  study = study or Settings(num_items=num_items, calibration_items=calibration_items,
+                            format=fmt)
+  if items is None:
+    items = StudyItems(num_items, calibration_items, calibration_items,
+                       fit.Workload(fmt, tokens, options, reads), "given")
+  workload = items.workload
+  fmt = workload.format
   t = target(target_name)
   devices = t.compile_devices()
   axis = model_axis or choose_model_axis(cfg, t)
@@ -534,56 +902,62 @@ def plan(model_spec: str, target_name: str, *, num_items: int, calibration_items
   platform = "gpu" if t.platform in ("gpu", "cuda") else t.platform
   graphdef, state, compute_dtype = abstract_model(cfg, placement, platform)
   lens = Lens(fmt, vocab_shards=axis)
-  workload = fit.Workload(fmt, tokens, options, reads)
   abstract = fit.Abstract(placement, local=(t.name == "local"))
   budget = int(t.memory_bytes * (1 - margin))
   rows, in_flight, cands, fixed = fit.ladders(platform, batch_size=batch_size,
                                               masks_in_flight=masks_in_flight,
                                               candidates=candidates,
                                               data_size=placement.data_size)
-  compiled_at: dict[tuple, fit.ProgramMemory] = {}
-  started = time.perf_counter()
-
-  def measure(chunking: fit.Chunking) -> dict[str, fit.ProgramMemory]:
-    key = (chunking.rows_per_shard, chunking.masks_in_flight, chunking.candidates)
-    if key not in compiled_at:
-      programs = Programs.build(graphdef, lens, chunking.masks_in_flight, True, placement)
-      progress(f"  compiling 6 programs at {chunking.describe()} "
-               f"({time.perf_counter() - started:.0f} s so far)")
-      compiled_at[key] = _compile_memory(programs, fit.PROGRAMS, lambda name, ss:
-                                         fit.program_arguments(
-                                             name, cfg.num_layers, cfg.hidden_size,
-                                             compute_dtype, state, None, workload, chunking,
-                                             abstract, placement.data_size, ss))
-    return compiled_at[key]
-
+  cache = fit.ProgramCache(
+      lambda live: Programs.build(graphdef, lens, live, True, placement),
+      lambda name, chunking, stream_sharding: fit.program_arguments(
+          name, cfg.num_layers, cfg.hidden_size, compute_dtype, state, None, workload,
+          chunking, abstract, placement.data_size, stream_sharding),
+      progress=lambda text: progress(f"{text} ({time.perf_counter() - started:.0f} s so far)"),
+      compiler_options=COMPILE_ONLY_OPTIONS if t.name != "local" and t.platform == "tpu"
+      else None)
   try:
     compute_bytes = jnp.dtype(compute_dtype).itemsize
     estimate = lambda ch: fit.estimate_peak(cfg, ch, workload, axis,
                                             parameter_bytes(cfg) / axis, compute_bytes)
-    fitted = fit.search(measure, budget, rows=rows, in_flight=in_flight, candidates=cands,
-                        mask_chunk=mask_chunk, fixed=fixed, estimate=estimate)
+    fitted = fit.search(cache.memory, budget, rows=rows, in_flight=in_flight,
+                        candidates=cands, mask_chunk=mask_chunk, fixed=fixed,
+                        estimate=estimate)
     fits, why = True, None
   except fit.DoesNotFit as e:
     fits, why = False, str(e)
     smallest = fit.Chunking(rows[-1], in_flight[-1], cands[-1], mask_chunk)
-    fitted = fit.FitResult(smallest, budget, measure(smallest), [])
+    fitted = fit.FitResult(smallest, budget, cache.all(smallest), [])
   chunking = fitted.chunking
-  compile_seconds = time.perf_counter() - started
-  parts = part_costs(cfg, axis, workload, chunking.rows_per_shard, lens, compute_dtype)
-  study = StudyShape(cfg.num_layers, num_items, calibration_items,
-                     batch=chunking.rows_per_shard * placement.data_size,
-                     candidates=chunking.candidates, in_flight=chunking.masks_in_flight)
-  work = schedule(study)
+  compile_seconds = cache.seconds
+  timed = t.name == "local" and t.platform == "cpu"
+  parts = part_costs(cfg, axis, workload, chunking.rows_per_shard, lens, compute_dtype,
+                     timed=timed)
+  shape = StudyShape.of(study, cfg.num_layers, items.evaluation, items.calibration,
+                        items.transition, batch=chunking.rows_per_shard * placement.data_size,
+                        candidates=chunking.candidates, in_flight=chunking.masks_in_flight,
+                        transition_block=transition_block)
+  work = schedule(shape)
+  # Memory is fitted at the widest batch; time goes with each batch's own width: timed at
+  # each width the batches have (a few), else the widest's times their mean width's share.
+  per_part = {p: parts[p].seconds(t, compute_dtype) * items.width_share for p in parts}
+  if timed and not workload.prefix and 1 < len(items.widths) <= MAX_TIMED_WIDTHS:
+    batches = sum(n for _, n in items.widths)
+    per_part = {p: 0.0 for p in parts}
+    for width, n in items.widths:
+      at = parts if width == workload.tokens else part_costs(
+          cfg, axis, dataclasses.replace(workload, tokens=width), chunking.rows_per_shard,
+          lens, compute_dtype, timed=True)
+      for p in parts:
+        per_part[p] += at[p].measured * n / batches
   programs = {}
   total = 0.0
   for name in fit.PROGRAMS:
     w = work[name]
-    per_part = {p: parts[p].seconds(t, compute_dtype) for p in parts}
     seconds = (per_part["embed"] * w.embed + per_part["block"] * w.block
                + per_part["last"] * w.last + per_part["lens"] * w.lens)
     total += seconds
-    cost = w.cost(parts)
+    cost = w.cost(parts) * items.width_share
     calls = max(w.calls, 1)
     programs[name] = {
         "memory": fitted.memory[name].to_json(),
@@ -592,13 +966,17 @@ def plan(model_spec: str, target_name: str, *, num_items: int, calibration_items
         "bytes_per_call": cost.bytes / calls, "seconds_per_call": seconds / calls,
         "seconds": seconds}
   return {
-      "model": model_spec, "architecture": cfg.architecture, "num_layers": cfg.num_layers,
-      "parameters_gb": parameter_bytes(cfg) / GB, "dtype": dtype, "target": t.name,
-      "devices": t.devices, "mesh": {"data": placement.data_size, "model": axis},
+      "model": recorded_path(model_spec), "architecture": cfg.architecture,
+      "num_layers": cfg.num_layers, "parameters_gb": parameter_bytes(cfg) / GB, "dtype": dtype,
+      "target": t.name, "devices": t.devices, "mesh": {"data": placement.data_size, "model": axis},
       "device_memory_gb": t.memory_bytes / GB, "budget_gb": budget / GB, "margin": margin,
       "peak_tflops": t.peak_flops(compute_dtype) / 1e12, "bandwidth_gbs": t.bandwidth / 1e9,
-      "workload": dataclasses.asdict(workload), "num_items": num_items,
-      "calibration_items": calibration_items, "chosen": fitted.to_json(), "fits": fits,
-      "why_not": why, "programs": programs,
+      "workload": dataclasses.asdict(workload), "num_items": items.evaluation,
+      "calibration_items": items.calibration, "transition_items": items.transition,
+      "items_measured_by": items.how, "task": study.task, "methods": list(study.methods),
+      "transition_block": shape.l_star, "time_from": "measured" if timed else "roofline",
+      "chosen": fitted.to_json(), "fits": fits, "why_not": why, "programs": programs,
       "parts": {k: dataclasses.asdict(v) for k, v in parts.items()},
-      "predicted_study_hours": total / 3600, "compile_seconds": compile_seconds}
+      "predicted_study_seconds": total, "predicted_study_hours": total / 3600,
+      "compilations": cache.compiled, "compile_seconds": compile_seconds,
+      "plan_seconds": time.perf_counter() - started}
