@@ -437,16 +437,66 @@ class Calibration:
     return self.fixed[model] + scale * base
 
 
+# A unit measured while more than two cores' worth of other work ran beside its own two
+# took longer than its work says: its time is reported, flagged, and left out of the
+# calibration (it would mispredict the units run on a quiet machine).
+CONTENDED_LOAD = 4.0
+
+
+def unit_load(rec: dict[str, Any]) -> float | None:
+  """The unit's mean one-minute load average: sampled through the unit where the ledger
+  has it, else the mean of its start and end."""
+  if rec.get("load_mean") is not None:
+    return float(rec["load_mean"])
+  if rec.get("load"):
+    return float(np.mean(rec["load"]))
+  return None
+
+
+def contended(rec: dict[str, Any]) -> bool:
+  load = unit_load(rec)
+  return load is not None and load > CONTENDED_LOAD
+
+
+class LoadSampler:
+  """Samples the one-minute load average every `every` seconds while in use (a daemon
+  thread), so a unit's record says what ran beside it through its whole run."""
+
+  def __init__(self, every: float = 30.0):
+    import threading
+    self.every, self.samples = every, [os.getloadavg()[0]]
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+
+  def _sample(self) -> None:
+    while not self._stop.wait(self.every):
+      self.samples.append(os.getloadavg()[0])
+
+  def __enter__(self) -> "LoadSampler":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.samples.append(os.getloadavg()[0])
+
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.samples))
+
+
 def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
   """The measured seconds of the finished units (less the fixed cost) over their prior
-  seconds, summed per (model, kind) and per model. A finished unit's prior seconds are
+  seconds, summed per (model, kind) and per model; units measured on a contended machine
+  (`contended`) are left out. A finished unit's prior seconds are
   counted again from what its run's files now say (its l*, its items' tokens), so the
   scale compares like with like."""
   ledger = read_ledger(out_dir)["units"]
   by_name = {u.name: u for u in units}
   sums: dict[tuple[str, str], list[float]] = {}
   for name, rec in ledger.items():
-    if name not in by_name or rec.get("skipped"):
+    if name not in by_name or rec.get("skipped") or contended(rec):
       continue
     unit = by_name[name]
     facts = run_facts(out_dir, unit.run)

@@ -434,16 +434,41 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
   ledger = campaign.read_ledger(out_dir)["units"]
   if ledger:
     lines += ["", "Finished units: the time predicted before each started (from the "
-              "planner's work count calibrated on the units before it) against the time it "
-              "took on two CPU cores.", "",
-              "| unit | predicted | measured | measured / predicted |", "|---|---|---|---|"]
-    total = 0.0
+              "planner's work count calibrated on the units before it), the time the dry "
+              "run predicts for it now (calibrated on every other finished unit on a quiet "
+              "machine), against the time it took on two CPU cores, and the mean load "
+              f"through it. A unit run beside more than {campaign.CONTENDED_LOAD:g} of load "
+              "(two cores' worth of other work beside its own) is marked contended: its "
+              "time says more about the machine than about its work, and the calibration "
+              "leaves it out.", "",
+              "| unit | predicted before | predicted now | measured | measured / before | "
+              "measured / now | load |", "|---|---|---|---|---|---|---|"]
+    plan_units = {u.name: u for u in campaign.plan(size)} if size is not None else {}
+    total, quiet, within_before, within_now = 0.0, 0, 0, 0
     for name, rec in sorted(ledger.items(), key=lambda kv: kv[1]["finished"]):
       total += rec["seconds"]
-      lines.append(f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
-                   f"{campaign.hours(rec['seconds'])} | "
-                   f"{rec['seconds'] / max(rec['predicted_seconds'], 1e-9):.2f} |")
-    lines += ["", f"Compute so far: {campaign.hours(total)} in {len(ledger)} units."]
+      now = None
+      if name in plan_units:
+        others = [u for n, u in plan_units.items() if n != name]
+        calibration = campaign.calibrate(out_dir, others)
+        now = campaign.predict(out_dir, plan_units[name], calibration)[0]
+      load = campaign.unit_load(rec)
+      busy = campaign.contended(rec)
+      ratio_before = rec["seconds"] / max(rec["predicted_seconds"], 1e-9)
+      ratio_now = None if now is None else rec["seconds"] / now
+      if not busy:
+        quiet += 1
+        within_before += 1 / 1.5 <= ratio_before <= 1.5
+        within_now += ratio_now is not None and 1 / 1.5 <= ratio_now <= 1.5
+      lines.append(
+          f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
+          f"{'-' if now is None else campaign.hours(now)} | {campaign.hours(rec['seconds'])} | "
+          f"{ratio_before:.2f} | {'-' if ratio_now is None else f'{ratio_now:.2f}'} | "
+          f"{'-' if load is None else f'{load:.1f}'}{' (contended)' if busy else ''} |")
+    lines += ["", f"Compute so far: {campaign.hours(total)} in {len(ledger)} units. Of the "
+              f"{quiet} units measured on a quiet machine, {within_before} took within 1.5x "
+              f"of the time predicted before they started and {within_now} within 1.5x of "
+              "the dry run's prediction now (each left out of its own calibration)."]
   return lines + [""]
 
 

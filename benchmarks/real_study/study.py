@@ -192,13 +192,14 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
   output = os.path.join("runs", unit.run.name)
   methods = campaign.methods_of(unit, done_kinds(out, unit.run))
   started, cpu = time.perf_counter(), time.process_time()
-  load = os.getloadavg()[0]
-  results = study.run(_settings(out, unit.run, output, methods))
+  with campaign.LoadSampler() as load:
+    results = study.run(_settings(out, unit.run, output, methods))
   seconds = time.perf_counter() - started
-  # What else ran beside it: the load at its start and end, and its own CPU time (a unit
-  # measured on a busy machine takes longer than its work says).
+  # What else ran beside it: the load through its run, at its start and end, and its own
+  # CPU time (a unit measured on a busy machine takes longer than its work says).
   details_load = {"cpu_seconds": round(time.process_time() - cpu, 1),
-                  "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+                  "load": [round(load.samples[0], 2), round(load.samples[-1], 2)],
+                  "load_mean": round(load.mean, 2)}
   full = results.full_model
   details = {"base_seconds": round(base, 2), **details_load, "accuracy": round(float(full.final_accuracy), 4),
              "chance": round(float(full.chance), 4),

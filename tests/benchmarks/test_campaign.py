@@ -153,3 +153,34 @@ def test_longer_tasks_read_l_star_on_fewer_items():
   assert fields["smollm2_hellaswag_cloze"]["transition_items"] == 64
   assert fields["gemma3_sciq_cloze"]["num_items"] == 60
   assert fields["qwen25_sciq_cloze"]["num_items"] == 60
+
+
+def test_a_unit_measured_on_a_busy_machine_is_left_out_of_the_calibration(tmp_path):
+  out = str(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  first, second = units[0], units[3]  # SmolLM2's ARC-Easy and SciQ phase units
+  prior = campaign.calibrate(out, units)
+  _, base = campaign.predict(out, first, prior)
+  campaign.record_unit(out, first, campaign.PRIOR_FIXED["smollm2"] + 3 * base, 1.0,
+                       base_seconds=base, load=[0.5, 9.0], load_mean=6.5)
+  rec = campaign.read_ledger(out)["units"][first.name]
+  assert campaign.contended(rec) and campaign.unit_load(rec) == 6.5
+  assert campaign.predict(out, second, campaign.calibrate(out, units))[0] == pytest.approx(
+      campaign.predict(out, second, prior)[0])
+  campaign.record_unit(out, first, campaign.PRIOR_FIXED["smollm2"] + 3 * base, 1.0,
+                       base_seconds=base, load=[2.0, 3.0])  # no samples: start and end
+  rec = campaign.read_ledger(out)["units"][first.name]
+  assert not campaign.contended(rec) and campaign.unit_load(rec) == 2.5
+  predicted, base2 = campaign.predict(out, second, campaign.calibrate(out, units))
+  assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 3 * base2, rel=1e-4)
+
+
+def test_the_load_sampler_samples_through_its_block(monkeypatch):
+  import itertools
+  loads = itertools.count(1.0)
+  monkeypatch.setattr(campaign.os, "getloadavg", lambda: (float(next(loads)), 0.0, 0.0))
+  import time
+  with campaign.LoadSampler(every=0.05) as sampler:
+    time.sleep(0.18)
+  assert len(sampler.samples) >= 4 and sampler.samples[0] == 1.0
+  assert sampler.mean == pytest.approx(sum(sampler.samples) / len(sampler.samples))
