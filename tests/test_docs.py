@@ -98,8 +98,13 @@ PROGRAMS = {"dpjax": "dpjax.cli.study", "dpjax-convert": "checkpoints_convert.co
             "dpjax-export": "checkpoints_convert.export_cli", "dpjax-data": "dpjax.cli.data",
             "dpjax-train-lens": "dpjax.cli.train_lens", "dpjax-throughput": "dpjax.cli.throughput",
             "dpjax-plan": "dpjax.cli.plan", "dpjax-prune": "dpjax.cli.prune",
+            "dpjax-lm-eval": "dpjax.cli.lm_eval",
             "python -m benchmarks": "benchmarks",
             "python -m benchmarks.real_study": "benchmarks.real_study"}
+
+
+# How each program lists every flag (argparse programs have no --helpfull).
+HELP = {"python -m benchmarks": ["-h"], "dpjax-lm-eval": ["run", "--help"]}
 
 
 def test_every_shell_example_names_a_program_and_its_flags():
@@ -129,7 +134,7 @@ def test_every_shell_example_names_a_program_and_its_flags():
   unknown = []
   helps = {program: subprocess.Popen(  # all at once: each is mostly imports
       [sys.executable, "-m", PROGRAMS[program],
-       "--helpfull" if program != "python -m benchmarks" else "-h"],
+       *HELP.get(program, ["--helpfull"])],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
       for program in calls}
   for program, used in sorted(calls.items()):
