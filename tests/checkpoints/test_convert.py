@@ -212,7 +212,7 @@ def test_refuses_checkpoint_without_safetensors(broken):
 
 def test_refuses_existing_output_unless_overwrite(broken, hf_checkpoint_dir):
   os.makedirs(broken.output)
-  marker = os.path.join(broken.output, "keep-me")
+  marker = os.path.join(broken.output, "config.json")  # an earlier output's
   open(marker, "w").close()
   with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
     convert(broken.dir, broken.output)
@@ -221,7 +221,7 @@ def test_refuses_existing_output_unless_overwrite(broken, hf_checkpoint_dir):
   broken.edit_config(model_type="gpt2")
   with pytest.raises(ValueError, match="unsupported architecture"):
     convert(broken.dir, broken.output, overwrite=True)
-  assert os.listdir(broken.output) == ["keep-me"]
+  assert os.listdir(broken.output) == ["config.json"]
   convert(hf_checkpoint_dir("llama_mha"), broken.output, overwrite=True)
   assert "dpjax_config.json" in os.listdir(broken.output)
   assert os.listdir(os.path.dirname(broken.output)) == ["converted"]
