@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from dpjax.checkpoints import architectures, slices
 from dpjax.checkpoints import hf as hf_checkpoint
-from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
+from dpjax.checkpoints.gguf import GGUFCheckpoint, gguf_tokenizer, is_gguf
 from dpjax.checkpoints.hf import HFCheckpoint
 from dpjax import fileio
 from dpjax.bundled import resolve_recorded
@@ -165,15 +165,21 @@ class LoadedCheckpoint:
   save_tokenizer: Callable[[str], None]
 
 
-def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path_or_id: str, dtype: str | None = None,
+                    params: dict[str, Any] | None = None) -> LoadedCheckpoint:
   """Reads a converted checkpoint, or converts an HF directory, a hub id or a GGUF file
   in memory. `dpjax/bundled_model`, where no such directory is here, is the bundled model
-  (how results record it, and how the README names it from any directory)."""
+  (how results record it, and how the README names it from any directory). `params`:
+  its weights already in memory (numpy, dpjax's layout, in the checkpoint's own dtype:
+  those of a model loaded from it), taken instead of reading them again."""
   if not os.path.exists(path_or_id):
     path_or_id = resolve_recorded(path_or_id)
   if os.path.isdir(path_or_id) and is_converted(path_or_id):
     directory = os.path.abspath(path_or_id)
-    config, params, raw = read_converted(directory)
+    if params is None:
+      config, params, raw = read_converted(directory)
+    else:
+      config, raw = read_converted_config(directory)
     if dtype is not None and dtype != config.param_dtype:
       if dtype not in architectures.SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of "
@@ -189,8 +195,10 @@ def load_checkpoint(path_or_id: str, dtype: str | None = None) -> LoadedCheckpoi
 
     return LoadedCheckpoint(config, params, raw, directory, copy_tokenizer)
   checkpoint = open_source(path_or_id, dtype)
-  return LoadedCheckpoint(checkpoint.config, checkpoint.read_params(), checkpoint.raw_config,
-                          checkpoint.source, lambda out: save_tokenizer_of(checkpoint, out))
+  return LoadedCheckpoint(checkpoint.config,
+                          checkpoint.read_params() if params is None else params,
+                          checkpoint.raw_config, checkpoint.source,
+                          lambda out: save_tokenizer_of(checkpoint, out))
 
 
 def load_tokenizer(source: str):
@@ -198,8 +206,7 @@ def load_tokenizer(source: str):
   import transformers
   try:
     if is_gguf(source):
-      return transformers.AutoTokenizer.from_pretrained(os.path.dirname(source),
-                                                        gguf_file=os.path.basename(source))
+      return gguf_tokenizer(source)
     return transformers.AutoTokenizer.from_pretrained(source)
   except Exception as e:
     raise ValueError(f"the model at {source} has no usable tokenizer ({type(e).__name__}: "

@@ -109,17 +109,19 @@ def write_hf_checkpoint(directory: str, config, raw_config: dict[str, Any],
 
 def export(checkpoint: str, output_dir: str, *, keep: Sequence[bool] | None = None,
            kept_blocks: Sequence[int] | None = None, overwrite: bool = False,
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+           params: dict[str, Any] | None = None) -> str:
   """Writes the HF checkpoint of `checkpoint` with only the kept blocks.
 
   Give either `keep` (a boolean vector over blocks) or `kept_blocks` (0-based
-  indices); neither keeps every block.
+  indices); neither keeps every block. `params`: the checkpoint's weights already in
+  memory, in its own dtype (`load_checkpoint`'s), not read again.
   """
   if keep is not None and kept_blocks is not None:
     raise ValueError("give keep (a mask) or kept_blocks (indices), not both.")
   # Checked before reading gigabytes; checked again at the final rename.
   fileio.check_replaceable(output_dir, overwrite)
-  loaded = load_checkpoint(checkpoint)
+  loaded = load_checkpoint(checkpoint, params=params)
   num_layers = loaded.config.num_layers
   if kept_blocks is not None:
     plan = KeepPlan.from_kept(kept_blocks, num_layers)

@@ -144,14 +144,28 @@ class GGUFCheckpoint:
       return slices.place_params(self.config, reader, placement)
 
   def tokenizer(self):
-    """The tokenizer transformers builds from the file's vocabulary."""
-    import transformers
+    """The tokenizer transformers builds from the file's vocabulary (`gguf_tokenizer`)."""
     try:
-      return transformers.AutoTokenizer.from_pretrained(self.directory,
-                                                        gguf_file=os.path.basename(self.path))
+      return gguf_tokenizer(self.path)
     except Exception as e:
       raise CheckpointError(f"cannot build a tokenizer from GGUF file {self.path}: "
                             f"{type(e).__name__}: {e}") from e
+
+
+def gguf_tokenizer(path: str):
+  """The tokenizer transformers builds from a GGUF file's vocabulary: built once per
+  process for one version of the file (Gemma 3's 262k tokens take about 15 s of CPU),
+  each caller given its own copy (a tokenizer holds state, such as its truncation)."""
+  stat = os.stat(path)
+  return copy.deepcopy(_tokenizer(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, size: int, mtime_ns: int):
+  del size, mtime_ns  # the cache key: another version of the file is built again
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                    gguf_file=os.path.basename(path))
 
 
 class GGUFReader:

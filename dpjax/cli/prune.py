@@ -6,6 +6,7 @@ checkpoint with its provenance (`dpjax.study.budget`).
     dpjax-prune --method=reverse --target_blocks=10 --heal_steps=200 --heal_method=last_blocks
     dpjax-prune --model=PATH --task=sciq --format=cloze --target_blocks=20
     dpjax-prune --study=dpjax_out --max_drop=0.02     # the curve of an existing study
+    dpjax-prune --model=PATH --keep=0,1,2,5,7 --gguf  # a given kept set: no search
     dpjax-prune --plan=dpjax_pruned/pruning_plan.json --output_dir=again   # reproduce
 """
 

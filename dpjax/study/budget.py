@@ -6,7 +6,9 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
 1. the method's pruning curve: from an existing study's output directory (`--study`) or
    from a study run for it (the method alone, into `OUTPUT_DIR/study`). Every curve point
    is a kept set with its per-item correctness on the study's evaluation items
-   (`variants.jsonl`).
+   (`variants.jsonl`). A given kept set (`--keep`) needs no curve: without `--study`
+   no study runs, and only the unpruned model and the kept set are evaluated, on the
+   items that study would take (`Evaluation`; the model loaded once, for the checks too).
 2. The evaluation items are split in two by a seeded permutation (`--selection_fraction`):
    the selection items choose the variant, the held-out items judge it. With
    `--max_drop`, the curve is walked from the fewest blocks removed (fixed-sequence
@@ -87,7 +89,8 @@ class PruneSettings:
                                "number of blocks the variant keeps.")
   keep: str = setting("", "Budget instead: these 0-based kept blocks, comma-separated (a "
                       "variant of the study, e.g. a phase-experiment arm, or any kept set: "
-                      "it is then evaluated on the study's items).")
+                      "it is then evaluated on the study's items). Without --study no "
+                      "search runs: only the unpruned model and this set are evaluated.")
   max_ppl_ratio: float | None = setting(None, "Perplexity gate: the variant's perplexity on "
                                         "the corpus may be at most this multiple of the "
                                         "unpruned model's (paired upper 95% bound on the "
@@ -276,14 +279,18 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
                    "on the selection windows); raise --max_ppl_ratio.")
 
 
+def _sha256(path: str) -> str:
+  """A file's SHA256, read a block at a time (not the whole file in memory)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def _file_hashes(directory: str) -> dict[str, str]:
-  out = {}
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
-      with open(path, "rb") as f:
-        out[name] = hashlib.sha256(f.read()).hexdigest()
-  return out
+  return {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+          if os.path.isfile(os.path.join(directory, name))}
 
 
 def _check_verifiable(s: PruneSettings) -> None:
@@ -419,8 +426,11 @@ def _check_gguf_writable(source: str, kept: list[int] | None) -> None:
     check_writable(source)
 
 
-def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
-            ) -> dict[str, Any]:
+def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None,
+            params: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes the kept blocks of `source` to OUTPUT_DIR/model (and model.gguf) and checks
+  them against `model` (the source in float32; loaded when None). `params`: the source's
+  weights already in memory in its own dtype (else read from it again)."""
   from dpjax.checkpoints.export import export
   from dpjax.checkpoints.gguf import is_gguf
   _check_verifiable(s)
@@ -428,7 +438,7 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
     _check_gguf_writable(source, kept)  # refused before anything is written
   model_dir = os.path.join(out, MODEL_DIR)
   gguf_path = os.path.join(out, GGUF_FILE)
-  export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite)
+  export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite, params=params)
   try:
     check = verify_export(source, model_dir, kept, s.seed, model=model) if s.verify else None
     gguf_record = None
@@ -439,10 +449,10 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
       from dpjax.checkpoints.gguf_from_hf import write_gguf_from_hf
       write_gguf_from_hf(model_dir, gguf_path)  # the exported weights, unquantized
     if s.gguf:
-      with open(gguf_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-      gguf_record = {"file": GGUF_FILE, "sha256": digest, "verification": verify_export(
-          source, out, kept, s.seed, gguf_file=GGUF_FILE, model=model) if s.verify else None}
+      gguf_record = {"file": GGUF_FILE, "sha256": _sha256(gguf_path),
+                     "verification": verify_export(source, out, kept, s.seed,
+                                                   gguf_file=GGUF_FILE, model=model)
+                     if s.verify else None}
   except Exception:
     import shutil
     shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-made stays behind
@@ -467,6 +477,29 @@ def _fingerprint(source: str) -> str:
   return fingerprint(load_model(source))
 
 
+def _read_study(study_dir: str) -> tuple[dict[str, Any], list[str]]:
+  """A study's results.json and its evaluation items' ids (items.jsonl order)."""
+  with open(os.path.join(study_dir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(study_dir, "items.jsonl")) as f:
+    ids = [json.loads(line)["id"] for line in f if line.strip()]
+  return results, ids
+
+
+# `--keep` without `--study`: what was evaluated, and where its outcomes are written (the
+# files a study writes, in OUTPUT_DIR).
+EVALUATED = {"variants": ["unpruned", "given"], "read": "each variant's last kept block",
+             "items": "items.jsonl", "outcomes": "variants.jsonl"}
+
+
+def _write_evaluated(out: str, evaluation: Evaluation, records: list[dict]) -> None:
+  from dpjax.report import files as report
+  os.makedirs(out, exist_ok=True)
+  report.write_items(os.path.join(out, EVALUATED["items"]), evaluation.ctx.evaluation)
+  fileio.atomic_write_text(os.path.join(out, EVALUATED["outcomes"]),
+                           "".join(json.dumps(r) + "\n" for r in records))
+
+
 def prune(s: PruneSettings) -> dict[str, Any]:
   """Runs the pruning to a budget (or again from a plan); returns the plan written."""
   if s.plan:
@@ -479,28 +512,45 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   if s.gguf and not s.study:
     _check_gguf_writable(s.model, None)
   study_settings = _study_settings(s)
+  evaluation = None  # the study's items on the source model, where this run evaluates any
   if s.study:
     study_dir = s.study
+    results, ids = _read_study(study_dir)
+  elif s.keep:
+    # A given kept set needs no search and no per-layer profile: the unpruned model and
+    # the kept set alone are evaluated, on the items a study with these settings takes.
+    study_dir = None
+    evaluation = Evaluation(study_settings, s.model, progress=True)
+    from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
+    if s.gguf and is_gguf(s.model):  # a kept set the file cannot state: refused now
+      _check_gguf_writable(s.model, _kept_blocks(
+          s.keep, GGUFCheckpoint.open(s.model).config.num_layers))
+    results, ids = evaluation.results(), evaluation.ids
   else:
     from dpjax.study import run as study
     study.run(study_settings)
     study_dir = study_settings.output_dir
-  with open(os.path.join(study_dir, "results.json")) as f:
-    results = json.load(f)
-  with open(os.path.join(study_dir, "items.jsonl")) as f:
-    ids = [json.loads(line)["id"] for line in f if line.strip()]
+    results, ids = _read_study(study_dir)
   source = s.model if not s.study else resolve_recorded(results["model"]["path"])
   from dpjax.study.run import select_items
   from dpjax.study.settings import Settings
   ran = Settings(**{k: tuple(v) if isinstance(v, list) else v
                     for k, v in results["settings"].items()})
   if s.keep:
+    evaluation = evaluation or Evaluation(ran, ran.model, ids)
     unpruned, curve, keep_record = _given(study_dir, s.keep, results["model"]["num_layers"],
-                                          ran, ids)
+                                          ran, ids, evaluation)
+    if study_dir is None:  # the two variants' outcomes, as a study records them
+      _write_evaluated(out, evaluation, [unpruned, keep_record])
   else:
     (unpruned, curve), keep_record = _curve(study_dir, s.method), None
-  from dpjax.model.load import load_model
-  model = load_model(source, dtype="float32")  # perplexity, verification, healing's teacher
+  # Perplexity, the export's check and healing's teacher read the source in float32: the
+  # evaluation's model where it is that (not loaded twice).
+  model = (evaluation.model_float32() if evaluation is not None and evaluation.prepared
+           else None)
+  if model is None:
+    from dpjax.model.load import load_model
+    model = load_model(source, dtype="float32")
   ppl = Perplexity(model, source, s) if s.ppl_windows else None
   selection, heldout = split_items(len(unpruned["correct"]), s.selection_fraction, s.seed)
   chosen, table = choose(unpruned, curve, selection, s,
@@ -524,7 +574,8 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                    "ppl_holds_on_heldout": bool(perplexity["ratio"]["heldout"]["upper95"]
                                                 <= s.max_ppl_ratio)})
   calibration = select_items(ran)[3]
-  exported = _export(source, out, kept, s, model=model)
+  exported = _export(source, out, kept, s, model=model,
+                     params=evaluation.source_params() if evaluation is not None else None)
   plan = {
       "dpjax_version": _version(),
       "command": command_line("dpjax-prune", s),
@@ -536,9 +587,10 @@ def prune(s: PruneSettings) -> dict[str, Any]:
       "kept_blocks": kept,
       "removed_blocks": sorted(set(range(results["model"]["num_layers"])) - set(kept)),
       "method": {"name": "given" if s.keep else s.method, "curve": chosen["method"],
-                 "settings":
-                 results["settings"], "study": os.path.relpath(study_dir, out)
-                 if not s.study else os.path.abspath(study_dir)},
+                 "settings": results["settings"],
+                 "study": None if study_dir is None else os.path.relpath(study_dir, out)
+                 if not s.study else os.path.abspath(study_dir),
+                 **({"evaluated": EVALUATED} if study_dir is None else {})},
       "items": {"task": results["task"]["spec"], "split": results["task"]["split"],
                 "calibration_ids": [item.id for item in calibration],
                 "selection_ids": [ids[i] for i in selection],
@@ -644,41 +696,124 @@ HEALED_DIR = "healed"
 HEALED_OUTCOMES = "healed_outcomes.jsonl"
 
 
+class Evaluation:
+  """The study's evaluation items on one model (the items a study with `study_settings`
+  evaluates), prepared once, when a variant is first asked for: the model loaded, the
+  items tokenized, the programs fitted. Each variant is read at its last kept block, as
+  the study reads a curve point: no search, no per-layer profile. `ids`: the items it
+  must be (checked), or None (then `ids` are the prepared items')."""
+
+  def __init__(self, study_settings, model_path: str, ids: list[str] | None = None,
+               progress: bool = False):
+    self.recorded = study_settings.replace(model=model_path)
+    self.settings = self.recorded.replace(progress=progress)
+    self.ids = None if ids is None else list(ids)
+    self._ctx = None
+
+  @property
+  def prepared(self) -> bool:
+    return self._ctx is not None
+
+  @property
+  def ctx(self):
+    if self._ctx is None:
+      from dpjax.engine import compilation
+      from dpjax.study import run as study
+      compilation.enable_persistent_cache(self.settings.compilation_cache_dir)  # as a study
+      ctx = study.prepare(self.settings)
+      got = [item.id for item in ctx.evaluation.items]
+      if self.ids is not None and got != self.ids:
+        raise RuntimeError(f"{self.settings.model} was evaluated on other items than the "
+                           "study's; its accuracy cannot be compared paired.")
+      self.ids, self._ctx = got, ctx
+    return self._ctx
+
+  def point(self, kept: list[int] | None, description: str = "evaluated"):
+    """The curve point of the blocks `kept` (all: None), its last block read."""
+    from dpjax.study import methods
+    mask = np.ones((1, self.ctx.num_layers), bool)
+    if kept is not None:
+      mask[0] = False
+      mask[0, kept] = True
+    return methods.curve(self.ctx, mask, description, per_layer=False)[0]
+
+  def outcomes(self, kept: list[int] | None) -> np.ndarray:
+    """`[N]` 0/1: which items the blocks `kept` (all: None) get right."""
+    return np.asarray(self.point(kept).item_correct, np.float64)
+
+  def record(self, kept: list[int] | None, method: str) -> dict[str, Any]:
+    """The variant's record as a study's variants.jsonl holds it."""
+    point = self.point(kept, method)
+    return {"method": method, "rule": None, "phase": None,
+            "k": self.ctx.num_layers - len(point.kept), "seed": None,
+            "kept": [b - 1 for b in point.kept],
+            "correct": "".join("1" if c else "0" for c in np.asarray(point.item_correct, bool)),
+            "final_dm": [round(float(x), 4) for x in np.asarray(point.item_final_dm)]}
+
+  def model_float32(self):
+    """The prepared model where its weights and activations are float32 (what the
+    export's check, the perplexity and healing's teacher read), else None."""
+    model = self.ctx.model
+    if model.config.param_dtype == "float32" and str(model.compute_dtype) == "float32":
+      return model
+    return None
+
+  def source_params(self) -> dict[str, Any] | None:
+    """The prepared model's weights (numpy) where they are the checkpoint's own dtype (no
+    --dtype given): what the export writes, not read from the file again. Else None."""
+    if not self.prepared or self.settings.dtype is not None:
+      return None
+    return jax_to_numpy(self.ctx.model.params())
+
+  def results(self) -> dict[str, Any]:
+    """What the plan takes from a study's results.json: the model, the task and the
+    settings (as the study records them)."""
+    from dpjax.bundled import recorded_path
+    from dpjax.lens.tuned import fingerprint
+    ctx, s = self.ctx, self.settings
+    cfg = ctx.model.config
+    settings = {k: v for k, v in dataclasses.asdict(self.recorded).items()
+                if k != "compilation_cache_dir"}
+    settings["model"] = recorded_path(s.model)
+    return {"model": {"path": recorded_path(s.model), "architecture": cfg.architecture,
+                      "num_layers": ctx.num_layers, "fingerprint": fingerprint(ctx.model)},
+            "task": {"spec": s.task, "split": ctx.split}, "settings": settings}
+
+
 def evaluate(study_settings, model_path: str, kept: list[int] | None, ids: list[str]
              ) -> np.ndarray:
   """`[N]` 0/1: which of the study's evaluation items (`ids`, checked) the model at
   `model_path` with the blocks `kept` (all: None) gets right, read at its last block as
   the study reads a curve point."""
-  from dpjax.study import methods
-  from dpjax.study import run as study
-  ctx = study.prepare(study_settings.replace(model=model_path, progress=False))
-  got = [item.id for item in ctx.evaluation.items]
-  if got != list(ids):
-    raise RuntimeError(f"{model_path} was evaluated on other items than the study's; its "
-                       "accuracy cannot be compared paired.")
-  mask = np.ones((1, ctx.num_layers), bool)
-  if kept is not None:
-    mask[0] = False
-    mask[0, kept] = True
-  point = methods.curve(ctx, mask, "evaluated", per_layer=False)[0]
-  return np.asarray(point.item_correct, np.float64)
+  return Evaluation(study_settings, model_path, ids).outcomes(kept)
 
 
-def _given(study_dir: str, keep: str, num_layers: int, ran, ids):
-  """`--keep`: the unpruned record, no curve, and the record of the given kept set (the
-  study's own when it evaluated that set, else evaluated now on the same items)."""
+def _kept_blocks(keep: str, num_layers: int) -> list[int]:
+  """`--keep`'s blocks, 0-based (out of range and repeats refused)."""
   from dpjax.model.plan import KeepPlan
   try:
     kept = [int(x) for x in keep.split(",") if x.strip()]
   except ValueError as e:
     raise ValueError(f"--keep takes comma-separated 0-based block indices, got {keep!r}.") from e
-  kept = list(KeepPlan.from_kept(kept, num_layers).kept)  # refuses out of range, repeats
+  return list(KeepPlan.from_kept(kept, num_layers).kept)
+
+
+def _given(study_dir: str | None, keep: str, num_layers: int, ran, ids,
+           evaluation: Evaluation | None = None):
+  """`--keep`: the unpruned record, no curve, and the record of the given kept set (the
+  study's own when it evaluated that set, else evaluated now on the same items by
+  `evaluation`, default one prepared for it). Without a study (`study_dir` None), both
+  records are evaluated."""
+  kept = _kept_blocks(keep, num_layers)
+  evaluation = evaluation or Evaluation(ran, ran.model, ids)
+  if study_dir is None:
+    return evaluation.record(None, "unpruned"), [], evaluation.record(kept, "given")
   records = _variants(study_dir)
   unpruned = next(r for r in records if r["method"] == "unpruned")
   found = [r for r in records if list(r["kept"]) == kept and r["method"] != "unpruned"]
   if found:
     return unpruned, [], found[0]
-  outcomes = evaluate(ran, ran.model, kept, ids)
+  outcomes = evaluation.outcomes(kept)
   return unpruned, [], {"method": "given", "kept": kept,
                         "correct": "".join(str(int(c)) for c in outcomes)}
 

@@ -310,3 +310,94 @@ def test_the_reload_check_refuses_an_export_with_two_blocks_swapped_or_q_unpermu
   gguf_from_hf.write_gguf_from_hf(os.path.join(out, "model"), str(broken / "model.gguf"))
   with pytest.raises(ValueError, match="the export is not usable"):
     budget.verify_export(BUNDLED_MODEL, str(broken), kept, gguf_file="model.gguf")
+
+
+def test_a_given_kept_set_runs_no_search_no_profile_and_is_still_verified(tmp_path, monkeypatch):
+  """--keep without --study does only what a given kept set needs: no study, no search
+  (drop-one), no per-layer profile; the model loaded once (the evaluation's model is the
+  export's check's, its weights written without reading the checkpoint again); exactly
+  two readouts, each of its last block: the unpruned model's and the kept set's. The
+  export is still written and verified (HF and GGUF), its outcomes recorded, and the plan
+  reproduces it bit for bit from the checkpoint on disk."""
+  from dpjax.checkpoints import convert
+  from dpjax.engine.sweep import Sweep
+  from dpjax.model import load
+  from dpjax.study import pruning
+  from dpjax.study import run as study
+
+  def refuse(name):
+    def ran(*args, **kwargs):
+      raise AssertionError(f"dpjax-prune --keep ran {name}")
+    return ran
+
+  for owner, name in ((study, "run"), (study, "recorded_profile"), (study, "full_profile"),
+                      (pruning, "iterative_prune"), (Sweep, "drop_one"),
+                      (convert, "read_converted")):
+    monkeypatch.setattr(owner, name, refuse(name))
+  loads, reads = [], []
+  load_model, readouts = load.load_model, Sweep.readouts
+
+  def counted_load(*args, **kwargs):
+    loads.append(args[0])
+    return load_model(*args, **kwargs)
+
+  def counted_readouts(self, masks, *args, **kwargs):
+    reads.append((np.flatnonzero(np.asarray(masks)[0]).tolist(), len(masks),
+                  kwargs.get("final_only")))
+    return readouts(self, masks, *args, **kwargs)
+
+  monkeypatch.setattr(load, "load_model", counted_load)
+  monkeypatch.setattr(study, "load_model", counted_load)
+  monkeypatch.setattr(Sweep, "readouts", counted_readouts)
+  kept = [0, 1, 2, 5, 9, 15]
+  out = tmp_path / "given"
+  plan = budget.prune(budget.PruneSettings(keep=",".join(map(str, kept)), num_items=24,
+                                           calibration_items=8, gguf=True, throughput=False,
+                                           ppl_windows=0, output_dir=str(out)))
+  assert len(loads) == 1
+  assert reads == [(list(range(16)), 1, True), (kept, 1, True)]
+  assert plan["kept_blocks"] == kept and plan["method"]["name"] == "given"
+  assert plan["method"]["study"] is None and not (out / "study").exists()
+  # The export, verified (transformers is installed with the test extra).
+  check, gguf = plan["export"]["verification"], plan["export"]["gguf"]
+  assert check["loader"].startswith("transformers") and check["max_relative_difference"] <= 1e-5
+  assert check["blocks_loaded"] == len(kept) and (out / "model" / "config.json").exists()
+  assert gguf["verification"]["max_relative_difference"] <= 1e-5
+  assert gguf["verification"]["tokenizer"]["same_ids"] and (out / "model.gguf").exists()
+  # The two variants' outcomes, as a study records them; the plan's accuracies are theirs.
+  with open(out / "variants.jsonl") as f:
+    unpruned, given = [json.loads(line) for line in f]
+  with open(out / "items.jsonl") as f:
+    ids = [json.loads(line)["id"] for line in f]
+  assert unpruned["method"] == "unpruned" and unpruned["kept"] == list(range(16))
+  assert given["method"] == "given" and given["kept"] == kept
+  assert len(ids) == len(unpruned["correct"]) == len(given["correct"]) == 24
+  held = [ids.index(i) for i in plan["items"]["heldout_ids"]]
+  for record, key in ((unpruned, "unpruned"), (given, "pruned")):
+    assert plan["accuracy"][key]["heldout"]["accuracy"] == pytest.approx(
+        np.mean([record["correct"][i] == "1" for i in held]), abs=1e-6)
+  monkeypatch.undo()
+  again = budget.prune(budget.PruneSettings(plan=str(out / budget.PLAN_FILE),
+                                            output_dir=str(tmp_path / "again")))
+  assert again["export"]["files"] == plan["export"]["files"]  # read from disk: the same bytes
+  assert again["export"]["gguf"]["sha256"] == gguf["sha256"]
+
+
+def test_a_given_kept_set_without_a_study_scores_as_the_study_did(pruned, tmp_path):
+  """--keep without --study evaluates the items the study with the same settings takes,
+  and gets the study's outcomes: the unpruned model's (the study read them from its
+  per-layer profile) and the kept set's (a point of its curve)."""
+  out, first = pruned
+  study = os.path.join(out, first["method"]["study"])
+  with open(os.path.join(study, "variants.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  kept = first["kept_blocks"]
+  plan = budget.prune(budget.PruneSettings(keep=",".join(map(str, kept)), num_items=128,
+                                           calibration_items=32, throughput=False,
+                                           ppl_windows=0, output_dir=str(tmp_path / "given")))
+  with open(tmp_path / "given" / "variants.jsonl") as f:
+    unpruned, given = [json.loads(line) for line in f]
+  assert unpruned["correct"] == next(r for r in records if r["method"] == "unpruned")["correct"]
+  assert given["correct"] == next(r for r in records if r["kept"] == kept)["correct"]
+  assert plan["items"] == first["items"] and plan["accuracy"] == first["accuracy"]
+  assert plan["export"]["files"] == first["export"]["files"]
