@@ -22,6 +22,16 @@ def cache_root(*parts: str) -> str:
   return os.path.join(root, *parts)
 
 
+def sha256_file(path: str) -> str:
+  """A file's SHA256, read a block at a time (never the whole file in memory)."""
+  import hashlib
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:
   """Refuses, before any work, an output directory that is a file or cannot be written
   (a read-only file system, no permission): the error names the path and what to do.

@@ -38,7 +38,6 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -279,17 +278,9 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
                    "on the selection windows); raise --max_ppl_ratio.")
 
 
-def _sha256(path: str) -> str:
-  """A file's SHA256, read a block at a time (not the whole file in memory)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _file_hashes(directory: str) -> dict[str, str]:
-  return {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+  return {name: fileio.sha256_file(os.path.join(directory, name))
+          for name in sorted(os.listdir(directory))
           if os.path.isfile(os.path.join(directory, name))}
 
 
@@ -449,7 +440,7 @@ def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None
       from dpjax.checkpoints.gguf_from_hf import write_gguf_from_hf
       write_gguf_from_hf(model_dir, gguf_path)  # the exported weights, unquantized
     if s.gguf:
-      gguf_record = {"file": GGUF_FILE, "sha256": _sha256(gguf_path),
+      gguf_record = {"file": GGUF_FILE, "sha256": fileio.sha256_file(gguf_path),
                      "verification": verify_export(source, out, kept, s.seed,
                                                    gguf_file=GGUF_FILE, model=model)
                      if s.verify else None}

