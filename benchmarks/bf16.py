@@ -1,6 +1,7 @@
 """bfloat16 against float32 compute on a real model: speed and agreement.
 
     python -m benchmarks.bf16            # SmolLM2-135M, ARC-Easy cloze, 64 items, 4 steps
+    python -m benchmarks.bf16 --model=bundled --items=8 --steps=1 --repeats=1  # smoke run
 
 The same GGUF loaded twice: float32 weights and activations (the default, at
 HIGHEST matmul precision) and bfloat16 weights and activations
@@ -15,7 +16,8 @@ HIGHEST matmul precision) and bfloat16 weights and activations
 * the first `--steps` steps of Iterative Pruning (accuracy criterion) on the
   same items: the removal order of each, whether they agree, and the time.
 
-Writes `benchmarks/results/bf16.json` after every measurement.
+`--model=bundled` measures the bundled model on synthetic items instead. dpjax alone (no
+torch needed). Writes `benchmarks/results/bf16.json` after every measurement.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from benchmarks import common
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on ARC-Easy, or the bundled model on synthetic items.",
+                           flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 64, "ARC-Easy validation items.", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 4, "Iterative Pruning steps in each dtype.",
                               flag_values=FLAGS)
@@ -49,7 +54,6 @@ def main(argv):
   import jax
 
   import dpjax
-  from tests.support import real_models
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.study import metrics
@@ -57,11 +61,12 @@ def main(argv):
   from dpjax.fileio import atomic_write_text
   from dpjax.engine.sweep import Sweep
 
-  path = real_models.fetch("smollm2")
-  tokenizer = real_models.tokenizer(path)
-  items = real_models.arc_easy_items(_ITEMS.value)
-  encoded = tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items])
-  out = {"model": "SmolLM2-135M-Instruct (GGUF)", "task": "arc_easy validation, cloze",
+  measured = common.measured(_MODEL.value)
+  path = measured.path
+  items = measured.items(_ITEMS.value)
+  encoded = tasks.encode_cloze(measured.tokenizer, items,
+                               [tasks.cloze_requests(i) for i in items])
+  out = {"model": measured.label, "task": f"{measured.task}, cloze",
          "items": len(items), "machine": machine(), "jax": jax.__version__}
 
   def save():

@@ -19,6 +19,9 @@ prompt, as the study's letter format does. (In the cloze format the reference
 would score each option's whole prompt, lm-eval's way, against dpjax's packed
 items: a larger ratio, and a reference several times slower.)
 
+`--min_layers` stops the run earlier (a smoke run: `--items=16 --min_layers=15`, one
+step). Without torch, dpjax's side alone (no reference, no ratio).
+
 Writes (merges its case into) `benchmarks/results/end_to_end.json`, which
 `python -m benchmarks.run --report_only` adds to RESULTS.md.
 """
@@ -32,6 +35,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import common
+from dpjax.checkpoints import gguf
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
@@ -40,6 +44,8 @@ _MODEL = flags.DEFINE_enum("model", "bundled", ["bundled", "smollm2"], "The mode
 _ITEMS = flags.DEFINE_integer("items", 0, "Items (batches of 16; 0: 128 synthetic items for "
                               "the bundled model, 64 calibration items for SmolLM2).",
                               flag_values=FLAGS)
+_MIN_LAYERS = flags.DEFINE_integer("min_layers", 1, "Prune down to this many blocks (1: to the "
+                                   "end).", flag_values=FLAGS)
 _NOTE = flags.DEFINE_string("note", "", "What else ran on the machine, for the report.",
                             flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -51,7 +57,7 @@ _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(_
 GOALS = {"bundled": 2.0, "smollm2": 6.0}
 
 
-def _case(key: str, items: int):
+def _case(key: str, items: int, min_layers: int = 1):
   import transformers
 
   from benchmarks import run
@@ -59,7 +65,7 @@ def _case(key: str, items: int):
     from dpjax.bundled import BUNDLED_MODEL
     return run.Case("bundled model", BUNDLED_MODEL,
                     transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL),
-                    num_items=items or 128, batch_size=16, min_layers=1, hf_repeats=1,
+                    num_items=items or 128, batch_size=16, min_layers=min_layers, hf_repeats=1,
                     dpjax_repeats=1)
   from tests.support import real_models
   from dpjax.study import run as study
@@ -71,8 +77,8 @@ def _case(key: str, items: int):
   name = real_models.MODELS[key].filename.split(".")[0]
   return run.Case(f"{name}, ARC-Easy letter 0-shot",
                   os.path.dirname(path), ctx.tokenizer, num_items=len(ctx.calibration.items),
-                  batch_size=16, min_layers=1, hf_repeats=1, dpjax_repeats=0,
-                  dpjax_path=path, hf_kwargs={"gguf_file": os.path.basename(path)},
+                  batch_size=16, min_layers=min_layers, hf_repeats=1, dpjax_repeats=0,
+                  dpjax_path=path, hf_kwargs=gguf.transformers_dense_kwargs(path),
                   encoded=ctx.calibration)
 
 
@@ -82,7 +88,7 @@ def main(argv):
   from benchmarks.common import machine
   from dpjax.fileio import atomic_write_text
 
-  case = _case(_MODEL.value, _ITEMS.value)
+  case = _case(_MODEL.value, _ITEMS.value, _MIN_LAYERS.value)
   result = dict(run.iterative(case), goal=GOALS[_MODEL.value], model_key=_MODEL.value)
   out = {"machine": machine(), "note": _NOTE.value, "cases": []}
   if os.path.exists(_OUT.value):  # other models' cases are kept
@@ -94,10 +100,12 @@ def main(argv):
   out["cases"] = [c for c in out["cases"] if c["case"] != case.name] + [result]
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   atomic_write_text(_OUT.value, json.dumps(out, indent=2))
+  reference = ("no reference (torch is not installed)" if result["hf_seconds"] is None else
+               f"reference {result['hf_seconds']:.1f} s: "
+               f"{result['speedup_with_compilation']:.2f}x with compilation")
   print(f"{case.name}: dpjax {result['dpjax_seconds_with_compilation']:.1f} s with compilation "
         f"({result['compiled_programs']} programs, {result['compile_seconds']:.1f} s compiling), "
-        f"{result['dpjax_seconds']:.1f} s compiled; reference {result['hf_seconds']:.1f} s: "
-        f"{result['speedup_with_compilation']:.2f}x with compilation; wrote {_OUT.value}")
+        f"{result['dpjax_seconds']:.1f} s compiled; {reference}; wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The answer formats on a real model: what each reads, and what the cloze packing saves.
 
     python -m benchmarks.formats [--items=500] [--out=benchmarks/results/formats.json]
+    python -m benchmarks.formats --model=bundled --items=8     # a smoke run (seconds)
 
 On SmolLM2-135M-Instruct (`tests.support.real_models`) and ARC-Easy validation
 (`dpjax-data`):
@@ -14,6 +15,10 @@ On SmolLM2-135M-Instruct (`tests.support.real_models`) and ARC-Easy validation
    compilation excluded.
 3. The time of the full-model profile (every layer, every item) per format on
    `--items` items (NQ-open for the open format).
+
+`--model=bundled`: the bundled model on the synthetic suite instead (its open format
+asks each item's question with the correct option as the gold answer): offline. dpjax
+alone (no torch needed).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from benchmarks import common
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on ARC-Easy and NQ-open, or the bundled model on "
+                           "synthetic items.", flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 500, "Items per format in the timing (ARC-Easy has 570).",
                               flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
@@ -62,23 +70,24 @@ def _profile(model, encoded, lens, batch_size=16):
               seconds=seconds, block_rows=int(rows), items=len(encoded.items))
 
 
+def _open_items(items):
+  """Multiple-choice items asked open-ended: the question, the correct option as the gold."""
+  return [dataclasses.replace(item, options=(), answer=-1, golds=(item.options[item.answer],),
+                              cloze_contexts=(f"Question: {item.question}\nAnswer:",))
+          for item in items]
+
+
 def main(argv):
   del argv
   import dpjax
-  from tests.support import real_models
   from dpjax import tasks
   from dpjax.lens.readout import Lens
-  from dpjax.tasks.benchmarks import default_data_dir
-  from dpjax.tasks.fetch import fetch_benchmarks
-  data_dir = default_data_dir()
-  fetch_benchmarks(data_dir, ["arc_easy", "nq_open"])
-  path = real_models.fetch("smollm2")
-  model = dpjax.load_model(path)
-  tokenizer = real_models.tokenizer(path)
-  arc = tasks.load_task("arc_easy", "validation", data_dir=data_dir)
-  shots, items = arc[:5], arc[5:5 + _ITEMS.value]
-  results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "task": "arc_easy validation",
-             "items": len(items)}
+  measured = common.measured(_MODEL.value)
+  model = dpjax.load_model(measured.path)
+  tokenizer = measured.tokenizer
+  pool = measured.items(5 + _ITEMS.value)
+  shots, items = pool[:5], pool[5:5 + _ITEMS.value]
+  results = {"model": measured.label + ", float32", "task": measured.task, "items": len(items)}
 
   letter = tasks.encode(tokenizer, items, [tasks.prompt(item) for item in items])
   results["letter_0shot"] = _profile(model, letter, Lens("letter"))
@@ -100,9 +109,18 @@ def main(argv):
   packed, full = results["cloze_none"], results["cloze_as_k_full_prompts"]
   results["cloze_saving"] = dict(block_rows_ratio=full["block_rows"] / packed["block_rows"],
                                  seconds_ratio=full["seconds"] / packed["seconds"])
-  nq = tasks.load_task("nq_open", "validation", data_dir=data_dir)[:_ITEMS.value]
-  open_encoded = tasks.encode_open(tokenizer, nq, [tasks.open_prompt(item) for item in nq])
-  results["open_nq_open"] = _profile(model, open_encoded, Lens("open"))
+  if measured.key == "bundled":
+    open_items, key = _open_items(items), "open_synthetic"
+  else:
+    from dpjax.tasks.benchmarks import default_data_dir
+    from dpjax.tasks.fetch import fetch_benchmarks
+    fetch_benchmarks(default_data_dir(), ["nq_open"])
+    open_items = tasks.load_task("nq_open", "validation",
+                                 data_dir=default_data_dir())[:_ITEMS.value]
+    key = "open_nq_open"
+  open_encoded = tasks.encode_open(tokenizer, open_items,
+                                   [tasks.open_prompt(item) for item in open_items])
+  results[key] = _profile(model, open_encoded, Lens("open"))
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   from dpjax.fileio import write_json
   from dpjax.study.results import to_plain

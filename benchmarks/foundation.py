@@ -19,7 +19,9 @@ and the same for the three real GGUF models.
    peak memory of `dpjax-convert` against the model's float32 size, and one
    forward pass against HF PyTorch on the same batch.
 
-Writes `benchmarks/results/foundation.json` and prints a Markdown table.
+`--quick`: two variants' parity, a smaller model, two repeats. It needs torch (every
+checkpoint is written, and every figure but the conversion's taken, against HF
+PyTorch). Writes `benchmarks/results/foundation.json` and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ from absl import flags
 import numpy as np
 
 from benchmarks import common
+from dpjax.checkpoints import gguf
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
+
+# A smoke run's parity: a Llama (GQA, tied, sharded) and a Gemma 3 (q/k norms, local RoPE).
+QUICK_VARIANTS = ("llama_gqa_tied_sharded", "gemma3_qk_norm_local_rope")
 
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller model and fewer repeats (a smoke run).",
                            flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).",
                                 flag_values=FLAGS)
+_VARIANTS = flags.DEFINE_list("variants", None, "The variants whose parity is measured "
+                              "(default: every one; with --quick, "
+                              f"{', '.join(QUICK_VARIANTS)}).", flag_values=FLAGS)
 _REAL = flags.DEFINE_bool("real", True, "Measure the three real GGUF models too.",
                           flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
@@ -60,11 +69,11 @@ def _kl_max(p_logits, q_logits):
   return float((np.exp(lp) * (lp - lq)).sum(-1).max())
 
 
-def parity() -> list[dict]:
+def parity(variants=None) -> list[dict]:
   import dpjax
   from tests.support import reference
   rows = []
-  for name in sorted(reference.VARIANTS):
+  for name in variants or sorted(reference.VARIANTS):
     with tempfile.TemporaryDirectory() as d:
       reference.save_variant(name, d, seed=11)
       model = dpjax.load_model(d, dtype="float32")
@@ -226,8 +235,8 @@ def real_model_rows(quick: bool, repeats: int) -> list[dict]:
                convert_peak_added_mb=(probe["rss_peak"] - probe["rss_before"]) / 1e6,
                convert_peak_over_float32=(probe["rss_peak"] - probe["rss_before"]) / f32_bytes)
     tokenizer = real_models.tokenizer(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(  # dense, as dpjax computes it
+        directory, dtype=torch.float32, **gguf.transformers_dense_kwargs(path)).eval()
     rows_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     length = max(map(len, rows_ids))
     ids = np.zeros((len(rows_ids), length), np.int64)
@@ -262,17 +271,21 @@ def real_model_rows(quick: bool, repeats: int) -> list[dict]:
 
 def main(argv):
   del argv
+  if not common.has_torch():
+    raise SystemExit("benchmarks.foundation measures dpjax against HF PyTorch, and torch is "
+                     "not installed: pip install torch")
   import jax
   import torch
   quick = _QUICK.value
   repeats = 2 if quick else _REPEATS.value
+  variants = _VARIANTS.value or (QUICK_VARIANTS if quick else None)
   results = dict(
       machine=dict(platform=platform.platform(), processor=platform.processor(),
                    cpu_count=os.cpu_count(), jax_backend=jax.default_backend(),
                    jax_devices=[str(dev) for dev in jax.devices()],
                    torch_threads=torch.get_num_threads()),
       quick=quick,
-      parity=parity(),
+      parity=parity(variants),
       conversion_memory=conversion_memory(quick),
       forward_speed=forward_speed(quick, repeats),
       real_models=real_model_rows(quick, repeats) if _REAL.value else [])

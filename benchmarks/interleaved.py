@@ -3,6 +3,8 @@ on a busy machine.
 
     python -m benchmarks.interleaved                     # SmolLM2, 32 ARC-Easy items, 4 rounds
     python -m benchmarks.interleaved --loads=0,1 --threads=default,per_core
+    python -m benchmarks.interleaved --model=bundled --rounds=1 --items=4 --loads=0 \
+        --threads=default                              # a smoke run (synthetic items)
 
 SmolLM2-135M (`tests.support.real_models`), the first ARC-Easy validation items in the
 letter format, batches of 16. One round times one Iterative Pruning step (every block's
@@ -19,8 +21,8 @@ fresh process:
   items along the data axis, so no op waits for a thread another job holds up.
 
 Reported per configuration: each round's times, the ratio reference / dpjax per round,
-and their median, minimum and maximum (never one pair of runs). Writes
-`benchmarks/results/interleaved.json`.
+and their median, minimum and maximum (never one pair of runs). It needs torch (the
+reference is every round's other half). Writes `benchmarks/results/interleaved.json`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on ARC-Easy, or the bundled model on synthetic items.",
+                           flag_values=FLAGS)
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds per configuration.",
                                flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items (the first ones).",
@@ -62,38 +67,32 @@ THREADING = {
 }
 
 
-def _setup(items: int):
-  import transformers
-  from tests.support import real_models
+def _setup(key: str, items: int):
   from dpjax import tasks
-  path = real_models.fetch("smollm2")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                         gguf_file=os.path.basename(path))
-  chosen = tasks.load_task("arc_easy", "validation")[:items]
-  encoded = tasks.encode(tokenizer, chosen, [tasks.prompt(item) for item in chosen])
-  return path, tokenizer, encoded
+  measured = common.measured(key)
+  chosen = measured.items(items)
+  encoded = tasks.encode(measured.tokenizer, chosen, [tasks.prompt(item) for item in chosen])
+  return measured, encoded
 
 
-def measure_one(rounds: int, items: int) -> dict[str, Any]:
+def measure_one(rounds: int, items: int, key: str = "smollm2") -> dict[str, Any]:
   """The rounds of one configuration, in this process."""
   import jax
   import numpy as np
   import torch
-  import transformers
   import dpjax
   from tests.support.reference import HFIterativeReference
   from dpjax.study import pruning
   from dpjax.engine.devices import Placement
   from dpjax.engine.sweep import Sweep
-  path, tokenizer, encoded = _setup(items)
+  measured, encoded = _setup(key, items)
+  tokenizer = measured.tokenizer
   placement = Placement.create() if len(jax.devices()) > 1 else None
-  model = dpjax.load_model(path, dtype="float32", placement=placement)
+  model = dpjax.load_model(measured.path, dtype="float32", placement=placement)
   L = model.num_layers
   sweep = Sweep(model, encoded, batch_size=16, pad_id=tokenizer.pad_token_id or 0,
                 progress=False, placement=placement)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-  reference = HFIterativeReference(hf, sweep.batches)
+  reference = HFIterativeReference(measured.hf(), sweep.batches)
 
   def dpjax_step():
     stats = sweep.drop_one(list(range(L)), stop_early=True)
@@ -113,21 +112,24 @@ def measure_one(rounds: int, items: int) -> dict[str, Any]:
       times[who].append(time.perf_counter() - start)
       picks.add(int(pick))
   ratios = [h / d for h, d in zip(times["reference"], times["dpjax"])]
-  return {"devices": len(jax.devices()), "torch_threads": torch.get_num_threads(),
+  return {"model": measured.label, "task": measured.task,
+          "devices": len(jax.devices()), "torch_threads": torch.get_num_threads(),
           "items": items, "rounds": rounds, "times": times, "ratios": ratios,
           "ratio_median": float(np.median(ratios)), "ratio_min": float(min(ratios)),
           "ratio_max": float(max(ratios)), "picks": sorted(picks), "first_pick": int(first),
           "same_pick": len(picks) == 1}
 
 
-def run_configuration(threads: str, load: int, rounds: int, items: int) -> dict[str, Any]:
+def run_configuration(threads: str, load: int, rounds: int, items: int,
+                      key: str = "smollm2") -> dict[str, Any]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", **THREADING[threads])
   spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
               for _ in range(load)]
   try:
     result = subprocess.run([sys.executable, "-m", "benchmarks.interleaved",
-                             f"--one={json.dumps([rounds, items])}"], capture_output=True,
-                            text=True, env=env, cwd=ROOT, timeout=6 * 3600)
+                             f"--one={json.dumps([rounds, items, key])}"],
+                            capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=6 * 3600)
   finally:
     for p in spinners:
       p.kill()
@@ -141,16 +143,18 @@ def run_configuration(threads: str, load: int, rounds: int, items: int) -> dict[
 def main(argv):
   del argv
   if _ONE.value:
-    rounds, items = json.loads(_ONE.value)
-    print(json.dumps(measure_one(rounds, items)))
+    print(json.dumps(measure_one(*json.loads(_ONE.value))))
     return
+  if not common.has_torch():
+    raise SystemExit("benchmarks.interleaved times dpjax against the HF-PyTorch reference round "
+                     "by round, and torch is not installed: pip install torch")
   from benchmarks.common import machine
   from dpjax import fileio
   results = {"machine": machine(), "configurations": []}
   for threads in _THREADS.value:
     for load in map(int, _LOADS.value):
       started = time.perf_counter()
-      row = run_configuration(threads, load, _ROUNDS.value, _ITEMS.value)
+      row = run_configuration(threads, load, _ROUNDS.value, _ITEMS.value, _MODEL.value)
       row["wall_seconds"] = time.perf_counter() - started
       results["configurations"].append(row)
       fileio.write_json(_OUT.value, results)

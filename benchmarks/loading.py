@@ -1,8 +1,10 @@
 """Loading straight onto the mesh: per-device weight bytes and the host's peak while loading.
 
     python -m benchmarks.loading            # a 1.0 GB multi-shard Llama on 8 fake devices
+    python -m benchmarks.loading --hidden=256 --layers=4 --vocab=4096 --shard_mb=2  # smoke
 
-A random Llama checkpoint saved as several safetensors shards is loaded by
+A random Llama checkpoint saved as several safetensors shards (written with numpy,
+`benchmarks.common.random_llama_checkpoint`: no torch needed) is loaded by
 `dpjax.load_model` with the model axis at 8 on 8 devices (CPU devices faked with
 `--xla_force_host_platform_device_count=8`, in a fresh process). Reported:
 
@@ -35,6 +37,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 _OUT = flags.DEFINE_string("out", os.path.join(HERE, "results", "loading.json"),
                            "Where the JSON goes.", flag_values=FLAGS)
+_HIDDEN = flags.DEFINE_integer("hidden", 1024, "The model's hidden size (a multiple of 8).",
+                               flag_values=FLAGS)
+_LAYERS = flags.DEFINE_integer("layers", 16, "Its blocks.", flag_values=FLAGS)
+_VOCAB = flags.DEFINE_integer("vocab", 32768, "Its vocabulary (a multiple of 8).",
+                              flag_values=FLAGS)
+_SHARD_MB = flags.DEFINE_integer("shard_mb", 200, "The largest safetensors shard, MB.",
+                                 flag_values=FLAGS)
 
 
 def llama_config(hidden: int, layers: int, vocab: int) -> dict[str, Any]:
@@ -47,12 +56,7 @@ def llama_config(hidden: int, layers: int, vocab: int) -> dict[str, Any]:
 
 def save_checkpoint(directory: str, config: dict[str, Any], shard_mb: int) -> str:
   """A random HF Llama in float32, in shards of at most `shard_mb` MB."""
-  import torch
-  import transformers
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float()
-  model.save_pretrained(directory, max_shard_size=f"{shard_mb}MB")
-  return directory
+  return common.random_llama_checkpoint(directory, config, seed=0, shard_mb=shard_mb)
 
 
 _MEASURE = r"""
@@ -113,8 +117,8 @@ def measure(directory: str, devices: int = 8, model_axis: int = 8) -> dict[str, 
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
-    config = llama_config(hidden=1024, layers=16, vocab=32768)
-    save_checkpoint(tmp, config, shard_mb=200)
+    config = llama_config(hidden=_HIDDEN.value, layers=_LAYERS.value, vocab=_VOCAB.value)
+    save_checkpoint(tmp, config, shard_mb=_SHARD_MB.value)
     shards = len([n for n in os.listdir(tmp) if n.endswith(".safetensors")])
     out = measure(tmp)
   out.update(config=config, shards=shards)

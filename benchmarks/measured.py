@@ -21,9 +21,16 @@ def _read(path: str) -> dict | None:
 def shared_prefix_markdown(path: str) -> str:
   """RESULTS.md's section on the measurement in `path` (empty if it has not been run)."""
   r = _read(path)
-  if r is None or "reference_s" not in r:
+  if r is None or "dpjax_unshared_s" not in r:
     return ""
   m = r["machine"]
+  ran = "reference_s" in r  # not without torch: dpjax's two runs alone
+
+  def ratios(key):
+    if not ran:
+      return "- | -"
+    return f"{r[f'ratio_{key}_with_compilation']:.1f}x | {r[f'ratio_{key}_warm']:.1f}x"
+
   return "\n".join([
       "## Shared few-shot prefixes (`benchmarks/shared_prefix.py`)", "",
       f"{r['model']}; {r['work']}; {m['cpu_count']} CPU cores, JAX {m['jax']} on the "
@@ -33,14 +40,15 @@ def shared_prefix_markdown(path: str) -> str:
       "| | seconds (first call, compilation included) | seconds (warm) | reference / dpjax "
       "(first call) | (warm) |", "|---|---|---|---|---|",
       f"| dpjax, shared prefix | {r['dpjax_shared_first_call_s']:.1f} | {r['dpjax_shared_s']:.1f} | "
-      f"{r['ratio_shared_with_compilation']:.1f}x | {r['ratio_shared_warm']:.1f}x |",
+      f"{ratios('shared')} |",
       f"| dpjax, whole prompts | {r['dpjax_unshared_first_call_s']:.1f} | "
-      f"{r['dpjax_unshared_s']:.1f} | {r['ratio_unshared_with_compilation']:.1f}x | "
-      f"{r['ratio_unshared_warm']:.1f}x |",
-      f"| HF PyTorch reference | {r['reference_s']:.1f} | | | |", "",
+      f"{r['dpjax_unshared_s']:.1f} | {ratios('unshared')} |",
+      f"| HF PyTorch reference | {r['reference_s']:.1f} | | | |" if ran else
+      "| HF PyTorch reference | not run (torch is not installed) | | | |", "",
       f"Largest option-logit difference, shared against whole prompts: "
-      f"{r['shared_vs_unshared_max_logit_difference']:.1e}; against the reference: "
-      f"{r['reference_max_logit_difference']:.1e}.", ""])
+      f"{r['shared_vs_unshared_max_logit_difference']:.1e}"
+      + (f"; against the reference: {r['reference_max_logit_difference']:.1e}." if ran
+         else "."), ""])
 
 
 def bf16_markdown(path: str) -> str:
@@ -114,15 +122,22 @@ def end_to_end_markdown(path: str) -> str:
            "|---|---|---|---|---|---|---|---|"]
   for c in r["cases"]:
     ratio, goal = c["speedup_with_compilation"], c.get("goal", 2.0)
+    if ratio is None:  # no torch: dpjax's side alone
+      hf, with_compile, compiled = "-", "- (no reference)", "-"
+    else:
+      hf, compiled = f"{c['hf_seconds']:.1f}", f"{c['speedup']:.2f}x"
+      with_compile = f"{ratio:.2f}x (>= {goal:g}x: {'met' if ratio >= goal else 'missed'})"
     lines.append(f"| {c['case']} ({c['layers']} blocks) | {c['items']} | "
-                 f"{len(c['removed_order'])} | {c['hf_seconds']:.1f} | "
+                 f"{len(c['removed_order'])} | {hf} | "
                  f"{c['dpjax_seconds_with_compilation']:.1f} ({c['compiled_programs']}, "
-                 f"{c['compile_seconds']:.1f}) | {ratio:.2f}x (>= {goal:g}x: "
-                 f"{'met' if ratio >= goal else 'missed'}) | {c['dpjax_seconds']:.1f} | "
-                 f"{c['speedup']:.2f}x |")
+                 f"{c['compile_seconds']:.1f}) | {with_compile} | {c['dpjax_seconds']:.1f} | "
+                 f"{compiled} |")
+  with_reference = [c for c in r["cases"] if c["hf_seconds"] is not None]
+  if not with_reference:
+    return "\n".join(lines) + "\n"
   lines += ["", "Where the ratio comes from (block evaluations: blocks run times item rows; the "
             "rest of the ratio is speed per block evaluation):", ""]
-  for c in r["cases"]:
+  for c in with_reference:
     b = c["block_evaluations"]
     fewer = b["hf_reference"] / b["executed"]
     lines.append(f"- {c['case']}: dpjax ran {b['executed']:,} block evaluations (executed / "
@@ -191,7 +206,8 @@ def interleaved_markdown(path: str) -> str:
   rows = r["configurations"]
   lines = ["## An Iterative Pruning step against the reference, idle and busy "
            "(`benchmarks/interleaved.py`)", "",
-           f"SmolLM2-135M, the first {rows[0]['items']} ARC-Easy validation items (letter "
+           f"{rows[0].get('model', 'SmolLM2-135M')}, the first {rows[0]['items']} "
+           f"{rows[0].get('task', 'ARC-Easy validation')} items (letter "
            f"format, batches of 16): one step (every block's candidate) through `Sweep` and "
            f"through the HF reference, in {rows[0]['rounds']} interleaved rounds (ABBA), both "
            f"warm; {m['cpu_count']} CPU cores, JAX {m['jax']}, torch {m['torch']} "

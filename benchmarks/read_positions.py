@@ -1,6 +1,7 @@
 """What running the last block only at the read positions saves, on a real model.
 
     python -m benchmarks.read_positions            # SmolLM2-135M, ARC-Easy, 32 items
+    python -m benchmarks.read_positions --model=bundled --items=8 --repeats=1  # smoke run
 
 The first step of Iterative Pruning (every drop-one candidate of the whole
 model, prefix-shared) and a one-shot curve's final readouts (every removal
@@ -8,7 +9,8 @@ count of the reverse order), with the last block's attention output and MLP
 at every position (`last_at_reads=False`) and at the read positions only
 (`True`), in the letter and cloze formats. The two must give the same
 statistics (checked before any time is reported); the times are the median of
-`--repeats` after a warm-up, interleaved. Writes
+`--repeats` after a warm-up, interleaved. `--model=bundled` measures the bundled model
+on synthetic items instead. dpjax alone (no torch needed). Writes
 `benchmarks/results/read_positions.json`.
 """
 
@@ -26,6 +28,9 @@ from benchmarks import common
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on ARC-Easy, or the bundled model on synthetic items.",
+                           flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 32, "ARC-Easy validation items.", flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement.",
                                 flag_values=FLAGS)
@@ -39,25 +44,24 @@ def main(argv):
   import jax
 
   import dpjax
-  from tests.support import real_models
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.study import pruning
   from dpjax.fileio import atomic_write_text
   from dpjax.engine.sweep import Sweep
 
-  path = real_models.fetch("smollm2")
-  model = dpjax.load_model(path)
-  tokenizer = real_models.tokenizer(path)
-  items = real_models.arc_easy_items(_ITEMS.value)
+  measured = common.measured(_MODEL.value)
+  model = dpjax.load_model(measured.path)
+  tokenizer = measured.tokenizer
+  items = measured.items(_ITEMS.value)
   encoded = {
       "letter": tasks.encode(tokenizer, items, [tasks.prompt(i) for i in items]),
       "cloze": tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items]),
   }
   L = model.num_layers
   reverse = pruning.masks_from_ranking(pruning.reverse_ranking(L), L)
-  out = {"model": "SmolLM2-135M-Instruct (GGUF)", "items": len(items), "machine": machine(),
-         "rows": []}
+  out = {"model": measured.label, "task": measured.task, "items": len(items),
+         "machine": machine(), "rows": []}
   for fmt, enc in encoded.items():
     sweeps = {at: Sweep(model, enc, batch_size=16, last_at_reads=at) for at in (False, True)}
     work = {

@@ -1,6 +1,7 @@
 """What resuming every mask from the unpruned model's stream saves, on a real model.
 
     python -m benchmarks.resume            # SmolLM2-135M, ARC-Easy cloze, 16 items
+    python -m benchmarks.resume --model=bundled --items=4   # a smoke run (seconds)
 
 `Sweep.readouts` computes the unpruned model's stream once per item batch and lets
 each mask run only its kept blocks after its first removed one (per layer, the
@@ -9,8 +10,9 @@ forward per mask (`resume=False`) on the mask sets a study evaluates: the revers
 order's curve, a random order's curve and the phase experiment's arms (adjacent rule, k = 1, 2, 4, around a transition at 3/4 of the
 depth), final readouts only and per layer. The two must agree (largest difference
 checked before any time is reported); the block evaluations come from the engine's
-counters, the times are the median of `--repeats` after a warm-up. Writes
-`benchmarks/results/resume.json`.
+counters, the times are the median of `--repeats` after a warm-up. `--model=bundled`
+measures the bundled model on synthetic items instead. dpjax alone (no torch needed).
+Writes `benchmarks/results/resume.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from benchmarks import common
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on ARC-Easy, or the bundled model on synthetic items.",
+                           flag_values=FLAGS)
 _ITEMS = flags.DEFINE_integer("items", 16, "ARC-Easy validation items (one batch of 16).",
                               flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats of each measurement.",
@@ -59,18 +64,17 @@ def main(argv):
   import jax
 
   import dpjax
-  from tests.support import real_models
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.fileio import atomic_write_text
   from dpjax.engine.sweep import Sweep
 
-  path = real_models.fetch("smollm2")
-  model = dpjax.load_model(path)
-  tokenizer = real_models.tokenizer(path)
-  items = real_models.arc_easy_items(_ITEMS.value)
-  encoded = tasks.encode_cloze(tokenizer, items, [tasks.cloze_requests(i) for i in items])
-  out = {"model": "SmolLM2-135M-Instruct (GGUF)", "task": "ARC-Easy validation, cloze",
+  measured = common.measured(_MODEL.value)
+  model = dpjax.load_model(measured.path)
+  items = measured.items(_ITEMS.value)
+  encoded = tasks.encode_cloze(measured.tokenizer, items,
+                               [tasks.cloze_requests(i) for i in items])
+  out = {"model": measured.label, "task": f"{measured.task}, cloze",
          "items": len(items), "machine": machine(), "rows": []}
   for name, masks in mask_sets(model.num_layers).items():
     for final_only in (True, False):

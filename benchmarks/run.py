@@ -20,7 +20,9 @@ Writes `RESULTS.md` (tables) and `results.json` (the same figures) to
 5. Compile count and compile time of the sweep against the number of masks.
 
 Ratios come from one process; warm-up (compilation) is excluded unless a
-figure says it is included; repeats are reported as median and spread.
+figure says it is included; repeats are reported as median and spread. Without torch
+(the default install) the reference does not run: dpjax's side alone, its random
+Llamas written with numpy (`benchmarks.common.random_llama_checkpoint`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from benchmarks.common import PeakMemory, block_row_flops, machine
+from benchmarks.common import PeakMemory, block_row_flops, has_torch, machine
 
 from benchmarks import common
 
@@ -110,13 +112,18 @@ class Case:
 
 
 def random_llama(directory: str, layers: int, hidden: int, vocab: int, tokenizer) -> str:
-  """A random HF Llama written with `save_pretrained`, with `tokenizer` beside it."""
-  from tests.support import reference
+  """A random HF Llama written with `save_pretrained` (with numpy where torch is not
+  installed), with `tokenizer` beside it."""
   heads = max(1, hidden // 64)
   config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=512)
-  reference.build_hf_model("llama", config, seed=0).save_pretrained(directory)
+  if has_torch():
+    from tests.support import reference
+    reference.build_hf_model("llama", config, seed=0).save_pretrained(directory)
+  else:
+    from benchmarks.common import random_llama_checkpoint
+    random_llama_checkpoint(directory, config, seed=0)
   tokenizer.save_pretrained(directory)
   return directory
 
@@ -131,13 +138,12 @@ def _encoded(case: Case):
 
 
 def iterative(case: Case) -> dict[str, Any]:
-  """One case of measurement 1: both implementations, checked against each other, timed."""
-  import transformers
+  """One case of measurement 1: both implementations, checked against each other, timed
+  (dpjax alone where torch is not installed: the reference's fields are None)."""
   import dpjax
   from dpjax.study import pruning
   from dpjax.engine.compilation import CompileCounter
   from dpjax.engine.sweep import Sweep
-  from tests.support.reference import HFIterativeReference
 
   print(f"\n== Iterative Pruning: {case.name}", flush=True)
   model = dpjax.load_model(case.dpjax_path or case.directory, dtype="float32")
@@ -209,21 +215,27 @@ def iterative(case: Case) -> dict[str, Any]:
                        f"by {worst[0]:.2e} > 1e-4.")
 
   # The reference, timed after one warm-up forward.
-  hf = transformers.AutoModelForCausalLM.from_pretrained(case.directory, dtype="float32",
-                                                         **case.hf_kwargs).eval()
-  ref = HFIterativeReference(hf, cold_sweep.batches)  # its first call is the warm-up
-  hf_times, steps = [], None
-  for _ in range(case.hf_repeats):
-    ref.block_rows = 0
-    near_ties.clear()
-    seen.clear()
-    start = time.perf_counter()
-    steps = ref.iterative_prune(model.num_layers, case.min_layers, follow=order, on_step=check)
-    hf_times.append(time.perf_counter() - start)
-  hf_s = float(np.median(hf_times))
-  print(f"HF PyTorch reference: {hf_s:.1f} s", flush=True)
-  ref_order = [s["choice"] for s in steps]
-  worst_margin = worst[0]
+  hf_times, ref_order, hf_block_rows = [], None, None
+  if has_torch():
+    import transformers
+    from tests.support.reference import HFIterativeReference
+    hf = transformers.AutoModelForCausalLM.from_pretrained(case.directory, dtype="float32",
+                                                           **case.hf_kwargs).eval()
+    ref = HFIterativeReference(hf, cold_sweep.batches)  # its first call is the warm-up
+    steps = None
+    for _ in range(case.hf_repeats):
+      ref.block_rows = 0
+      near_ties.clear()
+      seen.clear()
+      start = time.perf_counter()
+      steps = ref.iterative_prune(model.num_layers, case.min_layers, follow=order, on_step=check)
+      hf_times.append(time.perf_counter() - start)
+    ref_order = [s["choice"] + 1 for s in steps]
+    hf_block_rows = ref.block_rows
+  hf_s = float(np.median(hf_times)) if hf_times else None
+  print(f"HF PyTorch reference: {hf_s:.1f} s" if hf_times else
+        "HF PyTorch reference: not run (torch is not installed)", flush=True)
+  worst_margin = worst[0] if hf_times else None
 
   c = cold_sweep.counters
   cfg = model.config
@@ -239,17 +251,18 @@ def iterative(case: Case) -> dict[str, Any]:
       "vocab": cfg.vocab_size, "items": case.num_items, "batch_size": case.batch_size,
       "padded_tokens": tokens, "min_layers": case.min_layers,
       "removed_order": [b + 1 for b in order],
-      "reference_removed_order": [b + 1 for b in ref_order],
+      "reference_removed_order": ref_order,
       "near_tie_steps": near_ties,
       "max_mean_margin_difference": worst_margin,
       "dpjax_seconds_with_compilation": cold, "dpjax_seconds": warm_s,
       "dpjax_seconds_all": warm_times, "dpjax_phase_seconds": phases,
       "hf_seconds": hf_s, "hf_seconds_all": hf_times,
-      "speedup": hf_s / warm_s, "speedup_with_compilation": hf_s / cold,
+      "speedup": None if hf_s is None else hf_s / warm_s,
+      "speedup_with_compilation": None if hf_s is None else hf_s / cold,
       "compiled_programs": programs, "compile_seconds": compile_seconds,
       "block_evaluations": {"executed": c.executed, "minimum": c.minimum, "naive": c.naive,
                             "executed_over_minimum": c.executed / c.minimum,
-                            "hf_reference": ref.block_rows},
+                            "hf_reference": hf_block_rows},
       "candidates_stopped_early": c.stopped_early,
       "sweep_gflops": flops / warm_s / 1e9,
   }
@@ -411,6 +424,13 @@ def _goal(value: float, goal: float, above: bool) -> str:
   return "met" if met else "missed"
 
 
+def _torch(m: dict[str, Any]) -> str:
+  """The reference's library, or that it was not there."""
+  if m.get("torch") is None:
+    return "no torch (the HF-PyTorch reference did not run)"
+  return f"torch {m['torch']} with {m['torch_threads']} threads"
+
+
 def results_markdown(r: dict[str, Any]) -> str:
   m = r["machine"]
   lines = [
@@ -418,8 +438,8 @@ def results_markdown(r: dict[str, Any]) -> str:
       "",
       f"`python -m benchmarks.run{' --quick' if r['quick'] else ''}`, one process. Machine: "
       f"{m['cpu_count']} CPU cores ({m['processor']}), {m['platform']}; JAX {m['jax']} on "
-      f"{', '.join(sorted(set(m['jax_devices'])))}; torch {m['torch']} with "
-      f"{m['torch_threads']} threads. Dense float32 matmul ({r['matmul']['n']}^2, JAX): "
+      f"{', '.join(sorted(set(m['jax_devices'])))}; {_torch(m)}. Dense float32 matmul "
+      f"({r['matmul']['n']}^2, JAX): "
       f"{r['matmul']['gflops']:.1f} GFLOP/s.",
       "",
       "## 1-2. Iterative Pruning against HF PyTorch (same sequence and metrics checked)",
@@ -432,23 +452,31 @@ def results_markdown(r: dict[str, Any]) -> str:
   for c in r["iterative"]:
     pct = 100 * c["sweep_gflops"] / r["matmul"]["gflops"]
     e = c["block_evaluations"]["executed_over_minimum"]
+    if c["hf_seconds"] is None:  # no torch: dpjax's side alone
+      hf, speedup, with_compile = "-", "-", "-"
+    else:
+      hf = f"{c['hf_seconds']:.1f}"
+      speedup = f"{c['speedup']:.2f}x ({_goal(c['speedup'], 5, True)})"
+      with_compile = f"{c['speedup_with_compilation']:.2f}x"
     lines.append(
         f"| {c['case']} ({c['layers']} blocks, hidden {c['hidden']}, vocab {c['vocab']}) | "
         f"{c['items']} x {c['padded_tokens']} | {len(c['removed_order'])} | "
-        f"{c['hf_seconds']:.1f} | {c['dpjax_seconds']:.1f} | {c['speedup']:.2f}x "
-        f"({_goal(c['speedup'], 5, True)}) | {c['dpjax_seconds_with_compilation']:.1f} | "
-        f"{c['speedup_with_compilation']:.2f}x | {e:.3f} ({_goal(e, 1.05, False)}) | "
+        f"{hf} | {c['dpjax_seconds']:.1f} | {speedup} | "
+        f"{c['dpjax_seconds_with_compilation']:.1f} | {with_compile} | "
+        f"{e:.3f} ({_goal(e, 1.05, False)}) | "
         f"{c['sweep_gflops']:.1f} ({pct:.0f}%, {_goal(pct, 50, True)}) |")
   lines += ["", "Where dpjax's compiled time goes (blocking timers around each program):", ""]
   for c in r["iterative"]:
     ph = c["dpjax_phase_seconds"]
     rest = c["dpjax_seconds"] - sum(ph.values())
+    hf_rows = c["block_evaluations"]["hf_reference"]
     lines.append(f"- {c['case']}: current-model streams {ph['stream']:.1f} s, candidate tails "
                  f"{ph['candidates']:.1f} s, host (batching, stats, choice) {rest:.1f} s; "
                  f"{c['compiled_programs']} programs compiled; "
-                 f"{c['candidates_stopped_early']} candidate evaluations stopped early; HF ran "
-                 f"{c['block_evaluations']['hf_reference']:,} block-rows, dpjax "
-                 f"{c['block_evaluations']['executed']:,}.")
+                 f"{c['candidates_stopped_early']} candidate evaluations stopped early; "
+                 + (f"HF ran {hf_rows:,} block-rows, dpjax " if hf_rows is not None
+                    else "dpjax ran ")
+                 + f"{c['block_evaluations']['executed']:,}.")
   s = r["serving"]
   lines += [
       "",
@@ -513,7 +541,6 @@ def results_markdown(r: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  import torch
   from dpjax.tasks import synthetic
   from dpjax.fileio import atomic_write_text
   from dpjax.bundled import BUNDLED_MODEL
@@ -524,26 +551,33 @@ def main(argv):
       atomic_write_text(os.path.join(_OUT_DIR.value, RESULTS_MD), results_markdown(json.load(f)))
     return
   quick, repeats = _QUICK.value, (1 if _QUICK.value else _REPEATS.value)
-  torch.set_num_threads(os.cpu_count() or 1)
+  if has_torch():
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
   bundled = BUNDLED_MODEL if _MODEL.value is None else _MODEL.value
   started = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
-    suite_tokenizer = synthetic.build_tokenizer(
-        synthetic.training_text(synthetic.generate("train", 400)), 512)
+    if quick and bundled and os.path.isdir(bundled):  # the same kind of tokenizer, trained
+      suite_tokenizer = transformers.AutoTokenizer.from_pretrained(bundled)
+    else:
+      suite_tokenizer = synthetic.build_tokenizer(
+          synthetic.training_text(synthetic.generate("train", 400)), 512)
     big = (dict(layers=4, hidden=64, vocab=1000) if quick
            else dict(layers=16, hidden=512, vocab=32000))
     big_dir = random_llama(os.path.join(tmp, "random"), **big, tokenizer=suite_tokenizer)
-    small_dir = random_llama(os.path.join(tmp, "small"), layers=4 if quick else 16,
-                             hidden=64 if quick else 128, vocab=1000 if quick else 8000,
-                             tokenizer=suite_tokenizer)
+    # A smoke run measures scaling on the same small model (the full run on a mid-sized one).
+    small_dir = big_dir if quick else random_llama(os.path.join(tmp, "small"), layers=16,
+                                                   hidden=128, vocab=8000,
+                                                   tokenizer=suite_tokenizer)
     cases = []
+    # A smoke run: one batch of items, one step on the bundled model.
     if bundled and os.path.isdir(bundled):
       cases.append(Case("bundled model", bundled,
                         transformers.AutoTokenizer.from_pretrained(bundled),
-                        num_items=32 if quick else 128, batch_size=16,
-                        min_layers=12 if quick else 1, hf_repeats=1 if quick else 3,
+                        num_items=16 if quick else 128, batch_size=16,
+                        min_layers=15 if quick else 1, hf_repeats=1 if quick else 3,
                         dpjax_repeats=1 if quick else 3))
-    cases.append(Case("random Llama", big_dir, suite_tokenizer, num_items=32 if quick else 128,
+    cases.append(Case("random Llama", big_dir, suite_tokenizer, num_items=16 if quick else 128,
                       batch_size=16, min_layers=1, hf_repeats=1, dpjax_repeats=1))
     os.makedirs(_OUT_DIR.value, exist_ok=True)
 

@@ -2,6 +2,8 @@
 against the HF-PyTorch reference, on a real model.
 
     python -m benchmarks.shared_prefix     # SmolLM2-135M, MMLU 5-shot, 2 subjects x 16 items
+    python -m benchmarks.shared_prefix --model=bundled --subjects=1 --per_subject=4 \
+        --batch_size=4 --k_shot=2          # a smoke run: the bundled model, synthetic items
 
 MMLU-shaped work: the first `--per_subject` test items of `--subjects` subjects
 (evenly spaced in alphabetical order), each prompt the subject's five dev-split shots and the
@@ -20,7 +22,9 @@ same items and masks:
 Checked before any time is reported: the shared readouts equal the unshared
 ones within 1e-4 (logits), and the reference's within 1e-3. dpjax's times are
 the first call (compilation included) and the median of `--repeats` after it;
-the reference's is one pass (it compiles nothing). Writes
+the reference's is one pass (it compiles nothing). `--model=bundled`: the bundled model
+on the synthetic suite (its families as subjects, its dev split for the shots). Without
+torch, dpjax's two runs alone (no reference, no ratio). Writes
 `benchmarks/results/shared_prefix.json`.
 """
 
@@ -38,6 +42,9 @@ from benchmarks import common
 
 FLAGS = flags.FlagValues()  # this program's own flags (see common.run_program)
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(common.MODELS), "The model measured: "
+                           "SmolLM2-135M on MMLU, or the bundled model on synthetic items.",
+                           flag_values=FLAGS)
 _SUBJECTS = flags.DEFINE_integer("subjects", 2, "MMLU subjects, evenly spaced in alphabetical "
                                   "order (the first, then every 57/n-th).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Items per batch.", flag_values=FLAGS)
@@ -53,28 +60,34 @@ _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(_
                            flag_values=FLAGS)
 
 
+def _test_and_dev(key: str):
+  """The test and dev items: MMLU's, or the synthetic suite's (a family per subject)."""
+  from dpjax import tasks
+  if key == "bundled":
+    from dpjax.tasks import synthetic
+    per_family = len(synthetic.FAMILIES)
+    return (synthetic.generate("test", per_family * _PER_SUBJECT.value),
+            synthetic.generate("dev", per_family * max(_K_SHOT.value, 1)))
+  from dpjax.tasks.benchmarks import default_data_dir
+  from dpjax.tasks.fetch import fetch_benchmarks
+  fetch_benchmarks(default_data_dir(), ["mmlu"])
+  return (tasks.load_task("mmlu", "test", data_dir=default_data_dir()),
+          tasks.load_task("mmlu", "dev", data_dir=default_data_dir()))
+
+
 def main(argv):
   del argv
   import jax
-  import torch
-  import transformers
 
   import dpjax
-  from tests.support import real_models
-  from tests.support import reference
   from benchmarks.common import machine
   from dpjax import tasks
   from dpjax.fileio import atomic_write_text
   from dpjax.engine.sweep import Sweep
-  from dpjax.tasks.benchmarks import default_data_dir
-  from dpjax.tasks.fetch import fetch_benchmarks
 
-  path = real_models.fetch("smollm2")
-  where, name = os.path.dirname(path), os.path.basename(path)
-  tokenizer = real_models.tokenizer(path)
-  fetch_benchmarks(default_data_dir(), ["mmlu"])
-  test = tasks.load_task("mmlu", "test", data_dir=default_data_dir())
-  dev = tasks.load_task("mmlu", "dev", data_dir=default_data_dir())
+  measured = common.measured(_MODEL.value)
+  path, tokenizer = measured.path, measured.tokenizer
+  test, dev = _test_and_dev(measured.key)
   every = sorted({item.subject for item in test})
   subjects = every[::max(1, len(every) // _SUBJECTS.value)][:_SUBJECTS.value]
   items = [item for s in subjects for item in [i for i in test if i.subject == s][
@@ -91,8 +104,9 @@ def main(argv):
             for share in (True, False)}
   tokens = {share: int(sum(b.input_ids.size + (0 if b.prefix_ids is None else b.prefix_ids.size)
                            for b in s.batches)) for share, s in sweeps.items()}
-  out = {"model": "SmolLM2-135M-Instruct (GGUF)",
-         "work": f"MMLU {_K_SHOT.value}-shot, letter format, {len(items)} test items of "
+  out = {"model": measured.label,
+         "work": f"{'MMLU' if measured.key == 'smollm2' else 'synthetic suite'} "
+                 f"{_K_SHOT.value}-shot, letter format, {len(items)} test items of "
                  f"{len(subjects)} subjects ({', '.join(subjects)}); per-layer readouts of "
                  f"{len(masks)} variants (unpruned, then blocks removed from the last)",
          "items": len(items), "masks": len(masks), "batch_size": _BATCH.value,
@@ -123,10 +137,16 @@ def main(argv):
   out["shared_vs_unshared_max_logit_difference"] = worst
   if worst > 1e-4:
     raise SystemExit(f"shared and unshared readouts differ by {worst}.")
+  if not common.has_torch():
+    save()
+    print(json.dumps(out, indent=2))
+    print("HF PyTorch reference: not run (torch is not installed)")
+    return
 
+  import torch
+  from tests.support import reference
   torch.set_num_threads(os.cpu_count() or 1)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      where, gguf_file=name, dtype=torch.float32, attn_implementation="eager")
+  hf = measured.hf(attn_implementation="eager")
   ref = reference.HFIterativeReference(hf, sweeps[False].batches)
   start = time.perf_counter()
   worst_ref = 0.0

@@ -59,7 +59,7 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> None:
 # Every directory output dpjax writes holds one of these files (an exported, healed or
 # trained HF checkpoint its config.json; a converted checkpoint its dpjax_config.json):
 # --overwrite replaces only such a directory.
-OUTPUT_MARKERS = ("config.json", "dpjax_config.json")
+OUTPUT_MARKERS = ("config.json", "dpjax_config.json", "model/config.json")
 
 
 def check_replaceable(output_dir: str, overwrite: bool) -> None:

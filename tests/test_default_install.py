@@ -5,7 +5,7 @@ Each run hides the test extra's packages (`tests.support.default_install`) and, 
 suite short, adds only flags that make it smaller (fewer steps, shorter prompts). The
 programs run elsewhere with torch hidden too: `dpjax` (tests/serve/test_throughput.py's
 study), `dpjax-plan` (tests/engine/test_planner.py) and `dpjax-prune --max_drop=0.05`
-(tests/study/test_budget.py's perplexity gate).
+(tests/variants/test_budget.py's perplexity gate).
 """
 
 from __future__ import annotations

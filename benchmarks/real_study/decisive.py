@@ -76,7 +76,7 @@ def _study(work: str, key: str, model: str) -> str:
 
 
 def _prune(work: str, key: str, model: str, study_dir: str, method: str) -> dict:
-  from dpjax.study.budget import PLAN_FILE, PruneSettings, prune
+  from dpjax.variants.budget import PLAN_FILE, PruneSettings, prune
   out = os.path.join(work, key, method)
   if os.path.isfile(os.path.join(out, PLAN_FILE)):
     with open(os.path.join(out, PLAN_FILE)) as f:
@@ -124,8 +124,9 @@ WALK_RULE = ("the fixed-sequence walk (from the fewest blocks removed, the last 
 def heldout_judgement(held: dict, num_items: int, max_drop: float) -> dict:
   """The held-out drop's paired 95% interval recomputed from its discordant counts with
   Tango's score interval (the items are the held-out half of `num_items`, as
-  `dpjax.study.budget.split_items` splits them), and whether the budget holds there."""
-  from dpjax.study import budget, statistics
+  `dpjax.variants.budget.split_items` splits them), and whether the budget holds there."""
+  from dpjax.study import statistics
+  from dpjax.variants import budget
   n = len(budget.split_items(num_items, 0.5, 0)[1])
   low, high = statistics._tango_interval(held["only_unpruned_right"],
                                           held["only_variant_right"], n, 0.95)

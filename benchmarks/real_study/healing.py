@@ -97,7 +97,7 @@ def _arms(study_dir: str) -> tuple[int, dict[str, list[int]], int]:
 
 
 def _prune(work: str, key: str, study_dir: str, arm: str, kept: list[int]) -> dict:
-  from dpjax.study.budget import PLAN_FILE, PruneSettings, prune
+  from dpjax.variants.budget import PLAN_FILE, PruneSettings, prune
   out = os.path.join(work, key, arm)
   if os.path.isfile(os.path.join(out, PLAN_FILE)):
     with open(os.path.join(out, PLAN_FILE)) as f:

@@ -160,6 +160,19 @@ def gguf_tokenizer(path: str):
   return copy.deepcopy(_tokenizer(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
 
 
+def transformers_dense_kwargs(path: str) -> dict[str, Any]:
+  """What `transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), ...)`
+  takes to load the GGUF file at `path` as its dense model, every weight dequantized, as
+  dpjax computes it. transformers 5.2x otherwise keeps quantized weights packed where it
+  has kernels for them and computes through those float32 kernels, another model to
+  compare with; before `GgufConfig` it always dequantized."""
+  import transformers
+  kwargs: dict[str, Any] = {"gguf_file": os.path.basename(path)}
+  if hasattr(transformers, "GgufConfig"):
+    kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+  return kwargs
+
+
 @functools.lru_cache(maxsize=2)
 def _tokenizer(path: str, size: int, mtime_ns: int):
   del size, mtime_ns  # the cache key: another version of the file is built again
@@ -269,6 +282,7 @@ def _parsed(path: str, size: int, mtime_ns: int):
     infos.append(TensorInfo(t.name, hf_name, t.tensor_type.name,
                             tuple(int(x) for x in reversed(t.shape.tolist())),
                             int(t.data_offset), int(t.n_bytes)))
+  sliding = layer_pattern(reader, field.contents())
   del reader  # its parsed vocabulary is large; the tensors are read through our own map
   if unknown:
     raise CheckpointError(f"GGUF file {path} has tensors dpjax does not know: {unknown[:8]}.")
@@ -276,7 +290,27 @@ def _parsed(path: str, size: int, mtime_ns: int):
   if hf_config.model_type != family.model_type:
     raise CheckpointError(f"GGUF file {path}: transformers read it as "
                           f"{hf_config.model_type!r}, expected {family.model_type!r}.")
+  if sliding is not None:
+    if len(sliding) != hf_config.num_hidden_layers:
+      raise CheckpointError(f"GGUF file {path}: {SLIDING_PATTERN_KEY} lists {len(sliding)} "
+                            f"blocks, the file has {hf_config.num_hidden_layers}.")
+    # transformers takes the layer kinds from their index; the file says them per layer.
+    hf_config.layer_types = ["sliding_attention" if b else "full_attention" for b in sliding]
   return family, tuple(infos), hf_config
+
+
+# llama.cpp's per-layer attention kinds (true: a sliding-window block), `{arch}.` prefixed.
+# dpjax writes it where a kept set moves blocks off their family's index pattern.
+SLIDING_PATTERN_KEY = "attention.sliding_window_pattern"
+
+
+def layer_pattern(reader, architecture: str) -> list[bool] | None:
+  """The file's per-layer sliding/full pattern, when it states one as an array."""
+  from gguf import GGUFValueType
+  field = reader.fields.get(f"{architecture}.{SLIDING_PATTERN_KEY}")
+  if field is None or field.types[0] != GGUFValueType.ARRAY:
+    return None
+  return [bool(v) for v in field.contents()]
 
 
 def _hf_config(path: str):

@@ -1,5 +1,5 @@
 """`dpjax-prune`: the smallest variant within a quality budget, exported as a verified HF
-checkpoint with its provenance (`dpjax.study.budget`).
+checkpoint with its provenance (`dpjax.variants.budget`).
 
     dpjax-prune --max_drop=0.05                       # the bundled model, Iterative Pruning
     dpjax-prune --max_drop=0.05 --max_ppl_ratio=1.5   # and a perplexity gate
@@ -16,7 +16,7 @@ import os
 
 from dpjax.checkpoints.hf import TORCH_INSTALL
 from dpjax.cli.program import run_program
-from dpjax.study.budget import PLAN_FILE, TRANSFORMERS_SKIPPED, PruneSettings, prune
+from dpjax.variants.budget import PLAN_FILE, TRANSFORMERS_SKIPPED, PruneSettings, prune
 
 
 def prune_and_report(s: PruneSettings) -> None:

@@ -132,7 +132,7 @@ def parse_keep(value, num_layers: int) -> list[int] | None:
 def read_plan(path: str) -> tuple[str, list[int], dict]:
   """The source model and kept blocks of a `pruning_plan.json` (or of its directory), and
   the plan itself. A relative source is found from the working directory or the plan's."""
-  from dpjax.study.budget import PLAN_FILE
+  from dpjax.variants.budget import PLAN_FILE
   if os.path.isdir(path):
     path = os.path.join(path, PLAN_FILE)
   try:

@@ -1,4 +1,6 @@
-"""Smoke test of `python -m benchmarks core --quick`: it runs, and its correctness checks pass.
+"""Smoke test of `python -m benchmarks --quick`: every suite runs, its correctness checks
+pass and it computes its ratio against HF PyTorch; without torch (the default install), the
+dpjax side runs alone and one line says what the ratios need.
 
 No timing is asserted: the figures belong in benchmarks/RESULTS.md, not in tests.
 """
@@ -13,17 +15,35 @@ import numpy as np
 import pytest
 
 from tests.support.reference import HFIterativeReference
+from tests.support import default_install
 from tests.support import reference
 from dpjax.tasks import synthetic
 from dpjax import tasks
 
 
 def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "benchmarks", "core", "--quick",
-                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    results = json.load(f)
+  """The whole smoke run: every suite ok, each with its ratio against HF PyTorch."""
+  from benchmarks import __main__ as harness
+  result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick",
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+  for name in harness.SUITES:
+    assert f"[{name}] ok in " in result.stdout, (name, result.stdout[-3000:])
+  assert "torch is not installed" not in result.stdout
+
+  def read(name):
+    with open(tmp_path / name) as f:
+      return json.load(f)
+
+  # The suites with a reference computed their ratio against it.
+  assert read("end_to_end.json")["cases"][0]["speedup_with_compilation"] > 0
+  assert read("shared_prefix.json")["ratio_shared_warm"] > 0
+  assert all(r["speedup"] > 0 for r in read("foundation.json")["forward_speed"])
+  assert read("interleaved.json")["configurations"][0]["same_pick"]
+  for name in ("formats.json", "read_positions.json", "resume.json", "bf16.json",
+               "loading.json", "plan.json"):
+    assert (tmp_path / name).is_file(), name
+  results = read("results.json")
   cases = {c["case"]: c for c in results["iterative"]}
   # Both models ran, and each matched the HF reference's sequence and margins.
   assert set(cases) == {"bundled model", "random Llama"}
@@ -44,6 +64,56 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
   markdown = (tmp_path / "RESULTS.md").read_text()
   assert "Iterative Pruning against HF PyTorch" in markdown and "random Llama" in markdown
   assert "| masks per program |" in markdown
+  assert "Shared few-shot prefixes" in markdown and "end to end" in markdown
+
+
+def test_without_torch_a_smoke_run_runs_dpjax_alone_and_says_what_the_ratios_need(tmp_path):
+  """The default install has no torch: the harness says so in one line before any work,
+  runs a suite's dpjax side (no reference, no ratio), skips a suite that is only a
+  comparison with HF PyTorch naming the install command, and exits 0."""
+  from benchmarks import common
+  out = tmp_path / "out"
+  result = default_install.run(["-m", "benchmarks", "interleaved", "shared_prefix", "--quick",
+                                f"--out_dir={out}"], str(tmp_path), timeout=600)
+  assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+  lines = result.stdout.splitlines()
+  assert lines[0] == common.NO_TORCH and result.stdout.count(common.NO_TORCH) == 1
+  assert "pip install torch" in common.NO_TORCH
+  skipped = [line for line in lines if line.startswith("[interleaved] skipped")]
+  assert len(skipped) == 1 and "pip install torch" in skipped[0], lines
+  assert "[shared_prefix] ok in " in result.stdout
+  assert "ModuleNotFoundError" not in result.stderr
+  with open(out / "shared_prefix.json") as f:
+    shared = json.load(f)
+  assert shared["machine"]["torch"] is None and "reference_s" not in shared
+  assert shared["dpjax_shared_s"] > 0 and shared["shared_vs_unshared_max_logit_difference"] < 1e-4
+  assert not (out / "interleaved.json").exists()
+  from benchmarks import measured
+  markdown = measured.shared_prefix_markdown(str(out / "shared_prefix.json"))
+  assert "not run (torch is not installed)" in markdown
+
+
+def test_the_report_renders_a_run_without_the_reference(tmp_path):
+  """RESULTS.md from a core run without torch: dpjax's figures, dashes for the ratios."""
+  import copy
+  import os
+  from benchmarks import run
+  with open(os.path.join(os.path.dirname(run.__file__), "results.json")) as f:
+    committed = json.load(f)
+  results = copy.deepcopy(committed)
+  results["machine"].update(torch=None, torch_threads=None)
+  for case in results["iterative"]:
+    case.update(hf_seconds=None, speedup=None, speedup_with_compilation=None,
+                reference_removed_order=None, max_mean_margin_difference=None)
+    case["block_evaluations"]["hf_reference"] = None
+  run.FLAGS([run.__name__, f"--results_dir={tmp_path}"])  # no side measurements there
+  try:
+    markdown = run.results_markdown(results)
+  finally:
+    run.FLAGS.unparse_flags()
+  assert "no torch (the HF-PyTorch reference did not run)" in markdown
+  row = next(line for line in markdown.splitlines() if line.startswith("| bundled model"))
+  assert "| - |" in row and f"{committed['iterative'][0]['dpjax_seconds']:.1f}" in row
 
 
 def test_a_smoke_run_never_writes_into_the_committed_results():

@@ -159,6 +159,38 @@ def test_command_line_exports(hf_checkpoint_dir, tmp_path):
   assert not os.path.exists(tmp_path / "bad")
 
 
+def test_command_line_writes_a_checked_gguf_file_beside_the_hf_checkpoint(hf_checkpoint_dir,
+                                                                          tmp_path):
+  """--gguf: model.gguf beside the HF checkpoint (dpjax-prune's layout), reloaded by transformers (its dense model) with
+  the kept blocks' logits before success is printed; a source the GGUF writer cannot
+  state is refused before anything is written."""
+  import torch
+  from dpjax.bundled import BUNDLED_MODEL
+  out = tmp_path / "cli"
+  result = subprocess.run(  # the bundled model: a Llama with a byte-level BPE tokenizer
+      [sys.executable, "-m", "checkpoints_convert.export_cli", "--keep=0,3,9", "--gguf",
+       f"--output_dir={out}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert f"wrote HF checkpoint to {out / 'model'}\n" in result.stdout
+  assert f"wrote {out / 'model.gguf'} (3 blocks; logits within " in result.stdout
+  assert sorted(os.listdir(out)) == ["model", "model.gguf"]
+  hf = reference.load_hf_gguf(str(out / "model.gguf"))
+  assert hf.config.num_hidden_layers == 3
+  ids = reference.random_batch(hf.config.vocab_size, 2, 10, seed=3)[0]
+  want = np.asarray(dpjax.load_model(BUNDLED_MODEL, dtype="float32").logits(
+      ids, keep=dpjax.keep_mask([0, 3, 9], 16)))
+  with torch.no_grad():
+    got = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  refused = subprocess.run(
+      [sys.executable, "-m", "checkpoints_convert.export_cli",
+       f"--model={hf_checkpoint_dir('gemma3_qk_norm_local_rope')}", "--keep=0,1", "--gguf",
+       f"--output_dir={tmp_path / 'refused'}"], capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 1 and "gemma3" in refused.stderr.lower()
+  assert len(refused.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / "refused")
+
+
 def test_overwrite_replaces_only_an_earlier_output(hf_checkpoint_dir, tmp_path):
   """--overwrite onto a regular file, or onto a directory dpjax did not write: one line,
   exit 1, the file or directory untouched; onto an earlier export: replaced."""

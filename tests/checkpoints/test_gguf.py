@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import dpjax
 from tests.support import reference
@@ -39,8 +38,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def _hf_from_gguf(path: str):
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  return reference.load_hf_gguf(path, torch.float32)  # dense, as dpjax dequantizes
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_tied_sharded", "gemma3_qk_norm_local_rope"])

@@ -14,7 +14,7 @@ import transformers
 import dpjax
 from dpjax.checkpoints.export import export
 from dpjax.checkpoints.gguf_from_hf import check_writable, write_gguf_from_hf
-from dpjax.study.budget import PROBE_TEXTS, _same_tokenization
+from dpjax.variants.export import PROBE_TEXTS, _same_tokenization
 from tests.support import reference
 
 
@@ -64,8 +64,7 @@ def test_the_gguf_file_reloads_with_the_kept_blocks_logits_and_tokenizer(case, t
   from gguf import GGUFReader
   tokens = GGUFReader(str(out / "model.gguf")).fields["tokenizer.ggml.tokens"]
   assert len(tokens.data) == config["vocab_size"]  # one token per embedding row
-  loaded = transformers.AutoModelForCausalLM.from_pretrained(
-      str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+  loaded = reference.load_hf_gguf(str(out / "model.gguf"), torch.float32)
   assert loaded.config.num_hidden_layers == 3
   assert loaded.config.tie_word_embeddings == config["tie_word_embeddings"]
   model = dpjax.load_model(source, dtype="float32")

@@ -8,6 +8,9 @@ torch, which the package does not depend on):
   random but not timid: norms and biases are perturbed away from their 1/0
   initial values so that a mistake in any of them shows in the logits.
 * HF's own forward pass (`hf_forward`), with blocks deleted (`delete_blocks`).
+* transformers' dense model of a GGUF file (`load_hf_gguf`), and the float64 oracle
+  (`float64_oracle`): an HF model that computes in float64 throughout, checked
+  with `LowPrecisionOps`.
 * `HFIterativeReference`: the study the straightforward HF-PyTorch way, as a
   careful researcher writes it. Per candidate of every Iterative Pruning step:
   point `model.model.layers` at the kept blocks, run the model with
@@ -20,11 +23,15 @@ torch, which the package does not depend on):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
+from types import MethodType
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 import transformers
 
 from dpjax.tasks import Batch
@@ -145,6 +152,94 @@ def load_hf(directory: str, dtype=torch.float32):
   model = transformers.AutoModelForCausalLM.from_pretrained(
       directory, dtype=dtype, attn_implementation="eager")
   return model.eval()
+
+
+def load_hf_gguf(path: str, dtype=torch.float32, attn_implementation: str | None = None):
+  """transformers' dense model of the GGUF file at `path`: every weight dequantized.
+
+  This is what dpjax computes (it dequantizes on loading). transformers 5.2x otherwise
+  keeps a GGUF file's quantized weights packed where it has kernels for them and
+  computes through those float32 kernels (asked for float64 it warns that they still
+  compute in float32); `GgufConfig(dequantize=True)` asks for the dense model. A model
+  that comes back with a packed module or a parameter not in `dtype` is refused.
+  `attn_implementation`: None for transformers' default.
+  """
+  from dpjax.checkpoints.gguf import transformers_dense_kwargs
+  extra = transformers_dense_kwargs(path)
+  if attn_implementation is not None:
+    extra["attn_implementation"] = attn_implementation
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), dtype=dtype, **extra).eval()
+  packed = sorted({type(m).__name__ for m in model.modules()
+                   if type(m).__name__.lower().startswith("gguf")})
+  dtypes = {p.dtype for p in model.parameters()}
+  if packed or dtypes != {dtype}:
+    raise RuntimeError(f"transformers loaded {os.path.basename(path)} with modules {packed} "
+                       f"and parameters in {sorted(map(str, dtypes))}, not dense in {dtype}.")
+  return model
+
+
+def _rms_norm_float64(self, x):
+  """A Llama-kind RMSNorm (`w * x / rms(x)`) computed in `x`'s dtype."""
+  return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _default_rope_float64(self, x, position_ids):
+  """The default rotary tables with the inverse frequencies and angles in float64."""
+  dim = 2 * self.inv_freq.shape[-1]
+  exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim
+  rope = getattr(self.config, "rope_parameters", None) or {"rope_theta": self.config.rope_theta}
+  inv_freq = 1.0 / rope["rope_theta"] ** exponents
+  angles = position_ids[..., None].to(torch.float64) * inv_freq
+  emb = torch.cat((angles, angles), dim=-1)
+  return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def float64_oracle(model):
+  """A float64 copy of the dense HF model `model` that computes in float64 throughout.
+
+  `model.double()` alone is not one: HF's modelling code casts to float32 for the
+  RMSNorm statistics, the rotary angles (inverse frequencies and positions times them)
+  and the eager softmax, so a float64 model still rounds there as its float32 run
+  does (which makes the float32 run look closer to it than it is). The copy computes
+  its norms and rotary tables in float64 and attends through SDPA, which keeps its
+  input's dtype; run it under `LowPrecisionOps` to check that no operation returns a
+  tensor below float64. Llama-kind norms and the default rope only (anything else is
+  refused).
+  """
+  oracle = copy.deepcopy(model).double().eval()
+  for module in oracle.modules():
+    name = type(module).__name__
+    if name.endswith("RMSNorm"):
+      if not hasattr(module, "variance_epsilon"):
+        raise ValueError(f"{name} is not a Llama-kind norm; the float64 oracle does not "
+                         "implement it.")
+      module.forward = MethodType(_rms_norm_float64, module)
+    elif name.endswith("RotaryEmbedding"):
+      if module.rope_type != "default" or module.attention_scaling != 1.0:
+        raise ValueError(f"rope type {module.rope_type!r}: the float64 oracle implements "
+                         "the default rope only.")
+      module.forward = MethodType(_default_rope_float64, module)
+  oracle.set_attn_implementation("sdpa")
+  return oracle
+
+
+class LowPrecisionOps(TorchFunctionMode):
+  """Within it, `seen` collects every torch function that returned a floating tensor
+  below float64 (float32, float16, bfloat16)."""
+
+  LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+  def __init__(self):
+    super().__init__()
+    self.seen: set[str] = set()
+
+  def __torch_function__(self, func, arg_types, args=(), kwargs=None):
+    out = func(*args, **(kwargs or {}))
+    for value in out if isinstance(out, (tuple, list)) else (out,):
+      if isinstance(value, torch.Tensor) and value.dtype in self.LOW:
+        self.seen.add(getattr(func, "__name__", str(func)))
+    return out
 
 
 def delete_blocks(model, keep: np.ndarray, *, all_layers=None, layer_types=None):
@@ -325,18 +420,20 @@ def _gguf_name(hf_name: str, arch: str) -> str:
 
 
 def write_gguf(variant: str, path: str, *, seed: int = 0, quantization: str = "Q8_0",
-               architecture: str | None = None, raw_types: dict[str, str] | None = None):
+               architecture: str | None = None, raw_types: dict[str, str] | None = None,
+               config_overrides: dict[str, Any] | None = None):
   """A GGUF file of variant `variant` (llama or gemma3_text) with random weights, as
   llama.cpp writes it: q/k rows permuted for its rope (llama), Gemma norms stored as
   `1 + w`, 2-D weights quantized (`quantization`), a byte-less word vocabulary.
 
   `architecture` overrides `general.architecture`; `raw_types` writes the named
-  GGUF tensors' bytes under another GGML type (to make files dpjax must refuse).
+  GGUF tensors' bytes under another GGML type (to make files dpjax must refuse);
+  `config_overrides` changes the variant's HF config (the block count, say).
   Returns the HF model whose weights the file holds.
   """
   import gguf
   spec = VARIANTS[variant]
-  model = build_hf_model(spec.family, spec.config, seed)
+  model = build_hf_model(spec.family, dict(spec.config, **(config_overrides or {})), seed)
   cfg = model.config
   arch = {"llama": "llama", "gemma3_text": "gemma3"}[spec.family]
   writer = gguf.GGUFWriter(path, architecture or arch)

@@ -19,7 +19,7 @@ not chosen on, exported as an HF checkpoint, verified, with its provenance.
    blocks.
    With `--max_ppl_ratio`, the variants within the accuracy budget are asked, fewest
    blocks first, for the paired upper 95% bound of their perplexity ratio on the
-   selection windows of a corpus (`dpjax.study.perplexity`); the first within it wins.
+   selection windows of a corpus (`dpjax.variants.perplexity`); the first within it wins.
 3. The held-out items then give the drop's point estimate, its paired 95% interval and
    an exact McNemar p-value, and whether the budget holds there too.
 4. The kept blocks are exported (`dpjax.checkpoints.export`) to `OUTPUT_DIR/model`,
@@ -50,22 +50,15 @@ from dpjax.bundled import BUNDLED_MODEL, resolve_recorded
 from dpjax.fields import command_line, setting
 from dpjax.study import statistics
 from dpjax.study.results import bootstrap_ci
+from dpjax.variants.export import (GGUF_FILE, MODEL_DIR, TRANSFORMERS_SKIPPED,
+                                   check_gguf_writable, check_verifiable, export_variant,
+                                   file_hashes, verify_export, version)
 
 PLAN_FILE = "pruning_plan.json"
-MODEL_DIR = "model"
-GGUF_FILE = "model.gguf"
 STUDY_DIR = "study"
 # The study methods whose curve is one kept set per number of blocks removed.
 CURVE_METHODS = ("iterative", "block_influence", "angular", "single_layer", "reverse",
                  "phase_aware", "decisive_only")
-# Logits of the export, reloaded by transformers, against dpjax's for the kept blocks:
-# the largest difference relative to the largest logit. The check is for a usable export
-# (a block out of place, a weight unpermuted, a norm off by one differ by more than 1e-1),
-# run in float32 on real checkpoints, where HF float32's own distance from HF float64
-# reaches 6.6e-5 (SmolLM2 without blocks 10 and 15, random ids; dpjax's is 7.0e-6 there):
-# 1e-5 refused exports that were exact. The tests pin exactness at 1e-5 on small models;
-# the plan records the difference measured.
-LOGIT_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,190 +271,6 @@ def choose(unpruned: dict, curve: list[dict], selection: np.ndarray, s: PruneSet
                    "on the selection windows); raise --max_ppl_ratio.")
 
 
-def _file_hashes(directory: str) -> dict[str, str]:
-  return {name: fileio.sha256_file(os.path.join(directory, name))
-          for name in sorted(os.listdir(directory))
-          if os.path.isfile(os.path.join(directory, name))}
-
-
-def _check_verifiable(s: PruneSettings) -> None:
-  """Refuses, before any work, a check that needs torch where it is missing: the GGUF
-  file's, which is transformers' GGUF loading (the HF export's falls back to dpjax's
-  own reader)."""
-  from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
-  if s.gguf and s.verify and not torch_available():
-    raise ValueError(f"--gguf checks the GGUF file with transformers' GGUF loading, which "
-                     f"needs torch: {TORCH_INSTALL} (or pass --noverify to write it "
-                     "unchecked).")
-
-
-def _logits_check(want: np.ndarray, got: np.ndarray, who: str) -> float:
-  """The largest difference of `got` from `want` relative to the largest logit, refused
-  past LOGIT_TOLERANCE."""
-  relative = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-  if not relative <= LOGIT_TOLERANCE:
-    raise ValueError(f"the export's logits under {who} differ from dpjax's kept-block "
-                     f"logits by {relative:.2e} of the largest logit (tolerance "
-                     f"{LOGIT_TOLERANCE}); the export is not usable.")
-  return relative
-
-
-def verify_export(source: str, export_dir: str, kept: list[int], seed: int = 0,
-                  gguf_file: str | None = None, model=None) -> dict[str, Any]:
-  """The export (an HF directory, or `gguf_file` in it) reloaded by transformers against
-  dpjax's logits for the kept blocks (of `model`, the source loaded in float32, when
-  given). Without torch, an HF directory is reloaded by dpjax's own reader instead
-  (`transformers_check` then says it was skipped); a GGUF file is refused."""
-  from dpjax.checkpoints.hf import TORCH_INSTALL, torch_available
-  from dpjax.model.load import load_model
-  from dpjax.model.plan import keep_mask
-  if not torch_available():
-    if gguf_file:
-      raise ValueError(f"checking the GGUF export needs transformers' GGUF loading, which "
-                       f"needs torch: {TORCH_INSTALL} (or pass --noverify).")
-    return _verify_with_dpjax(source, export_dir, kept, seed, model)
-  import torch
-  import transformers
-  model = model if model is not None else load_model(source, dtype="float32")
-  extra = {"gguf_file": gguf_file} if gguf_file else {}
-  hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
-                                                         **extra)
-  if hf.config.num_hidden_layers != len(kept):
-    raise ValueError(f"transformers loaded {hf.config.num_hidden_layers} blocks from "
-                     f"{export_dir}, not the {len(kept)} kept.")
-  ids = _check_ids(model, seed)
-  want = np.asarray(model.logits(ids, keep=keep_mask(kept, model.num_layers)), np.float64)
-  with torch.no_grad():
-    got = hf(input_ids=torch.as_tensor(ids)).logits.double().numpy()
-  relative = _logits_check(want, got, "transformers")
-  tokenizer = None
-  if gguf_file:  # the file carries its own tokenizer: it must encode as the HF export's
-    tokenizer = _same_tokenization(os.path.join(export_dir, MODEL_DIR), export_dir, gguf_file)
-  return {"loader": f"transformers {transformers.__version__} AutoModelForCausalLM"
-                    + (" (GGUF)" if gguf_file else ""),
-          "blocks_loaded": int(hf.config.num_hidden_layers), "max_relative_difference": relative,
-          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all()),
-          **({"tokenizer": tokenizer} if tokenizer else {})}
-
-
-def _check_ids(model, seed: int) -> np.ndarray:
-  """The token ids both sides of a check read: random, seeded."""
-  return np.random.default_rng([seed, 11]).integers(3, min(model.config.vocab_size, 32000),
-                                                    size=(2, 24))
-
-
-TRANSFORMERS_SKIPPED = "skipped: torch is not installed"
-
-
-def _verify_with_dpjax(source: str, export_dir: str, kept: list[int], seed: int,
-                       model=None) -> dict[str, Any]:
-  """The HF export reloaded by dpjax's own reader (its config.json and safetensors, through
-  the architecture table, as any HF checkpoint is read) against the kept blocks of the
-  source in memory: the check of an export where transformers cannot run (no torch). It
-  catches what the transformers check catches in the written files (a block out of place,
-  a tensor misnamed or mis-shaped, a config not cut to the kept blocks); it does not
-  catch a mistake that dpjax's reader and writer would share."""
-  from dpjax.model.load import load_model
-  from dpjax.model.plan import keep_mask
-  model = model if model is not None else load_model(source, dtype="float32")
-  reloaded = load_model(export_dir, dtype="float32")
-  if reloaded.num_layers != len(kept):
-    raise ValueError(f"dpjax loaded {reloaded.num_layers} blocks from {export_dir}, not the "
-                     f"{len(kept)} kept.")
-  ids = _check_ids(model, seed)
-  want = np.asarray(model.logits(ids, keep=keep_mask(kept, model.num_layers)), np.float64)
-  got = np.asarray(reloaded.logits(ids), np.float64)
-  relative = _logits_check(want, got, "dpjax's reload")
-  return {"loader": f"dpjax {_version()} (the written safetensors reloaded)",
-          "transformers_check": TRANSFORMERS_SKIPPED,
-          "blocks_loaded": int(reloaded.num_layers), "max_relative_difference": relative,
-          "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
-
-
-PROBE_TEXTS = ("Question: Which gas do plants take in from the air?\nAnswer: carbon dioxide",
-               "  two spaces, tabs\tand\nnew lines; digits 12345 and caf\u00e9 \u2014 ok",
-               "def f(x):\n    return x ** 2  # squares")
-
-
-def _same_tokenization(hf_dir: str, gguf_dir: str, gguf_file: str) -> dict[str, Any]:
-  """The GGUF file's tokenizer (as transformers builds it) against the HF export's, on
-  probe texts (spaces, tabs, new lines, digits, accents, code): the same ids and the same
-  BOS and EOS tokens."""
-  import transformers
-  want = transformers.AutoTokenizer.from_pretrained(hf_dir)
-  got = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-  for text in PROBE_TEXTS:
-    a = want(text, add_special_tokens=False)["input_ids"]
-    b = got(text, add_special_tokens=False)["input_ids"]
-    if a != b:
-      raise ValueError(f"the GGUF file's tokenizer encodes {text!r} as {b[:12]}..., the HF "
-                       f"export's as {a[:12]}...; the GGUF file is not usable.")
-  for name in ("bos_token_id", "eos_token_id"):
-    if getattr(want, name) is not None and getattr(got, name) != getattr(want, name):
-      raise ValueError(f"the GGUF file's tokenizer has {name} {getattr(got, name)}, the HF "
-                       f"export's {getattr(want, name)}; the GGUF file is not usable.")
-  return {"probe_texts": len(PROBE_TEXTS), "same_ids": True}
-
-
-def _check_gguf_writable(source: str, kept: list[int] | None) -> None:
-  """Refuses `--gguf` for a source (and kept set) whose GGUF form would not load back the
-  same: a Gemma GGUF source's kept blocks that change attention kind; an HF source of a
-  family or setting the written file cannot state."""
-  from dpjax.checkpoints.gguf import is_gguf
-  if is_gguf(source):
-    if kept is not None:
-      from dpjax.checkpoints.gguf_export import check_index_pattern, gguf_architecture
-      check_index_pattern(gguf_architecture(source), kept)
-  elif os.path.isfile(os.path.join(source, "config.json")):  # (else: the export is checked)
-    from dpjax.checkpoints.gguf_from_hf import check_writable
-    check_writable(source)
-
-
-def _export(source: str, out: str, kept: list[int], s: PruneSettings, model=None,
-            params: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes the kept blocks of `source` to OUTPUT_DIR/model (and model.gguf) and checks
-  them against `model` (the source in float32; loaded when None). `params`: the source's
-  weights already in memory in its own dtype (else read from it again)."""
-  from dpjax.checkpoints.export import export
-  from dpjax.checkpoints.gguf import is_gguf
-  _check_verifiable(s)
-  if s.gguf:
-    _check_gguf_writable(source, kept)  # refused before anything is written
-  model_dir = os.path.join(out, MODEL_DIR)
-  gguf_path = os.path.join(out, GGUF_FILE)
-  export(source, model_dir, kept_blocks=kept, overwrite=s.overwrite, params=params)
-  try:
-    check = verify_export(source, model_dir, kept, s.seed, model=model) if s.verify else None
-    gguf_record = None
-    if s.gguf and is_gguf(source):
-      from dpjax.checkpoints.gguf_export import prune_gguf
-      prune_gguf(source, gguf_path, kept)  # the stored (quantized) tensors, copied
-    elif s.gguf:
-      from dpjax.checkpoints.gguf_from_hf import write_gguf_from_hf
-      write_gguf_from_hf(model_dir, gguf_path)  # the exported weights, unquantized
-    if s.gguf:
-      gguf_record = {"file": GGUF_FILE, "sha256": fileio.sha256_file(gguf_path),
-                     "verification": verify_export(source, out, kept, s.seed,
-                                                   gguf_file=GGUF_FILE, model=model)
-                     if s.verify else None}
-  except Exception:
-    import shutil
-    shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-made stays behind
-    if os.path.exists(gguf_path):
-      os.remove(gguf_path)
-    raise
-  return {"directory": MODEL_DIR, "files": _file_hashes(model_dir), "verification": check,
-          "gguf": gguf_record}
-
-
-def _version() -> str:
-  from importlib import metadata
-  try:
-    return metadata.version("dpjax")
-  except metadata.PackageNotFoundError:
-    return "unknown"
-
-
 def _fingerprint(source: str) -> str:
   from dpjax.lens.tuned import fingerprint
   from dpjax.model.load import load_model
@@ -499,9 +308,9 @@ def prune(s: PruneSettings) -> dict[str, Any]:
   if os.path.exists(os.path.join(out, PLAN_FILE)) and not s.overwrite:
     raise FileExistsError(f"{os.path.abspath(os.path.join(out, PLAN_FILE))} exists; choose "
                           "another --output_dir or pass --overwrite.")
-  _check_verifiable(s)  # before the study, not after it
+  check_verifiable(s.gguf, s.verify)  # before the study, not after it
   if s.gguf and not s.study:
-    _check_gguf_writable(s.model, None)
+    check_gguf_writable(s.model, None)
   study_settings = _study_settings(s)
   evaluation = None  # the study's items on the source model, where this run evaluates any
   if s.study:
@@ -514,7 +323,7 @@ def prune(s: PruneSettings) -> dict[str, Any]:
     evaluation = Evaluation(study_settings, s.model, progress=True)
     from dpjax.checkpoints.gguf import GGUFCheckpoint, is_gguf
     if s.gguf and is_gguf(s.model):  # a kept set the file cannot state: refused now
-      _check_gguf_writable(s.model, _kept_blocks(
+      check_gguf_writable(s.model, _kept_blocks(
           s.keep, GGUFCheckpoint.open(s.model).config.num_layers))
     results, ids = evaluation.results(), evaluation.ids
   else:
@@ -565,10 +374,11 @@ def prune(s: PruneSettings) -> dict[str, Any]:
                    "ppl_holds_on_heldout": bool(perplexity["ratio"]["heldout"]["upper95"]
                                                 <= s.max_ppl_ratio)})
   calibration = select_items(ran)[3]
-  exported = _export(source, out, kept, s, model=model,
-                     params=evaluation.source_params() if evaluation is not None else None)
+  exported = export_variant(
+      source, out, kept, gguf=s.gguf, verify=s.verify, seed=s.seed, overwrite=s.overwrite,
+      model=model, params=evaluation.source_params() if evaluation is not None else None)
   plan = {
-      "dpjax_version": _version(),
+      "dpjax_version": version(),
       "command": command_line("dpjax-prune", s),
       "argv": sys.argv,
       # The study's own record of the weights (tuned.fingerprint of the model it loaded).
@@ -818,7 +628,7 @@ def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settin
   from dpjax.checkpoints.export import write_hf_checkpoint
   from dpjax.lens.training import corpus_texts, windows
   from dpjax.model.load import load_model
-  from dpjax.study import heal
+  from dpjax.variants import heal
   healing = heal.Healing(steps=s.heal_steps, rank=s.heal_rank, alpha=s.heal_alpha,
                          modules=tuple(s.heal_modules), objective=s.heal_objective,
                          learning_rate=s.heal_learning_rate, batch_size=s.heal_batch_size,
@@ -855,7 +665,7 @@ def _heal(s: PruneSettings, source: str, out: str, kept: list[int], study_settin
   return {
       "settings": dataclasses.asdict(healing), "corpus": corpus, "windows": int(len(data)),
       "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-      "export": {"directory": HEALED_DIR, "files": _file_hashes(healed_dir),
+      "export": {"directory": HEALED_DIR, "files": file_hashes(healed_dir),
                  "verification": check},
       "accuracy": {"selection": _accuracy(healed_outcomes[selection], s.seed),
                    "heldout": _accuracy(healed_outcomes[heldout], s.seed)},
@@ -873,13 +683,13 @@ def default_corpus(s: PruneSettings) -> str:
 
 
 class Perplexity:
-  """The perplexity windows of a pruning (`dpjax.study.perplexity`), split into selection
+  """The perplexity windows of a pruning (`dpjax.variants.perplexity`), split into selection
   and held-out windows like the items; the unpruned model's NLLs computed once."""
 
   def __init__(self, model, source: str, s: PruneSettings):
     from dpjax.checkpoints.convert import load_tokenizer
     from dpjax.lens.training import corpus_texts, windows
-    from dpjax.study import perplexity
+    from dpjax.variants import perplexity
     self.model, self.s = model, s
     self.spec = s.ppl_corpus or default_corpus(s)
     stream = windows(load_tokenizer(source), corpus_texts(self.spec), 1).ravel()
@@ -891,7 +701,7 @@ class Perplexity:
   def nll(self, kept) -> np.ndarray:
     """Per-window NLL of a kept set (computed once: the gate's choice is recorded after)."""
     from dpjax.model.plan import keep_mask
-    from dpjax.study import perplexity
+    from dpjax.variants import perplexity
     key = tuple(kept)
     if key not in self._nll:
       self._nll[key] = perplexity.window_nll(self.model, self.windows,
@@ -899,13 +709,13 @@ class Perplexity:
     return self._nll[key]
 
   def gate(self, kept) -> tuple[bool, dict[str, Any]]:
-    from dpjax.study import perplexity
+    from dpjax.variants import perplexity
     r = perplexity.ratio(self.nll(kept)[self.selection], self.unpruned[self.selection],
                          self.s.seed)
     return r["upper95"] <= self.s.max_ppl_ratio, r
 
   def _record(self, nll: np.ndarray) -> dict[str, Any]:
-    from dpjax.study import perplexity
+    from dpjax.variants import perplexity
     seed = self.s.seed
     return {"corpus": self.spec, "windows": int(len(self.windows)),
             "seq_len": int(self.windows.shape[1]),
@@ -923,7 +733,7 @@ class Perplexity:
 
   def record_model(self, model) -> dict[str, Any]:
     """The same windows under another model (the healed variant, every block run)."""
-    from dpjax.study import perplexity
+    from dpjax.variants import perplexity
     return self._record(perplexity.window_nll(model, self.windows))
 
 
@@ -955,7 +765,8 @@ def reproduce(s: PruneSettings) -> dict[str, Any]:
     raise ValueError(f"the source model {source} has weight fingerprint {got[:16]}..., not "
                      f"the plan's {plan['source']['fingerprint'][:16]}...: it is another model.")
   s = dataclasses.replace(s, gguf=bool(plan["settings"].get("gguf")))
-  exported = _export(source, s.output_dir, plan["kept_blocks"], s)
+  exported = export_variant(source, s.output_dir, plan["kept_blocks"], gguf=s.gguf,
+                            verify=s.verify, seed=s.seed, overwrite=s.overwrite)
   different = sorted(name for name, digest in plan["export"]["files"].items()
                      if exported["files"].get(name) != digest)
   if plan["export"].get("gguf") and (exported["gguf"] or {}).get("sha256") != \

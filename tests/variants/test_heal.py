@@ -15,7 +15,7 @@ import pytest
 import dpjax
 from dpjax.bundled import BUNDLED_MODEL
 from dpjax.checkpoints.export import export
-from dpjax.study import heal
+from dpjax.variants import heal
 
 KEPT = [0, 3, 7, 11, 15]
 

@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from dpjax.study import budget, statistics
+from dpjax.study import statistics
+from dpjax.variants import budget
+from dpjax.variants import export as variant_export
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,7 @@ def pruned(tmp_path_factory):
 def test_the_export_has_fewer_blocks_and_transformers_loads_it(pruned):
   import torch
   import transformers
+  from tests.support import reference
   out, plan = pruned
   kept = plan["kept_blocks"]
   assert 0 < len(kept) < plan["source"]["num_layers"] == 16
@@ -49,8 +52,7 @@ def test_the_export_has_fewer_blocks_and_transformers_loads_it(pruned):
   # reads the same logits, and the same tokenizer.
   gguf = plan["export"]["gguf"]
   assert gguf["file"] == "model.gguf" and gguf["verification"]["tokenizer"]["same_ids"]
-  from_gguf = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
-                                                                dtype=torch.float32)
+  from_gguf = reference.load_hf_gguf(os.path.join(out, "model.gguf"))  # dense, as dpjax
   assert from_gguf.config.num_hidden_layers == len(kept)
   with torch.no_grad():
     got = from_gguf(input_ids=torch.as_tensor(ids)).logits.numpy()
@@ -193,7 +195,7 @@ def test_the_perplexity_gate_picks_the_fewest_blocks_within_both_budgets(pruned,
     plan = json.load(f)
   check = plan["export"]["verification"]
   assert check["loader"].startswith("dpjax ") and check["max_relative_difference"] <= 1e-5
-  assert check["transformers_check"] == budget.TRANSFORMERS_SKIPPED
+  assert check["transformers_check"] == variant_export.TRANSFORMERS_SKIPPED
   assert [row["variant"] for row in plan["throughput"]["rows"]] == ["unpruned", "pruned"]
   table = plan["curve_on_selection"]
   within = sorted((row["blocks"], i) for i, row in enumerate(table) if row["upper95"] <= 0.05)
@@ -301,15 +303,15 @@ def test_the_reload_check_refuses_an_export_with_two_blocks_swapped_or_q_unpermu
                  .replace("layers.#.", "layers.1."): v for k, v in tensors.items()}
       save_file(swapped, path, metadata={"format": "pt"})
   with pytest.raises(ValueError, match="the export is not usable"):
-    budget.verify_export(BUNDLED_MODEL, str(broken / "model"), kept)
-  budget.verify_export(BUNDLED_MODEL, os.path.join(out, "model"), kept)  # the real one passes
+    variant_export.verify_export(BUNDLED_MODEL, str(broken / "model"), kept)
+  variant_export.verify_export(BUNDLED_MODEL, os.path.join(out, "model"), kept)  # the real one passes
   # The check without torch (dpjax's own reload of the safetensors) refuses it too.
   with pytest.raises(ValueError, match="under dpjax's reload .* the export is not usable"):
-    budget._verify_with_dpjax(BUNDLED_MODEL, str(broken / "model"), kept, 0)
+    variant_export._verify_with_dpjax(BUNDLED_MODEL, str(broken / "model"), kept, 0)
   monkeypatch.setattr(gguf_from_hf, "_permute", lambda w, heads: w)
   gguf_from_hf.write_gguf_from_hf(os.path.join(out, "model"), str(broken / "model.gguf"))
   with pytest.raises(ValueError, match="the export is not usable"):
-    budget.verify_export(BUNDLED_MODEL, str(broken), kept, gguf_file="model.gguf")
+    variant_export.verify_export(BUNDLED_MODEL, str(broken), kept, gguf_file="model.gguf")
 
 
 def test_a_given_kept_set_runs_no_search_no_profile_and_is_still_verified(tmp_path, monkeypatch):
