@@ -28,10 +28,16 @@ except ImportError as e:
 from dpjax.variants import lm_eval as backend
 from tests.support import real_models, reference
 
-# Rows per task: what keeps this file near a minute of CPU per backend and kept set.
-ROWS = {"arc_easy": 24, "hellaswag": 8, "nq_open": 8}
+# Rows per task: few, to keep this file to a few minutes on two cores.
+ROWS = {"arc_easy": 16, "hellaswag": 4, "nq_open": 4}
 REMOVED = (10, 15)  # of SmolLM2's 30 blocks
-LOGLIKELIHOOD_TOLERANCE = 1e-4
+# Summed log-likelihood of a continuation, both backends in float32. On the tiny random
+# model they agree within 1e-5 (tests/variants/test_lm_eval.py); on SmolLM2, whose
+# residual stream carries massive activations, each answer token's log-probability
+# carries float32 rounding of the logits (within 1e-5 of the largest, about 30), and
+# over an answer of ten-odd tokens the two sums differed by up to 1.1e-4 (24 ARC-Easy
+# items, unpruned and without blocks 11 and 16), with every accuracy equal.
+LOGLIKELIHOOD_TOLERANCE = 2e-4
 
 
 def _rows(name: str, count: int) -> list[dict]:
