@@ -28,9 +28,9 @@ shares, one HF forward of the bundled model took 12 s instead of 0.13 s.
 Without torch (the default install; torch is in the test extra), the harness says so in
 one line before any work and runs dpjax's side of every suite that has one (dpjax's
 timings alone, no reference, no ratio); the suites that are nothing but a comparison
-with HF PyTorch (`foundation`, `interleaved`) are skipped with one line each, naming the
-command. It exits 0 unless a suite that ran failed. `pip install torch` brings the
-ratios back.
+with HF PyTorch (`foundation`, `interleaved`, `lm_eval`) are skipped with one line each,
+naming the command. It exits 0 unless a suite that ran failed. `pip install torch` brings
+the ratios back.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ SUITES = {
                          ("--model=bundled", "--rounds=1", "--items=4", "--loads=0",
                           "--threads=default"),
                          needs_torch="dpjax against HF PyTorch, round by round"),
+    "lm_eval": Suite("lm_eval_backends", "lm-evaluation-harness: the dpjax backend against "
+                     "lm-eval's HF backend, on the same requests", "lm_eval.json",
+                     ("--model=bundled", "--items=4", "--generations=2", "--repeats=1"),
+                     needs_torch="lm-eval's dpjax backend against its HF backend"),
 }
 
 

@@ -1,5 +1,6 @@
 """RESULTS.md's sections on the side measurements (`benchmarks/bf16.py`,
-`benchmarks/shared_prefix.py`, `benchmarks/resume.py`), from the JSON files they write.
+`benchmarks/shared_prefix.py`, `benchmarks/resume.py`, `benchmarks/lm_eval_backends.py`,
+...), from the JSON files they write.
 
 Kept apart from those scripts so that `benchmarks.run` can import it without their flags.
 """
@@ -220,4 +221,46 @@ def interleaved_markdown(path: str) -> str:
     lines.append(f"| {c['threads']} | {c['load']} | {min(d):.1f}-{max(d):.1f} | "
                  f"{min(h):.1f}-{max(h):.1f} | {c['ratio_median']:.2f} "
                  f"({c['ratio_min']:.2f}-{c['ratio_max']:.2f}) |")
+  return "\n".join(lines) + "\n"
+
+
+def lm_eval_markdown(path: str) -> str:
+  """RESULTS.md's section on `benchmarks/lm_eval_backends.py` (empty if it has not been
+  run)."""
+  r = _read(path)
+  if r is None or not r.get("cases"):
+    return ""
+  m = r["machine"]
+  load = ""
+  if r.get("load_average_before") and r.get("load_average_after"):
+    load = (f"; load average (1 min) {r['load_average_before'][0]:.1f} before, "
+            f"{r['load_average_after'][0]:.1f} after")
+  worst = max((c["max_loglikelihood_difference"] for c in r["cases"]
+               if "max_loglikelihood_difference" in c), default=None)
+  lines = ["## lm-evaluation-harness: the `dpjax` backend against lm-eval's HF backend "
+           "(`benchmarks/lm_eval_backends.py`)", "",
+           f"{r['model']}, {r['task']}: the multiple-choice requests of {r['items']} items "
+           f"(ARC-Easy's cloze style, one `loglikelihood` request per option) and greedy "
+           f"`generate_until` on {r['generations']} of the questions (until a newline, at "
+           f"most {r['max_gen_toks']} tokens), the same lm-eval `Instance`s to both backends, "
+           f"`batch_size={r['batch_size']}`; pruned: blocks {r['removed_blocks']} (0-based) "
+           f"of {r['layers']} removed (HF: deleted from the model). `DpjaxLM` against "
+           f"`HFLM` (PyTorch float32, {m['torch_threads']} threads, torch {m['torch']}, "
+           f"OMP_WAIT_POLICY={r.get('omp_wait_policy') or 'unset'}); {m['cpu_count']} CPU "
+           f"cores, JAX {m['jax']} on the {m['jax_backend']} backend{load}. Checked before "
+           f"the times: log-likelihoods within {r['loglikelihood_tolerance']:g}"
+           + (f" (largest difference {worst:.1e})" if worst is not None else "")
+           + ", the same chosen option for every item, identical generations. Seconds: the "
+           f"median of {r['repeats']} calls after a first one; dpjax's first call "
+           "(compilation included) apart (the pruned log-likelihoods reuse the unpruned "
+           "programs: the kept blocks are an input of one shape).", "",
+           "| request | kept blocks | requests | HF s | dpjax s | HF / dpjax | dpjax first "
+           "call s | HF / dpjax first call |", "|---|---|---|---|---|---|---|---|"]
+  for c in r["cases"]:
+    said = (f" ({c['nonempty_generations']} non-empty)" if "nonempty_generations" in c
+            else f" (accuracy {c['accuracy']:.2f})" if "accuracy" in c else "")
+    lines.append(f"| `{c['request']}` | {c['kept']} ({len(c['kept_blocks'])} of {r['layers']}) "
+                 f"| {c['requests']}{said} | {c['hf_s']:.2f} | {c['dpjax_s']:.2f} | "
+                 f"{c['ratio']:.2f}x | {c['dpjax_first_call_s']:.2f} | "
+                 f"{c['ratio_with_compilation']:.2f}x |")
   return "\n".join(lines) + "\n"

@@ -36,15 +36,19 @@ def synthetic_model_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-  """A persistent compilation cache shared by this session and its subprocesses.
+  """A persistent compilation cache shared by this session, its workers and subprocesses,
+  and kept between runs (`~/.cache/dpjax/test-xla-cache`, or `$JAX_COMPILATION_CACHE_DIR`).
 
-  The end-to-end tests start `dpjax` several times on the same tiny model; with
-  the cache, only the first start pays for XLA compilation.
+  The end-to-end tests start `dpjax` several times on the same tiny model, and most
+  tests compile the programs an earlier run compiled: with the cache, only the first
+  start pays for XLA compilation. Entries are keyed by the program, the JAX version and
+  the flags, so a changed program compiles afresh.
   """
   import os
-  import tempfile
-  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                                tempfile.mkdtemp(prefix="dpjax-test-xla-cache-"))
+  cache = os.environ.setdefault(
+      "JAX_COMPILATION_CACHE_DIR",
+      os.path.join(os.path.expanduser("~"), ".cache", "dpjax", "test-xla-cache"))
+  os.makedirs(cache, exist_ok=True)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   import jax

@@ -437,10 +437,13 @@ class Calibration:
     return self.fixed[model] + scale * base
 
 
-# A unit measured while more than two cores' worth of other work ran beside its own two
-# took longer than its work says: its time is reported, flagged, and left out of the
-# calibration (it would mispredict the units run on a quiet machine).
-CONTENDED_LOAD = 4.0
+# A unit measured beside other work took longer than its work says: its time is
+# reported, flagged, and left out of the calibration (it would mispredict the units run
+# on a quiet machine). The other work is the unit's mean load average less the cores the
+# unit kept busy itself (its CPU seconds over its wall seconds; two where the ledger has
+# no CPU time). Beside more than one core of it (half the machine), a unit is contended:
+# a unit that got 1.3 of two cores beside a load of 3.7 took 2.1x its prediction.
+CONTENDED_OTHER_CORES = 1.0
 
 
 def unit_load(rec: dict[str, Any]) -> float | None:
@@ -453,9 +456,19 @@ def unit_load(rec: dict[str, Any]) -> float | None:
   return None
 
 
-def contended(rec: dict[str, Any]) -> bool:
+def other_load(rec: dict[str, Any]) -> float | None:
+  """The load beside the unit's own: its mean load less the cores it kept busy."""
   load = unit_load(rec)
-  return load is not None and load > CONTENDED_LOAD
+  if load is None:
+    return None
+  own = (rec["cpu_seconds"] / rec["seconds"] if rec.get("cpu_seconds") and rec.get("seconds")
+         else 2.0)
+  return max(load - own, 0.0)
+
+
+def contended(rec: dict[str, Any]) -> bool:
+  other = other_load(rec)
+  return other is not None and other > CONTENDED_OTHER_CORES
 
 
 class LoadSampler:

@@ -437,10 +437,11 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               "planner's work count calibrated on the units before it), the time the dry "
               "run predicts for it now (calibrated on every other finished unit on a quiet "
               "machine), against the time it took on two CPU cores, and the mean load "
-              f"through it. A unit run beside more than {campaign.CONTENDED_LOAD:g} of load "
-              "(two cores' worth of other work beside its own) is marked contended: its "
-              "time says more about the machine than about its work, and the calibration "
-              "leaves it out.", "",
+              "through it. A unit run beside more than "
+              f"{campaign.CONTENDED_OTHER_CORES:g} core of other work (its mean load less "
+              "the cores it kept busy itself: its CPU seconds over its wall seconds) is "
+              "marked contended: its time says more about the machine than about its "
+              "work, and the calibration leaves it out.", "",
               "| unit | predicted before | predicted now | measured | measured / before | "
               "measured / now | load |", "|---|---|---|---|---|---|---|"]
     plan_units = {u.name: u for u in campaign.plan(size)} if size is not None else {}

@@ -40,6 +40,10 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
   assert read("shared_prefix.json")["ratio_shared_warm"] > 0
   assert all(r["speedup"] > 0 for r in read("foundation.json")["forward_speed"])
   assert read("interleaved.json")["configurations"][0]["same_pick"]
+  lm_eval_cases = read("lm_eval.json")["cases"]  # lm-eval's dpjax backend against HFLM
+  assert {(c["request"], c["kept"]) for c in lm_eval_cases} == {
+      (r, k) for r in ("loglikelihood", "generate_until") for k in ("unpruned", "pruned")}
+  assert all(c["ratio"] > 0 for c in lm_eval_cases)
   for name in ("formats.json", "read_positions.json", "resume.json", "bf16.json",
                "loading.json", "plan.json"):
     assert (tmp_path / name).is_file(), name
@@ -65,6 +69,7 @@ def test_quick_run_checks_dpjax_against_the_reference(tmp_path):
   assert "Iterative Pruning against HF PyTorch" in markdown and "random Llama" in markdown
   assert "| masks per program |" in markdown
   assert "Shared few-shot prefixes" in markdown and "end to end" in markdown
+  assert "the `dpjax` backend against lm-eval's HF backend" in markdown
 
 
 def test_without_torch_a_smoke_run_runs_dpjax_alone_and_says_what_the_ratios_need(tmp_path):

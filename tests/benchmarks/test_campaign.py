@@ -171,6 +171,17 @@ def test_a_unit_measured_on_a_busy_machine_is_left_out_of_the_calibration(tmp_pa
                        base_seconds=base, load=[2.0, 3.0])  # no samples: start and end
   rec = campaign.read_ledger(out)["units"][first.name]
   assert not campaign.contended(rec) and campaign.unit_load(rec) == 2.5
+  # Beside a load of 3.7 a unit that kept only 1.3 cores busy had 2.4 cores of company.
+  campaign.record_unit(out, first, 3703.3, 1728.9, base_seconds=base, load_mean=3.67,
+                       cpu_seconds=4822.8)
+  rec = campaign.read_ledger(out)["units"][first.name]
+  assert campaign.other_load(rec) == pytest.approx(3.67 - 4822.8 / 3703.3)
+  assert campaign.contended(rec)
+  campaign.record_unit(out, first, 400.0, 1400.0, base_seconds=base, load_mean=2.2,
+                       cpu_seconds=740.0)  # 1.85 cores its own: 0.35 beside it
+  assert not campaign.contended(campaign.read_ledger(out)["units"][first.name])
+  campaign.record_unit(out, first, campaign.PRIOR_FIXED["smollm2"] + 3 * base, 1.0,
+                       base_seconds=base, load=[2.0, 3.0])
   predicted, base2 = campaign.predict(out, second, campaign.calibrate(out, units))
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 3 * base2, rel=1e-4)
 

@@ -1,6 +1,7 @@
 """Pruned GGUF files: the kept blocks' stored tensors renumbered, every per-layer metadata
 array cut, and the file reloaded by transformers' GGUF loading with dpjax's kept-block
-logits; on a tiny llama file and on the real Gemma 3 270M (its sliding/global pattern)."""
+logits; on tiny Llama and Gemma 3 files (the real Gemma 3 270M's pruned file is checked in
+test_real_models.py, where that model is loaded once)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import torch
 import transformers
 
 import dpjax
-from dpjax.checkpoints.export import export
 from dpjax.checkpoints.gguf_export import check_index_pattern, prune_gguf, stated_pattern
 from dpjax.variants import export as variant_export
-from tests.support import real_models, reference
+from tests.support import reference
 
 
 def _with_per_layer_array(source: str, output: str) -> None:
@@ -136,28 +136,6 @@ def test_a_gemma3_kept_set_that_moves_a_global_block_states_the_kinds_and_reload
   assert check["transformers_check"].startswith("not possible: transformers ")
   assert check["blocks_loaded"] == 6 and check["max_relative_difference"] == 0.0
   assert check["tokenizer"]["same_ids"]
-
-
-def test_a_pruned_real_gemma3_exports_as_hf_and_as_gguf_and_both_reload(tmp_path):
-  """Gemma 3 270M (real GGUF, Q4_K_M) without blocks 7-12: the HF export (layer_types cut)
-  and the GGUF export (stored tensors copied) reload in transformers with dpjax's
-  kept-block logits (1e-5 of the largest logit)."""
-  source = real_models.fetch("gemma3")
-  kept = [i for i in range(18) if not 6 <= i <= 11]
-  model = dpjax.load_model(source, dtype="float32")
-  ids = np.random.default_rng(0).integers(3, 32000, size=(2, 24))
-  want = np.asarray(model.logits(ids, keep=dpjax.keep_mask(kept, 18)), np.float64)
-  export(source, str(tmp_path / "hf"), kept_blocks=kept)
-  got, config = _hf_logits(str(tmp_path / "hf"), ids)
-  assert config.num_hidden_layers == 12 and len(config.layer_types) == 12
-  assert config.layer_types[5] == config.layer_types[11] == "full_attention"
-  assert _relative(got, want) <= 1e-5
-  prune_gguf(source, str(tmp_path / "pruned.gguf"), kept)
-  got, config = _hf_logits(str(tmp_path), ids, gguf_file="pruned.gguf")
-  assert config.num_hidden_layers == 12
-  assert [t == "full_attention" for t in config.layer_types] == [
-      (k + 1) % 6 == 0 for k in kept]  # every block keeps its kind
-  assert _relative(got, want) <= 1e-5
 
 
 def test_dpjax_prune_exports_a_gguf_source_as_hf_and_gguf_and_checks_both(tmp_path):

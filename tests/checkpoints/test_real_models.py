@@ -13,6 +13,7 @@ export; SmolLM2's against a float64 oracle as well.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -55,6 +56,7 @@ class Loaded:
   hf_layer_types: list | None
 
 
+@functools.lru_cache(maxsize=None)  # each model once per process, whichever test asks first
 def load(key: str) -> Loaded:
   path = real_models.fetch(key)
   model = dpjax.load_model(path)
@@ -165,6 +167,25 @@ FIRST_TOKENS = 64  # one-token sequences, token ids drawn with a fixed seed
 @pytest.fixture(scope="module")
 def smollm2():
   return load("smollm2")
+
+
+def test_a_pruned_real_gemma3_gguf_reloads_in_transformers_with_every_kind_kept(tmp_path):
+  """Gemma 3 270M without blocks 7-12 (a whole period of its six-block pattern): the GGUF
+  export (stored Q4_K_M tensors copied, renumbered) reloads in transformers (its dense
+  model) with dpjax's kept-block logits, every block keeping its sliding/global kind."""
+  from dpjax.checkpoints.gguf_export import prune_gguf
+  loaded = load("gemma3")
+  kept = [i for i in range(18) if not 6 <= i <= 11]
+  ids = np.random.default_rng(0).integers(3, 32000, size=(2, 24))
+  want = np.asarray(loaded.model.logits(ids, keep=dpjax.keep_mask(kept, 18)), np.float64)
+  prune_gguf(loaded.path, str(tmp_path / "pruned.gguf"), kept)
+  hf = reference.load_hf_gguf(str(tmp_path / "pruned.gguf"))
+  assert hf.config.num_hidden_layers == 12
+  assert [t == "full_attention" for t in hf.config.layer_types] == [
+      (k + 1) % 6 == 0 for k in kept]  # every block keeps its kind
+  with torch.no_grad():
+    got = hf(input_ids=torch.as_tensor(ids)).logits.double().numpy()
+  assert np.abs(got - want).max() <= RELATIVE * np.abs(want).max()
 
 
 def _left_padded(rows):
