@@ -392,7 +392,8 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
     facts["phase_ran"] = True
     full = results["full_model"]
     facts["accuracy"] = full["accuracy"][-1]
-    facts["eligible"] = full["accuracy"][-1] >= full["chance"] + gap
+    from dpjax.study.methods import clears_bar
+    facts["eligible"] = clears_bar(full["accuracy"][-1], full["chance"], gap)
     facts["expected_eligible"] = facts["eligible"]
   return facts
 

@@ -37,6 +37,9 @@ def run_study(settings: Settings, launch: devices.Launch) -> None:
   full = results.full_model
   print(f"final-layer accuracy {full.final_accuracy:.3f} (chance {full.chance:.3f}); "
         f"transition block {full.transition_block}")
+  if full.judged_by_generation:
+    print(f"greedy answers: exact match {full.exact_match:.3f} (best constant answer "
+          f"{full.generation_chance:.3f}), token F1 {full.token_f1:.3f}")
   for name, result in results.methods.items():
     said = result.skipped if result.skipped is not None else result.collapse_point
     print(f"{name}: collapse point {said}")

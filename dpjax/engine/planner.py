@@ -803,7 +803,7 @@ def _encode(tokenizer, chosen, dev, s: Settings, max_length: int):
   if s.format == "cloze":
     return tasks.encode_cloze(tokenizer, chosen, [tasks.cloze_requests(item, shot) for item, shot
                                                   in zip(chosen, shots)], **options)
-  if s.format == "open":
+  if s.format in ("open", "generate"):
     return tasks.encode_open(tokenizer, chosen, [tasks.open_prompt(item, shot) for item, shot
                                                  in zip(chosen, shots)], **options)
   return tasks.encode(tokenizer, chosen, [tasks.prompt(item, shot) for item, shot
@@ -829,7 +829,7 @@ def study_items(model_spec: str, study: Settings, cfg: ModelConfig, *, tokens: i
                        "--num_items and --tokens to plan without them.") from e
     cal = study.calibration_items if study.methods else 0
     return StudyItems(study.num_items, cal, max(cal, study.transition_items) if cal else 0,
-                      fit.Workload(study.format, tokens, options or 4, reads),
+                      fit.Workload(tasks.read_format(study.format), tokens, options or 4, reads),
                       "given: the task's items are not here")
   from dpjax.checkpoints.convert import load_tokenizer
   try:
@@ -842,7 +842,7 @@ def study_items(model_spec: str, study: Settings, cfg: ModelConfig, *, tokens: i
           for chosen in (evaluation, search, calibration)]
   prepared = [b for enc in sets if enc is not None for b in tasks.batches(
       enc, rows, 0, share_prefix=study.share_prefix)]
-  found = fit.Workload.of_batches(prepared, study.format)
+  found = fit.Workload.of_batches(prepared, tasks.read_format(study.format))
   widths = collections.Counter(b.input_ids.shape[1] + (0 if b.prefix_ids is None
                                                        else b.prefix_ids.shape[0])
                                for b in prepared)

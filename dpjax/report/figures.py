@@ -172,11 +172,11 @@ def plot_pruning_curves(path: str, methods: dict[str, MethodResult], full: FullP
     if result.collapse_point is not None:
       ax.plot([result.collapse_point], [y[x.index(result.collapse_point)]], marker="x", ms=9,
               color=line.get_color())
-  ax.axhline(full.chance, color="black", ls=":", lw=1, label="chance")
+  ax.axhline(full.outcome_chance, color="black", ls=":", lw=1, label="chance")
   ax.axhline(full.collapse_threshold(), color="grey", ls="-.", lw=0.8, label="collapse threshold")
   ax.xaxis.set_major_locator(_integer_ticks())
   ax.set_xlabel("blocks removed")
-  ax.set_ylabel("accuracy (evaluation items)")
+  ax.set_ylabel(f"{full.outcome_name} (evaluation items)")
   ax.set_ylim(0, 1.02)
   ax.set_title(title + " (x: collapse point; band: range over seeds)")
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -231,7 +231,7 @@ def plot_phase_comparison(path: str, phase: PhaseExperiment, full: FullProfile,
         axes[0, col].fill_between(k, acc - std, acc + std, color=colours[arm], alpha=0.15)
       axes[1, col].plot(k, [p.mean_final_dm["vocab"] for p in points], marker="o", ms=3,
                         color=colours[arm], label=f"{arm} arm")
-    axes[0, col].axhline(full.chance, color="black", ls=":", lw=1)
+    axes[0, col].axhline(full.outcome_chance, color="black", ls=":", lw=1)
     axes[0, col].set_ylim(0, 1.02)
     axes[0, col].set_title(f"selection: {selection}", fontsize=11)
     axes[1, col].set_xlabel("blocks removed inside the phase (k)", fontsize=10)
@@ -305,16 +305,16 @@ def plot_noise_by_phase(path: str, probe: NoiseProbe, full: FullProfile, title: 
     ax.plot(levels[order], acc, marker="o", ms=5, lw=2, color=colours[arm],
             label=f"noise after every block of the {names[arm]}")
     ax.fill_between(levels[order], low, high, color=colours[arm], alpha=0.2)
-  ax.axhline(full.final_accuracy, color="black", lw=1.2,
-             label=f"no noise ({full.final_accuracy:.3f})")
-  ax.axhline(full.chance, color="black", ls=":", lw=1, label="chance")
+  ax.axhline(full.outcome_accuracy, color="black", lw=1.2,
+             label=f"no noise ({full.outcome_accuracy:.3f})")
+  ax.axhline(full.outcome_chance, color="black", ls=":", lw=1, label="chance")
   ax.set_xscale("log")
   ax.set_xticks(levels[order])
   ax.set_xticklabels([f"{v:g}" for v in levels[order]])
   ax.minorticks_off()
   ax.set_ylim(0, 1.02)
   ax.set_xlabel("noise level eps² (variance relative to the residual's)", fontsize=11)
-  ax.set_ylabel("accuracy (evaluation items)", fontsize=11)
+  ax.set_ylabel(f"{full.outcome_name} (evaluation items)", fontsize=11)
   ax.tick_params(labelsize=10)
   ax.set_title(f"phase arms: mean over {len(probe.seeds)} seeds (band: their range)",
                fontsize=11)
@@ -325,7 +325,7 @@ def plot_noise_by_phase(path: str, probe: NoiseProbe, full: FullProfile, title: 
     # The colours span the profile's own range (up to the unpruned accuracy), so a few
     # points of accuracy show; every cell is written out where there is room.
     low = float(np.nanmin(grid))
-    high = max(float(np.nanmax(grid)), full.final_accuracy, low + 1e-3)
+    high = max(float(np.nanmax(grid)), full.outcome_accuracy, low + 1e-3)
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=low,
                       vmax=high, interpolation="nearest",
                       extent=(-0.5, len(levels) - 0.5, probe.num_layers + 0.5, 0.5))

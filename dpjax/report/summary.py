@@ -27,7 +27,7 @@ def findings(results: StudyResults) -> list[str]:
   or gradual is `metrics.transition_shape`.
   """
   full = results.full_model
-  unpruned, threshold = full.final_accuracy, full.collapse_threshold()
+  unpruned, threshold = full.outcome_accuracy, full.collapse_threshold()
   out = ["", "## Findings", ""]
   norm = results.settings.get("normalization", "vocab")
   l_star = full.transition_block
@@ -100,6 +100,11 @@ def summary_markdown(results: StudyResults) -> str:
            *([f"- Open answers: accuracy is the gold first token's; chance is the best "
               f"constant guess (one token for every item). Exact match of greedy "
               f"generation: {full.exact_match:.3f}."] if full.exact_match is not None else []),
+           *([f"- Judged by generation: every variant's outcome is the exact match of its "
+              f"greedy answers (unpruned {full.exact_match:.3f}, token F1 "
+              f"{full.token_f1:.3f}; the best constant answer {full.generation_chance:.3f}); "
+              f"the per-layer profile reads the first answer token."]
+             if full.judged_by_generation else []),
            *([_answered_line(full.answered, n)] if full.answered is not None else []),
            f"- {lens_line(results)}",
            ]

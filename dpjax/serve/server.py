@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.model.transformer import DecoderModel
+from dpjax.model.transformer import (DecoderModel, ResidualNoise, add_residual_noise,
+                                     noise_row_keys)
 
 from dpjax.model.block import AttentionContext
 
@@ -58,10 +59,13 @@ def _attention_masks(valid: Array, query_slots: Array, window: int | None) -> tu
 
 
 def _run_cached(module, h: Array, positions: Array, cache: KVCache, block_index: Array,
-                block_valid: Array) -> tuple[Array, KVCache]:
+                block_valid: Array, noise: tuple[Array, Array] | None = None
+                ) -> tuple[Array, KVCache]:
   """Runs the kept blocks on `h` `[B, T, d]` (the tokens of slots `next_slot..+T`),
   writing their keys and values into the cache. An invalid step (padding of a
-  bucketed plan) leaves `h` as it is."""
+  bucketed plan) leaves `h` as it is. `noise` (`[L]` scales, `[B]` row keys): the noise
+  probe's residual noise after each block that runs (`ResidualNoise`), keyed by the
+  tokens' `positions`, as the sweep keys it."""
   cfg = module.cfg
   t = h.shape[1]
   cos, sin = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
@@ -84,7 +88,10 @@ def _run_cached(module, h: Array, positions: Array, cache: KVCache, block_index:
     start = (step, 0, cache.next_slot, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
     v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-    h = jnp.where(block_valid[step], block.attend_and_mlp(h, q, k_all[step], v_all[step], mask), h)
+    out = block.attend_and_mlp(h, q, k_all[step], v_all[step], mask)
+    if noise is not None:
+      out = add_residual_noise(out, block_index[step] + 1, ResidualNoise(*noise, positions))
+    h = jnp.where(block_valid[step], out, h)
     return h, k_all, v_all
 
   h, k_all, v_all = jax.lax.fori_loop(0, block_index.shape[0], body, (h, cache.k, cache.v))
@@ -92,14 +99,18 @@ def _run_cached(module, h: Array, positions: Array, cache: KVCache, block_index:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "with_logits"))
-def _generate(state, input_ids, attention_mask, block_index, block_valid, *, graphdef,
-              max_new_tokens: int, with_logits: bool = True):
+def _generate(state, input_ids, attention_mask, block_index, block_valid, noise=None, *,
+              graphdef, max_new_tokens: int, with_logits: bool = True):
   """Prefill then `max_new_tokens` greedy steps; returns tokens `[B, new]` and (with
-  `with_logits`) the logits `[B, new, V]` each token was chosen from.
+  `with_logits`) the logits `[B, new, V]` each token was chosen from. `noise`: None, or
+  (`[L]` scales, seed, `[B]` item indices) for the noise probe's residual noise.
 
   Jitted once for every server of a model (the graph is static), per shape.
   """
   module = nnx.merge(graphdef, state)
+  if noise is not None:
+    scale, seed, items = noise
+    noise = (scale.astype(jnp.float32), noise_row_keys(seed, items))
   cfg = module.cfg
   b, t = input_ids.shape
   slots = t + max_new_tokens
@@ -111,7 +122,7 @@ def _generate(state, input_ids, attention_mask, block_index, block_valid, *, gra
       next_slot=jnp.int32(0), position=jnp.sum(real, axis=1).astype(jnp.int32))
   positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
   h, cache = _run_cached(module, module.embed_tokens(input_ids), positions, cache, block_index,
-                         block_valid)
+                         block_valid, noise)
   logits = module.unembed(h[:, -1]).astype(jnp.float32)  # [B, V]
 
   tokens = jnp.zeros((b, max_new_tokens), jnp.int32)
@@ -124,7 +135,7 @@ def _generate(state, input_ids, attention_mask, block_index, block_valid, *, gra
     if with_logits:
       all_logits = all_logits.at[:, i].set(logits)
     h, cache = _run_cached(module, module.embed_tokens(token[:, None]),
-                           cache.position[:, None], cache, block_index, block_valid)
+                           cache.position[:, None], cache, block_index, block_valid, noise)
     cache = cache._replace(position=cache.position + 1)
     return module.unembed(h[:, -1]).astype(jnp.float32), cache, tokens, all_logits
 
@@ -178,9 +189,17 @@ class Server:
     return logits[:, 0]
 
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 16,
-               return_logits: bool = False):
+               return_logits: bool = False, noise_scale=None, noise_seed: int = 0,
+               items=None):
     """Greedy continuation `[B, max_new_tokens]` of left-padded prompts (and, with
-    `return_logits`, the `[B, max_new_tokens, V]` float32 logits each token came from)."""
+    `return_logits`, the `[B, max_new_tokens, V]` float32 logits each token came from).
+
+    `noise_scale` `[L]` (`eps` after each block, 0 for none): the noise probe's residual
+    noise (`dpjax.model.transformer.ResidualNoise`) after every kept block at every
+    token, prompt and generated alike, drawn as the sweep draws it: keyed by
+    `noise_seed`, the row's item index (`items` `[B]`, default the row number), the block
+    and the token's position. A noised variant's first token is then chosen from the
+    same logits as the noise probe's final readout of it."""
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least 1 token.")
     input_ids, attention_mask = self._inputs(input_ids, attention_mask)
@@ -188,7 +207,19 @@ class Server:
     if input_ids.shape[1] + max_new_tokens > limit:
       raise ValueError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} "
                        f"exceed the model's max_position_embeddings={limit}.")
+    noise = None
+    if noise_scale is not None:
+      noise_scale = np.asarray(noise_scale, np.float32)
+      if noise_scale.shape != (self.model.num_layers,) or not np.all(np.isfinite(noise_scale)) \
+          or (noise_scale < 0).any():
+        raise ValueError(f"noise_scale must be [{self.model.num_layers}] finite values >= 0; "
+                         f"got shape {noise_scale.shape}.")
+      items = np.arange(len(input_ids)) if items is None else np.asarray(items)
+      if items.shape != (len(input_ids),):
+        raise ValueError(f"items must give one item index per row ({len(input_ids)}); got "
+                         f"shape {items.shape}.")
+      noise = (noise_scale, np.int32(noise_seed), items.astype(np.int32))
     tokens, logits = _generate(self.model.state, input_ids, attention_mask, self.block_index,
-                               self.block_valid, graphdef=self.model.graphdef,
+                               self.block_valid, noise, graphdef=self.model.graphdef,
                                max_new_tokens=max_new_tokens, with_logits=return_logits)
     return (tokens, logits) if return_logits else tokens

@@ -135,27 +135,68 @@ def profile_of(readout: Readout, encoded: tasks.EncodedTask, s: Settings) -> met
   return prof
 
 
-# New tokens generated for the open format's exact match (lm-eval stops at a newline).
+# New tokens generated for the open and generate formats' answers (both cut at their stop
+# sequences: lm-eval's answers to NQ-open and TriviaQA are a few words).
 OPEN_NEW_TOKENS = 16
+
+
+def generated_answers(ctx: Context, mask: np.ndarray, noise_scale: np.ndarray | None = None,
+                      noise_seed: int = 0) -> list[str]:
+  """Each evaluation item's greedy generation (up to 16 new tokens, cut at the first
+  end-of-sequence token) by the variant `mask` through the KV-cache server, in item
+  order; with `noise_scale` `[L]`, the noise probe's variant of the unpruned model (its
+  noise keyed by `noise_seed`, the item, the block and the position, as the sweep's)."""
+  server = serve.Server(ctx.model, mask, bucketed=True)
+  eos = ctx.tokenizer.eos_token_id
+  texts: list[str] = [""] * len(ctx.evaluation.items)
+  for batch in ctx.eval_sweep.batches:
+    batch = batch.unshared()  # generation runs whole prompts
+    rows = batch.index >= 0
+    noise = ({} if noise_scale is None else
+             dict(noise_scale=noise_scale, noise_seed=noise_seed, items=batch.index))
+    tokens = np.asarray(server.generate(batch.input_ids, batch.attention_mask,
+                                        max_new_tokens=OPEN_NEW_TOKENS, **noise))
+    for i, row in zip(batch.index[rows], tokens[rows]):
+      row = list(row)
+      if eos is not None and eos in row:
+        row = row[:row.index(eos)]
+      texts[i] = ctx.tokenizer.decode(row, skip_special_tokens=True)
+  return texts
+
+
+def judged_answers(ctx: Context, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Per item: the generate format's exact match `[N]` bool and token F1 `[N]` float64 of
+  `texts`, scored as lm-eval scores NQ-open / TriviaQA (`dpjax.tasks.scoring`)."""
+  items = ctx.evaluation.items
+  articles = ctx.settings.task == "nq_open"
+  stops = scoring.GENERATE_STOPS
+  em = np.array([scoring.exact_match(t, item.golds, articles, stops)
+                 for t, item in zip(texts, items)], bool)
+  f1 = np.array([scoring.token_f1(t, item.golds, stops) for t, item in zip(texts, items)],
+                np.float64)
+  return em, f1
+
+
+def judged_by_generation(ctx: Context, point: CurvePoint, mask: np.ndarray | None = None,
+                         noise_scale: np.ndarray | None = None, noise_seed: int = 0
+                         ) -> CurvePoint:
+  """`point` judged by what the variant generates (the generate format): its accuracy and
+  per-item outcomes are the exact match of its greedy answers, its `item_f1` their token
+  F1; its per-layer profile stays the readout of the first answer token."""
+  mask = np.ones(ctx.num_layers, bool) if mask is None else mask
+  em, f1 = judged_answers(ctx, generated_answers(ctx, mask, noise_scale, noise_seed))
+  return dataclasses.replace(point, accuracy=float(em.mean()), item_correct=em, item_f1=f1,
+                             exact_match=float(em.mean()), token_f1=float(f1.mean()))
 
 
 def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
   """The open format's exact match of the variant `mask` on the evaluation items: greedy
   generation (up to 16 new tokens, cut at the first newline) through the KV-cache
   server, normalized as lm-eval normalizes NQ-open / TriviaQA answers."""
-  server = serve.Server(ctx.model, mask, bucketed=True)
-  items = ctx.evaluation.items
   articles = ctx.settings.task == "nq_open"
-  hits = 0
-  for batch in ctx.eval_sweep.batches:
-    batch = batch.unshared()  # generation runs whole prompts
-    rows = batch.index >= 0
-    tokens = np.asarray(server.generate(batch.input_ids, batch.attention_mask,
-                                        max_new_tokens=OPEN_NEW_TOKENS))
-    texts = ctx.tokenizer.batch_decode(tokens[rows], skip_special_tokens=True)
-    hits += sum(scoring.exact_match(text, items[i].golds, articles)
-                for i, text in zip(batch.index[rows], texts))
-  return hits / len(items)
+  texts = generated_answers(ctx, mask)
+  return float(np.mean([scoring.exact_match(t, item.golds, articles)
+                        for t, item in zip(texts, ctx.evaluation.items)]))
 
 
 def curve(ctx: Context, masks: np.ndarray, description: str,
@@ -167,7 +208,8 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
   a finished curve is saved, and a resumed run restores it instead of evaluating
   it again."""
   masks = np.asarray(masks, bool)
-  key = _curve_key(masks, per_layer, with_exact_match)
+  key = _curve_key(masks, per_layer, with_exact_match) + (
+      "g" if ctx.settings.format == "generate" else "")
   record = f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}"
   saved = ctx.state.load(record) if ctx.state is not None else None
   if saved is not None and saved["key"] == key:
@@ -218,6 +260,8 @@ def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exac
         item_correct=np.asarray(prof.top[m, last]) == answer,
         item_final_dm=np.asarray(prof.margin[ctx.settings.normalization][m, last]),
         exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
+    if ctx.settings.format == "generate":
+      points[-1] = judged_by_generation(ctx, points[-1], mask)
   return points
 
 
@@ -370,16 +414,23 @@ def _no_transition(s) -> str:
   return f"the unpruned model has no transition on the calibration items ({s.transition_rule} rule)"
 
 
+def clears_bar(accuracy: float, chance: float, gap: float) -> bool:
+  """Whether `accuracy` is at least `gap` above `chance`, up to float rounding: 60 of 100
+  items right clears chance 0.5 plus 0.1 (in float32 the accuracy is 0.59999996, and in
+  float64 0.5 + 0.1 is above 0.6)."""
+  return accuracy >= chance + gap - 1e-6
+
+
 def below_the_bar(out: StudyResults, s) -> str | None:
   """Why the phase methods skip a run whose unpruned model is too close to chance
   (`--phase_min_gap`), or None."""
   if s.phase_min_gap <= 0:
     return None
   full = out.full_model
-  if full.final_accuracy >= full.chance + s.phase_min_gap:
+  if clears_bar(full.outcome_accuracy, full.outcome_chance, s.phase_min_gap):
     return None
-  return (f"the unpruned model's accuracy {full.final_accuracy:.3f} is below chance "
-          f"{full.chance:.3f} plus --phase_min_gap={s.phase_min_gap}")
+  return (f"the unpruned model's {full.outcome_name} {full.outcome_accuracy:.3f} is below "
+          f"chance {full.outcome_chance:.3f} plus --phase_min_gap={s.phase_min_gap}")
 
 
 def run_phase(ctx: Context, out: StudyResults) -> None:
@@ -509,6 +560,7 @@ def run_noise(ctx: Context, out: StudyResults) -> None:
   # A finished probe is kept with the run's state, keyed by its variants (scales and
   # seeds): a later call of the same run restores it instead of evaluating it again.
   digest = hashlib.sha256(np.stack(scales).tobytes() + np.array(seeds).tobytes()).hexdigest()
+  digest += "g" if s.format == "generate" else ""
   saved = ctx.state.load("noise_probe") if ctx.state is not None else None
   if saved is not None and saved["key"] == digest:
     points = [CurvePoint.from_state(p) for p in saved["points"]]
@@ -518,6 +570,9 @@ def run_noise(ctx: Context, out: StudyResults) -> None:
     readout = noise_engine.noised_readouts(ctx.eval_sweep, np.stack(scales), np.array(seeds),
                                            description="noise probe")
     points = final_points(ctx, readout)
+    if s.format == "generate":  # each variant judged by what it generates, noised alike
+      points = [judged_by_generation(ctx, p, noise_scale=scale, noise_seed=seed)
+                for p, scale, seed in zip(points, scales, seeds)]
     if ctx.state is not None:
       step = 1 if saved is None else saved["step"] + 1
       ctx.state.save("noise_probe", step, {"key": digest, "step": step,

@@ -83,6 +83,10 @@ class FullProfile:
   final_accuracy_ci95: tuple[float, float] | None = None  # bootstrap over items
   exact_match: float | None = None  # open format: greedy generation against the golds
   answered: dict | None = None  # open format: `metrics.answered_profile`, and what it excludes
+  # The generate format: every variant is judged by its greedy answers, not by the final
+  # readout: the unpruned model's token F1 and the best constant answer's exact match.
+  token_f1: float | None = None
+  generation_chance: float | None = None
 
   @classmethod
   def from_metrics(cls, prof: metrics.Profile, num_layers: int) -> "FullProfile":
@@ -114,8 +118,27 @@ class FullProfile:
     l_star = self.transition_block
     return [] if l_star is None else list(range(l_star, self.num_layers + 1))
 
+  @property
+  def judged_by_generation(self) -> bool:
+    return self.generation_chance is not None
+
+  @property
+  def outcome_name(self) -> str:
+    """What a variant is judged by: the final readout's accuracy, or (the generate format)
+    the exact match of its greedy answers."""
+    return "exact match" if self.judged_by_generation else "accuracy"
+
+  @property
+  def outcome_accuracy(self) -> float:
+    """The unpruned model's outcome on the measure variants are judged by."""
+    return float(self.exact_match) if self.judged_by_generation else self.final_accuracy
+
+  @property
+  def outcome_chance(self) -> float:
+    return float(self.generation_chance) if self.judged_by_generation else self.chance
+
   def collapse_threshold(self) -> float:
-    return self.chance + 0.5 * (self.final_accuracy - self.chance)
+    return self.outcome_chance + 0.5 * (self.outcome_accuracy - self.outcome_chance)
 
   def to_json(self) -> dict[str, Any]:
     out = {
@@ -137,6 +160,10 @@ class FullProfile:
       out["exact_match"] = self.exact_match
     if self.answered is not None:
       out["answered"] = self.answered
+    if self.judged_by_generation:
+      out["generation"] = {"exact_match": self.exact_match, "token_f1": self.token_f1,
+                           "chance": self.generation_chance,
+                           "judged_by": "exact match of greedy generation"}
     return out
 
 
@@ -164,6 +191,8 @@ class CurvePoint:
   exact_match: float | None = None  # open format: greedy generation against the golds
   item_correct: np.ndarray | None = None  # [N] bool, per evaluation item (variants.jsonl)
   item_final_dm: np.ndarray | None = None  # [N] final Decision Margin (the study's normalization)
+  token_f1: float | None = None  # generate format: the mean token F1 of its greedy answers
+  item_f1: np.ndarray | None = None  # generate format: [N] each item's token F1
 
   @property
   def export_keep(self) -> str:
@@ -184,6 +213,8 @@ class CurvePoint:
            "layer_mean_dm": self.layer_mean_dm, "layer_accuracy": self.layer_accuracy}
     if self.exact_match is not None:
       out["exact_match"] = self.exact_match
+    if self.token_f1 is not None:
+      out["token_f1"] = self.token_f1
     return out
 
   def to_state(self) -> dict[str, Any]:
@@ -203,7 +234,8 @@ class CurvePoint:
             "exact_match": self.exact_match,
             "item_correct": None if self.item_correct is None
                             else np.asarray(self.item_correct, int).tolist(),
-            "item_final_dm": array(self.item_final_dm)}
+            "item_final_dm": array(self.item_final_dm),
+            "token_f1": self.token_f1, "item_f1": array(self.item_f1)}
 
   @classmethod
   def from_state(cls, saved: dict[str, Any]) -> "CurvePoint":
@@ -220,7 +252,8 @@ class CurvePoint:
                exact_match=saved["exact_match"],
                item_correct=None if saved["item_correct"] is None
                             else np.asarray(saved["item_correct"], bool),
-               item_final_dm=array(saved.get("item_final_dm")))
+               item_final_dm=array(saved.get("item_final_dm")),
+               token_f1=saved.get("token_f1"), item_f1=array(saved.get("item_f1")))
 
 
 @dataclasses.dataclass
@@ -414,7 +447,10 @@ def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
   unpruned model, every curve point of every method (the random baseline's per seed),
   every phase arm at every k and seed, every noise-probe variant. `kept` is 0-based;
   `correct` holds one "0"/"1" per evaluation item in items.jsonl order; `final_dm` each
-  item's final Decision Margin (the study's normalization), to 4 decimals. A noise-probe
+  item's final Decision Margin (the study's normalization), to 4 decimals. In the
+  generate format `correct` is each item's exact match of the variant's greedy answer
+  (the final Decision Margin is still the first answer token's) and `f1` its token F1,
+  to 4 decimals. A noise-probe
   record (method "noise", k 0: every block kept) adds `level` (`eps^2`) and
   `noised_blocks` (0-based, as `kept`); its `phase` is "silent" or "decisive" for an
   arm, and the noised block's number (1-based, as results.json numbers blocks) for the
@@ -430,7 +466,9 @@ def variant_records(results: "StudyResults") -> list[dict[str, Any]]:
         "method": method, "rule": rule, "phase": phase, "k": k, "seed": seed, **extra,
         "kept": [b - 1 for b in point.kept],
         "correct": "".join("1" if c else "0" for c in np.asarray(point.item_correct, bool)),
-        "final_dm": None if dm is None else [round(float(x), 4) for x in np.asarray(dm)]})
+        "final_dm": None if dm is None else [round(float(x), 4) for x in np.asarray(dm)],
+        **({} if point.item_f1 is None
+           else {"f1": [round(float(x), 4) for x in np.asarray(point.item_f1)]})})
 
   curves = results.curves()
   first = next((m.curve[0] for m in curves.values() if m.curve), results.unpruned_point)

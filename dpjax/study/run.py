@@ -29,6 +29,7 @@ import numpy as np
 import jax
 
 from dpjax import tasks
+from dpjax.tasks import scoring
 from dpjax.engine import compilation
 from dpjax.engine import fit
 from dpjax.study import metrics
@@ -130,7 +131,7 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
     if s.format == "cloze":
       requests = [tasks.cloze_requests(item, sh) for item, sh in zip(chosen, shots)]
       return tasks.encode_cloze(tokenizer, chosen, requests, **options)
-    if s.format == "open":
+    if s.format in ("open", "generate"):
       prompts = [tasks.open_prompt(item, sh) for item, sh in zip(chosen, shots)]
       return tasks.encode_open(tokenizer, chosen, prompts, **options)
     prompts = [tasks.prompt(item, sh) for item, sh in zip(chosen, shots)]
@@ -141,7 +142,7 @@ def prepare(settings: Settings, placement: Placement | None = None) -> Context:
   encoded_cal = encode(calibration[:s.calibration_items])
   encoded_transition = (encode(calibration) if len(calibration) > s.calibration_items
                         else encoded_cal)
-  lens = Lens(s.format, s.cloze_norm)
+  lens = Lens(tasks.read_format(s.format), s.cloze_norm)
   translators, lens_record = None, None
   if tuned_lens.lens_spec(s.lens):
     translators, lens_record = tuned_lens.load(tuned_lens.lens_spec(s.lens), model)
@@ -371,9 +372,13 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
   full = FullProfile.from_metrics(prof, ctx.num_layers)
   full.by_subject = subject_profiles(prof, ctx.evaluation, s)
   full.final_accuracy_ci95 = bootstrap_ci(np.asarray(prof.top[-1]) == ctx.evaluation.answer)
-  if s.format == "open":
+  if s.format in ("open", "generate"):
     full.exact_match = ctx.unpruned_point.exact_match  # the answer itself
     full.answered = answered_items(prof, ctx.evaluation, s)
+  if s.format == "generate":  # variants are judged by what they generate
+    full.token_f1 = ctx.unpruned_point.token_f1
+    full.generation_chance = scoring.constant_answer_share(
+        [item.golds for item in ctx.evaluation.items], remove_articles=s.task == "nq_open")
   logit_full = None
   if ctx.logit_eval_sweep is not None:
     _, logit_prof = full_profile(ctx, sweep=ctx.logit_eval_sweep)
@@ -393,6 +398,8 @@ def run(settings: Settings, placement: Placement | None = None) -> StudyResults:
                      for norm in metrics.NORMALIZATIONS},
       item_correct=np.asarray(prof.top[last]) == ctx.evaluation.answer,
       item_final_dm=np.asarray(prof.margin[s.normalization][last]))
+  if s.format == "generate":  # its outcomes are those of its greedy answers
+    results.unpruned_point = ctx.unpruned_point
   if s.methods:
     clock = time.perf_counter()
     _, cal_prof = recorded_profile(ctx, "transition", ctx.transition_items,

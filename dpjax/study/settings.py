@@ -16,7 +16,7 @@ from dpjax.bundled import BUNDLED_MODEL
 from dpjax.engine.compilation import default_cache_dir
 from dpjax.fields import setting
 from dpjax.study.pruning import CRITERIA, PHASE_SELECTIONS, PHASE_SIZINGS
-from dpjax.tasks.encoding import CLOZE_NORMS, FORMATS
+from dpjax.tasks.encoding import ANSWER_FORMATS, CLOZE_NORMS
 from dpjax.lens.tuned import lens_spec
 from dpjax.checkpoints.architectures import SUPPORTED_DTYPES
 from dpjax.study.methods import METHODS as METHOD_REGISTRY
@@ -51,8 +51,10 @@ class Settings:
                       "(needs `datasets`).")
   format: str = setting("letter", "Answer format: letter (the option letters, the paper's), "
                         "cloze (each option's text scored as a continuation, lm-eval's "
-                        "multiple-choice scoring) or open (the gold answers' first tokens).",
-                        choices=FORMATS)
+                        "multiple-choice scoring), open (the gold answers' first tokens) or "
+                        "generate (open-ended answers: every variant judged by its greedy "
+                        "generation, exact match and token F1; every layer read as open).",
+                        choices=ANSWER_FORMATS)
   lens: str = setting("logit", "The lens every layer is read through: logit (the model's own "
                       "final norm and unembedding) or tuned:PATH (a tuned lens trained with "
                       "dpjax-train-lens; the report then shows both).")
@@ -177,8 +179,8 @@ class Settings:
       object.__setattr__(self, name, tuple(getattr(self, name)))
     object.__setattr__(self, "noise_levels", _noise_levels(self.noise_levels))
     lens_spec(self.lens)  # refuses a malformed --lens by name
-    if self.format not in FORMATS:
-      raise ValueError(f"format={self.format!r}; use one of {FORMATS}.")
+    if self.format not in ANSWER_FORMATS:
+      raise ValueError(f"format={self.format!r}; use one of {ANSWER_FORMATS}.")
     if self.cloze_norm not in CLOZE_NORMS:
       raise ValueError(f"cloze_norm={self.cloze_norm!r}; use one of {CLOZE_NORMS}.")
     if self.normalization not in metrics.NORMALIZATIONS:

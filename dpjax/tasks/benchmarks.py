@@ -35,7 +35,7 @@ import numpy as np
 from dpjax.tasks import disk
 from dpjax.tasks.schema import Item, TaskDataError, make_item
 
-FORMATS = ("letter", "cloze", "open")
+FORMATS = ("letter", "cloze", "open", "generate")
 
 
 def default_data_dir() -> str:
@@ -210,6 +210,7 @@ class Benchmark:
 
 
 _MC = ("letter", "cloze")
+_OPEN = ("open", "generate")
 BENCHMARKS = {b.name: b for b in (
     Benchmark("arc_easy", "ai2_arc/ARC-Easy", ("validation", "test"), "validation", _MC,
               parse_arc),
@@ -226,10 +227,10 @@ BENCHMARKS = {b.name: b for b in (
               parse_winogrande),
     Benchmark("mmlu", "hails/mmlu_no_train", ("test", "validation", "dev"), "test", _MC,
               parse_mmlu, fewshot_split="dev", by_subject=True),
-    Benchmark("nq_open", "nq_open/none", ("validation",), "validation", ("open",),
+    Benchmark("nq_open", "nq_open/none", ("validation",), "validation", _OPEN,
               parse_nq_open),
     Benchmark("triviaqa", "trivia_qa/rc.wikipedia.nocontext", ("validation",), "validation",
-              ("open",), parse_triviaqa),
+              _OPEN, parse_triviaqa),
 )}
 
 

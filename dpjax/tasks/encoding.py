@@ -27,8 +27,17 @@ import numpy as np
 
 from dpjax.tasks.schema import LETTERS, Item, TaskDataError
 
-FORMATS = ("letter", "cloze", "open")
+FORMATS = ("letter", "cloze", "open")  # how the answer is read at every layer
+# The answer formats a study takes: the read ones, and `generate` (open-ended answers
+# judged by greedy generation, exact match and token F1; read at every layer as `open`).
+ANSWER_FORMATS = FORMATS + ("generate",)
 CLOZE_NORMS = ("none", "bytes")
+
+
+def read_format(answer_format: str) -> str:
+  """How an answer format is read at every layer: `generate` as `open` (its gold answers'
+  first tokens), every other as itself."""
+  return "open" if answer_format == "generate" else answer_format
 
 
 @dataclasses.dataclass

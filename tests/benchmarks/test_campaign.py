@@ -83,6 +83,12 @@ def test_a_run_below_the_bar_needs_no_further_unit(tmp_path):
   _fake_run(out, run, 0.50)
   states = {r["unit"]: r["state"] for r in campaign.status(out, units)}
   assert {states[u.name] for u in units[1:]} == {"to do"}
+  # Exactly 0.1 above chance clears the bar: 60 of 100 items against chance 0.5 is 0.6 in
+  # float32 results (0.59999996), and 0.5 + 0.1 in float64 is above 0.6.
+  import numpy as np
+  from dpjax.study.methods import clears_bar
+  assert clears_bar(float(np.float32(0.6)), 0.5, 0.1)
+  assert not clears_bar(float(np.float32(0.59)), 0.5, 0.1)
 
 
 def test_the_time_budget_stops_before_a_unit_that_would_pass_it(tmp_path, monkeypatch):

@@ -67,6 +67,38 @@ def test_step_logits_equal_full_forward_and_padding_is_invisible(hf_checkpoint_d
   np.testing.assert_allclose(np.asarray(got_logits)[1], logits[1], atol=2e-5, rtol=0)
 
 
+def test_noised_generation_equals_hf_with_the_same_noise(hf_checkpoint_dir):
+  """The noise probe's noise in the KV-cache server (every kept block, prompt and
+  generated tokens alike, keyed by seed, item, block and position) against HF greedy
+  decoding with the same draws added by forward hooks, row by row, unpadded; a zero
+  scale changes nothing."""
+  directory = hf_checkpoint_dir("llama_gqa_tied_sharded")
+  model = dpjax.load_model(directory, dtype="float32")
+  ids = _prompts(model.config.vocab_size)
+  padded = np.concatenate([np.zeros((3, 2), ids.dtype), ids], axis=1)
+  mask = np.ones_like(padded)
+  mask[1, :2] = 0
+  padded[0, :2], padded[2, :2] = ids[0, :2], ids[2, :2]
+  server = serve.Server(model)
+  scale = np.zeros(model.num_layers, np.float32)
+  scale[[0, 2]] = np.sqrt(0.5)  # eps^2 = 0.5: enough to change greedy tokens
+  items = np.array([7, 3, 11])
+  got = np.asarray(server.generate(padded, mask, max_new_tokens=NEW, noise_scale=scale,
+                                   noise_seed=2, items=items))
+  clean = np.asarray(server.generate(padded, mask, max_new_tokens=NEW))
+  np.testing.assert_array_equal(
+      np.asarray(server.generate(padded, mask, max_new_tokens=NEW, noise_scale=0 * scale,
+                                 noise_seed=2, items=items)), clean)
+  assert (got != clean).any()  # the noise is felt
+  ref = reference.load_hf(directory)
+  for row in range(3):
+    prompt = padded[row][mask[row] == 1].tolist()
+    want = reference.hf_noised_greedy(ref, prompt, NEW, scale, seed=2, item=int(items[row]))
+    np.testing.assert_array_equal(got[row], want)
+  with pytest.raises(ValueError, match=r"noise_scale must be \[4\]"):
+    server.generate(padded, mask, noise_scale=np.ones(3))
+
+
 def test_bad_input_is_refused_by_name(hf_checkpoint_dir):
   model = dpjax.load_model(hf_checkpoint_dir("llama_gqa_tied_sharded"), dtype="float32")
   server = serve.Server(model)

@@ -527,3 +527,50 @@ def lm_eval_cloze_scores(model, tokenizer, requests, *, layers: bool = False):
     counts.append(len(cont))
   sums = np.stack(sums, axis=-1)
   return (sums if layers else sums[0]), np.array(counts)
+
+
+def noise_tables(seed: int, item: int, num_layers: int, length: int, size: int) -> np.ndarray:
+  """`[L, length, size]` the noise probe's draws `z` of one item (`dpjax.model.transformer.
+  noise_draw`, keyed by the seed, the item, the block and the position 0..length-1)."""
+  import jax.numpy as jnp
+  from dpjax.model.transformer import noise_draw, noise_row_keys
+  key = noise_row_keys(seed, jnp.array([item]))[0]
+  return np.stack([np.asarray(noise_draw(key, block, jnp.arange(length), size))
+                   for block in range(1, num_layers + 1)])
+
+
+def hf_noised_greedy(model, prompt: Sequence[int], new_tokens: int, scale: np.ndarray | None,
+                     seed: int = 0, item: int = 0, eos: int | None = None) -> list[int]:
+  """Greedy tokens of one unpadded prompt from HF `model` (no cache: every step runs the
+  whole sequence), with the noise probe's noise `scale[l] * std(h) * z` added after each
+  block `l` whose scale is not 0 (population std over the hidden size, float32), by
+  forward hooks on HF's decoder layers; stops after `eos`."""
+  layers = list(model.model.layers)
+  hooks = []
+  if scale is not None and np.any(scale > 0):
+    z = torch.as_tensor(noise_tables(seed, item, len(layers), len(prompt) + new_tokens,
+                                     model.config.hidden_size))
+
+    def hook_for(block):
+      def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        x = h.float()
+        noised = (x + float(scale[block]) * x.std(-1, unbiased=False, keepdim=True)
+                  * z[block, :x.shape[1]]).to(h.dtype)
+        return (noised,) + tuple(output[1:]) if isinstance(output, tuple) else noised
+      return hook
+
+    hooks = [layer.register_forward_hook(hook_for(b)) for b, layer in enumerate(layers)
+             if scale[b] > 0]
+  tokens = list(prompt)
+  try:
+    with torch.no_grad():
+      for _ in range(new_tokens):
+        logits = model(torch.as_tensor([tokens]), use_cache=False).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+        if eos is not None and tokens[-1] == eos:
+          break
+  finally:
+    for h in hooks:
+      h.remove()
+  return tokens[len(prompt):]
