@@ -425,17 +425,44 @@ def _work(unit: Unit, facts: dict[str, Any]) -> Work:
 
 @dataclasses.dataclass
 class Calibration:
-  """Scales on the prior rates, fitted to finished units: per (model, unit kind) where
-  that kind has finished on that model, else per kind over every model, else 1."""
+  """What the finished units say about the prior rates: per unit kind, the seconds beyond
+  the model's fixed cost as `overhead + slope * prior seconds` (fitted to that kind's
+  units on every model), where a kind has at least `MIN_LINE_UNITS` finished units;
+  else a scale per (model, kind) where that kind finished on that model, else per kind
+  over every model, else 1."""
   scale: dict[tuple[str, str], float]
   fixed: dict[str, float]
+  line: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
   def seconds(self, model: str, kind: str, base: float) -> float:
+    if kind in self.line:
+      overhead, slope = self.line[kind]
+      return self.fixed[model] + overhead + slope * base
     # The same kind on the same model, else the same kind on the other models (the
     # measured units showed a model's scale on one kind mispredicting its next kind by
     # 3-5x, where another model's scale on the same kind was within 1.5x), else the prior.
     scale = self.scale.get((model, kind), self.scale.get(("*", kind), 1.0))
     return self.fixed[model] + scale * base
+
+
+# A kind's units fit a line (an overhead and a slope) from this many finished units on: the
+# phase units' times have a large part their work count does not see (compiling the
+# phase arms' programs for every batch width, reading l* on the transition items: ten
+# minutes on ARC-Easy's short items as on SciQ's three times longer ones), so one scale
+# through zero mispredicts the short runs by 2x.
+MIN_LINE_UNITS = 4
+
+
+def fit_line(bases: Sequence[float], spent: Sequence[float]) -> tuple[float, float] | None:
+  """`(overhead, slope)` minimising the relative error of `overhead + slope * base` against
+  `spent` (each unit weighs alike, whatever its length); None where the fit needs a
+  negative overhead or slope (a scale through zero then does better)."""
+  x, y = np.asarray(bases, float), np.asarray(spent, float)
+  design = np.stack([1 / y, x / y], axis=1)
+  (overhead, slope), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
+  if overhead < 0 or slope <= 0:
+    return None
+  return float(overhead), float(slope)
 
 
 # A unit measured beside other work took longer than its work says: its time is
@@ -472,6 +499,32 @@ def contended(rec: dict[str, Any]) -> bool:
   return other is not None and other > CONTENDED_OTHER_CORES
 
 
+# The cores a unit keeps busy on a quiet machine where the ledger has no quiet unit with
+# CPU time to say (the quiet units measured 1.3-1.85 of two).
+PRIOR_QUIET_CORES = 1.7
+
+
+def quiet_cores(ledger: dict[str, Any]) -> float:
+  """The cores a unit keeps busy on a quiet machine: the quiet units' CPU seconds over
+  their wall seconds, summed (the prior where none recorded its CPU time)."""
+  quiet = [r for r in ledger.values() if r.get("cpu_seconds") and not contended(r)]
+  if not quiet:
+    return PRIOR_QUIET_CORES
+  return sum(r["cpu_seconds"] for r in quiet) / sum(r["seconds"] for r in quiet)
+
+
+def quiet_seconds(rec: dict[str, Any], cores: float) -> float | None:
+  """What the unit would have taken on a quiet machine: its wall seconds where it ran
+  quiet; beside other work, its CPU seconds over the quiet units' cores (the work it
+  did, which other work slows far less than the wall clock); None where a contended
+  unit has no CPU time."""
+  if not contended(rec):
+    return float(rec["seconds"])
+  if rec.get("cpu_seconds"):
+    return float(rec["cpu_seconds"]) / cores
+  return None
+
+
 class LoadSampler:
   """Samples the one-minute load average every `every` seconds while in use (a daemon
   thread), so a unit's record says what ran beside it through its whole run."""
@@ -501,29 +554,38 @@ class LoadSampler:
 
 
 def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
-  """The measured seconds of the finished units (less the fixed cost) over their prior
-  seconds, summed per (model, kind) and per model; units measured on a contended machine
-  (`contended`) are left out. A finished unit's prior seconds are
+  """The finished units' seconds on a quiet machine (`quiet_seconds`: a unit measured
+  beside other work counts by its CPU time), less the fixed cost, over their prior
+  seconds, summed per (model, kind) and per kind. A finished unit's prior seconds are
   counted again from what its run's files now say (its l*, its items' tokens), so the
   scale compares like with like."""
   ledger = read_ledger(out_dir)["units"]
+  cores = quiet_cores(ledger)
   by_name = {u.name: u for u in units}
   sums: dict[tuple[str, str], list[float]] = {}
+  points: dict[str, list[tuple[float, float]]] = {}
   for name, rec in ledger.items():
-    if name not in by_name or rec.get("skipped") or contended(rec):
+    seconds = quiet_seconds(rec, cores)
+    if name not in by_name or rec.get("skipped") or seconds is None:
       continue
     unit = by_name[name]
     facts = run_facts(out_dir, unit.run)
     base = _work(unit, facts).base_seconds(SHAPES[unit.run.model])
     if base <= 0:
       continue
-    spent = max(rec["seconds"] - PRIOR_FIXED[rec["model"]], 1.0)
+    spent = max(seconds - PRIOR_FIXED[rec["model"]], 1.0)
+    points.setdefault(rec["kind"], []).append((base, spent))
     for key in ((rec["model"], rec["kind"]), ("*", rec["kind"])):
       total = sums.setdefault(key, [0.0, 0.0])
       total[0] += spent
       total[1] += base
   scale = {key: spent / base for key, (spent, base) in sums.items() if base > 0}
-  return Calibration(scale, dict(PRIOR_FIXED))
+  line = {}
+  for kind, pairs in points.items():
+    fitted = fit_line(*zip(*pairs)) if len(pairs) >= MIN_LINE_UNITS else None
+    if fitted is not None:
+      line[kind] = fitted
+  return Calibration(scale, dict(PRIOR_FIXED), line)
 
 
 def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, float]:

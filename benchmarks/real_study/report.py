@@ -433,19 +433,21 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
                 "benchmarks.real_study --size=full` on an accelerator runs the rest)."]
   ledger = campaign.read_ledger(out_dir)["units"]
   if ledger:
+    cores = campaign.quiet_cores(ledger)
     lines += ["", "Finished units: the time predicted before each started (from the "
               "planner's work count calibrated on the units before it), the time the dry "
-              "run predicts for it now (calibrated on every other finished unit on a quiet "
-              "machine), against the time it took on two CPU cores, and the mean load "
-              "through it. A unit run beside more than "
-              f"{campaign.CONTENDED_OTHER_CORES:g} core of other work (its mean load less "
-              "the cores it kept busy itself: its CPU seconds over its wall seconds) is "
-              "marked contended: its time says more about the machine than about its "
-              "work, and the calibration leaves it out.", "",
-              "| unit | predicted before | predicted now | measured | measured / before | "
-              "measured / now | load |", "|---|---|---|---|---|---|---|"]
+              "run predicts for it now (calibrated on every other finished unit), against "
+              "the time it took on two CPU cores, and the mean load through it. A unit run "
+              f"beside more than {campaign.CONTENDED_OTHER_CORES:g} core of other work (its "
+              "mean load less the cores it kept busy itself: its CPU seconds over its wall "
+              "seconds) is marked contended: its wall time says more about the machine than "
+              "about its work, so it is compared (and calibrates the others) by its time on "
+              "a quiet machine: its CPU seconds over the cores the quiet units kept busy "
+              f"({cores:.2f} of two).", "",
+              "| unit | predicted before | predicted now | measured | quiet equivalent | "
+              "quiet / before | quiet / now | load |", "|---|---|---|---|---|---|---|---|"]
     plan_units = {u.name: u for u in campaign.plan(size)} if size is not None else {}
-    total, quiet, within_before, within_now = 0.0, 0, 0, 0
+    total, compared, within_before, within_now = 0.0, 0, 0, 0
     for name, rec in sorted(ledger.items(), key=lambda kv: kv[1]["finished"]):
       total += rec["seconds"]
       now = None
@@ -455,21 +457,26 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
         now = campaign.predict(out_dir, plan_units[name], calibration)[0]
       load = campaign.unit_load(rec)
       busy = campaign.contended(rec)
-      ratio_before = rec["seconds"] / max(rec["predicted_seconds"], 1e-9)
-      ratio_now = None if now is None else rec["seconds"] / now
-      if not busy:
-        quiet += 1
+      quiet = campaign.quiet_seconds(rec, cores)
+      ratio_before = None if quiet is None else quiet / max(rec["predicted_seconds"], 1e-9)
+      ratio_now = None if quiet is None or now is None else quiet / now
+      if quiet is not None:
+        compared += 1
         within_before += 1 / 1.5 <= ratio_before <= 1.5
         within_now += ratio_now is not None and 1 / 1.5 <= ratio_now <= 1.5
+      ratio = lambda r: "-" if r is None else f"{r:.2f}"
       lines.append(
           f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
           f"{'-' if now is None else campaign.hours(now)} | {campaign.hours(rec['seconds'])} | "
-          f"{ratio_before:.2f} | {'-' if ratio_now is None else f'{ratio_now:.2f}'} | "
+          f"{'-' if quiet is None else campaign.hours(quiet)}"
+          f"{' (CPU time)' if busy and quiet is not None else ''} | {ratio(ratio_before)} | "
+          f"{ratio(ratio_now)} | "
           f"{'-' if load is None else f'{load:.1f}'}{' (contended)' if busy else ''} |")
     lines += ["", f"Compute so far: {campaign.hours(total)} in {len(ledger)} units. Of the "
-              f"{quiet} units measured on a quiet machine, {within_before} took within 1.5x "
-              f"of the time predicted before they started and {within_now} within 1.5x of "
-              "the dry run's prediction now (each left out of its own calibration)."]
+              f"{compared} units with a time on a quiet machine (measured, or from CPU time), "
+              f"{within_before} took within 1.5x of the time predicted before they started "
+              f"and {within_now} within 1.5x of the dry run's prediction now (each left out "
+              "of its own calibration)."]
   return lines + [""]
 
 

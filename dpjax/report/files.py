@@ -29,9 +29,10 @@ SUMMARY_HTML = "summary.html"
 VARIANTS_FILE = "variants.jsonl"
 
 
-def write_items(path: str, encoded: EncodedTask) -> None:
+def write_items(path: str, encoded: EncodedTask, answers=None) -> None:
   """One JSON line per item: everything needed to recompute its numbers elsewhere (the
-  prompt exactly as fed, and what each format reads)."""
+  prompt exactly as fed, and what each format reads); `answers` (the generate format):
+  the unpruned model's greedy generation of each item, as `generation`."""
   lines = []
   for i, item in enumerate(encoded.items):
     record = {"id": item.id, "subject": item.subject, "format": encoded.format,
@@ -48,6 +49,8 @@ def write_items(path: str, encoded: EncodedTask) -> None:
     else:
       record.update(golds=list(item.golds),
                     gold_first_token_ids=[int(t) for t in encoded.letter_ids[i] if t >= 0])
+    if answers is not None:
+      record["generation"] = answers[i]
     record.update(num_prompt_tokens=len(encoded.tokens[i]),
                   left_truncated=bool(encoded.truncated[i]))
     lines.append(json.dumps(record))
@@ -87,7 +90,9 @@ def write_study(out: str, results: StudyResults, readout, prof: metrics.Profile,
                 encoded: EncodedTask, settings) -> None:
   """Every file of the report, each written atomically; results.json last."""
   full = results.full_model
-  write_items(os.path.join(out, ITEMS_FILE), encoded)
+  unpruned = results.unpruned_point
+  write_items(os.path.join(out, ITEMS_FILE), encoded,
+              None if unpruned is None else unpruned.answers)
   extra = {} if readout.option_logprob is None else {"option_logprob": readout.option_logprob}
   write_npz(
       os.path.join(out, ARRAYS_FILE),

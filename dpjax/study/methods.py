@@ -184,9 +184,12 @@ def judged_by_generation(ctx: Context, point: CurvePoint, mask: np.ndarray | Non
   per-item outcomes are the exact match of its greedy answers, its `item_f1` their token
   F1; its per-layer profile stays the readout of the first answer token."""
   mask = np.ones(ctx.num_layers, bool) if mask is None else mask
-  em, f1 = judged_answers(ctx, generated_answers(ctx, mask, noise_scale, noise_seed))
+  texts = generated_answers(ctx, mask, noise_scale, noise_seed)
+  em, f1 = judged_answers(ctx, texts)
+  unpruned = bool(np.all(mask)) and (noise_scale is None or not np.any(noise_scale))
   return dataclasses.replace(point, accuracy=float(em.mean()), item_correct=em, item_f1=f1,
-                             exact_match=float(em.mean()), token_f1=float(f1.mean()))
+                             exact_match=float(em.mean()), token_f1=float(f1.mean()),
+                             answers=texts if unpruned else None)
 
 
 def exact_match_of(ctx: Context, mask: np.ndarray) -> float:

@@ -193,6 +193,7 @@ class CurvePoint:
   item_final_dm: np.ndarray | None = None  # [N] final Decision Margin (the study's normalization)
   token_f1: float | None = None  # generate format: the mean token F1 of its greedy answers
   item_f1: np.ndarray | None = None  # generate format: [N] each item's token F1
+  answers: list[str] | None = None  # generate format, the unpruned model: its generations
 
   @property
   def export_keep(self) -> str:
@@ -235,7 +236,8 @@ class CurvePoint:
             "item_correct": None if self.item_correct is None
                             else np.asarray(self.item_correct, int).tolist(),
             "item_final_dm": array(self.item_final_dm),
-            "token_f1": self.token_f1, "item_f1": array(self.item_f1)}
+            "token_f1": self.token_f1, "item_f1": array(self.item_f1),
+            **({} if self.answers is None else {"answers": list(self.answers)})}
 
   @classmethod
   def from_state(cls, saved: dict[str, Any]) -> "CurvePoint":
@@ -253,7 +255,8 @@ class CurvePoint:
                item_correct=None if saved["item_correct"] is None
                             else np.asarray(saved["item_correct"], bool),
                item_final_dm=array(saved.get("item_final_dm")),
-               token_f1=saved.get("token_f1"), item_f1=array(saved.get("item_f1")))
+               token_f1=saved.get("token_f1"), item_f1=array(saved.get("item_f1")),
+               answers=saved.get("answers"))
 
 
 @dataclasses.dataclass

@@ -192,6 +192,37 @@ def test_a_unit_measured_on_a_busy_machine_is_left_out_of_the_calibration(tmp_pa
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 3 * base2, rel=1e-4)
 
 
+def test_a_busy_unit_counts_by_its_cpu_time_and_a_kind_fits_a_line(tmp_path):
+  """A contended unit calibrates by its CPU seconds over the cores the quiet units kept
+  busy; from four finished units of a kind on, that kind's prediction is an overhead plus
+  a slope times its work, fitted to them (a phase unit's compile time is not work)."""
+  out = str(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  phase = [u for u in units if u.kind == "phase"]
+  prior = campaign.calibrate(out, units)
+  fixed = campaign.PRIOR_FIXED
+  # A quiet unit kept 1.6 cores busy: the busy one's 1600 CPU seconds are 1000 s quiet.
+  campaign.record_unit(out, phase[0], 500.0, 1.0, load_mean=1.7, cpu_seconds=800.0)
+  campaign.record_unit(out, phase[1], 4000.0, 1.0, load_mean=6.0, cpu_seconds=1600.0)
+  ledger = campaign.read_ledger(out)["units"]
+  assert campaign.quiet_cores(ledger) == pytest.approx(1.6)
+  assert campaign.quiet_seconds(ledger[phase[1].name], 1.6) == pytest.approx(1000.0)
+  assert campaign.quiet_seconds(ledger[phase[0].name], 1.6) == 500.0
+  bases = [campaign.predict(out, u, prior)[1] for u in phase[:5]]
+  scale = campaign.calibrate(out, units).scale[("*", "phase")]
+  spent = (500.0 - fixed[phase[0].run.model]) + (1000.0 - fixed[phase[1].run.model])
+  assert scale == pytest.approx(spent / (bases[0] + bases[1]))
+  # Four units at 600 s of overhead plus 1.5x their work: the fifth is predicted so.
+  for unit, base in zip(phase[:4], bases):
+    campaign.record_unit(out, unit, fixed[unit.run.model] + 600 + 1.5 * base, 1.0,
+                         load_mean=1.7, cpu_seconds=1.7 * (fixed[unit.run.model] + 600 + 1.5 * base))
+  calibration = campaign.calibrate(out, units)
+  assert calibration.line["phase"] == pytest.approx((600.0, 1.5), rel=1e-3)  # 0.1 s rounding
+  assert campaign.predict(out, phase[4], calibration)[0] == pytest.approx(
+      fixed[phase[4].run.model] + 600 + 1.5 * bases[4], rel=1e-3)
+  assert campaign.fit_line([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) is None  # a negative slope
+
+
 def test_the_load_sampler_samples_through_its_block(monkeypatch):
   import itertools
   loads = itertools.count(1.0)

@@ -132,7 +132,9 @@ def test_generate_study_judges_every_variant_by_its_answers(hf_checkpoint_dir, t
     np.testing.assert_allclose(record["f1"], f1, atol=1e-4)
 
   unpruned = next(v for v in variants if v["method"] == "unpruned")
-  check(unpruned, _hf_answers(model, tokenizer, evaluated))
+  hf_texts = _hf_answers(model, tokenizer, evaluated)
+  check(unpruned, hf_texts)
+  assert [it["generation"] for it in items] == hf_texts
   generation = results["full_model"]["generation"]
   assert generation["exact_match"] == pytest.approx(unpruned["correct"].count("1") / 16)
   assert generation["token_f1"] == pytest.approx(np.mean(unpruned["f1"]))
