@@ -84,7 +84,8 @@ SHAPES = {
 # and lens reads per item (the continuations' tokens): the priors until a run's
 # items.jsonl gives its own (`run_facts`). SciQ's context holds its support paragraph.
 TASK_TOKENS = {"arc_easy": (40, 16), "arc_challenge": (45, 18), "sciq": (130, 12),
-               "piqa": (65, 50), "hellaswag": (140, 100)}
+               "piqa": (65, 50), "hellaswag": (140, 100),
+               "triviaqa": (150, 1.4)}  # five shots; the first answer token read
 # The unpruned models' cloze accuracy in the earlier runs (300 items; FACTS): where it is
 # below chance plus the bar, the plan expects the phase unit to stop after the profile
 # and the run's other units not to be needed (the run's own profile decides).
@@ -93,7 +94,7 @@ PRIOR_ACCURACY = {("smollm2", "arc_easy"): 0.54, ("smollm2", "sciq"): 0.75,
                   ("gemma3", "sciq"): 0.69, ("gemma3", "piqa"): 0.57,
                   ("qwen25", "arc_easy"): 0.51, ("qwen25", "sciq"): 0.85}
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "sciq": 0.25, "piqa": 0.5,
-          "hellaswag": 0.25}
+          "hellaswag": 0.25, "triviaqa": 0.02}  # TriviaQA: the best constant answer's
 
 # Priors for two CPU cores, fitted to the earlier real-model runs' measured times (older
 # code; see REPORT.md): the rate of block work and of lens work (a lens read is one large
@@ -156,6 +157,11 @@ class Size:
   screened_runs: tuple = ()  # runs whose screened Iterative Pruning is in the plan
   tasks: tuple = ("arc_easy", "sciq", "piqa", "arc_challenge", "hellaswag")
   task_settings: dict = dataclasses.field(default_factory=dict)  # extra fields per task
+  # The generation runs (the generate format: every variant judged by its greedy
+  # answers), one per model: their task, items per model and extra fields.
+  generation_task: str = "triviaqa"
+  generation_items: dict = dataclasses.field(default_factory=dict)
+  generation_settings: tuple = ()
 
 
 # Every run reads l* on 128 calibration items (the search takes the first 64), the
@@ -208,7 +214,8 @@ MODELS = ("smollm2", "gemma3", "qwen25")
 
 
 def runs(size: Size) -> list[Run]:
-  """Every run of the plan: each model on each task, cloze format, `size`'s items."""
+  """Every run of the plan: each model on each task, cloze format, `size`'s items; then
+  each model's generation run."""
   out = []
   for task in size.tasks:
     for model in MODELS:
@@ -217,17 +224,28 @@ def runs(size: Size) -> list[Run]:
       common.update(size.task_settings.get(task, ()))
       out.append(Run(f"{model}_{task}_cloze", model, task, "cloze",
                      (("num_items", items),) + tuple(common.items())))
+  for model in MODELS:
+    if model in size.generation_items:
+      common = dict(size.common)
+      common.update(size.generation_settings)
+      out.append(Run(f"{model}_{size.generation_task}_generate", model, size.generation_task,
+                     "generate", (("num_items", size.generation_items[model]),)
+                     + tuple(common.items())))
   return out
 
 
 def plan(size: Size) -> list[Unit]:
-  """The units in the order they run: (1) every run's phase unit, then every run's noise
-  unit (the claim's two probes; cheaper tasks first), (2) Iterative Pruning on one run
-  per model (exact, then screened), (3) the one-shot baselines."""
+  """The units in the order they run: (1) every multiple-choice run's phase unit, then
+  their noise units (the claim's two probes; cheaper tasks first), then the generation
+  runs' (the paper's first open question), (2) Iterative Pruning on one run per model
+  (exact, then screened), (3) the one-shot baselines."""
   every = runs(size)
   chosen = lambda names, run: "*" in names or run.name in names
-  units = [Unit(run, "phase", 1) for run in every]
-  units += [Unit(run, "noise", 1) for run in every]
+  choice = [run for run in every if run.format != "generate"]
+  generation = [run for run in every if run.format == "generate"]
+  units = [Unit(run, "phase", 1) for run in choice]
+  units += [Unit(run, "noise", 1) for run in choice]
+  units += [Unit(run, kind, 1) for run in generation for kind in ("phase", "noise")]
   units += [Unit(run, "iterative", 2) for run in every if chosen(size.iterative_runs, run)]
   units += [Unit(run, "screened", 2) for run in every if chosen(size.screened_runs, run)]
   units += [Unit(run, "baselines", 3) for run in every if chosen(size.baselines_runs, run)]
@@ -246,6 +264,15 @@ def methods_of(unit: Unit, done: Sequence[str]) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------
 # The work of a unit, counted as the planner counts a study.
+
+# Tokens a generation run's variant generates per item (`dpjax.study.methods.OPEN_NEW_TOKENS`).
+GENERATED_TOKENS = 16
+
+
+def cost_kind(unit: Unit) -> str:
+  """What a unit's time is calibrated with: its kind, apart for a generation run (decoding
+  token by token runs at another rate than reading prompts)."""
+  return f"{unit.kind}:generate" if unit.run.format == "generate" else unit.kind
 
 
 def _fields(run: Run) -> dict[str, Any]:
@@ -296,6 +323,16 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
   assumed = l_star if l_star is not None else max(2, round(0.75 * L))
   if profile_only and unit.kind != "phase":
     return w
+  if unit.run.format == "generate":  # every variant also generates its answers
+    variants = 1 if unit.kind == "phase" else 0  # the unpruned model's, once
+    kept = L
+    if unit.kind == "phase" and not profile_only:
+      variants += phase_masks(L, assumed, f)
+      kept = L - 0.5 * min(assumed - 1, L - assumed + 1)  # about half the largest k removed
+    elif unit.kind == "noise":
+      variants = 2 * len(f["noise_levels"]) * f["noise_seeds"]
+    w.block_tokens += variants * n * (t + GENERATED_TOKENS) * kept
+    w.lens_reads += variants * n * GENERATED_TOKENS
   if unit.kind == "phase":
     w.block_tokens += (n + transition) * L * t  # the unpruned profile, every layer read
     w.lens_reads += (n + transition) * (L + 1) * r
@@ -391,9 +428,12 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
     facts["l_star"] = results.get("calibration_transition_block")
     facts["phase_ran"] = True
     full = results["full_model"]
-    facts["accuracy"] = full["accuracy"][-1]
+    # A generation run's variants are judged by the exact match of their answers.
+    judged = full.get("generation") or {"exact_match": full["accuracy"][-1],
+                                        "chance": full["chance"]}
+    facts["accuracy"] = judged["exact_match"]
     from dpjax.study.methods import clears_bar
-    facts["eligible"] = clears_bar(full["accuracy"][-1], full["chance"], gap)
+    facts["eligible"] = clears_bar(judged["exact_match"], judged["chance"], gap)
     facts["expected_eligible"] = facts["eligible"]
   return facts
 
@@ -574,8 +614,9 @@ def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
     if base <= 0:
       continue
     spent = max(seconds - PRIOR_FIXED[rec["model"]], 1.0)
-    points.setdefault(rec["kind"], []).append((base, spent))
-    for key in ((rec["model"], rec["kind"]), ("*", rec["kind"])):
+    kind = cost_kind(unit)
+    points.setdefault(kind, []).append((base, spent))
+    for key in ((rec["model"], kind), ("*", kind)):
       total = sums.setdefault(key, [0.0, 0.0])
       total[0] += spent
       total[1] += base
@@ -593,7 +634,7 @@ def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, 
   facts = run_facts(out_dir, unit.run)
   work = _work(unit, facts)
   base = work.base_seconds(SHAPES[unit.run.model])
-  return calibration.seconds(unit.run.model, unit.kind, base), base
+  return calibration.seconds(unit.run.model, cost_kind(unit), base), base
 
 
 def status(out_dir: str, units: Sequence[Unit],

@@ -189,8 +189,137 @@ def _interval(cal: dict, key: str) -> str:
   return f"{entry['block']} [{'none' if low is None else low}, {'none' if high is None else high}]"
 
 
+def _gap_share(c: statistics.Comparison, results: dict) -> tuple[float, float]:
+  """A comparison's Silent-minus-Decisive difference and its standard error as a share of
+  the unpruned model's margin over chance on the run's own measure (`claim.outcome`), so
+  a task scored near chance and one scored far above it are compared on one scale."""
+  accuracy, chance = claim.outcome(results)
+  gap = max(accuracy - chance, 1e-9)
+  return c.difference / gap, claim.standard_error(c) / gap
+
+
+def generation_against_choice(out_dir, found) -> list[dict]:
+  """Per generation run and comparison (phase experiment at each rule and k, noise probe at
+  each level): its Silent-minus-Decisive difference as a share of the margin over chance
+  (`_gap_share`), against the same comparison of the model's multiple-choice runs pooled
+  (DerSimonian-Laird on their shares), the difference of the two with its normal 95%
+  interval and two-sided p (the item sets are independent), Holm over every row."""
+  rows = []
+  for run, r in found:
+    if run.format != "generate":
+      continue
+    choice = [(q, rq) for q, rq in found if q.model == run.model and q.format != "generate"]
+    results_of = {q.name: rq for q, rq in choice}
+    for family, compute in (("phase", study_comparisons), ("noise", noise_comparisons)):
+      mine = compute(out_dir, [(run, r)]).get(run.name, [])
+      theirs = compute(out_dir, choice)
+      for c in mine:
+        if c.same_as is not None:
+          continue
+        matched = {name: next((x for x in cs if x.rule == c.rule and x.k == c.k
+                               and x.same_as is None), None) for name, cs in theirs.items()}
+        matched = {name: x for name, x in matched.items() if x is not None}
+        if not matched:
+          continue
+        shares = [_gap_share(x, results_of[name]) for name, x in sorted(matched.items())]
+        pooled = statistics.random_effects_meta([e for e, _ in shares],
+                                                [max(se, 1e-9) for _, se in shares])
+        share, se = _gap_share(c, r)
+        delta = share - pooled["estimate"]
+        delta_se = math.sqrt(se ** 2 + pooled["standard_error"] ** 2)
+        z = delta / max(delta_se, 1e-12)
+        rows.append({"run": run.name, "model": run.model, "family": family,
+                     "comparison": c.rule if family == "noise" else f"{c.rule} k={c.k}",
+                     "generation": share, "choice": pooled["estimate"],
+                     "choice_runs": sorted(matched), "delta": delta,
+                     "ci95": (delta - claim.Z95 * delta_se, delta + claim.Z95 * delta_se),
+                     "p": math.erfc(abs(z) / math.sqrt(2))})
+  holm = statistics.holm([row["p"] for row in rows]) if rows else []
+  for row, p in zip(rows, holm):
+    row["holm_p"] = float(p)
+  return rows
+
+
+def generation_lines(out_dir, found) -> list[str]:
+  """VERDICT.md's section on the generation runs: their own verdicts and noise probe (Holm
+  over the generation runs), and whether the phases matter more or less for generation
+  than for the multiple-choice decision on the same model."""
+  generated = [(run, r) for run, r in found if run.format == "generate"]
+  if not generated:
+    return []
+  lines = ["", "## Generation: the phases for open-ended answers", "",
+           "One run per model judges every variant by its greedy answers (the generate "
+           "format: exact match as lm-eval scores the task, token F1 beside it; l* read on "
+           "the first answer token), paired on the same items with the same statistics as "
+           "the multiple-choice runs (Holm over the generation runs' comparisons).", "",
+           "| run | items | unpruned exact match (token F1) | best constant answer | l* "
+           "[95%] | verdict | what it rests on |", "|---|---|---|---|---|---|---|"]
+  classes, _, without = classify(out_dir, generated)
+  why_not = {name: kind for kind, names in without.items() for name in names}
+  for run, r in generated:
+    generation = r["full_model"].get("generation") or {}
+    cal = r.get("calibration_transition") or {}
+    cls, why = classes.get(run.name, (why_not.get(run.name, "-"), why_no_phase(r) or "-"))
+    f1 = generation.get("token_f1")
+    lines.append(f"| {run.name} | {r['task']['num_items']} | "
+                 f"{_fmt(generation.get('exact_match'))} ({_fmt(f1)}) | "
+                 f"{_fmt(generation.get('chance'))} | {_interval(cal, cal.get('used', ''))} | "
+                 f"**{cls}** | {why} |")
+  noise = noise_comparisons(out_dir, generated)
+  if noise:
+    lines += ["", "Noise by phase, judged by the answers (exact match):", "",
+              "| run | eps^2 | Silent | Decisive | Silent - Decisive [95%] | Holm p |",
+              "|---|---|---|---|---|---|"]
+    for name, at_levels in noise.items():
+      for c in at_levels:
+        lines.append(f"| {name} | {c.rule.split()[-1]} | {c.silent_accuracy:.3f} | "
+                     f"{c.decisive_accuracy:.3f} | {c.difference:+.3f} [{c.ci95[0]:+.3f}, "
+                     f"{c.ci95[1]:+.3f}] | {c.holm_p:.2g} |")
+  rows = generation_against_choice(out_dir, found)
+  lines += ["", "Against the multiple-choice decision on the same model: each comparison's "
+            "Silent-minus-Decisive difference as a share of the unpruned model's margin over "
+            "chance (exact match over the best constant answer; accuracy over chance), the "
+            "generation run's against the model's multiple-choice runs' pooled "
+            "(DerSimonian-Laird), their difference with a normal 95% interval, Holm over "
+            "every row. Negative: the Silent Phase costs relatively more, against the "
+            "Decisive Phase, when the answer is generated.", ""]
+  if not rows:
+    lines.append("No generation run has a comparison that a multiple-choice run of its model "
+                 "also has (below the bar, no transition, or not run yet): the question is "
+                 "open here.")
+    return lines
+  lines += ["| run | comparison | generation | multiple choice (runs) | difference [95%] | "
+            "Holm p |", "|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['run']} | {row['family']} {row['comparison']} | "
+                 f"{row['generation']:+.3f} | {row['choice']:+.3f} ({len(row['choice_runs'])}) "
+                 f"| {row['delta']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}] | "
+                 f"{row['holm_p']:.2g} |")
+  lines.append("")
+  for model in dict.fromkeys(row["model"] for row in rows):
+    mine = [row for row in rows if row["model"] == model]
+    lower = sum(row["holm_p"] < ALPHA and row["delta"] < 0 for row in mine)
+    higher = sum(row["holm_p"] < ALPHA and row["delta"] > 0 for row in mine)
+    if lower and not higher:
+      said = "more for generation than for the multiple-choice decision"
+    elif higher and not lower:
+      said = "less for generation than for the multiple-choice decision"
+    elif lower and higher:
+      said = "more in some comparisons and less in others (no single answer)"
+    else:
+      said = ("no detectably more or less for generation than for the multiple-choice "
+              "decision at these items")
+    lines.append(f"- {model}: of {len(mine)} comparisons, the Silent Phase costs "
+                 f"relatively more for generation in {lower} and less in {higher} (Holm p < "
+                 f"{ALPHA}); the phases matter {said}.")
+  return lines
+
+
 def verdict_markdown(out_dir, found, runs) -> str:
-  """VERDICT.md: every statement a number computed from the runs' files."""
+  """VERDICT.md: every statement a number computed from the runs' files. The claim is
+  classed on the multiple-choice runs; the generation runs have their own section."""
+  every = found
+  found = [(run, r) for run, r in found if run.format != "generate"]
   classes, counts, without = classify(out_dir, found)
   comparisons = study_comparisons(out_dir, found)
   total = sum(c.same_as is None for cs in comparisons.values() for c in cs)
@@ -328,6 +457,8 @@ def verdict_markdown(out_dir, found, runs) -> str:
                    f"[{base.ci95[0]:+.3f}, {base.ci95[1]:+.3f}] ({base.holm_p:.2g}) | "
                    f"{kept.difference:+.3f} [{kept.ci95[0]:+.3f}, {kept.ci95[1]:+.3f}] "
                    f"({kept.holm_p:.2g}) |")
+  lines += generation_lines(out_dir, every)
+  found = every
   # Limits.
   models = sorted({run.model for run in runs})
   lines += ["", "## Limits", "",
@@ -357,9 +488,10 @@ def verdict_markdown(out_dir, found, runs) -> str:
 def _dm_series(run, r):
   full = r["full_model"]
   answered = (full.get("answered") or {}).get("mean_margin")
-  if run.format == "open" and answered:
+  if run.format in ("open", "generate") and answered:
     return answered, "vocab DM, answered items"
-  norm = "vocab" if run.format == "open" else r["settings"].get("normalization", "vocab")
+  norm = ("vocab" if run.format in ("open", "generate")
+          else r["settings"].get("normalization", "vocab"))
   return ([np.nan if v is None else v for v in full["decision_margin"][norm]["mean"]],
           f"{norm} DM")
 
@@ -627,7 +759,7 @@ def write_report(out_dir: str, runs) -> str:
       mean, what = _dm_series(run, r)
       ax.plot(np.arange(len(mean)) / L, mean, marker="o", ms=2,
               label=f"{run.task} / {run.format} ({what})",
-              ls="--" if run.format == "open" else "-")
+              ls="--" if run.format in ("open", "generate") else "-")
     ax.axhline(0, color="black", lw=0.5)
     ax.set_title(PRECISION.get(model, model), fontsize=9)
     ax.set_xlabel("relative depth (layer / L)")

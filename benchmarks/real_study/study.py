@@ -201,16 +201,16 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
                   "load": [round(load.samples[0], 2), round(load.samples[-1], 2)],
                   "load_mean": round(load.mean, 2)}
   full = results.full_model
-  details = {"base_seconds": round(base, 2), **details_load, "accuracy": round(float(full.final_accuracy), 4),
-             "chance": round(float(full.chance), 4),
+  details = {"base_seconds": round(base, 2), **details_load, "accuracy": round(float(full.outcome_accuracy), 4),
+             "chance": round(float(full.outcome_chance), 4),
              "l_star": results.calibration_transition_block}
   phase = results.phase_experiment
   if unit.kind == "phase" and phase is not None and phase.skipped and "phase_min_gap" in (
       phase.skipped or ""):
     details["below_bar"] = True
   campaign.record_unit(out, unit, seconds, predicted, **details)
-  print(f"{unit.name}: {seconds:.0f} s (predicted {predicted:.0f} s); accuracy "
-        f"{full.final_accuracy:.3f}, l* {results.calibration_transition_block}", flush=True)
+  print(f"{unit.name}: {seconds:.0f} s (predicted {predicted:.0f} s); {full.outcome_name} "
+        f"{full.outcome_accuracy:.3f}, l* {results.calibration_transition_block}", flush=True)
   if (unit.run.name == HF_CHECKED and unit.kind == "iterative"
       and not os.path.isfile(os.path.join(out, output, "hf_check.json"))):
     hf_check(out, unit.run, output)

@@ -38,8 +38,19 @@ def _unpruned(variants: Sequence[dict]) -> np.ndarray:
 
 def threshold_of(results: dict) -> float:
   """The collapse threshold: chance plus half the unpruned model's gap above it."""
+  accuracy, chance = outcome(results)
+  return chance + 0.5 * (accuracy - chance)
+
+
+def outcome(results: dict[str, Any]) -> tuple[float, float]:
+  """The unpruned model's outcome and its chance on the measure a run judges variants by:
+  the final readout's accuracy, or (the generate format) the exact match of its greedy
+  answers against the best constant answer's."""
   full = results["full_model"]
-  return full["chance"] + 0.5 * (full["accuracy"][-1] - full["chance"])
+  generation = full.get("generation")
+  if generation:
+    return float(generation["exact_match"]), float(generation["chance"])
+  return float(full["accuracy"][-1]), float(full["chance"])
 
 
 def phase_comparisons(variants: Sequence[dict], results: dict,

@@ -103,6 +103,14 @@ def parse_sciq(row: dict, source: str, index: int) -> Item:
                                             item.options))
 
 
+def parse_sciq_open(row: dict, source: str, index: int) -> Item:
+  """SciQ as an open-ended task: the same items (ids, support paragraph, question) with the
+  correct answer as the one gold, generated rather than chosen among the options."""
+  item = parse_sciq(row, source, index)
+  return _open_item(f"{source}, row {index}", item.id, item.question,
+                    [item.options[item.answer]], item.cloze_contexts[0])
+
+
 def parse_piqa(row: dict, source: str, index: int) -> Item:
   where = f"{source}, row {index}"
   goal = _field(row, "goal", where)
@@ -217,6 +225,8 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("arc_challenge", "ai2_arc/ARC-Challenge", ("validation", "test"), "validation",
               _MC, parse_arc),
     Benchmark("sciq", "sciq/none", ("validation",), "validation", _MC, parse_sciq),
+    Benchmark("sciq_open", "sciq/none", ("validation",), "validation", _OPEN,
+              parse_sciq_open),
     Benchmark("piqa", "piqa/plain_text", ("validation",), "validation", _MC, parse_piqa),
     Benchmark("openbookqa", "openbookqa/main", ("validation", "test"), "validation", _MC,
               parse_openbookqa),

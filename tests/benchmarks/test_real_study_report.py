@@ -69,7 +69,7 @@ def _vector(right):
   return out
 
 
-def _write_run(root, name, arms, *, skipped=None, l_star=8, num_layers=10):
+def _write_run(root, name, arms, *, skipped=None, l_star=8, num_layers=10, generation=None):
   """A run directory: results.json and variants.jsonl with the unpruned model right on
   the first 180 items and, per (rule, k), the two arms' outcome vectors (one per seed)."""
   import json
@@ -99,6 +99,8 @@ def _write_run(root, name, arms, *, skipped=None, l_star=8, num_layers=10):
                                         "margin_options": {"block": l_star, "ci95": [7, 9]}},
              "methods": {},
              "phase_experiment": ({"skipped": skipped} if skipped else {"comparisons": []})}
+  if generation is not None:
+    results["full_model"]["generation"] = generation
   with open(os.path.join(run_dir, "results.json"), "w") as f:
     json.dump(results, f)
   return results
@@ -145,6 +147,49 @@ def test_runs_are_classed_from_their_variants_with_holm_over_the_study(tmp_path)
   assert "| a | 8 [7, 9] (128) | 8/10 = 0.80 | **holds** |" in text
   assert "| adjacent | 1 | 3 |" in text  # the meta-analysis row: three runs pooled
   assert "4-bit GGUF file" in text
+
+
+def test_generation_runs_are_judged_apart_and_against_the_choice_runs(tmp_path):
+  """A generation run is left out of the claim's classes (stated for multiple choice) and
+  has its own section: its Silent-minus-Decisive difference as a share of its margin over
+  chance against the same comparison of its model's multiple-choice runs, pooled."""
+  import math
+  import pytest
+  from dpjax.report import claim
+  from dpjax.study import statistics
+  unpruned = _vector(range(180))
+  found = [
+      (Run("mc1", "qwen25", "sciq", "cloze"), _write_run(tmp_path, "mc1", {
+          ("adjacent", 1): ([_vector(range(170))], [unpruned])})),
+      (Run("mc2", "qwen25", "arc_easy", "cloze"), _write_run(tmp_path, "mc2", {
+          ("adjacent", 1): ([_vector(range(175))], [unpruned])})),
+      (Run("gen", "qwen25", "sciq_open", "generate"), _write_run(tmp_path, "gen", {
+          ("adjacent", 1): ([_vector(range(60))], [unpruned])},
+          generation={"exact_match": 0.6, "chance": 0.02, "token_f1": 0.7})),
+  ]
+  out = str(tmp_path)
+  rows = real_study_report.generation_against_choice(out, found)
+  assert len(rows) == 1 and rows[0]["choice_runs"] == ["mc1", "mc2"]
+  per_run = real_study_report.study_comparisons(out, found)
+  c = {name: cs[0] for name, cs in per_run.items()}
+  share = lambda name, gap: (c[name].difference / gap, claim.standard_error(c[name]) / gap)
+  gen, gen_se = share("gen", 0.6 - 0.02)
+  assert gen == pytest.approx((60 - 180) / 300 / 0.58)
+  pooled = statistics.random_effects_meta(*zip(*[share(n, 0.35) for n in ("mc1", "mc2")]))
+  assert rows[0]["generation"] == pytest.approx(gen)
+  assert rows[0]["choice"] == pytest.approx(pooled["estimate"])
+  se = math.hypot(gen_se, pooled["standard_error"])
+  assert rows[0]["delta"] == pytest.approx(gen - pooled["estimate"])
+  assert rows[0]["ci95"][1] == pytest.approx(gen - pooled["estimate"] + 1.959964 * se, rel=1e-5)
+  assert rows[0]["holm_p"] == pytest.approx(math.erfc(abs(rows[0]["delta"]) / se / math.sqrt(2)))
+  assert rows[0]["holm_p"] < 0.05 and rows[0]["delta"] < 0
+  text = real_study_report.verdict_markdown(out, found, [run for run, _ in found])
+  assert "Of the 2 runs with a phase experiment" in text  # the generation run apart
+  assert "## Generation: the phases for open-ended answers" in text
+  assert "| gen | 300 | 0.600 (0.700) | 0.020 |" in text
+  assert ("- qwen25: of 1 comparisons, the Silent Phase costs relatively more for generation "
+          "in 1 and less in 0") in text
+  assert "the phases matter more for generation than for the multiple-choice decision" in text
 
 
 def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp_path):
