@@ -264,3 +264,44 @@ def lm_eval_markdown(path: str) -> str:
                  f"{c['ratio']:.2f}x | {c['dpjax_first_call_s']:.2f} | "
                  f"{c['ratio_with_compilation']:.2f}x |")
   return "\n".join(lines) + "\n"
+
+
+def llama_cpp_markdown(path: str) -> str:
+  """RESULTS.md's section on `benchmarks/llama_cpp_check.py` (empty if it has not been run)."""
+  r = _read(path)
+  if r is None or not r.get("rows"):
+    return ""
+  m = r["machine"]
+  lines = ["## llama.cpp serves the pruned GGUF files (`benchmarks/llama_cpp_check.py`)", "",
+           f"Each family's GGUF file and its pruned copy (`dpjax-export --gguf`'s writer) loaded "
+           f"by llama.cpp (llama-cpp-python {r['llama_cpp_python']}, CPU) against dpjax's "
+           f"kept-block computation, on {r['prompts']} ARC-Easy prompts: the largest absolute "
+           "logit difference over every position and the whole vocabulary, the share of "
+           f"positions whose top token agrees, and {r['new_tokens']} greedy tokens per prompt "
+           "(prompts whose greedy tokens are identical). F32: every tensor dequantized, the "
+           "weights dpjax computes with (bound "
+           f"{r['f32_tolerance']:g}); quantized: the 4-bit file as published, llama.cpp's "
+           "quantized kernels against dpjax's float32 computation, the pruned file beside the "
+           f"unpruned one's own distance. {m['cpu_count']} CPU cores, JAX {m['jax']}.", "",
+           "| family | weights | file | blocks (llama.cpp loaded) | max abs logit difference "
+           "(of max abs logit) | pruned / unpruned distance | top-1 agreement | greedy "
+           "identical |", "|---|---|---|---|---|---|---|---|"]
+  unpruned = {(row["family"], row["weights"]): row["max_abs_logit_difference"]
+              for row in r["rows"] if row["variant"] == "unpruned"}
+  for row in r["rows"]:
+    base = unpruned.get((row["family"], row["weights"]))
+    ratio = ("-" if row["variant"] == "unpruned" or not base
+             else f"{row['max_abs_logit_difference'] / base:.2f}")
+    what = ("unpruned" if not row["removed"] else
+            f"without {', '.join(map(str, row['removed']))}"
+            + (" (kinds stated per layer)" if row.get("states_kinds") else ""))
+    loaded = "-" if row["llama_cpp_layers"] is None else row["llama_cpp_layers"]
+    lines.append(f"| {row['family']} | {row['weights']} | {what} | {row['blocks']} ({loaded}) | "
+                 f"{row['max_abs_logit_difference']:.2e} ({row['max_abs_logit']:.1f}) | "
+                 f"{ratio} | {row['top1_agreement']:.3f} of {row['positions']} | "
+                 f"{row['greedy_identical']} of {row['greedy_prompts']} |")
+  lines += ["", f"F32 within {r['f32_tolerance']:g} everywhere: "
+            f"{'yes' if r['f32_within_tolerance'] else 'no'}; F32 greedy tokens identical "
+            f"everywhere: {'yes' if r['f32_greedy_identical'] else 'no'}; every file loaded "
+            f"with its block count: {'yes' if r['layers_loaded'] else 'no'}."]
+  return "\n".join(lines) + "\n"

@@ -534,6 +534,7 @@ def results_markdown(r: dict[str, Any]) -> str:
                measured.bf16_markdown(os.path.join(where, "bf16.json")),
                measured.resume_markdown(os.path.join(where, "resume.json")),
                measured.lm_eval_markdown(os.path.join(where, "lm_eval.json")),
+               measured.llama_cpp_markdown(os.path.join(where, "llama_cpp.json")),
                measured.end_to_end_markdown(os.path.join(where, "end_to_end.json"))):
     if side:
       lines += ["", side.rstrip()]

@@ -96,9 +96,13 @@ def stated_pattern(architecture: str, kept: Sequence[int],
   return [kinds[old] == "sliding" for old in kept]
 
 
-def prune_gguf(source: str, output: str, kept: Sequence[int]) -> str:
-  """Writes `output` (a .gguf file, atomically): `source` with only blocks `kept`."""
+def prune_gguf(source: str, output: str, kept: Sequence[int], *,
+               dequantize: bool = False) -> str:
+  """Writes `output` (a .gguf file, atomically): `source` with only blocks `kept`; with
+  `dequantize`, every tensor stored as float32 (the weights dpjax computes with: a
+  quantized file's reference for a reader's own kernels)."""
   from gguf import GGUFReader, GGUFValueType, GGUFWriter
+  from gguf import quants
   reader = GGUFReader(source)
   fields = reader.fields
   architecture = _string(fields["general.architecture"])
@@ -125,18 +129,26 @@ def prune_gguf(source: str, output: str, kept: Sequence[int]) -> str:
     sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
     if key == count_key:
       value = len(kept)
+    elif key == "general.file_type" and dequantize:
+      value = 0  # llama.cpp's LLAMA_FTYPE_ALL_F32
     elif (vtype == GGUFValueType.ARRAY and key.startswith(architecture + ".")
           and len(field.data) == num_layers):
       value = [value[i] for i in kept]  # a per-layer array: the kept layers' entries
     writer.add_key_value(key, value, vtype, sub_type=sub_type)
   if stated is not None:
     writer.add_key_value(pattern_key, stated, GGUFValueType.ARRAY, sub_type=GGUFValueType.BOOL)
+  if dequantize and "general.file_type" not in fields:
+    writer.add_key_value("general.file_type", 0, GGUFValueType.UINT32)
   renumber = {old: new for new, old in enumerate(kept)}
   for tensor in reader.tensors:
     match = _BLOCK.match(tensor.name)
     if match and int(match.group(1)) not in renumber:
       continue
     name = (f"blk.{renumber[int(match.group(1))]}.{match.group(2)}" if match else tensor.name)
+    if dequantize:
+      writer.add_tensor(name, np.ascontiguousarray(
+          quants.dequantize(np.asarray(tensor.data), tensor.tensor_type), np.float32))
+      continue
     # The stored bytes as they are (a quantized tensor's rows of blocks; the writer reads
     # the element shape back from the byte shape and the type).
     writer.add_tensor(name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)

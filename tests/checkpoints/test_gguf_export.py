@@ -75,6 +75,14 @@ def test_a_pruned_tiny_llama_gguf_reloads_with_the_kept_blocks_logits(tmp_path):
   # dpjax reads the pruned file back to the same numbers, bit for bit.
   again = np.asarray(dpjax.load_model(str(out / "pruned.gguf"), dtype="float32").logits(ids))
   assert np.array_equal(again, want.astype(np.float32))
+  # Dequantized: every tensor float32, the same numbers (dpjax dequantizes on loading).
+  prune_gguf(source, str(out / "f32.gguf"), kept, dequantize=True)
+  reader = GGUFReader(str(out / "f32.gguf"))
+  assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+  assert {t.tensor_type.name for t in GGUFReader(str(out / "pruned.gguf")).tensors} != {"F32"}
+  assert int(reader.fields["general.file_type"].contents()) == 0
+  dense = np.asarray(dpjax.load_model(str(out / "f32.gguf"), dtype="float32").logits(ids))
+  assert np.array_equal(dense, want.astype(np.float32))
 
 
 def test_a_kept_set_that_moves_attention_kinds_is_stated_for_gemma3_and_refused_for_gemma2():
