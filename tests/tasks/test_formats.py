@@ -195,6 +195,12 @@ def test_benchmark_quirks_on_real_rows(data_dir):
   assert sciq[0].options[sciq[0].answer] == "darwin"
   assert sciq[0].cloze_contexts[0] == ("\nQuestion: Who proposed the theory of evolution by "
                                        "natural selection?\nAnswer:")
+  # SciQ open-ended: the same items, the correct option the one gold to generate.
+  sciq_open = tasks.load_task("sciq_open", "validation", data_dir=data_dir)
+  assert [i.id for i in sciq_open] == [i.id for i in sciq]
+  assert all(o.golds == (m.options[m.answer],) and o.cloze_contexts == m.cloze_contexts
+             and not o.options for o, m in zip(sciq_open[:50], sciq[:50]))
+  assert tasks.resolve_task("sciq_open").formats == ("open", "generate")
   piqa = tasks.load_task("piqa", "validation", data_dir=data_dir)
   assert {item.num_options for item in piqa} == {2} and len(piqa) == 1838
   hella = tasks.load_task("hellaswag", "validation", data_dir=data_dir)
