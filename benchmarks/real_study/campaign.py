@@ -85,16 +85,19 @@ SHAPES = {
 # items.jsonl gives its own (`run_facts`). SciQ's context holds its support paragraph.
 TASK_TOKENS = {"arc_easy": (40, 16), "arc_challenge": (45, 18), "sciq": (130, 12),
                "piqa": (65, 50), "hellaswag": (140, 100),
-               "triviaqa": (150, 1.4)}  # five shots; the first answer token read
+               "triviaqa": (150, 1.4),  # five shots; the first answer token read
+               "sciq_open": (146, 1.4)}  # two shots
 # The unpruned models' cloze accuracy in the earlier runs (300 items; FACTS): where it is
 # below chance plus the bar, the plan expects the phase unit to stop after the profile
 # and the run's other units not to be needed (the run's own profile decides).
 PRIOR_ACCURACY = {("smollm2", "arc_easy"): 0.54, ("smollm2", "sciq"): 0.75,
                   ("smollm2", "piqa"): 0.62, ("gemma3", "arc_easy"): 0.41,
                   ("gemma3", "sciq"): 0.69, ("gemma3", "piqa"): 0.57,
-                  ("qwen25", "arc_easy"): 0.51, ("qwen25", "sciq"): 0.85}
+                  ("qwen25", "arc_easy"): 0.51, ("qwen25", "sciq"): 0.85,
+                  ("smollm2", "sciq_open"): 0.35}  # exact match, 40 items, two shots
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "sciq": 0.25, "piqa": 0.5,
-          "hellaswag": 0.25, "triviaqa": 0.02}  # TriviaQA: the best constant answer's
+          "hellaswag": 0.25, "triviaqa": 0.02,  # open-ended: the best constant answer's
+          "sciq_open": 0.025}
 
 # Priors for two CPU cores, fitted to the earlier real-model runs' measured times (older
 # code; see REPORT.md): the rate of block work and of lens work (a lens read is one large
@@ -175,6 +178,17 @@ _COMMON = (("calibration_items", 64), ("transition_items", 128),
            ("curve_layers", "iterative"), ("normalization", "options"),
            ("phase_min_gap", 0.1))
 
+# The generation runs: SciQ's items with the correct answer generated (`sciq_open`, the
+# generate format), two shots (zero-shot, the instruction-tuned models answer in
+# sentences: SmolLM2's exact match 0.02 on 48 items, 0.35 with two shots; on TriviaQA
+# five-shot SmolLM2 and Qwen2.5 both scored 0.04, below the bar), l* read on 64 items.
+# Each variant generates every answer token by token (SmolLM2: 1.05 CPU-seconds an item,
+# two-shot prompts of 130 tokens), so the runs are cut further: the random rule over 3
+# seeds, k = 1 and 2 only, the noise probe over one seed, and Qwen2.5 (4x SmolLM2's
+# blocks) on 30 items.
+GENERATION_SETTINGS = (("k_shot", 2), ("transition_items", 64), ("phase_seeds", 3),
+                       ("phase_max_k", 2), ("noise_seeds", 1))
+
 # On two CPU cores (the default): 100 evaluation items (60 for Qwen2.5, whose blocks
 # are 4x SmolLM2's; HellaSwag, whose items are 3x longer, 60 and 40; ARC-Easy, the first
 # runs, 120 and 80), the random rule
@@ -198,7 +212,9 @@ LOCAL = Size(
     iterative_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze"),
     baselines_runs=("smollm2_arc_easy_cloze",),
     screened_runs=("smollm2_arc_easy_cloze", "gemma3_arc_easy_cloze",
-                   "qwen25_arc_easy_cloze"))
+                   "qwen25_arc_easy_cloze"),
+    generation_task="sciq_open", generation_items={"smollm2": 100, "gemma3": 60, "qwen25": 30},
+    generation_settings=GENERATION_SETTINGS)
 
 # On one GPU: the full size (300 items, 10 seeds, every k, the noise profile, Iterative
 # Pruning and the baselines on every run).
@@ -207,7 +223,9 @@ FULL = Size(
     common=_COMMON + (("phase_seeds", 10), ("phase_ks", "all"), ("random_seeds", 3),
                       ("noise_seeds", 3), ("noise_profile_seeds", 1)),
     items={"smollm2": 300, "gemma3": 300, "qwen25": 300},
-    iterative_runs=("*",), baselines_runs=("*",))
+    iterative_runs=("*",), baselines_runs=("*",),
+    generation_task="sciq_open", generation_items={"smollm2": 300, "gemma3": 300, "qwen25": 300},
+    generation_settings=(("k_shot", 2), ("transition_items", 128)))
 
 SIZES = {"local": LOCAL, "full": FULL}
 MODELS = ("smollm2", "gemma3", "qwen25")
@@ -288,6 +306,8 @@ def phase_masks(num_layers: int, l_star: int, fields: dict[str, Any]) -> int:
   if silent < 1 or decisive < 1:
     return 0
   max_k = min(silent, decisive)
+  if fields.get("phase_max_k"):
+    max_k = min(max_k, fields["phase_max_k"])
   ks = len(methods.phase_ks(max_k, fields["phase_ks"]))
   rules = 2 + fields["phase_seeds"] + 1 + (1 if silent > 1 else 0)
   return rules * ks * 2
@@ -440,7 +460,16 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
 
 def _model_l_star(out_dir: str, run: Run) -> int | None:
   """Before a run's profile: l* at the depth fraction the model's other runs measured
-  (their mean), None where none has a transition (`unit_work` then assumes 3/4)."""
+  (their mean), None where none has a transition (`unit_work` then assumes 3/4). A
+  generation run on a multiple-choice task's items (`sciq_open`: SciQ's) takes l* from
+  the model's run on that task where it has one."""
+  source = os.path.join(out_dir, "runs", f"{run.model}_{run.task.removesuffix('_open')}_cloze",
+                        "results.json")
+  if run.format == "generate" and os.path.isfile(source):
+    with open(source) as f:
+      l_star = json.load(f).get("calibration_transition_block")
+    if l_star:
+      return max(2, int(l_star))
   fractions = []
   for path in glob.glob(os.path.join(out_dir, "runs", f"{run.model}_*", "results.json")):
     with open(path) as f:

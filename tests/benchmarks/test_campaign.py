@@ -23,7 +23,14 @@ def test_the_plan_runs_the_claims_probes_first_and_fits_twelve_hours(tmp_path):
   rows = campaign.status(str(tmp_path), units)
   upto_two = sum(r["predicted_seconds"] for r in rows
                  if r["priority"] <= 2 and r["state"] != "not needed")
-  assert upto_two <= 12.5 * 3600  # the priors' figure; calibration refines it as units end
+  assert upto_two <= 13 * 3600  # the priors' figure; calibration refines it as units end
+  # Calibrated on the committed campaign's finished units (what `--dry_run` prints), the
+  # whole plan fits twelve hours on two cores.
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "benchmarks", "real_study")
+  committed = campaign.status(here, units)
+  assert sum(r["predicted_seconds"] for r in committed
+             if r["state"] != "not needed") <= 12 * 3600
   text = campaign.format_status(rows)
   assert "priorities 1-2:" in text and "left:" in text
 
