@@ -79,10 +79,14 @@ def _llama_layers(llm) -> int | None:
 def llama_cpp_run(path: str, prompts: list[list[int]], new_tokens: int) -> dict:
   """Every position's logits `[T, V]` per prompt and `new_tokens` greedy tokens, from
   llama.cpp on the CPU."""
-  from llama_cpp import Llama
+  import llama_cpp
   longest = max(len(p) for p in prompts) + new_tokens + 8
-  llm = Llama(model_path=path, n_ctx=max(256, longest), n_threads=os.cpu_count() or 2,
-              logits_all=True, verbose=False, n_gpu_layers=0)
+  # The KV cache in float32 (llama.cpp's default is float16): the F32 files then compute
+  # in float32 throughout, as dpjax does.
+  llm = llama_cpp.Llama(model_path=path, n_ctx=max(256, longest),
+                        n_threads=os.cpu_count() or 2, logits_all=True, verbose=False,
+                        n_gpu_layers=0, type_k=llama_cpp.GGML_TYPE_F32,
+                        type_v=llama_cpp.GGML_TYPE_F32)
   logits, greedy = [], []
   for prompt in prompts:
     llm.reset()

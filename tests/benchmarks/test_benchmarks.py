@@ -225,3 +225,27 @@ def test_every_benchmark_program_imports_beside_the_others_and_runs_its_own_flag
   assert units == ["smollm2_arc_easy_cloze:phase", "smollm2_arc_easy_cloze:noise",
                    "smollm2_arc_easy_cloze:iterative", "smollm2_arc_easy_cloze:screened",
                    "smollm2_arc_easy_cloze:baselines"]
+
+
+def test_the_llama_cpp_table_is_written_from_its_figures(tmp_path):
+  """RESULTS.md's llama.cpp section: each file's row, the pruned file's distance over the
+  unpruned one's of the same family and weights, and the summary computed from the rows."""
+  import json
+  from benchmarks import measured
+  row = lambda weights, variant, diff, removed: {
+      "family": "gemma3", "weights": weights, "variant": variant, "blocks": 18 - len(removed),
+      "llama_cpp_layers": 18 - len(removed), "removed": removed, "states_kinds": bool(removed),
+      "max_abs_logit_difference": diff, "max_abs_logit": 30.0, "top1_agreement": 1.0,
+      "positions": 40, "greedy_identical": 4, "greedy_prompts": 4}
+  figures = {"machine": {"cpu_count": 2, "jax": "0"}, "llama_cpp_python": "0.3.36",
+             "prompts": 4, "new_tokens": 16, "f32_tolerance": 2e-3,
+             "rows": [row("F32", "unpruned", 1e-4, []), row("F32", "pruned", 3e-4, [2]),
+                      row("quantized", "unpruned", 1.0, []), row("quantized", "pruned", 0.5, [2])],
+             "f32_within_tolerance": True, "f32_greedy_identical": True, "layers_loaded": True}
+  (tmp_path / "llama_cpp.json").write_text(json.dumps(figures))
+  text = measured.llama_cpp_markdown(str(tmp_path / "llama_cpp.json"))
+  assert ("| gemma3 | F32 | without 2 (kinds stated per layer) | 17 (17) | 3.00e-04 (30.0) | "
+          "3.00 | 1.000 of 40 | 4 of 4 |") in text
+  assert "| gemma3 | quantized | without 2 (kinds stated per layer) | 17 (17) | 5.00e-01 (30.0) | 0.50 |" in text
+  assert "F32 within 0.002 everywhere: yes" in text
+  assert measured.llama_cpp_markdown(str(tmp_path / "absent.json")) == ""
