@@ -279,8 +279,8 @@ def llama_cpp_markdown(path: str) -> str:
            "logit difference over every position and the whole vocabulary, the share of "
            f"positions whose top token agrees, and {r['new_tokens']} greedy tokens per prompt "
            "(prompts whose greedy tokens are identical). F32: every tensor dequantized, the "
-           "weights dpjax computes with (bound "
-           f"{r['f32_tolerance']:g}); quantized: the 4-bit file as published, llama.cpp's "
+           "weights dpjax computes with (bound: "
+           f"{r['f32_tolerance']:g} of the largest logit); quantized: the 4-bit file as published, llama.cpp's "
            "quantized kernels against dpjax's float32 computation, the pruned file beside the "
            f"unpruned one's own distance. {m['cpu_count']} CPU cores, JAX {m['jax']}.", "",
            "| family | weights | file | blocks (llama.cpp loaded) | max abs logit difference "
@@ -300,8 +300,13 @@ def llama_cpp_markdown(path: str) -> str:
                  f"{row['max_abs_logit_difference']:.2e} ({row['max_abs_logit']:.1f}) | "
                  f"{ratio} | {row['top1_agreement']:.3f} of {row['positions']} | "
                  f"{row['greedy_identical']} of {row['greedy_prompts']} |")
-  lines += ["", f"F32 within {r['f32_tolerance']:g} everywhere: "
-            f"{'yes' if r['f32_within_tolerance'] else 'no'}; F32 greedy tokens identical "
-            f"everywhere: {'yes' if r['f32_greedy_identical'] else 'no'}; every file loaded "
-            f"with its block count: {'yes' if r['layers_loaded'] else 'no'}."]
+  f32 = [row for row in r["rows"] if row["weights"] == "F32"]
+  within = all(row["max_abs_logit_difference"] <= r["f32_tolerance"] * row["max_abs_logit"]
+               for row in f32)
+  greedy = all(row["greedy_identical"] == row["greedy_prompts"] for row in f32)
+  loaded = all(row["llama_cpp_layers"] == row["blocks"] for row in r["rows"])
+  lines += ["", f"F32 within {r['f32_tolerance']:g} of the largest logit everywhere: "
+            f"{'yes' if within else 'no'}; F32 greedy tokens identical everywhere: "
+            f"{'yes' if greedy else 'no'}; every file loaded by llama.cpp with its block "
+            f"count: {'yes' if loaded else 'no'}."]
   return "\n".join(lines) + "\n"

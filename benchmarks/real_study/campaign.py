@@ -186,8 +186,11 @@ _COMMON = (("calibration_items", 64), ("transition_items", 128),
 # two-shot prompts of 130 tokens), so the runs are cut further: the random rule over 3
 # seeds, k = 1 and 2 only, the noise probe over one seed, and Qwen2.5 (4x SmolLM2's
 # blocks) on 30 items.
+# l* by the accuracy rule: the first answer token's mean margin over every item stays
+# negative where most answers are wrong (SmolLM2's first run, margin rule: exact match
+# 0.22, no transition), while its accuracy rises above the constant guess's.
 GENERATION_SETTINGS = (("k_shot", 2), ("transition_items", 64), ("phase_seeds", 3),
-                       ("phase_max_k", 2), ("noise_seeds", 1))
+                       ("phase_max_k", 2), ("noise_seeds", 1), ("transition_rule", "accuracy"))
 
 # On two CPU cores (the default): 100 evaluation items (60 for Qwen2.5, whose blocks
 # are 4x SmolLM2's; HellaSwag, whose items are 3x longer, 60 and 40; ARC-Easy, the first
@@ -225,7 +228,8 @@ FULL = Size(
     items={"smollm2": 300, "gemma3": 300, "qwen25": 300},
     iterative_runs=("*",), baselines_runs=("*",),
     generation_task="sciq_open", generation_items={"smollm2": 300, "gemma3": 300, "qwen25": 300},
-    generation_settings=(("k_shot", 2), ("transition_items", 128)))
+    generation_settings=(("k_shot", 2), ("transition_items", 128),
+                         ("transition_rule", "accuracy")))
 
 SIZES = {"local": LOCAL, "full": FULL}
 MODELS = ("smollm2", "gemma3", "qwen25")

@@ -515,17 +515,22 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
   if size is not None:
     items = {}
     for r in runs:
-      items.setdefault(r.model, {})[r.task] = dict(r.settings)["num_items"]
+      if r.format != "generate":
+        items.setdefault(r.model, {})[r.task] = dict(r.settings)["num_items"]
     described = []
     for model, per_task in items.items():
       usual = max(set(per_task.values()), key=list(per_task.values()).count)
       other = [f"{t} {n}" for t, n in per_task.items() if n != usual]
       described.append(f"{model} {usual}" + (f" ({', '.join(other)})" if other else ""))
     common = dict(size.common)
+    generation = [r for r in runs if r.format == "generate"]
     lines += [f"Plan `{size.name}` (`benchmarks/real_study/campaign.py`): "
-              f"{len(runs)} runs (three models, cloze format, on "
-              f"{', '.join(size.tasks)}), each cut into units run in priority order: every "
-              "run's profile and phase experiment, then every run's noise probe; then "
+              f"{len(runs) - len(generation)} multiple-choice runs (three models, cloze "
+              f"format, on {', '.join(size.tasks)}) and {len(generation)} generation runs "
+              f"({size.generation_task}, the generate format: every variant judged by its "
+              "greedy answers), each cut into units run in priority order: every "
+              "multiple-choice run's profile and phase experiment, then their noise probes, "
+              "then the generation runs' two; then "
               "Iterative Pruning on " + ", ".join(size.iterative_runs) + "; then the one-shot "
               "baselines on " + ", ".join(size.baselines_runs) + ".", "",
               "Evaluation items per run: " + "; ".join(described)
@@ -544,6 +549,14 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
     for fields, tasks in grouped.items():
       lines[-1] += (f" On {', '.join(tasks)}: " + ", ".join(f"`{k}={v}`" for k, v in fields)
                     + f" (elsewhere {', '.join(f'{k}={common[k]}' for k, _ in fields)}).")
+    if generation:
+      fields = dict(size.generation_settings)
+      lines[-1] += (" The generation runs: evaluation items "
+                    + ", ".join(f"{r.model} {dict(r.settings)['num_items']}" for r in generation)
+                    + "; " + ", ".join(f"`{k}={v}`" for k, v in fields.items())
+                    + " (each variant generates every answer token by token, so they are cut "
+                    "further; the accuracy rule reads l* on the first answer token, whose mean "
+                    "margin stays negative where most answers are wrong).")
     if size.task_settings:
       lines[-1] += (" SciQ's, PIQA's and HellaSwag's items are 3x ARC's tokens, so their "
                     "transition items and Gemma 3's evaluation items (its 262k-token "

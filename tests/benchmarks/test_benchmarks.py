@@ -247,5 +247,9 @@ def test_the_llama_cpp_table_is_written_from_its_figures(tmp_path):
   assert ("| gemma3 | F32 | without 2 (kinds stated per layer) | 17 (17) | 3.00e-04 (30.0) | "
           "3.00 | 1.000 of 40 | 4 of 4 |") in text
   assert "| gemma3 | quantized | without 2 (kinds stated per layer) | 17 (17) | 5.00e-01 (30.0) | 0.50 |" in text
-  assert "F32 within 0.002 everywhere: yes" in text
+  assert "F32 within 0.002 of the largest logit everywhere: yes" in text
+  figures["rows"][1]["max_abs_logit_difference"] = 0.07  # above 2e-3 of 30
+  (tmp_path / "llama_cpp.json").write_text(json.dumps(figures))
+  assert "everywhere: no; F32 greedy" in measured.llama_cpp_markdown(
+      str(tmp_path / "llama_cpp.json"))
   assert measured.llama_cpp_markdown(str(tmp_path / "absent.json")) == ""
