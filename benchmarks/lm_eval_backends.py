@@ -13,8 +13,9 @@ The requests are lm-eval `Instance`s, as an lm-eval task makes them:
   option), scored with every block kept and with `--removed` blocks removed (default:
   blocks L//3 and L//2, 0-based: 10 and 15 of SmolLM2's 30, 5 and 8 of the bundled
   model's 16);
-* `generate_until`: greedy continuations of the first `--generations` questions,
-  `until=["\\n"]`, `max_gen_toks=--max_gen_toks`, with the same two kept sets.
+* `generate_until`: greedy continuations of the first `--generations` questions, each
+  after one answered question (the last item's, in the same style), `until=["\\n"]`,
+  `max_gen_toks=--max_gen_toks`, with the same two kept sets.
 
 The HF backend gets the checkpoint through transformers (a GGUF file as its dense,
 dequantized model, which is what dpjax computes) and, for the pruned set, the same
@@ -80,6 +81,12 @@ def _context(item) -> str:
   return f"Question: {item.question}\nAnswer:"
 
 
+def _generation_context(item, shot) -> str:
+  """One answered question first (`shot`, an item not asked), so the model answers on the
+  answer line instead of ending it at once (zero-shot, SmolLM2 mostly did: empty texts)."""
+  return f"{_context(shot)} {shot.options[shot.answer]}\n\n{_context(item)}"
+
+
 def _check(kind: str, kept: str, items, want: list, got: list) -> dict:
   """What the two backends' answers agree on; SystemExit where they do not."""
   if kind == "generate_until":
@@ -132,10 +139,11 @@ def main(argv):
   torch.set_num_threads(os.cpu_count() or 1)
   measured = common.measured(_MODEL.value)
   items = measured.items(_ITEMS.value)
-  asked = items[:_GENERATIONS.value]
+  asked = items[:min(_GENERATIONS.value, len(items) - 1)]  # the last item is the shot
   loglikelihood = [(_context(i), " " + option) for i in items for option in i.options]
   gen_kwargs = {"until": ["\n"], "max_gen_toks": _MAX_GEN_TOKS.value, "do_sample": False}
-  generate = [(_context(i), dict(gen_kwargs)) for i in asked]
+  shot = items[-1]  # the generations ask the first items; their one shot is the last
+  generate = [(_generation_context(i, shot), dict(gen_kwargs)) for i in asked]
   work = {"loglikelihood": (_instances("loglikelihood", loglikelihood), items),
           "generate_until": (_instances("generate_until", generate), asked)}
 

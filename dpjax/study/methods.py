@@ -29,6 +29,7 @@ from dpjax.serve import server as serve
 from dpjax.study import statistics
 from dpjax.tasks import scoring
 from dpjax.engine.devices import Placement, is_main_process
+from dpjax.engine.progress import Progress
 from dpjax.lens.readout import Readout
 from dpjax.study.results import (ArmPoint, CurvePoint, MethodResult, NoiseArm, NoiseProbe,
                                  PhaseExperiment, Spread, StudyResults, bootstrap_ci)
@@ -141,7 +142,7 @@ OPEN_NEW_TOKENS = 16
 
 
 def generated_answers(ctx: Context, mask: np.ndarray, noise_scale: np.ndarray | None = None,
-                      noise_seed: int = 0) -> list[str]:
+                      noise_seed: int = 0, bar: Progress | None = None) -> list[str]:
   """Each evaluation item's greedy generation (up to 16 new tokens, cut at the first
   end-of-sequence token) by the variant `mask` through the KV-cache server, in item
   order; with `noise_scale` `[L]`, the noise probe's variant of the unpruned model (its
@@ -161,7 +162,15 @@ def generated_answers(ctx: Context, mask: np.ndarray, noise_scale: np.ndarray | 
       if eos is not None and eos in row:
         row = row[:row.index(eos)]
       texts[i] = ctx.tokenizer.decode(row, skip_special_tokens=True)
+    if bar is not None:
+      bar.update()
   return texts
+
+
+def generation_bar(ctx: Context, variants: int, description: str) -> Progress:
+  """A progress bar (with its ETA) over the item batches `variants` variants generate."""
+  return Progress(variants * len(ctx.eval_sweep.batches), f"{description}: generating",
+                  enabled=ctx.settings.progress and is_main_process())
 
 
 def judged_answers(ctx: Context, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -178,13 +187,13 @@ def judged_answers(ctx: Context, texts: Sequence[str]) -> tuple[np.ndarray, np.n
 
 
 def judged_by_generation(ctx: Context, point: CurvePoint, mask: np.ndarray | None = None,
-                         noise_scale: np.ndarray | None = None, noise_seed: int = 0
-                         ) -> CurvePoint:
+                         noise_scale: np.ndarray | None = None, noise_seed: int = 0,
+                         bar: Progress | None = None) -> CurvePoint:
   """`point` judged by what the variant generates (the generate format): its accuracy and
   per-item outcomes are the exact match of its greedy answers, its `item_f1` their token
   F1; its per-layer profile stays the readout of the first answer token."""
   mask = np.ones(ctx.num_layers, bool) if mask is None else mask
-  texts = generated_answers(ctx, mask, noise_scale, noise_seed)
+  texts = generated_answers(ctx, mask, noise_scale, noise_seed, bar)
   em, f1 = judged_answers(ctx, texts)
   unpruned = bool(np.all(mask)) and (noise_scale is None or not np.any(noise_scale))
   return dataclasses.replace(point, accuracy=float(em.mean()), item_correct=em, item_f1=f1,
@@ -240,6 +249,8 @@ def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exac
   prof = profile_of(readout, ctx.evaluation, ctx.settings)
   answer = ctx.evaluation.answer
   points = []
+  bar = (generation_bar(ctx, len(masks), description) if ctx.settings.format == "generate"
+         else None)
   for m, mask in enumerate(masks):
     last = int(np.flatnonzero(mask)[-1]) + 1  # the final readout's layer
     rows = np.arange(len(answer))
@@ -263,8 +274,10 @@ def _evaluate_curve(ctx: Context, masks: np.ndarray, description: str, with_exac
         item_correct=np.asarray(prof.top[m, last]) == answer,
         item_final_dm=np.asarray(prof.margin[ctx.settings.normalization][m, last]),
         exact_match=exact_match_of(ctx, mask) if with_exact_match else None))
-    if ctx.settings.format == "generate":
-      points[-1] = judged_by_generation(ctx, points[-1], mask)
+    if bar is not None:
+      points[-1] = judged_by_generation(ctx, points[-1], mask, bar=bar)
+  if bar is not None:
+    bar.close()
   return points
 
 
@@ -574,8 +587,10 @@ def run_noise(ctx: Context, out: StudyResults) -> None:
                                            description="noise probe")
     points = final_points(ctx, readout)
     if s.format == "generate":  # each variant judged by what it generates, noised alike
-      points = [judged_by_generation(ctx, p, noise_scale=scale, noise_seed=seed)
+      bar = generation_bar(ctx, len(points), "noise probe")
+      points = [judged_by_generation(ctx, p, noise_scale=scale, noise_seed=seed, bar=bar)
                 for p, scale, seed in zip(points, scales, seeds)]
+      bar.close()
     if ctx.state is not None:
       step = 1 if saved is None else saved["step"] + 1
       ctx.state.save("noise_probe", step, {"key": digest, "step": step,
