@@ -240,6 +240,15 @@ def generation_against_choice(out_dir, found) -> list[dict]:
   return rows
 
 
+def sign_test(successes: int, trials: int) -> float:
+  """The exact two-sided sign test of `successes` of `trials` against one half."""
+  if trials == 0:
+    return 1.0
+  tail = min(successes, trials - successes)
+  p = 2 * sum(math.comb(trials, i) for i in range(tail + 1)) / 2 ** trials
+  return min(1.0, p)
+
+
 def generation_lines(out_dir, found) -> list[str]:
   """VERDICT.md's section on the generation runs: their own verdicts and noise probe (Holm
   over the generation runs), and whether the phases matter more or less for generation
@@ -252,6 +261,7 @@ def generation_lines(out_dir, found) -> list[str]:
            "format: exact match as lm-eval scores the task, token F1 beside it; l* read on "
            "the first answer token), paired on the same items with the same statistics as "
            "the multiple-choice runs (Holm over the generation runs' comparisons).", "",
+           
            "| run | items | unpruned exact match (token F1) | best constant answer | l* "
            "[95%] | verdict | what it rests on |", "|---|---|---|---|---|---|---|"]
   classes, _, without = classify(out_dir, generated)
@@ -301,17 +311,30 @@ def generation_lines(out_dir, found) -> list[str]:
     lower = sum(row["holm_p"] < ALPHA and row["delta"] < 0 for row in mine)
     higher = sum(row["holm_p"] < ALPHA and row["delta"] > 0 for row in mine)
     if lower and not higher:
-      said = "more for generation than for the multiple-choice decision"
+      direction = ("the Silent Phase costs relatively more, against the Decisive Phase, for "
+                   "generation (the claim's direction stronger)")
     elif higher and not lower:
-      said = "less for generation than for the multiple-choice decision"
+      direction = ("the Decisive Phase costs relatively more, against the Silent Phase, for "
+                   "generation (the claim's direction weaker, or its reversal stronger)")
     elif lower and higher:
-      said = "more in some comparisons and less in others (no single answer)"
+      direction = "the direction differs between comparisons"
     else:
-      said = ("no detectably more or less for generation than for the multiple-choice "
-              "decision at these items")
-    lines.append(f"- {model}: of {len(mine)} comparisons, the Silent Phase costs "
-                 f"relatively more for generation in {lower} and less in {higher} (Holm p < "
-                 f"{ALPHA}); the phases matter {said}.")
+      direction = "no difference in direction is detected at these items"
+    # Whether the phases matter more: the size of the gap between the arms, either way.
+    larger = sum(abs(row["generation"]) > abs(row["choice"]) for row in mine)
+    p_size = sign_test(larger, len(mine))
+    size = ("more" if p_size < ALPHA and larger * 2 > len(mine) else
+            "less" if p_size < ALPHA else "no detectably more or less")
+    gen_mean = float(np.mean([abs(row["generation"]) for row in mine]))
+    choice_mean = float(np.mean([abs(row["choice"]) for row in mine]))
+    lines.append(
+        f"- {model}: the gap between the arms, either way, is {gen_mean:.2f} of the margin "
+        f"over chance for generation and {choice_mean:.2f} for the multiple-choice decision "
+        f"(mean over {len(mine)} comparisons), larger for generation in {larger} of them "
+        f"(exact sign test p = {p_size:.2g}): the phases matter {size} for generation than "
+        f"for the multiple-choice decision. In direction (Holm p < {ALPHA}), the Silent "
+        f"Phase costs relatively more for generation in {lower} comparisons and less in "
+        f"{higher}: {direction}.")
   return lines
 
 

@@ -187,9 +187,15 @@ def test_generation_runs_are_judged_apart_and_against_the_choice_runs(tmp_path):
   assert "Of the 2 runs with a phase experiment" in text  # the generation run apart
   assert "## Generation: the phases for open-ended answers" in text
   assert "| gen | 300 | 0.600 (0.700) | 0.020 |" in text
-  assert ("- qwen25: of 1 comparisons, the Silent Phase costs relatively more for generation "
-          "in 1 and less in 0") in text
-  assert "the phases matter more for generation than for the multiple-choice decision" in text
+  assert ("the Silent Phase costs relatively more for generation in 1 comparisons and less "
+          "in 0: the Silent Phase costs relatively more, against the Decisive Phase, for "
+          "generation (the claim's direction stronger).") in text
+  # One comparison, larger for generation: a sign test cannot tell from one.
+  assert abs(rows[0]["generation"]) > abs(rows[0]["choice"])
+  assert "larger for generation in 1 of them (exact sign test p = 1)" in text
+  assert "the phases matter no detectably more or less for generation" in text
+  assert real_study_report.sign_test(7, 7) == pytest.approx(2 / 2 ** 7)
+  assert real_study_report.sign_test(5, 7) == pytest.approx(2 * (1 + 7 + 21) / 128)
 
 
 def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp_path):
