@@ -25,12 +25,13 @@ def test_the_plan_runs_the_claims_probes_first_and_fits_twelve_hours(tmp_path):
                  if r["priority"] <= 2 and r["state"] != "not needed")
   assert upto_two <= 13 * 3600  # the priors' figure; calibration refines it as units end
   # Calibrated on the committed campaign's finished units (what `--dry_run` prints), the
-  # whole plan fits twelve hours on two cores.
+  # claim's probes and the searches fit twelve hours on two cores (the one-shot
+  # baselines, priority 3, run where time is left).
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), "benchmarks", "real_study")
   committed = campaign.status(here, units)
   assert sum(r["predicted_seconds"] for r in committed
-             if r["state"] != "not needed") <= 12 * 3600
+             if r["state"] != "not needed" and r["priority"] <= 2) <= 12 * 3600
   text = campaign.format_status(rows)
   assert "priorities 1-2:" in text and "left:" in text
 
