@@ -205,14 +205,18 @@ def generation_against_choice(out_dir, found) -> list[dict]:
   (DerSimonian-Laird on their shares), the difference of the two with its normal 95%
   interval and two-sided p (the item sets are independent), Holm over every row."""
   rows = []
+  families = (("phase", study_comparisons), ("noise", noise_comparisons))
+  by_model: dict[str, dict[str, dict]] = {}  # each model's multiple-choice comparisons, once
   for run, r in found:
     if run.format != "generate":
       continue
     choice = [(q, rq) for q, rq in found if q.model == run.model and q.format != "generate"]
     results_of = {q.name: rq for q, rq in choice}
-    for family, compute in (("phase", study_comparisons), ("noise", noise_comparisons)):
+    if run.model not in by_model:
+      by_model[run.model] = {family: compute(out_dir, choice) for family, compute in families}
+    for family, compute in families:
       mine = compute(out_dir, [(run, r)]).get(run.name, [])
-      theirs = compute(out_dir, choice)
+      theirs = by_model[run.model][family]
       for c in mine:
         if c.same_as is not None:
           continue

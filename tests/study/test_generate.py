@@ -164,16 +164,8 @@ def test_generate_study_judges_every_variant_by_its_answers(hf_checkpoint_dir, t
   for record in noised:
     scale = np.zeros(4, np.float32)
     scale[record["noised_blocks"]] = np.sqrt(record["level"])
-    texts = [_hf_answers_one(model, tokenizer, p, scale, record["seed"], i)
-             for i, p in enumerate(evaluated)]
-    check(record, texts)
+    check(record, _hf_answers(model, tokenizer, evaluated, scale, record["seed"]))
   summary = (out / "summary.md").read_text()
   assert (f"greedy answers (unpruned {generation['exact_match']:.3f}, token F1 "
           f"{generation['token_f1']:.3f}") in summary
 
-
-def _hf_answers_one(model, tokenizer, prompt, scale, seed, item):
-  ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-  tokens = reference.hf_noised_greedy(model, ids, NEW, scale, seed=seed, item=item,
-                                      eos=tokenizer.eos_token_id)
-  return tokenizer.decode(tokens, skip_special_tokens=True)
