@@ -24,12 +24,12 @@ run in `priority` order (`PLAN`'s docstring says which); `--hours` stops before 
 whose prediction would pass the budget.
 
 Predictions (`predict`) count the work of a unit as the planner counts a study's
-(`dpjax.engine.planner.schedule`: block evaluations on tokens, lens reads), turn it
-into floating-point operations with the model's shapes, divide by a block rate and a
-lens rate (priors for two CPU cores, fitted to earlier measured runs), and add the
-unit's fixed cost (loading the model, encoding, compiling). A scale on the priors is
-fitted to the finished units of the same model and kind (else the same kind on every
-model), so the prediction for the next unit uses every measurement made so far.
+(`dpjax.engine.planner.schedule`: block evaluations on tokens, decoding steps, lens
+reads), turn each part into seconds with the model's shapes and a prior rate for two CPU
+cores (fitted to earlier measured runs), and add the model's fixed cost (loading the
+model, encoding) and, for a unit that sweeps pruned variants, the cost of compiling
+their programs. The finished units fit one coefficient per part (`calibrate`: every kind
+and model at once), so the prediction for the next unit uses every measurement so far.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import itertools
 import json
 import math
 import os
@@ -292,12 +293,6 @@ def methods_of(unit: Unit, done: Sequence[str]) -> tuple[str, ...]:
 GENERATED_TOKENS = 16
 
 
-def cost_kind(unit: Unit) -> str:
-  """What a unit's time is calibrated with: its kind, apart for a generation run (decoding
-  token by token runs at another rate than reading prompts)."""
-  return f"{unit.kind}:generate" if unit.run.format == "generate" else unit.kind
-
-
 def _fields(run: Run) -> dict[str, Any]:
   from dpjax.study.settings import Settings
   defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
@@ -320,18 +315,36 @@ def phase_masks(num_layers: int, l_star: int, fields: dict[str, Any]) -> int:
 
 @dataclasses.dataclass
 class Work:
-  """Block evaluations (on one token) and lens reads (on one read token) of a unit."""
+  """Block evaluations (on one token) while reading prompts, block evaluations while
+  generating token by token (a decode step runs one row at a time, at another rate), lens
+  reads (on one read token), and whether the unit sweeps pruned variants (its programs,
+  compiled for every batch width, are a cost its token counts do not see)."""
   block_tokens: float = 0.0
   lens_reads: float = 0.0
+  decode_tokens: float = 0.0
+  sweep: float = 0.0
 
   def flops(self, shape: Shape) -> float:
-    return (self.block_tokens * shape.block_flops_per_token
+    return ((self.block_tokens + self.decode_tokens) * shape.block_flops_per_token
             + self.lens_reads * shape.lens_flops_per_read)
 
+  def parts(self, shape: Shape) -> np.ndarray:
+    """Seconds at the prior rates per part (`COST_PARTS`), the calibration's regressors."""
+    return np.array([self.block_tokens * shape.block_flops_per_token / PRIOR_BLOCK_RATE,
+                     self.decode_tokens * shape.block_flops_per_token / PRIOR_BLOCK_RATE,
+                     self.lens_reads * shape.lens_flops_per_read / PRIOR_LENS_RATE,
+                     self.sweep])
+
   def base_seconds(self, shape: Shape) -> float:
-    """Seconds at the prior rates, before the fixed cost and the fitted scale."""
-    return (self.block_tokens * shape.block_flops_per_token / PRIOR_BLOCK_RATE
-            + self.lens_reads * shape.lens_flops_per_read / PRIOR_LENS_RATE)
+    """Seconds at the prior rates, before the fixed cost and the fitted coefficients."""
+    return float(self.parts(shape) @ PRIOR_COEFFICIENTS)
+
+
+# The parts of a unit's cost and their prior coefficients: block work, decoding and lens
+# reads at the prior rates (1: the rates themselves), and a sweep's compile overhead in
+# seconds (0 until units measure it).
+COST_PARTS = ("blocks", "decoding", "lens", "sweep")
+PRIOR_COEFFICIENTS = np.array([1.0, 1.0, 1.0, 0.0])
 
 
 def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
@@ -356,7 +369,8 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
       kept = L - 0.5 * min(assumed - 1, L - assumed + 1)  # about half the largest k removed
     elif unit.kind == "noise":
       variants = 2 * len(f["noise_levels"]) * f["noise_seeds"]
-    w.block_tokens += variants * n * (t + GENERATED_TOKENS) * kept
+    w.block_tokens += variants * n * t * kept  # the prompts
+    w.decode_tokens += variants * n * GENERATED_TOKENS * kept
     w.lens_reads += variants * n * GENERATED_TOKENS
   if unit.kind == "phase":
     w.block_tokens += (n + transition) * L * t  # the unpruned profile, every layer read
@@ -364,6 +378,7 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
     if profile_only:
       return w
     masks = phase_masks(L, assumed, f)
+    w.sweep = 1.0 if masks else 0.0
     silent_share = 0.5  # half the variants remove Silent blocks: a tail from there on
     tail = silent_share * (L - assumed / 2) + (1 - silent_share) * (L - assumed) / 2
     w.block_tokens += n * t * (L + masks * tail) + cal * t * L  # stream, tails, influence
@@ -374,12 +389,14 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
     w.block_tokens += n * t * L * (arms + profile)
     w.lens_reads += n * r * (arms + profile)
   elif unit.kind == "iterative":
+    w.sweep = 1.0
     for k in range(L, f["min_layers"], -1):  # the search: stream, then k candidates' tails
       w.block_tokens += cal * t * (k + k * (k - 1) / 2)
       w.lens_reads += cal * r * k
     w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
     w.lens_reads += n * r * (L - 1) * L / 2
   elif unit.kind == "screened":
+    w.sweep = 1.0
     screen, keep = f["screen_items"], f["screen_keep"]
     for k in range(L, f["min_layers"], -1):  # proxy on every candidate, exact on the best
       w.block_tokens += screen * t * (k + k * (k - 1) / 2)
@@ -388,6 +405,7 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
     w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
     w.lens_reads += n * r * (L - 1) * L / 2
   elif unit.kind == "baselines":
+    w.sweep = 1.0
     curves = 4 + f["random_seeds"]
     w.block_tokens += n * t * curves * (L + (L - 1) * L / 2)
     w.lens_reads += n * r * curves * (L - 1)
@@ -499,44 +517,54 @@ def _work(unit: Unit, facts: dict[str, Any]) -> Work:
 
 @dataclasses.dataclass
 class Calibration:
-  """What the finished units say about the prior rates: per unit kind, the seconds beyond
-  the model's fixed cost as `overhead + slope * prior seconds` (fitted to that kind's
-  units on every model), where a kind has at least `MIN_LINE_UNITS` finished units;
-  else a scale per (model, kind) where that kind finished on that model, else per kind
-  over every model, else 1."""
-  scale: dict[tuple[str, str], float]
+  """What the finished units say about the cost of a unit: the model's fixed cost plus its
+  parts (`Work.parts`: block work, decoding and lens reads at the prior rates, and whether
+  it sweeps pruned variants) times `coefficients`, fitted to every finished unit of every
+  kind and model (`fit_coefficients`)."""
   fixed: dict[str, float]
-  line: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+  coefficients: np.ndarray = dataclasses.field(default_factory=lambda: PRIOR_COEFFICIENTS.copy())
+  units: int = 0  # the finished units it was fitted to
 
-  def seconds(self, model: str, kind: str, base: float) -> float:
-    if kind in self.line:
-      overhead, slope = self.line[kind]
-      return self.fixed[model] + overhead + slope * base
-    # The same kind on the same model, else the same kind on the other models (the
-    # measured units showed a model's scale on one kind mispredicting its next kind by
-    # 3-5x, where another model's scale on the same kind was within 1.5x), else the prior.
-    scale = self.scale.get((model, kind), self.scale.get(("*", kind), 1.0))
-    return self.fixed[model] + scale * base
+  def seconds(self, model: str, parts: np.ndarray) -> float:
+    return self.fixed[model] + float(np.asarray(parts) @ self.coefficients)
 
 
-# A kind's units fit a line (an overhead and a slope) from this many finished units on: the
-# phase units' times have a large part their work count does not see (compiling the
-# phase arms' programs for every batch width, reading l* on the transition items: ten
-# minutes on ARC-Easy's short items as on SciQ's three times longer ones), so one scale
-# through zero mispredicts the short runs by 2x.
-MIN_LINE_UNITS = 4
+# From this many finished units on, every coefficient is fitted on its own (below it, one
+# scale on the priors: four coefficients from three units would follow their noise). One
+# rate for every kind, not a scale per kind: the units' kinds differ in what they do (a
+# phase unit reads every layer of the unpruned model and sweeps tails, a noise unit runs
+# whole models, a generation unit decodes token by token), which the parts count, and the
+# first 17 finished units, each predicted from the 16 others, fell within 1.5x of their
+# time 11 times this way against 8 with a line (an overhead and a slope) per kind.
+MIN_FIT_UNITS = len(COST_PARTS) + 2
 
 
-def fit_line(bases: Sequence[float], spent: Sequence[float]) -> tuple[float, float] | None:
-  """`(overhead, slope)` minimising the relative error of `overhead + slope * base` against
-  `spent` (each unit weighs alike, whatever its length); None where the fit needs a
-  negative overhead or slope (a scale through zero then does better)."""
-  x, y = np.asarray(bases, float), np.asarray(spent, float)
-  design = np.stack([1 / y, x / y], axis=1)
-  (overhead, slope), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
-  if overhead < 0 or slope <= 0:
-    return None
-  return float(overhead), float(slope)
+def fit_coefficients(parts: np.ndarray, spent: np.ndarray,
+                     prior: np.ndarray = PRIOR_COEFFICIENTS) -> np.ndarray:
+  """Non-negative coefficients `c` minimising the relative error of `parts @ c` against
+  `spent` (each unit weighs alike, whatever its length): every subset of the parts the
+  units exercise is solved by least squares and the best solution with no negative
+  coefficient is kept (four parts: fifteen subsets). A part no unit exercised (every row
+  zero: no generation unit has finished) keeps its prior."""
+  parts, spent = np.asarray(parts, float), np.asarray(spent, float)
+  used = [j for j in range(parts.shape[1]) if np.any(parts[:, j] > 0)]
+  weighted = parts / spent[:, None]
+  best, best_error = None, math.inf
+  for size in range(1, len(used) + 1):
+    for subset in itertools.combinations(used, size):
+      cols = list(subset)
+      solution, *_ = np.linalg.lstsq(weighted[:, cols], np.ones_like(spent), rcond=None)
+      if np.any(solution < 0):
+        continue
+      coef = np.zeros(parts.shape[1])
+      coef[cols] = solution
+      error = float(np.sum((weighted @ coef - 1) ** 2))
+      if error < best_error - 1e-12:
+        best, best_error = coef, error
+  out = np.array(prior, float)
+  if best is not None:
+    out[used] = best[used]
+  return out
 
 
 # A unit measured beside other work took longer than its work says: its time is
@@ -627,50 +655,51 @@ class LoadSampler:
     return float(np.mean(self.samples))
 
 
-def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
-  """The finished units' seconds on a quiet machine (`quiet_seconds`: a unit measured
-  beside other work counts by its CPU time), less the fixed cost, over their prior
-  seconds, summed per (model, kind) and per kind. A finished unit's prior seconds are
-  counted again from what its run's files now say (its l*, its items' tokens), so the
-  scale compares like with like."""
+def finished_costs(out_dir: str, units: Sequence[Unit]) -> list[tuple[Unit, np.ndarray, float]]:
+  """Every finished unit of `units` that says what its work costs: (unit, its parts counted
+  again from what its run's files now say (its l*, its items' tokens), its seconds on a
+  quiet machine beyond the fixed cost (`quiet_seconds`: a unit measured beside other work
+  counts by its CPU time)). Left out: skipped units, contended units without CPU time, and
+  units recorded again from their run's saved state (shorter than the fixed cost: their
+  time is not their work)."""
   ledger = read_ledger(out_dir)["units"]
   cores = quiet_cores(ledger)
   by_name = {u.name: u for u in units}
-  sums: dict[tuple[str, str], list[float]] = {}
-  points: dict[str, list[tuple[float, float]]] = {}
+  rows = []
   for name, rec in ledger.items():
     seconds = quiet_seconds(rec, cores)
     if name not in by_name or rec.get("skipped") or seconds is None:
       continue
     if rec["seconds"] < PRIOR_FIXED[rec["model"]]:
-      continue  # recorded again from its run's saved state: its time is not its work
-    unit = by_name[name]
-    facts = run_facts(out_dir, unit.run)
-    base = _work(unit, facts).base_seconds(SHAPES[unit.run.model])
-    if base <= 0:
       continue
-    spent = max(seconds - PRIOR_FIXED[rec["model"]], 1.0)
-    kind = cost_kind(unit)
-    points.setdefault(kind, []).append((base, spent))
-    for key in ((rec["model"], kind), ("*", kind)):
-      total = sums.setdefault(key, [0.0, 0.0])
-      total[0] += spent
-      total[1] += base
-  scale = {key: spent / base for key, (spent, base) in sums.items() if base > 0}
-  line = {}
-  for kind, pairs in points.items():
-    fitted = fit_line(*zip(*pairs)) if len(pairs) >= MIN_LINE_UNITS else None
-    if fitted is not None:
-      line[kind] = fitted
-  return Calibration(scale, dict(PRIOR_FIXED), line)
+    unit = by_name[name]
+    parts = _work(unit, run_facts(out_dir, unit.run)).parts(SHAPES[unit.run.model])
+    if not np.any(parts > 0):
+      continue
+    rows.append((unit, parts, max(seconds - PRIOR_FIXED[rec["model"]], 1.0)))
+  return rows
+
+
+def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:
+  """The coefficients fitted to the finished units of `units` (`finished_costs`): every
+  part on its own from `MIN_FIT_UNITS` units on, one scale on the priors before."""
+  rows = finished_costs(out_dir, units)
+  if not rows:
+    return Calibration(dict(PRIOR_FIXED))
+  parts = np.stack([p for _, p, _ in rows])
+  spent = np.array([s for _, _, s in rows])
+  if len(rows) >= MIN_FIT_UNITS:
+    coefficients = fit_coefficients(parts, spent)
+  else:
+    coefficients = PRIOR_COEFFICIENTS * spent.sum() / (parts @ PRIOR_COEFFICIENTS).sum()
+  return Calibration(dict(PRIOR_FIXED), coefficients, len(rows))
 
 
 def predict(out_dir: str, unit: Unit, calibration: Calibration) -> tuple[float, float]:
   """(seconds, prior seconds) predicted for `unit` from its run's committed files."""
-  facts = run_facts(out_dir, unit.run)
-  work = _work(unit, facts)
-  base = work.base_seconds(SHAPES[unit.run.model])
-  return calibration.seconds(unit.run.model, cost_kind(unit), base), base
+  work = _work(unit, run_facts(out_dir, unit.run))
+  shape = SHAPES[unit.run.model]
+  return calibration.seconds(unit.run.model, work.parts(shape)), work.base_seconds(shape)
 
 
 def status(out_dir: str, units: Sequence[Unit],

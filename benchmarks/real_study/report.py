@@ -615,7 +615,8 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               "seconds) is marked contended: its wall time says more about the machine than "
               "about its work, so it is compared (and calibrates the others) by its time on "
               "a quiet machine: its CPU seconds over the cores the quiet units kept busy "
-              f"({cores:.2f} of two).", "",
+              f"({cores:.2f} of two). A unit recorded again from its run's saved state "
+              "(shorter than loading its model) is not compared.", "",
               "| unit | predicted before | predicted now | measured | quiet equivalent | "
               "quiet / before | quiet / now | load |", "|---|---|---|---|---|---|---|---|"]
     plan_units = {u.name: u for u in campaign.plan(size)} if size is not None else {}
@@ -630,6 +631,9 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
       load = campaign.unit_load(rec)
       busy = campaign.contended(rec)
       quiet = campaign.quiet_seconds(rec, cores)
+      restored = rec["seconds"] < campaign.PRIOR_FIXED[rec["model"]]
+      if restored:  # recorded again from its run's saved state: its time is not its work
+        quiet = None
       ratio_before = None if quiet is None else quiet / max(rec["predicted_seconds"], 1e-9)
       ratio_now = None if quiet is None or now is None else quiet / now
       if quiet is not None:
@@ -640,7 +644,7 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
       lines.append(
           f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
           f"{'-' if now is None else campaign.hours(now)} | {campaign.hours(rec['seconds'])} | "
-          f"{'-' if quiet is None else campaign.hours(quiet)}"
+          f"{'recorded again' if restored else '-' if quiet is None else campaign.hours(quiet)}"
           f"{' (CPU time)' if busy and quiet is not None else ''} | {ratio(ratio_before)} | "
           f"{ratio(ratio_now)} | "
           f"{'-' if load is None else f'{load:.1f}'}{' (contended)' if busy else ''} |")
@@ -649,6 +653,19 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               f"{within_before} took within 1.5x of the time predicted before they started "
               f"and {within_now} within 1.5x of the dry run's prediction now (each left out "
               "of its own calibration)."]
+    calibration = campaign.calibrate(out_dir, list(plan_units.values()))
+    if calibration.units >= campaign.MIN_FIT_UNITS:
+      names = {"blocks": "block work", "decoding": "decoding", "lens": "lens reads"}
+      rates = ", ".join(f"{names[p]} {c:.2f}x" for p, c in
+                        zip(campaign.COST_PARTS, calibration.coefficients) if p in names)
+      lines += ["", f"The dry run's cost model, fitted to the {calibration.units} finished "
+                "units with a time on a quiet machine (every kind at once, each unit weighing "
+                "alike in relative error): a unit takes its model's fixed cost (loading, "
+                "encoding: " + ", ".join(f"{m} {campaign.hours(s)}" for m, s in
+                                        campaign.PRIOR_FIXED.items())
+                + f") plus its parts' seconds at the prior rates times {rates}, plus "
+                f"{campaign.hours(calibration.coefficients[3])} where it sweeps pruned "
+                "variants (compiling their programs for every batch width)."]
   return lines + [""]
 
 

@@ -59,14 +59,14 @@ def test_predictions_are_calibrated_on_finished_units(tmp_path):
   calibration = campaign.calibrate(out, units)
   predicted, base2 = campaign.predict(out, second, calibration)
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 2 * base2, rel=1e-4)
-  # Another model's unit of the same kind takes the kind's scale; a kind not measured on
-  # any model stays at its prior.
+  # Below `MIN_FIT_UNITS` finished units one scale holds for every unit: another model's,
+  # another kind's.
   other = next(u for u in units if u.run.model == "qwen25" and u.kind == "phase")
   predicted, base3 = campaign.predict(out, other, calibration)
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["qwen25"] + 2 * base3, rel=1e-4)
   noise = next(u for u in units if u.kind == "noise")
-  assert campaign.predict(out, noise, calibration)[0] == pytest.approx(
-      campaign.predict(out, noise, prior)[0])
+  predicted, base4 = campaign.predict(out, noise, calibration)
+  assert predicted == pytest.approx(campaign.PRIOR_FIXED[noise.run.model] + 2 * base4, rel=1e-4)
   with open(tmp_path / campaign.LEDGER_FILE) as f:
     assert json.load(f)["units"][first.name]["seconds"] == pytest.approx(measured, abs=0.1)
 
@@ -200,10 +200,11 @@ def test_a_unit_measured_on_a_busy_machine_is_left_out_of_the_calibration(tmp_pa
   assert predicted == pytest.approx(campaign.PRIOR_FIXED["smollm2"] + 3 * base2, rel=1e-4)
 
 
-def test_a_busy_unit_counts_by_its_cpu_time_and_a_kind_fits_a_line(tmp_path):
+def test_a_busy_unit_counts_by_its_cpu_time_and_the_parts_are_fitted(tmp_path):
   """A contended unit calibrates by its CPU seconds over the cores the quiet units kept
-  busy; from four finished units of a kind on, that kind's prediction is an overhead plus
-  a slope times its work, fitted to them (a phase unit's compile time is not work)."""
+  busy; from `MIN_FIT_UNITS` finished units on, each part of the cost (block work,
+  decoding, lens reads, a sweep's compile overhead) has its own coefficient, fitted to
+  every kind at once."""
   out = str(tmp_path)
   units = campaign.plan(campaign.LOCAL)
   phase = [u for u in units if u.kind == "phase"]
@@ -216,19 +217,33 @@ def test_a_busy_unit_counts_by_its_cpu_time_and_a_kind_fits_a_line(tmp_path):
   assert campaign.quiet_cores(ledger) == pytest.approx(1.6)
   assert campaign.quiet_seconds(ledger[phase[1].name], 1.6) == pytest.approx(1000.0)
   assert campaign.quiet_seconds(ledger[phase[0].name], 1.6) == 500.0
-  bases = [campaign.predict(out, u, prior)[1] for u in phase[:5]]
-  scale = campaign.calibrate(out, units).scale[("*", "phase")]
+  bases = [campaign.predict(out, u, prior)[1] for u in units]
+  scale = campaign.calibrate(out, units).coefficients[0]
   spent = (500.0 - fixed[phase[0].run.model]) + (1000.0 - fixed[phase[1].run.model])
   assert scale == pytest.approx(spent / (bases[0] + bases[1]))
-  # Four units at 600 s of overhead plus 1.5x their work: the fifth is predicted so.
-  for unit, base in zip(phase[:4], bases):
-    campaign.record_unit(out, unit, fixed[unit.run.model] + 600 + 1.5 * base, 1.0,
-                         load_mean=1.7, cpu_seconds=1.7 * (fixed[unit.run.model] + 600 + 1.5 * base))
+  # Units of every kind, each at its fixed cost plus 0.7x its block work, 9x its decoding,
+  # 1.6x its lens reads and 250 s where it sweeps pruned variants: the fit finds these
+  # coefficients, and the next unit is predicted so.
+  out = str(tmp_path / "fitted")
+  truth = [0.7, 9.0, 1.6, 250.0]
+  shapes = campaign.SHAPES
+  work = lambda u: campaign._work(u, campaign.run_facts(out, u.run)).parts(shapes[u.run.model])
+  chosen = [u for u in units if u.run.model == "smollm2" and u.kind in ("phase", "noise")]
+  assert any(u.run.format == "generate" for u in chosen)
+  for unit in chosen[:-1]:
+    seconds = fixed[unit.run.model] + float(work(unit) @ truth)
+    campaign.record_unit(out, unit, seconds, 1.0, load_mean=1.7, cpu_seconds=1.7 * seconds)
   calibration = campaign.calibrate(out, units)
-  assert calibration.line["phase"] == pytest.approx((600.0, 1.5), rel=1e-3)  # 0.1 s rounding
-  assert campaign.predict(out, phase[4], calibration)[0] == pytest.approx(
-      fixed[phase[4].run.model] + 600 + 1.5 * bases[4], rel=1e-3)
-  assert campaign.fit_line([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) is None  # a negative slope
+  assert calibration.units >= campaign.MIN_FIT_UNITS
+  assert calibration.coefficients == pytest.approx(truth, rel=1e-3)  # 0.1 s rounding
+  last = chosen[-1]
+  assert campaign.predict(out, last, calibration)[0] == pytest.approx(
+      fixed[last.run.model] + float(work(last) @ truth), rel=1e-3)
+  # The fit keeps every coefficient non-negative, and a part no unit exercised its prior.
+  x = [[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [3.0, 0.0, 3.0, 0.0]]
+  coef = campaign.fit_coefficients(x, [30.0, 20.0, 10.0])
+  assert (coef >= 0).all() and coef[1] == campaign.PRIOR_COEFFICIENTS[1]
+  assert coef[3] == campaign.PRIOR_COEFFICIENTS[3]
 
 
 def test_the_load_sampler_samples_through_its_block(monkeypatch):
