@@ -293,7 +293,7 @@ def methods_of(unit: Unit, done: Sequence[str]) -> tuple[str, ...]:
 GENERATED_TOKENS = 16
 
 
-def _fields(run: Run) -> dict[str, Any]:
+def run_settings(run: Run) -> dict[str, Any]:
   from dpjax.study.settings import Settings
   defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
   return {**NOISE_DEFAULTS, **defaults, **run.fields}
@@ -353,7 +353,7 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
   three quarters of the depth), `tokens` (tokens, read tokens) per item; `profile_only`:
   the run is expected below the bar (its phase unit stops after the profile, its other
   units are not needed)."""
-  shape, f = SHAPES[unit.run.model], _fields(unit.run)
+  shape, f = SHAPES[unit.run.model], run_settings(unit.run)
   L, n = shape.num_layers, f["num_items"]
   cal, transition = f["calibration_items"], f["transition_items"]
   t, r = tokens
@@ -451,7 +451,7 @@ def run_facts(out_dir: str, run: Run) -> dict[str, Any]:
   results_path = os.path.join(out_dir, "runs", run.name, "results.json")
   items_path = os.path.join(out_dir, "runs", run.name, "items.jsonl")
   prior = PRIOR_ACCURACY.get((run.model, run.task))
-  gap = _fields(run)["phase_min_gap"]
+  gap = run_settings(run)["phase_min_gap"]
   facts: dict[str, Any] = {"l_star": None, "tokens": TASK_TOKENS[run.task], "eligible": None,
                            "expected_eligible": prior is None
                            or prior >= CHANCE[run.task] + gap,

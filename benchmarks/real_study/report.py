@@ -576,6 +576,11 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
     for fields, tasks in grouped.items():
       lines[-1] += (f" On {', '.join(tasks)}: " + ", ".join(f"`{k}={v}`" for k, v in fields)
                     + f" (elsewhere {', '.join(f'{k}={common[k]}' for k, _ in fields)}).")
+    norms = {campaign.run_settings(r)["cloze_norm"] for r in runs if r.format == "cloze"}
+    if norms == {"none"}:
+      lines[-1] += (" Every multiple-choice run scores an option by its summed "
+                    "log-probability (`--cloze_norm=none`, lm-eval's acc), HellaSwag's too: its "
+                    "accuracies are not the acc_norm (per byte) figures usually published for it.")
     if generation:
       fields = dict(size.generation_settings)
       lines[-1] += (" The generation runs: evaluation items "
