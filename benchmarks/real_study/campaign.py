@@ -432,11 +432,27 @@ def write_ledger(out_dir: str, ledger: dict[str, Any]) -> None:
                     json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
 
+def start_unit(out_dir: str, unit: Unit) -> int:
+  """Notes in the ledger that `unit` started; returns how many earlier starts it had (a
+  start not followed by `record_unit`: a process killed mid-unit, whose recorded steps
+  the next start restores, so that start's time is not the unit's work)."""
+  ledger = read_ledger(out_dir)
+  started = ledger.setdefault("started", {})
+  earlier = int(started.get(unit.name, 0))
+  started[unit.name] = earlier + 1
+  write_ledger(out_dir, ledger)
+  return earlier
+
+
 def record_unit(out_dir: str, unit: Unit, seconds: float, predicted: float,
                 **details: Any) -> None:
   """Adds a finished unit to the ledger (read again first: the file is the truth);
-  `details` holds its `base_seconds` (the prior's figure the calibration scales)."""
+  `details` holds its `base_seconds` (the prior's figure the calibration scales) and, for
+  a unit resumed after a killed start, `earlier_starts`."""
   ledger = read_ledger(out_dir)
+  ledger.get("started", {}).pop(unit.name, None)
+  if not ledger.get("started"):
+    ledger.pop("started", None)
   ledger["units"][unit.name] = {
       "run": unit.run.name, "kind": unit.kind, "model": unit.run.model,
       "seconds": round(float(seconds), 1), "predicted_seconds": round(float(predicted), 1),
@@ -660,8 +676,7 @@ def finished_costs(out_dir: str, units: Sequence[Unit]) -> list[tuple[Unit, np.n
   again from what its run's files now say (its l*, its items' tokens), its seconds on a
   quiet machine beyond the fixed cost (`quiet_seconds`: a unit measured beside other work
   counts by its CPU time)). Left out: skipped units, contended units without CPU time, and
-  units recorded again from their run's saved state (shorter than the fixed cost: their
-  time is not their work)."""
+  units whose time is not their whole work (`resumed`)."""
   ledger = read_ledger(out_dir)["units"]
   cores = quiet_cores(ledger)
   by_name = {u.name: u for u in units}
@@ -670,7 +685,7 @@ def finished_costs(out_dir: str, units: Sequence[Unit]) -> list[tuple[Unit, np.n
     seconds = quiet_seconds(rec, cores)
     if name not in by_name or rec.get("skipped") or seconds is None:
       continue
-    if rec["seconds"] < PRIOR_FIXED[rec["model"]]:
+    if resumed(rec):
       continue
     unit = by_name[name]
     parts = _work(unit, run_facts(out_dir, unit.run)).parts(SHAPES[unit.run.model])
@@ -678,6 +693,13 @@ def finished_costs(out_dir: str, units: Sequence[Unit]) -> list[tuple[Unit, np.n
       continue
     rows.append((unit, parts, max(seconds - PRIOR_FIXED[rec["model"]], 1.0)))
   return rows
+
+
+def resumed(rec: dict[str, Any]) -> bool:
+  """Whether a finished unit's time is only part of its work: it resumed steps an earlier,
+  killed start recorded, or it was recorded again from its run's saved state (shorter
+  than loading its model)."""
+  return bool(rec.get("earlier_starts")) or rec["seconds"] < PRIOR_FIXED[rec["model"]]
 
 
 def calibrate(out_dir: str, units: Sequence[Unit]) -> Calibration:

@@ -620,8 +620,9 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               "seconds) is marked contended: its wall time says more about the machine than "
               "about its work, so it is compared (and calibrates the others) by its time on "
               "a quiet machine: its CPU seconds over the cores the quiet units kept busy "
-              f"({cores:.2f} of two). A unit recorded again from its run's saved state "
-              "(shorter than loading its model) is not compared.", "",
+              f"({cores:.2f} of two). A resumed unit (one that continued the steps a "
+              "killed start recorded, or was recorded again from its run's saved state) is "
+              "not compared: its time is not its whole work.", "",
               "| unit | predicted before | predicted now | measured | quiet equivalent | "
               "quiet / before | quiet / now | load |", "|---|---|---|---|---|---|---|---|"]
     plan_units = {u.name: u for u in campaign.plan(size)} if size is not None else {}
@@ -636,8 +637,8 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
       load = campaign.unit_load(rec)
       busy = campaign.contended(rec)
       quiet = campaign.quiet_seconds(rec, cores)
-      restored = rec["seconds"] < campaign.PRIOR_FIXED[rec["model"]]
-      if restored:  # recorded again from its run's saved state: its time is not its work
+      restored = campaign.resumed(rec)
+      if restored:  # its time is not its whole work
         quiet = None
       ratio_before = None if quiet is None else quiet / max(rec["predicted_seconds"], 1e-9)
       ratio_now = None if quiet is None or now is None else quiet / now
@@ -649,7 +650,7 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
       lines.append(
           f"| {name} | {campaign.hours(rec['predicted_seconds'])} | "
           f"{'-' if now is None else campaign.hours(now)} | {campaign.hours(rec['seconds'])} | "
-          f"{'recorded again' if restored else '-' if quiet is None else campaign.hours(quiet)}"
+          f"{'resumed' if restored else '-' if quiet is None else campaign.hours(quiet)}"
           f"{' (CPU time)' if busy and quiet is not None else ''} | {ratio(ratio_before)} | "
           f"{ratio(ratio_now)} | "
           f"{'-' if load is None else f'{load:.1f}'}{' (contended)' if busy else ''} |")

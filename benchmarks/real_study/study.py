@@ -191,6 +191,7 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
   from dpjax.study import run as study
   output = os.path.join("runs", unit.run.name)
   methods = campaign.methods_of(unit, done_kinds(out, unit.run))
+  earlier = campaign.start_unit(out, unit)
   started, cpu = time.perf_counter(), time.process_time()
   with campaign.LoadSampler() as load:
     results = study.run(_settings(out, unit.run, output, methods))
@@ -204,6 +205,8 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
   details = {"base_seconds": round(base, 2), **details_load, "accuracy": round(float(full.outcome_accuracy), 4),
              "chance": round(float(full.outcome_chance), 4),
              "l_star": results.calibration_transition_block}
+  if earlier:
+    details["earlier_starts"] = earlier
   phase = results.phase_experiment
   if unit.kind == "phase" and phase is not None and phase.skipped and "phase_min_gap" in (
       phase.skipped or ""):

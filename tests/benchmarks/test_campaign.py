@@ -255,3 +255,25 @@ def test_the_load_sampler_samples_through_its_block(monkeypatch):
     time.sleep(0.18)
   assert len(sampler.samples) >= 4 and sampler.samples[0] == 1.0
   assert sampler.mean == pytest.approx(sum(sampler.samples) / len(sampler.samples))
+
+
+def test_a_unit_resumed_after_a_killed_start_does_not_calibrate(tmp_path):
+  """A start the ledger notes but no record follows (the process was killed mid-unit)
+  makes the next start's time part of the unit's work: recorded with its earlier starts,
+  left out of the calibration and of the predicted-against-measured comparison."""
+  out = str(tmp_path)
+  units = campaign.plan(campaign.LOCAL)
+  first, second = units[0], units[3]
+  prior = campaign.calibrate(out, units)
+  assert campaign.start_unit(out, first) == 0
+  assert campaign.start_unit(out, first) == 1  # the first start was killed
+  campaign.record_unit(out, first, 1000.0, 1.0, earlier_starts=1)
+  ledger = campaign.read_ledger(out)
+  assert "started" not in ledger and campaign.resumed(ledger["units"][first.name])
+  assert campaign.calibrate(out, units).units == 0
+  assert campaign.predict(out, second, campaign.calibrate(out, units))[0] == pytest.approx(
+      campaign.predict(out, second, prior)[0])
+  assert campaign.start_unit(out, second) == 0
+  campaign.record_unit(out, second, 1000.0, 1.0)
+  assert not campaign.resumed(campaign.read_ledger(out)["units"][second.name])
+  assert campaign.calibrate(out, units).units == 1
