@@ -117,7 +117,7 @@ def hf_check(out_dir: str, run: Run, output: str) -> dict:
   from dpjax import tasks
   from dpjax.study import run as study
   from dpjax.fileio import atomic_write_text
-  settings = _settings(out_dir, run, output, ())
+  settings = _settings(out_dir, run, output, ("iterative",))  # the search's items
   if settings.format != "cloze" or settings.k_shot or settings.cloze_norm != "none":
     raise ValueError(f"the HF check scores 0-shot cloze runs; {run.name} is not one.")
   with open(os.path.join(out_dir, output, "results.json")) as f:
@@ -214,10 +214,18 @@ def run_unit(out: str, unit: Unit, predicted: float, base: float) -> dict:
   campaign.record_unit(out, unit, seconds, predicted, **details)
   print(f"{unit.name}: {seconds:.0f} s (predicted {predicted:.0f} s); {full.outcome_name} "
         f"{full.outcome_accuracy:.3f}, l* {results.calibration_transition_block}", flush=True)
-  if (unit.run.name == HF_CHECKED and unit.kind == "iterative"
-      and not os.path.isfile(os.path.join(out, output, "hf_check.json"))):
-    hf_check(out, unit.run, output)
+  check_with_hf(out)
   return details
+
+
+def check_with_hf(out: str) -> None:
+  """The HF check of `HF_CHECKED`'s Iterative Pruning, once its unit is recorded (again
+  at the next campaign where an earlier one was cut short)."""
+  run = next(r for r in campaign.runs(campaign.LOCAL) if r.name == HF_CHECKED)
+  output = os.path.join("runs", run.name)
+  if (f"{run.name}:iterative" in campaign.read_ledger(out)["units"]
+      and not os.path.isfile(os.path.join(out, output, "hf_check.json"))):
+    hf_check(out, run, output)
 
 
 def main(argv):
@@ -248,6 +256,7 @@ def main(argv):
     os.chdir(out)  # models and runs are recorded relative to it
     clock = time.perf_counter()
     budget = _HOURS.value * 3600
+    check_with_hf(out)
     for unit in units:
       row = {r["unit"]: r for r in campaign.status(out, [unit], campaign.plan(size))}[
           unit.name]
