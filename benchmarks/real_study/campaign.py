@@ -549,9 +549,10 @@ class Calibration:
 # scale on the priors: four coefficients from three units would follow their noise). One
 # rate for every kind, not a scale per kind: the units' kinds differ in what they do (a
 # phase unit reads every layer of the unpruned model and sweeps tails, a noise unit runs
-# whole models, a generation unit decodes token by token), which the parts count, and the
+# whole models, a generation unit decodes token by token), which the parts count; the
 # first 17 finished units, each predicted from the 16 others, fell within 1.5x of their
-# time 11 times this way against 8 with a line (an overhead and a slope) per kind.
+# time 9 times this way against 8 with a line (an overhead and a slope) per kind
+# (REPORT.md's table gives the count over every finished unit since).
 MIN_FIT_UNITS = len(COST_PARTS) + 2
 
 
