@@ -506,6 +506,19 @@ def verdict_markdown(out_dir, found, runs) -> str:
   left = [] if size is None else [
       row for row in campaign.status(out_dir, campaign.plan(size))
       if row["state"] in ("to do", "after phase")]
+  if size is not None and size.name != "full":
+    common = dict(size.common)
+    lines.append(
+        f"- Cut to fit two CPU cores (REPORT.md's campaign section gives why and the "
+        f"predicted hours): the random rule over {common['phase_seeds']} seeds, k by "
+        f"`--phase_ks={common['phase_ks']}`, the noise probe over {common['noise_seeds']} "
+        "seed(s)" + ("" if common["noise_profile_seeds"] else " without its block-by-block "
+                     "profile")
+        + "; exact Iterative Pruning on " + ", ".join(size.iterative_runs)
+        + (", screened on " + ", ".join(size.screened_runs) if size.screened_runs else "")
+        + "; the one-shot baselines on " + ", ".join(size.baselines_runs)
+        + ". The full size (300 items, 10 seeds, every k, every search) is "
+        "`--size=full`, for an accelerator.")
   if left:
     lines.append(f"- Units of the plan not run yet ({len(left)}): "
                  + ", ".join(row["unit"] for row in left) + ".")
