@@ -244,6 +244,32 @@ def generation_against_choice(out_dir, found) -> list[dict]:
   return rows
 
 
+def screened_against_exact(found) -> list[dict]:
+  """Where a run holds both searches: how far the screened search's removals follow the
+  exact one's (in order, and as a set after each step) and how far apart their accuracy
+  curves on the evaluation items lie."""
+  pairs = []
+  for run, r in found:
+    exact = r["methods"].get("iterative_accuracy", {})
+    screened = r["methods"].get("iterative_screened_accuracy", {})
+    if "removed_order" not in exact or "removed_order" not in screened:
+      continue
+    a, b = exact["removed_order"], screened["removed_order"]
+    steps = min(len(a), len(b))
+    accuracy = [{p["removed"]: p["accuracy"] for p in m.get("curve", [])}
+                for m in (exact, screened)]
+    shared = sorted(set(accuracy[0]) & set(accuracy[1]))
+    pairs.append({
+        "run": run.name, "screen_items": screened.get("screen_items"),
+        "screen_keep": screened.get("screen_keep"), "steps": steps,
+        "first_difference": next((i + 1 for i in range(steps) if a[i] != b[i]), None),
+        "same_set_steps": sum(set(a[:i]) == set(b[:i]) for i in range(1, steps + 1)),
+        "largest_accuracy_difference": max(
+            (abs(accuracy[0][k] - accuracy[1][k]) for k in shared), default=None),
+        "collapse": (exact.get("collapse_point"), screened.get("collapse_point"))})
+  return pairs
+
+
 def sign_test(successes: int, trials: int) -> float:
   """The exact two-sided sign test of `successes` of `trials` against one half."""
   if trials == 0:
@@ -426,25 +452,25 @@ def verdict_markdown(out_dir, found, runs) -> str:
         lines.append(f"| {rule.split()[-1]} | {pooled['studies']} | {pooled['estimate']:+.3f} "
                      f"[{pooled['ci95'][0]:+.3f}, {pooled['ci95'][1]:+.3f}] | {i2} |")
   # The screened search against the exact one, where both ran.
-  pairs = [(run.name, r["methods"]["iterative_accuracy"],
-            r["methods"]["iterative_screened_accuracy"]) for run, r in found
-           if "removed_order" in r["methods"].get("iterative_accuracy", {})
-           and "removed_order" in r["methods"].get("iterative_screened_accuracy", {})]
+  pairs = screened_against_exact(found)
   if pairs:
     lines += ["", "## The screened search against the exact one", "",
               "Iterative Pruning's exact greedy search against the screened search (every "
               "candidate scored on the first calibration items, the best few evaluated on "
-              "all of them), on the same run: the blocks each removes, in order.", "",
-              "| run | screen (items x kept) | steps | same removals | first step that "
-              "differs |", "|---|---|---|---|---|"]
-    for name, exact, screened in pairs:
-      a, b = exact["removed_order"], screened["removed_order"]
-      steps = min(len(a), len(b))
-      differ = next((i + 1 for i in range(steps) if a[i] != b[i]), None)
-      lines.append(f"| {name} | {screened.get('screen_items')} x "
-                   f"{screened.get('screen_keep')} | {steps} | "
-                   f"{'yes' if differ is None else 'no'} | "
-                   f"{'-' if differ is None else differ} |")
+              "all of them), on the same run: the blocks each removes in order, the steps "
+              "after which both have removed the same set of blocks, and their accuracy on "
+              "the evaluation items along the way.", "",
+              "| run | screen (items x kept) | steps | same removals, in order | same set "
+              "after | first step that differs | largest accuracy difference | collapse "
+              "(exact / screened) |", "|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+      lines.append(
+          f"| {p['run']} | {p['screen_items']} x {p['screen_keep']} | {p['steps']} | "
+          f"{'yes' if p['first_difference'] is None else 'no'} | "
+          f"{p['same_set_steps']} of {p['steps']} steps | "
+          f"{'-' if p['first_difference'] is None else p['first_difference']} | "
+          f"{_fmt(p['largest_accuracy_difference'])} | "
+          f"{_fmt(p['collapse'][0], 0)} / {_fmt(p['collapse'][1], 0)} |")
   # Where the transition sits, and how firmly.
   with_l = [(run, r) for run, r in found if r.get("calibration_transition")]
   if with_l:

@@ -218,3 +218,33 @@ def test_the_committed_report_and_verdict_regenerate_from_the_committed_runs(tmp
   for name in ("REPORT.md", "VERDICT.md"):
     with open(os.path.join(here, name)) as f, open(tmp_path / name) as g:
       assert g.read() == f.read(), name
+
+
+def test_the_screened_search_is_compared_with_the_exact_one_in_order_and_as_sets(tmp_path):
+  """Where a run holds both searches, the report counts the steps after which both have
+  removed the same set of blocks (a swapped pair agrees again once both are gone), the
+  first step whose removal differs and the largest accuracy gap along the two curves."""
+  curve = lambda accuracies: [{"removed": i, "accuracy": a} for i, a in enumerate(accuracies)]
+  exact = {"removed_order": [7, 3, 5, 1], "curve": curve([0.6, 0.6, 0.55, 0.5, 0.3]),
+           "collapse_point": 4}
+  screened = {"removed_order": [7, 5, 3, 2], "curve": curve([0.6, 0.6, 0.45, 0.5, 0.35]),
+              "collapse_point": 4, "screen_items": 16, "screen_keep": 4}
+  same = {"removed_order": [7, 3], "curve": curve([0.6, 0.6, 0.55]), "collapse_point": None}
+  found = [
+      (Run("a", "smollm2", "arc_easy", "cloze"), {"methods": {
+          "iterative_accuracy": exact, "iterative_screened_accuracy": screened}}),
+      (Run("b", "gemma3", "arc_easy", "cloze"), {"methods": {
+          "iterative_accuracy": same,
+          "iterative_screened_accuracy": dict(same, screen_items=16, screen_keep=4)}}),
+      (Run("c", "qwen25", "arc_easy", "cloze"), {"methods": {
+          "iterative_screened_accuracy": screened}}),
+  ]
+  rows = real_study_report.screened_against_exact(found)
+  assert [r["run"] for r in rows] == ["a", "b"]
+  a, b = rows
+  assert a["steps"] == 4 and a["first_difference"] == 2
+  assert a["same_set_steps"] == 2  # after step 1 ({7}) and step 3 ({7, 3, 5})
+  assert abs(a["largest_accuracy_difference"] - 0.10) < 1e-12
+  assert a["collapse"] == (4, 4) and (a["screen_items"], a["screen_keep"]) == (16, 4)
+  assert b["first_difference"] is None and b["same_set_steps"] == 2
+  assert b["largest_accuracy_difference"] == 0.0
