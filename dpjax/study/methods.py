@@ -212,13 +212,17 @@ def exact_match_of(ctx: Context, mask: np.ndarray) -> float:
 
 
 def curve(ctx: Context, masks: np.ndarray, description: str,
-          with_exact_match: bool = False, per_layer: bool = True) -> list[CurvePoint]:
+          with_exact_match: bool = False, per_layer: bool = True,
+          reuse: Sequence[str] = ()) -> list[CurvePoint]:
   """One point per mask `[M, L]`: its final accuracy, DM, NLL and per-layer profile
   (and, `with_exact_match`, the open format's exact match of greedy generation).
   Without `per_layer`, only the last kept block is read: the per-layer profile is
   NaN but there, and the point has no transition block. In a run with saved state
   a finished curve is saved, and a resumed run restores it instead of evaluating
-  it again."""
+  it again. `reuse` names other curves of the run (their descriptions): a variant one of
+  them already evaluated, on the same items and read the same way, is taken from its
+  saved points instead of being evaluated again (the screened search's curve shares the
+  exact search's where both removed the same blocks)."""
   masks = np.asarray(masks, bool)
   key = _curve_key(masks, per_layer, with_exact_match) + (
       "g" if ctx.settings.format == "generate" else "")
@@ -229,12 +233,38 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
       print(f"{description}: curve of {len(masks)} variants restored from the saved state",
             flush=True)
     return [CurvePoint.from_state(p) for p in saved["points"]]
-  points = _evaluate_curve(ctx, masks, description, with_exact_match, per_layer)
+  known = _saved_points(ctx, reuse, key.split(":", 1)[1])
+  todo = [m for m, mask in enumerate(masks) if _kept(mask) not in known]
+  if len(todo) < len(masks) and is_main_process():
+    print(f"{description}: {len(masks) - len(todo)} of {len(masks)} variants taken from "
+          f"{', '.join(reuse)}", flush=True)
+  fresh = iter(_evaluate_curve(ctx, masks[todo], description, with_exact_match, per_layer)
+               if todo else [])
+  points = [known[_kept(mask)] if _kept(mask) in known else next(fresh) for mask in masks]
   if ctx.state is not None:  # a finished curve is kept: a resumed run does not repeat it
     step = 1 if saved is None else saved["step"] + 1
     ctx.state.save(record, step, {"key": key, "step": step,
                                   "points": [p.to_state() for p in points]})
   return points
+
+
+def _kept(mask: np.ndarray) -> tuple[int, ...]:
+  """A mask's kept blocks, 1-based (as `CurvePoint.kept`)."""
+  return tuple(int(b) + 1 for b in np.flatnonzero(mask))
+
+
+def _saved_points(ctx: Context, descriptions: Sequence[str], read: str) -> dict:
+  """The saved points of the curves `descriptions` read as `read` (the part of their key
+  after the masks' digest), by kept set."""
+  known = {}
+  for description in descriptions if ctx.state is not None else ():
+    saved = ctx.state.load(f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}")
+    if saved is not None and saved["key"].split(":", 1)[1] == read:
+      for state in saved["points"]:
+        point = CurvePoint.from_state(state)
+        if point.kept is not None:
+          known.setdefault(tuple(point.kept), point)
+  return known
 
 
 def _curve_key(masks: np.ndarray, per_layer: bool, with_exact_match: bool) -> str:
@@ -297,7 +327,7 @@ def _removal_masks(removed: Sequence[int], num_layers: int) -> np.ndarray:
 
 def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
                      kind: str = "iterative", screen: Sweep | None = None,
-                     screen_keep: int = 0) -> MethodResult:
+                     screen_keep: int = 0, reuse: Sequence[str] = ()) -> MethodResult:
   """Iterative Pruning, resumable step by step; the curve on the evaluation items.
   With `screen`, the screened search (`pruning.iterative_prune`)."""
   state = ctx.state
@@ -321,7 +351,7 @@ def iterative_result(ctx: Context, criterion: str, name: str, allowed=None,
     state.save(name, len(removed) + 1, saved)
   removed = [int(b) for b in saved["removed"]]
   points = curve(ctx, _removal_masks(removed, ctx.num_layers), name,
-                 with_exact_match=ctx.settings.format == "open")
+                 with_exact_match=ctx.settings.format == "open", reuse=reuse)
   order = {"criterion": criterion, "removed_order": [b + 1 for b in removed],
            "calibration": saved["calibration"]}
   return MethodResult(kind=kind, curve=[ctx.unpruned_point] + points, order=order)
@@ -361,7 +391,7 @@ def run_iterative_screened(ctx: Context, out: StudyResults) -> None:
     name = f"iterative_screened_{criterion}"
     result = iterative_result(ctx, criterion, f"{name}_{n}x{s.screen_keep}",
                               kind="iterative_screened", screen=screen,
-                              screen_keep=s.screen_keep)
+                              screen_keep=s.screen_keep, reuse=(f"iterative_{criterion}",))
     result.details = {"screen_items": n, "screen_keep": s.screen_keep}
     out.methods[name] = result
 

@@ -273,15 +273,71 @@ def test_the_screened_search_on_every_calibration_item_is_the_exact_search(
   removes what the exact search removes, step for step; a screen of 4 items keeping 2
   candidates runs and records its settings."""
   out = str(tmp_path / "screened")
-  _run(synthetic_model_dir, out, "--methods=iterative,iterative_screened", "--screen_items=8",
-       "--screen_keep=1")
+  ran = _run(synthetic_model_dir, out, "--methods=iterative,iterative_screened",
+             "--screen_items=8", "--screen_keep=1")
   methods = _results(out)["methods"]
   exact, screened = methods["iterative_accuracy"], methods["iterative_screened_accuracy"]
   assert screened["removed_order"] == exact["removed_order"]
   assert [p["accuracy"] for p in screened["curve"]] == [p["accuracy"] for p in exact["curve"]]
+  # The same removals: the screened curve's variants are the exact curve's, not run again.
+  assert "3 of 3 variants taken from iterative_accuracy" in ran.stdout
   small = str(tmp_path / "small")
   _run(synthetic_model_dir, small, "--methods=iterative_screened", "--screen_items=4",
        "--screen_keep=2")
   record = _results(small)["methods"]["iterative_screened_accuracy"]
   assert record["screen_items"] == 4 and record["screen_keep"] == 2
   assert len(record["removed_order"]) == 3  # the synthetic model's 4 blocks to 1
+
+
+def test_a_curve_takes_the_variants_another_curve_evaluated(monkeypatch):
+  """`curve(reuse=...)` evaluates only the variants the named curves did not (same items,
+  read the same way), and returns every point in its masks' order; a curve read another
+  way (final block only) is not reused."""
+  import types
+
+  from dpjax.study import methods
+  from dpjax.study.results import CurvePoint
+  from dpjax.study.settings import Settings
+
+  L = 6
+  point = lambda kept, acc: CurvePoint(removed=L - len(kept), accuracy=acc,
+                                       mean_final_dm={"options": acc}, kept=tuple(kept))
+  saved = {}
+
+  class State:
+    def load(self, name):
+      return saved.get(name)
+
+    def save(self, name, step, record):
+      saved[name] = record
+
+  def mask(removed):
+    m = np.ones(L, bool)
+    m[list(removed)] = False
+    return m
+
+  exact = np.stack([mask([2]), mask([2, 4]), mask([2, 4, 0])])
+  saved["curve_iterative_accuracy"] = {
+      "key": methods._curve_key(exact, True, False), "step": 1,
+      "points": [point(methods._kept(m), 0.5 + i / 10).to_state() for i, m in enumerate(exact)]}
+  saved["curve_final_only"] = {  # read at the last block only: other numbers for a mask
+      "key": methods._curve_key(exact[:1], False, False), "step": 1,
+      "points": [point(methods._kept(mask([4])), 0.9).to_state()]}
+  asked = []
+
+  def evaluate(ctx, masks, description, with_exact_match, per_layer):
+    asked.append(np.asarray(masks))
+    return [point(methods._kept(m), 0.1) for m in masks]
+
+  monkeypatch.setattr(methods, "_evaluate_curve", evaluate)
+  ctx = types.SimpleNamespace(settings=Settings(), state=State())
+  # Removes 4 first, then 2 (the same set as the exact curve's second point), then 1.
+  screened = np.stack([mask([4]), mask([4, 2]), mask([4, 2, 1])])
+  points = methods.curve(ctx, screened, "iterative_screened_accuracy_4x2",
+                         reuse=("iterative_accuracy", "final_only"))
+  assert len(asked) == 1 and [methods._kept(m) for m in asked[0]] == [
+      methods._kept(screened[0]), methods._kept(screened[2])]
+  assert [p.accuracy for p in points] == [0.1, 0.6, 0.1]
+  assert [p.kept for p in points] == [methods._kept(m) for m in screened]
+  # Saved under its own name, so a rerun restores it whole.
+  assert len(saved["curve_iterative_screened_accuracy_4x2"]["points"]) == 3
