@@ -226,7 +226,7 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
   masks = np.asarray(masks, bool)
   key = _curve_key(masks, per_layer, with_exact_match) + (
       "g" if ctx.settings.format == "generate" else "")
-  record = f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}"
+  record = _curve_record(description)
   saved = ctx.state.load(record) if ctx.state is not None else None
   if saved is not None and saved["key"] == key:
     if is_main_process():
@@ -248,6 +248,11 @@ def curve(ctx: Context, masks: np.ndarray, description: str,
   return points
 
 
+def _curve_record(description: str) -> str:
+  """The saved-state record of the curve `description`."""
+  return f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}"
+
+
 def _kept(mask: np.ndarray) -> tuple[int, ...]:
   """A mask's kept blocks, 1-based (as `CurvePoint.kept`)."""
   return tuple(int(b) + 1 for b in np.flatnonzero(mask))
@@ -258,7 +263,7 @@ def _saved_points(ctx: Context, descriptions: Sequence[str], read: str) -> dict:
   after the masks' digest), by kept set."""
   known = {}
   for description in descriptions if ctx.state is not None else ():
-    saved = ctx.state.load(f"curve_{re.sub(r'[^A-Za-z0-9_]+', '_', description)}")
+    saved = ctx.state.load(_curve_record(description))
     if saved is not None and saved["key"].split(":", 1)[1] == read:
       for state in saved["points"]:
         point = CurvePoint.from_state(state)
