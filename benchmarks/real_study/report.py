@@ -700,7 +700,8 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               "of its own calibration)."]
     calibration = campaign.calibrate(out_dir, list(plan_units.values()))
     if calibration.units >= campaign.MIN_FIT_UNITS:
-      names = {"blocks": "block work", "decoding": "decoding", "lens": "lens reads"}
+      names = {"blocks": "block work", "decoding": "decoding", "lens": "lens reads",
+               "curve": "a search curve's lens reads (every layer of every variant)"}
       rates = ", ".join(f"{names[p]} {c:.2f}x" for p, c in
                         zip(campaign.COST_PARTS, calibration.coefficients) if p in names)
       lines += ["", f"The dry run's cost model, fitted to the {calibration.units} finished "

@@ -222,14 +222,17 @@ def test_a_busy_unit_counts_by_its_cpu_time_and_the_parts_are_fitted(tmp_path):
   spent = (500.0 - fixed[phase[0].run.model]) + (1000.0 - fixed[phase[1].run.model])
   assert scale == pytest.approx(spent / (bases[0] + bases[1]))
   # Units of every kind, each at its fixed cost plus 0.7x its block work, 9x its decoding,
-  # 1.6x its lens reads and 250 s where it sweeps pruned variants: the fit finds these
-  # coefficients, and the next unit is predicted so.
+  # 1.6x its lens reads, 250 s where it sweeps pruned variants and 4x a search curve's
+  # lens reads: the fit finds these coefficients, and the next unit is predicted so.
   out = str(tmp_path / "fitted")
-  truth = [0.7, 9.0, 1.6, 250.0]
+  truth = [0.7, 9.0, 1.6, 250.0, 4.0]
   shapes = campaign.SHAPES
   work = lambda u: campaign._work(u, campaign.run_facts(out, u.run)).parts(shapes[u.run.model])
-  chosen = [u for u in units if u.run.model == "smollm2" and u.kind in ("phase", "noise")]
+  chosen = [u for u in units if u.run.model == "smollm2"]
+  assert {u.kind for u in chosen} == set(campaign.UNIT_KINDS)
   assert any(u.run.format == "generate" for u in chosen)
+  assert all((work(u)[4] > 0) == (u.kind in ("iterative", "screened")) for u in chosen)
+  chosen.sort(key=lambda u: u.kind == "phase")  # a phase unit is the one predicted
   for unit in chosen[:-1]:
     seconds = fixed[unit.run.model] + float(work(unit) @ truth)
     campaign.record_unit(out, unit, seconds, 1.0, load_mean=1.7, cpu_seconds=1.7 * seconds)
@@ -240,10 +243,10 @@ def test_a_busy_unit_counts_by_its_cpu_time_and_the_parts_are_fitted(tmp_path):
   assert campaign.predict(out, last, calibration)[0] == pytest.approx(
       fixed[last.run.model] + float(work(last) @ truth), rel=1e-3)
   # The fit keeps every coefficient non-negative, and a part no unit exercised its prior.
-  x = [[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [3.0, 0.0, 3.0, 0.0]]
+  x = [[1.0, 0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0], [3.0, 0.0, 3.0, 0.0, 0.0]]
   coef = campaign.fit_coefficients(x, [30.0, 20.0, 10.0])
   assert (coef >= 0).all() and coef[1] == campaign.PRIOR_COEFFICIENTS[1]
-  assert coef[3] == campaign.PRIOR_COEFFICIENTS[3]
+  assert coef[3] == campaign.PRIOR_COEFFICIENTS[3] and coef[4] == campaign.PRIOR_COEFFICIENTS[4]
 
 
 def test_the_load_sampler_samples_through_its_block(monkeypatch):
