@@ -103,19 +103,29 @@ def _correlation(x, y):
   return pearson, spearman
 
 
+# The per-model table's collapse points, in its column order.
+COLLAPSE_COLUMNS = ("iterative_accuracy", "iterative_screened_accuracy", "phase_aware",
+                    "block_influence", "angular", "single_layer", "reverse", "random")
+
+
 def transition_collapse_rows(found) -> list[dict]:
   """Per run with Iterative Pruning: l* by both rules and the collapse point, as
-  fractions of depth (None where there is none), and the blocks left at the collapse."""
+  fractions of depth (None where there is none), and the blocks left at the collapse.
+  The exact search's collapse where it ran, else the screened search's (`search` says
+  which: the screened one removes other blocks, REPORT.md's comparison of the two)."""
   rows = []
   for run, r in found:
-    it = r["methods"].get("iterative_accuracy", {})
+    search, it = "exact", r["methods"].get("iterative_accuracy", {})
+    if "curve" not in it:
+      search, it = "screened", r["methods"].get("iterative_screened_accuracy", {})
     if "curve" not in it:
       continue
     L = r["model"]["num_layers"]
     full = r["full_model"]
     margin, accuracy = full["transition_block"], full.get("accuracy_transition_block")
     collapse = it.get("collapse_point")
-    rows.append({"label": _label(run, r), "num_layers": L, "margin_block": margin,
+    rows.append({"label": _label(run, r), "search": search, "num_layers": L,
+                 "margin_block": margin,
                  "margin": None if margin is None else margin / L,
                  "accuracy": None if accuracy is None else accuracy / L,
                  "collapse": None if collapse is None else collapse / L,
@@ -597,7 +607,9 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
               "greedy answers), each cut into units run in priority order: every "
               "multiple-choice run's profile and phase experiment, then their noise probes, "
               "then the generation runs' two; then "
-              "Iterative Pruning on " + ", ".join(size.iterative_runs) + "; then the one-shot "
+              "Iterative Pruning on " + ", ".join(size.iterative_runs)
+              + (", and the screened search on " + ", ".join(size.screened_runs)
+                 if size.screened_runs else "") + "; then the one-shot "
               "baselines on " + ", ".join(size.baselines_runs) + ".", "",
               "Evaluation items per run: " + "; ".join(described)
               + f"; the random rule over {common['phase_seeds']} seeds (its exact "
@@ -634,9 +646,11 @@ def campaign_lines(out_dir: str, runs) -> list[str]:
                     "unembedding makes every lens read 3-5x the others') are cut to keep the "
                     "plan within 12 hours.")
     if size.name == "local":
-      calibration = campaign.calibrate(out_dir, campaign.plan(size))
-      predicted = lambda z: sum(campaign.predict(out_dir, u, calibration)[0]
-                                for u in campaign.plan(z))
+      # As the dry run counts it: every unit but those the runs' profiles made unneeded.
+      predicted = lambda z: sum(
+          row["predicted_seconds"] for row in campaign.status(
+              out_dir, campaign.plan(z), every=campaign.plan(size))
+          if row["state"] != "not needed")
       lines += ["", "What this plan cuts from the full size (300 items, 10 seeds, every k, "
                 "the noise profile, Iterative Pruning and the baselines on every run), and "
                 f"why: on two CPU cores the full plan is predicted at "
@@ -768,8 +782,8 @@ def write_report(out_dir: str, runs) -> str:
   # 1. Per model and task.
   lines += ["## Per model and task", "",
             "| run | items | accuracy [95% CI] | chance | published | l* / L | "
-            "sharpest rise (share) | collapse points (iterative / phase-aware / block "
-            "influence / reverse / random) |",
+            "sharpest rise (share) | collapse points (iterative / screened / phase-aware / "
+            "block influence / angular / single layer / reverse / random) |",
             "|---|---|---|---|---|---|---|---|"]
   for run, r in found:
     full, L = r["full_model"], r["model"]["num_layers"]
@@ -785,8 +799,7 @@ def write_report(out_dir: str, runs) -> str:
         f"{'none' if l_star is None else f'{l_star}/{L} = {l_star / L:.2f}'} | "
         f"{full['sharpness']['rise']:+.4f} at {full['sharpness']['block']} "
         f"({_fmt(shape.share, 2)}: {'sharp' if shape.sharp else 'gradual'}) | "
-        f"{cp('iterative_accuracy')} / {cp('phase_aware')} / {cp('block_influence')} / "
-        f"{cp('reverse')} / {cp('random')} of {L} |")
+        + " / ".join(str(cp(name)) for name in COLLAPSE_COLUMNS) + f" of {L} |")
 
   # 2. The phase experiment, paired.
   comparisons = study_comparisons(out_dir, found)
@@ -809,13 +822,15 @@ def write_report(out_dir: str, runs) -> str:
               "", "l* on the evaluation items by the margin and the accuracy rule; the "
               "collapse is Iterative Pruning's (accuracy criterion, chosen on the calibration "
               "items, measured on the evaluation items): the fewest blocks removed that leave "
-              "accuracy below halfway between chance and the unpruned model's.", "",
-              "| run | l* / L (margin) | l* / L (accuracy) | collapse / L | blocks left at "
-              "collapse |", "|---|---|---|---|---|"]
+              "accuracy below halfway between chance and the unpruned model's; the exact "
+              "search's where it ran, else the screened search's.", "",
+              "| run | search | l* / L (margin) | l* / L (accuracy) | collapse / L | blocks "
+              "left at collapse |", "|---|---|---|---|---|---|"]
     share = lambda x: "none" if x is None else f"{x:.2f}"
     for row in rows:
-      lines.append(f"| {row['label']} | {share(row['margin'])} | {share(row['accuracy'])} | "
-                   f"{share(row['collapse'])} | {row['blocks_left']} |")
+      lines.append(f"| {row['label']} | {row['search']} | {share(row['margin'])} | "
+                   f"{share(row['accuracy'])} | {share(row['collapse'])} | "
+                   f"{row['blocks_left']} |")
     lines.append("")
     for rule in ("margin", "accuracy"):
       pairs = [(row[rule], row["collapse"]) for row in rows

@@ -7,11 +7,14 @@ from benchmarks.real_study import report as real_study_report
 from benchmarks.real_study.study import Run
 
 
-def _results(num_layers, margin_l, accuracy_l, collapse, *, iterative=True):
+def _results(num_layers, margin_l, accuracy_l, collapse, *, iterative=True, screened=None):
   methods = {}
   if iterative:
     methods["iterative_accuracy"] = {"curve": [{"removed": 0, "accuracy": 0.6}],
                                      "collapse_point": collapse}
+  if screened is not None:
+    methods["iterative_screened_accuracy"] = {"curve": [{"removed": 0, "accuracy": 0.6}],
+                                              "collapse_point": screened}
   return {"model": {"num_layers": num_layers},
           "full_model": {"transition_block": margin_l, "accuracy_transition_block": accuracy_l},
           "methods": methods, "task": {}, "settings": {"normalization": "options"}}
@@ -25,10 +28,19 @@ def test_transition_collapse_rows_and_correlations_match_scipy():
       (Run("d", "m3", "piqa", "cloze", ()), _results(24, 24, 18, None)),
       (Run("e", "m3", "sciq", "cloze", ()), _results(24, 20, 18, 12)),
       (Run("f", "m3", "arc_easy", "cloze", ()), _results(24, 24, 24, 0, iterative=False)),
+      # The exact search's collapse where both ran; the screened one's where it ran alone.
+      (Run("g", "m2", "sciq", "cloze", ()), _results(18, 12, 12, 6, screened=9)),
+      (Run("h", "m2", "piqa", "cloze", ()), _results(18, 12, 12, 0, iterative=False,
+                                                      screened=9)),
   ]
   rows = real_study_report.transition_collapse_rows(found)
   assert [r["label"].split(" / ")[0:2] for r in rows] == [
-      ["m1", "arc_easy"], ["m1", "sciq"], ["m2", "arc_easy"], ["m3", "piqa"], ["m3", "sciq"]]
+      ["m1", "arc_easy"], ["m1", "sciq"], ["m2", "arc_easy"], ["m3", "piqa"], ["m3", "sciq"],
+      ["m2", "sciq"], ["m2", "piqa"]]
+  assert [r["search"] for r in rows[-3:]] == ["exact", "exact", "screened"]
+  assert rows[-2]["collapse"] == 6 / 18 and rows[-1]["collapse"] == 9 / 18
+  assert rows[-1]["blocks_left"] == 9
+  rows = rows[:5]
   assert rows[0]["margin"] == 1.0 and abs(rows[0]["accuracy"] - 28 / 30) < 1e-12
   assert rows[0]["blocks_left"] == 16 and rows[2]["margin"] is None
   assert rows[3]["collapse"] is None and rows[3]["blocks_left"] == "-"
