@@ -397,20 +397,17 @@ def unit_work(unit: Unit, l_star: int | None, tokens: tuple[float, float],
     profile = L * len(f["noise_levels"]) * f["noise_profile_seeds"]
     w.block_tokens += n * t * L * (arms + profile)
     w.lens_reads += n * r * (arms + profile)
-  elif unit.kind == "iterative":
+  elif unit.kind in ("iterative", "screened"):
+    # The search, each step: the stream, then candidates' tails (the screened search: a
+    # proxy on every candidate over `screen` items, the best `screen_keep` on all).
     w.sweep = 1.0
-    for k in range(L, f["min_layers"], -1):  # the search: stream, then k candidates' tails
-      w.block_tokens += cal * t * (k + k * (k - 1) / 2)
-      w.lens_reads += cal * r * k
-    w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
-    w.curve_reads += n * r * (L - 1) * L / 2
-  elif unit.kind == "screened":
-    w.sweep = 1.0
-    screen, keep = f["screen_items"], f["screen_keep"]
-    for k in range(L, f["min_layers"], -1):  # proxy on every candidate, exact on the best
+    screened = unit.kind == "screened"
+    screen = f["screen_items"] if screened else 0
+    for k in range(L, f["min_layers"], -1):
+      keep = min(f["screen_keep"], k) if screened else k
       w.block_tokens += screen * t * (k + k * (k - 1) / 2)
-      w.block_tokens += cal * t * (k + min(keep, k) * (k - 1) / 2)
-      w.lens_reads += screen * r * k + cal * r * min(keep, k)
+      w.block_tokens += cal * t * (k + keep * (k - 1) / 2)
+      w.lens_reads += screen * r * k + cal * r * keep
     w.block_tokens += n * t * (L + (L - 1) * L / 2)  # its curve, every layer read
     w.curve_reads += n * r * (L - 1) * L / 2
   elif unit.kind == "baselines":
@@ -544,8 +541,8 @@ def _work(unit: Unit, facts: dict[str, Any]) -> Work:
 class Calibration:
   """What the finished units say about the cost of a unit: the model's fixed cost plus its
   parts (`Work.parts`: block work, decoding and lens reads at the prior rates, whether it
-  sweeps pruned variants, and a search curve's lens reads) times `coefficients`, fitted to every finished unit of every
-  kind and model (`fit_coefficients`)."""
+  sweeps pruned variants, and a search curve's lens reads) times `coefficients`, fitted to
+  every finished unit of every kind and model (`fit_coefficients`)."""
   fixed: dict[str, float]
   coefficients: np.ndarray = dataclasses.field(default_factory=lambda: PRIOR_COEFFICIENTS.copy())
   units: int = 0  # the finished units it was fitted to
